@@ -1,0 +1,35 @@
+# The two set-up commands of the README:
+#   make demo   runs the daemon on the bundled sample dumps (SQLite, local mail sink)
+#   make test   runs the tests (installs what they need first)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the packaging changes; the install is editable.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/digest --config config/demo.toml run
+
+test: $(VENV)/.installed
+	bash tests/setup-services.sh
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/python -m ruff check digest tests
+	$(BIN)/python -m mypy digest
+
+bench: $(VENV)/.installed
+	$(BIN)/digest bench ingest
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,291 @@
+"""The ``digest`` command: subcommands over the stage functions.
+
+The only place (with ``daemon``) that wires stages together, the only place
+that sets up logging, and the only place that turns a ``DigestError`` into a
+one-line ``Error: ...`` and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import DigestError
+
+log = logging.getLogger("digest")
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # a DigestError: bad config, bad input, a failed delivery
+EXIT_USAGE = 2  # argparse's own exit code for a wrong command line
+DEFAULT_CONFIG = "digest.toml"
+
+
+def setup_logging(verbosity: int) -> None:
+    """Readable lines on stderr; under journald no timestamp (journald adds its own)."""
+    level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s",
+                                               datefmt="%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Third-party chatter stays out of a human's log unless asked for.
+    for noisy in ("apscheduler", "mail.log", "aiosmtplib"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<priority>LEVEL message``: journald reads the prefix as the entry's priority."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{record.levelname} {super().format(record)}"
+
+
+# --- commands -----------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(f"{config.path}: OK, {len(config.subscribers)} subscriber(s)")
+    print(f"  inbox  {config.inbox}")
+    print(f"  state  {config.state}")
+    if config.smtp.sink is not None:
+        print(f"  smtp   embedded local sink, messages in {config.smtp.sink}")
+    else:
+        print(f"  smtp   {config.smtp.host}:{config.smtp.port} ({config.smtp.security})")
+        config.smtp.password()  # a missing secret is a config error worth knowing now
+    for sub in config.subscribers:
+        days = ",".join(d for i, d in enumerate(("mon", "tue", "wed", "thu", "fri", "sat", "sun"))
+                        if i in sub.days)
+        print(f"  - {sub.email}: {sub.send_at:%H:%M} {sub.timezone.key} on {days}, "
+              f"up to {sub.max_papers} papers")
+    return EXIT_OK
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest import ingest_file, scan_inbox
+    from .store import Store
+
+    config = _config(args)
+    failed = 0
+    with Store(config.state) as store:
+        if args.files:
+            for name in args.files:
+                path = Path(name)
+                try:
+                    result = ingest_file(store, path)
+                except (DigestError, OSError) as exc:
+                    print(f"Error: {exc}", file=sys.stderr)
+                    failed += 1
+                    continue
+                print(_ingest_line(result))
+        else:
+            for result in scan_inbox(store, config.inbox, stable_seconds=config.stable_seconds):
+                print(_ingest_line(result))
+                failed += result.status == "failed"
+        print(f"{store.paper_count()} papers stored in {config.state}")
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def _ingest_line(result: object) -> str:
+    from .ingest import IngestResult
+
+    assert isinstance(result, IngestResult)
+    if result.status == "ingested":
+        return f"{result.path}: {result.papers} papers, {result.new_papers} new"
+    if result.status == "duplicate":
+        return f"{result.path}: already ingested (same content), skipped"
+    if result.status == "unstable":
+        return f"{result.path}: modified just now, left for the next scan"
+    return f"{result.path}: FAILED: {result.reason} (moved to failed/)"
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .daemon import Runtime, dispatch
+    from .mailer import LocalSink
+    from .store import Store
+
+    config = _config(args)
+    sink = None
+    if config.smtp.sink is not None and not args.dry_run:
+        sink = LocalSink(config.smtp.sink)
+        sink.start()
+        from dataclasses import replace
+
+        config = replace(config, smtp=sink.smtp_config(config.smtp))
+    try:
+        with Store(config.state) as store:
+            runtime = Runtime(config, store)
+            outcomes = asyncio.run(dispatch(runtime, only=args.user, force=args.force,
+                                            dry_run=args.dry_run))
+    finally:
+        if sink is not None:
+            sink.stop()
+    failed = 0
+    for outcome in outcomes:
+        if outcome.status in ("sent", "dry-run"):
+            verb = "would send" if outcome.status == "dry-run" else "sent"
+            print(f"{outcome.subscriber}: {verb} {outcome.shown} of {outcome.considered} papers"
+                  + (f": {outcome.detail}" if outcome.detail else ""))
+        else:
+            failed += outcome.status in ("failed", "retry")
+            print(f"{outcome.subscriber}: {_STATUS_TEXT.get(outcome.status, outcome.status)}"
+                  + (f": {outcome.detail}" if outcome.detail else ""))
+    if sink is not None:
+        print(f"messages are in {sink.folder}")
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+_STATUS_TEXT = {
+    "not-due": "not due yet (use --force to ignore the time of day)",
+    "already-sent": "today's digest was already sent",
+    "late": "send time passed too long ago; today is skipped",
+    "empty": "no new papers; nothing sent",
+    "failed": "FAILED",
+    "retry": "delivery failed for now; will retry",
+}
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .daemon import Runtime, prepare, select_subscribers
+    from .render import render_html, render_text
+    from .store import Store
+
+    config = _config(args)
+    sub = select_subscribers(config, args.user)[0]
+    with Store(config.state) as store:
+        prepared = prepare(Runtime(config, store), sub, _now())
+    if prepared is None:
+        print(f"{sub.email}: no new papers; the next digest would be empty (not sent)")
+        return EXIT_OK
+    print(f"Subject: {prepared.message['Subject']}\n")
+    print(render_text(prepared.content))
+    if args.html:
+        Path(args.html).write_text(render_html(prepared.content), encoding="utf-8")
+        print(f"HTML written to {args.html}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run_daemon
+
+    return run_daemon(args.config)
+
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    from .bench import run_ingest_bench
+
+    logging.getLogger("digest.ingest").setLevel(logging.WARNING)  # one line per dump drowns the table
+    result = run_ingest_bench(Path(args.data), runs=args.runs, days=args.days,
+                              progress=not args.json)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(result["table"])
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, sort_keys=True))
+    return EXIT_OK
+
+
+def _now():  # type: ignore[no-untyped-def]
+    from .store import utc_now
+
+    return utc_now()
+
+
+def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .config import load_config
+
+    return load_config(args.config)
+
+
+# --- the parser ---------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="digest",
+        description="Personalised daily digests of trending research papers, by email.",
+    )
+    parser.add_argument("--config", "-c", default=os.environ.get("DIGEST_CONFIG", DEFAULT_CONFIG),
+                        help="the TOML config file (default: $DIGEST_CONFIG or ./digest.toml)")
+    parser.add_argument("--verbose", "-v", action="count", default=0, help="more log detail")
+    parser.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"paper-digest {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(func=func)
+        return sub
+
+    add("check-config", cmd_check_config, "Check the config file and print what it sets up.")
+
+    p = add("ingest", cmd_ingest, "Ingest dump files (default: scan the configured inbox folder).")
+    p.add_argument("files", nargs="*", metavar="FILE", help="dump files to ingest")
+
+    p = add("send", cmd_send, "Send the digests that are due now.")
+    p.add_argument("--user", metavar="EMAIL", help="only this subscriber")
+    p.add_argument("--dry-run", action="store_true",
+                   help="rank and render, but claim and send nothing")
+    p.add_argument("--force", action="store_true",
+                   help="ignore the time of day and the weekday (never sends a day twice)")
+
+    p = add("preview", cmd_preview, "Print the digest a subscriber would get now (sends nothing).")
+    p.add_argument("--user", metavar="EMAIL", required=True, help="the subscriber")
+    p.add_argument("--html", metavar="FILE", help="also write the HTML part to FILE")
+
+    add("run", cmd_run, "Run the daemon: watch the inbox and send digests on time.")
+
+    bench = add("bench", _bench_help, "Benchmarks: ingest speed and ranking quality.")
+    bench_commands = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    p = bench_commands.add_parser("ingest", help="Ingest speed on the real daily listings.",
+                                  description="Render real daily listings as page dumps and "
+                                  "time their ingestion into a fresh SQLite store.")
+    p.set_defaults(func=cmd_bench_ingest)
+    p.add_argument("--data", default=str(_shared() / "data" / "hf-daily-papers.jsonl"),
+                   help="the daily-papers JSON lines file (default: ../shared/data/...)")
+    p.add_argument("--runs", type=int, default=3, help="how many runs (the median is reported)")
+    p.add_argument("--days", type=int, default=None, help="only the first N days")
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
+    return parser
+
+
+def _bench_help(args: argparse.Namespace) -> int:  # pragma: no cover - argparse requires a BENCH
+    return EXIT_USAGE
+
+
+def _shared() -> Path:
+    """The ``shared`` folder beside the checkout, where the benchmark data lives."""
+    return Path(__file__).resolve().parents[2] / "shared"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args))
+    except DigestError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

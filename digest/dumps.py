@@ -1,0 +1,220 @@
+"""Dump files: detect the format from content and parse papers out of it.
+
+Runs on every inbox scan, before anything is stored. Hands a ``ParsedDump``
+(papers with title, abstract, listing date, code links) to the store, or
+raises ``DumpError`` naming the file, the line and what was expected.
+
+Formats (DESIGN.md "Dump formats"):
+  page   the trending-papers page saved as text: header lines, a ``Mar 12``
+         date line, then title / abstract pairs separated by blank lines;
+  json   the daily-papers API: a list of objects with ``paper.id``,
+         ``title``, ``paper.summary``, ``paper.upvotes``, ``publishedAt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import DumpError
+from .paper import Paper, is_arxiv_id, paper_id_for
+
+MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DATE_LINE = re.compile(r"^(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*\.? (\d{1,2})$",
+                        re.IGNORECASE)
+_NAME_DATE = re.compile(r"(20\d\d)[-_.]?(0[1-9]|1[0-2])[-_.]?(0[1-9]|[12]\d|3[01])")
+_URL = re.compile(r"https?://[^\s<>\"'\]\[]+")
+_URL_TRAILING = ".,;:!?)}'\""
+# How far into a page dump the date line may stand (it follows 4 header lines).
+HEADER_LINES_MAX = 12
+# A title longer than this is an abstract out of place: the pairs are misaligned.
+TITLE_MAX_CHARS = 400
+
+
+@dataclass(frozen=True)
+class ParsedDump:
+    format: str
+    listed_on: date | None
+    papers: list[Paper]
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_file(path: Path, data: bytes | None = None) -> ParsedDump:
+    """Parse one dump file; ``data`` saves a second read when the caller has it."""
+    if data is None:
+        data = path.read_bytes()
+    return parse_bytes(data, name=str(path), fallback_date=_date_from_file(path))
+
+
+def parse_bytes(data: bytes, *, name: str, fallback_date: date) -> ParsedDump:
+    """Detect the format from the content, not the file name, and parse it."""
+    if not data.strip():
+        raise DumpError(name, "empty file")
+    if b"\x00" in data[:8192]:
+        raise DumpError(name, "binary file (contains NUL bytes), not a dump")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DumpError(name, f"not UTF-8 text (byte {exc.start})", line=line) from exc
+    stripped = text.lstrip()
+    if stripped.startswith(("[", "{")):
+        return parse_api_json(text, name=name)
+    return parse_page(text, name=name, fallback_date=fallback_date)
+
+
+def _date_from_file(path: Path) -> date:
+    """The date a file name holds (2026-03-12, 20260312), else the file's time."""
+    match = _NAME_DATE.search(path.name)
+    if match:
+        try:
+            return date(int(match.group(1)), int(match.group(2)), int(match.group(3)))
+        except ValueError:
+            pass
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).date()
+    except OSError:
+        return datetime.now(timezone.utc).date()
+
+
+def listing_date(month: int, day: int, reference: date) -> date:
+    """The date ``month``/``day`` nearest before (or on) ``reference``.
+
+    A page dump says ``Dec 31`` with no year; saved on Jan 2 it is last year's.
+    """
+    for year in (reference.year, reference.year - 1):
+        try:
+            candidate = date(year, month, day)
+        except ValueError:  # Feb 29 in a common year
+            continue
+        if candidate <= reference or (candidate - reference).days <= 1:
+            return candidate
+    return date(reference.year, month, min(day, 28))
+
+
+def code_links(abstract: str) -> tuple[str, ...]:
+    """Links written in an abstract (code, models, project pages), cleaned and unique."""
+    links: list[str] = []
+    for raw in _URL.findall(abstract):
+        link = raw.rstrip(_URL_TRAILING)
+        if link.count("(") < link.count(")"):
+            link = link.rstrip(")")
+        if len(link) > len("https://x.y") and link not in links:
+            links.append(link)
+    return tuple(links)
+
+
+def parse_page(text: str, *, name: str, fallback_date: date) -> ParsedDump:
+    """The page dump: header, date line, then title / abstract pairs."""
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
+    content = [(number, line) for number, line in lines if line]
+    date_index = None
+    for index, (_, line) in enumerate(content[:HEADER_LINES_MAX]):
+        if _DATE_LINE.match(line):
+            date_index = index
+            break
+    if date_index is None:
+        raise DumpError(
+            name,
+            f"no listing date line such as 'Mar 12' in the first {HEADER_LINES_MAX} lines: "
+            "not a page dump of the trending-papers page",
+        )
+    date_match = _DATE_LINE.match(content[date_index][1])
+    assert date_match is not None  # matched just above
+    month = MONTHS.index(date_match.group(1).lower()) + 1
+    try:
+        listed_on = listing_date(month, int(date_match.group(2)), fallback_date)
+    except ValueError as exc:
+        raise DumpError(name, f"impossible date {content[date_index][1]!r}",
+                        line=content[date_index][0]) from exc
+    body = content[date_index + 1:]
+    if not body:
+        raise DumpError(name, "no papers after the date line", line=content[date_index][0])
+    if len(body) % 2:
+        last_line, last = body[-1]
+        raise DumpError(name, f"title without an abstract: {last[:60]!r} "
+                        "(file cut short, or still being written?)", line=last_line)
+    papers = []
+    for rank, start in enumerate(range(0, len(body), 2), start=1):
+        (title_line, title), (_, abstract) = body[start], body[start + 1]
+        if len(title) > TITLE_MAX_CHARS:
+            raise DumpError(name, f"expected a title, found {len(title)} characters of text "
+                            "(titles and abstracts out of step)", line=title_line)
+        papers.append(Paper(
+            id=paper_id_for(title, None),
+            title=title,
+            abstract=abstract,
+            listed_on=listed_on,
+            code_links=code_links(abstract),
+            listing_rank=rank,
+        ))
+    return ParsedDump(format="page", listed_on=listed_on, papers=_unique(papers))
+
+
+def parse_api_json(text: str, *, name: str) -> ParsedDump:
+    """The daily-papers API JSON: a list of entries with a nested ``paper``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DumpError(name, f"invalid JSON: {exc.msg}", line=exc.lineno) from exc
+    if isinstance(data, dict):
+        data = data.get("papers") or data.get("items") or [data]
+    if not isinstance(data, list) or not data:
+        raise DumpError(name, "JSON dump must be a non-empty list of papers")
+    papers = []
+    listed: set[date] = set()
+    for index, entry in enumerate(data):
+        paper = _api_entry(entry, index, name)
+        papers.append(paper)
+        if paper.listed_on:
+            listed.add(paper.listed_on)
+    return ParsedDump(format="json", listed_on=max(listed) if listed else None,
+                      papers=_unique(papers))
+
+
+def _api_entry(entry: Any, index: int, name: str) -> Paper:
+    where = f"entry {index}"
+    if not isinstance(entry, dict):
+        raise DumpError(name, f"{where}: expected an object")
+    inner = entry.get("paper") if isinstance(entry.get("paper"), dict) else entry
+    title = str(entry.get("title") or inner.get("title") or "").strip()
+    abstract = str(inner.get("summary") or entry.get("summary") or inner.get("abstract") or "")
+    if not title:
+        raise DumpError(name, f"{where}: no title")
+    arxiv = str(inner.get("id") or entry.get("arxiv_id") or "").strip()
+    arxiv_id = arxiv if is_arxiv_id(arxiv) else None
+    upvotes = inner.get("upvotes", entry.get("upvotes"))
+    published = entry.get("publishedAt") or inner.get("publishedAt")
+    listed_on = None
+    if isinstance(published, str) and len(published) >= 10:
+        try:
+            listed_on = date.fromisoformat(published[:10])
+        except ValueError:
+            listed_on = None
+    abstract = " ".join(abstract.split())
+    return Paper(
+        id=paper_id_for(title, arxiv_id),
+        title=" ".join(title.split()),
+        abstract=abstract,
+        arxiv_id=arxiv_id,
+        listed_on=listed_on,
+        code_links=code_links(abstract),
+        upvotes=int(upvotes) if isinstance(upvotes, int) else None,
+        listing_rank=index + 1,
+    )
+
+
+def _unique(papers: list[Paper]) -> list[Paper]:
+    """One paper per id, first listing wins (a page may repeat a paper)."""
+    seen: dict[str, Paper] = {}
+    for paper in papers:
+        seen.setdefault(paper.id, paper)
+    return list(seen.values())

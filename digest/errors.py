@@ -1,0 +1,55 @@
+"""The project's exceptions: one base class, a few named kinds.
+
+Library code raises these; only the CLI turns them into a one-line
+``Error: ...`` message and an exit code.
+"""
+
+from __future__ import annotations
+
+
+class DigestError(Exception):
+    """Base class of every error paper-digest reports to a user."""
+
+
+class ConfigError(DigestError):
+    """The config file is unreadable, malformed or has a wrong key or value."""
+
+    def __init__(self, file: str, key: str | None, message: str, line: int | None = None):
+        self.file = file
+        self.key = key
+        self.message = message
+        self.line = line
+        where = file
+        if line is not None:
+            where += f":{line}"
+        if key:
+            where += f": {key}"
+        super().__init__(f"{where}: {message}")
+
+
+class DumpError(DigestError):
+    """A dump file cannot be parsed; the reason says where and why."""
+
+    def __init__(self, file: str, message: str, line: int | None = None):
+        self.file = file
+        self.message = message
+        self.line = line
+        where = file if line is None else f"{file}:{line}"
+        super().__init__(f"{where}: {message}")
+
+
+class StoreError(DigestError):
+    """The SQLite state cannot be opened, migrated or written."""
+
+
+class SendError(DigestError, ConnectionError):
+    """A message could not be delivered over SMTP."""
+
+    def __init__(self, recipient: str, message: str, permanent: bool):
+        self.recipient = recipient
+        self.permanent = permanent
+        super().__init__(f"{recipient}: {message}")
+
+
+class UnknownSubscriber(DigestError):
+    """A command named a subscriber that is not in the config."""

@@ -1,0 +1,451 @@
+"""The SQLite store: the only module that holds SQL.
+
+Every stage hands its results here and reads its inputs from here: ingest
+writes papers and dump records, dispatch claims digests and freezes their
+items, replies append feedback events. The schema is versioned by numbered
+migrations recorded in ``schema_version``; upgrades migrate in place and
+never drop feedback.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+from .errors import StoreError
+from .paper import Paper, normalise_title
+
+# Each entry upgrades the schema by one version; never edit one that has shipped.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: papers, dumps, digests and their frozen items, feedback events.
+    """
+    CREATE TABLE papers (
+        seq          INTEGER PRIMARY KEY,       -- ingest order: "new since the last digest"
+        id           TEXT NOT NULL UNIQUE,      -- arXiv id, else "t:" + title hash
+        title_key    TEXT NOT NULL UNIQUE,      -- normalised title: one paper across formats
+        title        TEXT NOT NULL,
+        abstract     TEXT NOT NULL,
+        arxiv_id     TEXT,
+        listed_on    TEXT,
+        code_links   TEXT NOT NULL DEFAULT '[]',
+        upvotes      INTEGER,
+        listing_rank INTEGER,
+        ingested_at  TEXT NOT NULL
+    );
+    CREATE TABLE dumps (
+        sha256       TEXT PRIMARY KEY,
+        path         TEXT NOT NULL,
+        format       TEXT NOT NULL,
+        papers       INTEGER NOT NULL,
+        new_papers   INTEGER NOT NULL,
+        ingested_at  TEXT NOT NULL
+    );
+    CREATE TABLE digests (
+        id           INTEGER PRIMARY KEY,
+        subscriber   TEXT NOT NULL,             -- lower-cased email
+        local_date   TEXT NOT NULL,             -- the subscriber's date the digest is for
+        token        TEXT NOT NULL UNIQUE,
+        message_id   TEXT NOT NULL UNIQUE,
+        status       TEXT NOT NULL CHECK (status IN ('claimed', 'sent', 'failed')),
+        considered   INTEGER NOT NULL,
+        corpus_seq   INTEGER NOT NULL,          -- papers up to this seq were considered
+        message      BLOB NOT NULL,             -- the rendered email, resent as is after a crash
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        error        TEXT,
+        claimed_at   TEXT NOT NULL,
+        sent_at      TEXT,
+        UNIQUE (subscriber, local_date)
+    );
+    CREATE TABLE digest_items (
+        digest_id    INTEGER NOT NULL REFERENCES digests(id),
+        position     INTEGER NOT NULL,          -- 1-based: what "like 3" means
+        paper_id     TEXT NOT NULL REFERENCES papers(id),
+        score        REAL NOT NULL,
+        reason       TEXT NOT NULL,
+        explore      INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (digest_id, position)
+    );
+    CREATE INDEX digest_items_paper ON digest_items(paper_id);
+    CREATE TABLE feedback (
+        id           INTEGER PRIMARY KEY,
+        subscriber   TEXT NOT NULL,
+        paper_id     TEXT NOT NULL REFERENCES papers(id),
+        signal       TEXT NOT NULL CHECK (signal IN ('like', 'skip')),
+        source       TEXT NOT NULL,             -- 'reply', 'cli', ...
+        digest_id    INTEGER REFERENCES digests(id),
+        at           TEXT NOT NULL
+    );
+    CREATE INDEX feedback_subscriber ON feedback(subscriber, paper_id);
+    """,
+)
+
+
+def utc_now() -> datetime:
+    """The one clock of the store; tests move it with time-machine."""
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class DumpRecord:
+    sha256: str
+    path: str
+    format: str
+    papers: int
+    new_papers: int
+    ingested_at: str
+
+
+@dataclass(frozen=True)
+class DigestRow:
+    id: int
+    subscriber: str
+    local_date: date
+    token: str
+    message_id: str
+    status: str
+    considered: int
+    corpus_seq: int
+    message: bytes
+    attempts: int
+    error: str | None
+    claimed_at: str
+    sent_at: str | None
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    position: int
+    paper_id: str
+    score: float
+    reason: str
+    explore: bool
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    paper_id: str
+    signal: str
+    source: str
+    digest_id: int | None
+    at: str
+
+
+class Store:
+    """One SQLite database file (WAL), migrated on open."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"{self.path}: cannot open the state database: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT: one writer at a time, all or nothing."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path}: schema version {current} is newer than this paper-digest "
+                f"understands ({len(MIGRATIONS)}); upgrade paper-digest"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            with self.transaction() as db:
+                for statement in MIGRATIONS[version - 1].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+
+    # --- dumps and papers ---------------------------------------------------
+
+    def dump_record(self, sha256: str) -> DumpRecord | None:
+        row = self._db.execute("SELECT * FROM dumps WHERE sha256 = ?", (sha256,)).fetchone()
+        return DumpRecord(**dict(row)) if row else None
+
+    def recent_dumps(self, limit: int = 10) -> list[DumpRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM dumps ORDER BY ingested_at DESC, rowid DESC LIMIT ?", (limit,)
+        )
+        return [DumpRecord(**dict(row)) for row in rows]
+
+    def add_dump(self, sha256: str, path: str, fmt: str, papers: Sequence[Paper]) -> int:
+        """Store a dump's papers and its record in one transaction; return how many were new.
+
+        A paper already stored (same id, or same normalised title) is kept as it
+        is, with fields it lacked filled in from the new listing.
+        """
+        now = _iso(utc_now())
+        new = 0
+        with self.transaction() as db:
+            for paper in papers:
+                new += self._upsert_paper(db, paper, now)
+            db.execute(
+                "INSERT INTO dumps (sha256, path, format, papers, new_papers, ingested_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (sha256, path, fmt, len(papers), new, now),
+            )
+        return new
+
+    def _upsert_paper(self, db: sqlite3.Connection, paper: Paper, now: str) -> int:
+        title_key = normalise_title(paper.title)
+        existing = db.execute(
+            "SELECT seq, arxiv_id, upvotes, code_links FROM papers WHERE id = ? OR title_key = ?",
+            (paper.id, title_key),
+        ).fetchone()
+        if existing is None:
+            db.execute(
+                "INSERT INTO papers (id, title_key, title, abstract, arxiv_id, listed_on,"
+                " code_links, upvotes, listing_rank, ingested_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (paper.id, title_key, paper.title, paper.abstract, paper.arxiv_id,
+                 paper.listed_on.isoformat() if paper.listed_on else None,
+                 json.dumps(list(paper.code_links)), paper.upvotes, paper.listing_rank, now),
+            )
+            return 1
+        # The id stays what it was (digests and feedback refer to it); fill the gaps.
+        links = json.loads(existing["code_links"])
+        merged_links = links + [link for link in paper.code_links if link not in links]
+        db.execute(
+            "UPDATE papers SET arxiv_id = COALESCE(arxiv_id, ?),"
+            " upvotes = MAX(COALESCE(upvotes, 0), COALESCE(?, 0)), code_links = ?"
+            " WHERE seq = ?",
+            (paper.arxiv_id, paper.upvotes, json.dumps(merged_links), existing["seq"]),
+        )
+        return 0
+
+    def paper_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM papers").fetchone()[0])
+
+    def corpus_seq(self) -> int:
+        """The newest paper's ingest sequence number (0 with no papers)."""
+        return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM papers").fetchone()[0])
+
+    def all_papers(self) -> list[Paper]:
+        rows = self._db.execute("SELECT * FROM papers ORDER BY seq")
+        return [_paper(row) for row in rows]
+
+    def papers_by_id(self, ids: Iterable[str]) -> dict[str, Paper]:
+        wanted = list(dict.fromkeys(ids))
+        found: dict[str, Paper] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.execute(f"SELECT * FROM papers WHERE id IN ({marks})", chunk):
+                found[row["id"]] = _paper(row)
+        return found
+
+    # --- digests ------------------------------------------------------------
+
+    def candidate_papers(self, subscriber: str, since_seq: int) -> list[Paper]:
+        """Papers ingested after ``since_seq`` that this subscriber was never sent."""
+        rows = self._db.execute(
+            "SELECT * FROM papers WHERE seq > ? AND id NOT IN ("
+            "  SELECT i.paper_id FROM digest_items i JOIN digests d ON d.id = i.digest_id"
+            "  WHERE d.subscriber = ? AND d.status IN ('sent', 'claimed'))"
+            " ORDER BY seq",
+            (since_seq, subscriber.lower()),
+        )
+        return [_paper(row) for row in rows]
+
+    def first_seq_since(self, moment: datetime) -> int:
+        """The seq just before the first paper ingested at or after ``moment``."""
+        row = self._db.execute(
+            "SELECT MIN(seq) FROM papers WHERE ingested_at >= ?", (_iso(moment),)
+        ).fetchone()
+        return (row[0] - 1) if row[0] is not None else self.corpus_seq()
+
+    def last_sent_digest(self, subscriber: str) -> DigestRow | None:
+        row = self._db.execute(
+            "SELECT * FROM digests WHERE subscriber = ? AND status = 'sent'"
+            " ORDER BY local_date DESC, id DESC LIMIT 1",
+            (subscriber.lower(),),
+        ).fetchone()
+        return _digest(row) if row else None
+
+    def digest_on(self, subscriber: str, local_date: date) -> DigestRow | None:
+        row = self._db.execute(
+            "SELECT * FROM digests WHERE subscriber = ? AND local_date = ?",
+            (subscriber.lower(), local_date.isoformat()),
+        ).fetchone()
+        return _digest(row) if row else None
+
+    def digest_by_token(self, token: str) -> DigestRow | None:
+        row = self._db.execute("SELECT * FROM digests WHERE token = ?", (token,)).fetchone()
+        return _digest(row) if row else None
+
+    def digests_of(self, subscriber: str, limit: int = 30) -> list[DigestRow]:
+        rows = self._db.execute(
+            "SELECT * FROM digests WHERE subscriber = ? ORDER BY local_date DESC, id DESC LIMIT ?",
+            (subscriber.lower(), limit),
+        )
+        return [_digest(row) for row in rows]
+
+    def claim_digest(
+        self,
+        *,
+        subscriber: str,
+        local_date: date,
+        token: str,
+        message_id: str,
+        considered: int,
+        corpus_seq: int,
+        message: bytes,
+        items: Sequence[ItemRow],
+    ) -> DigestRow | None:
+        """Claim the subscriber's digest for ``local_date`` with its frozen items.
+
+        Returns None when a digest for that date already exists: whoever
+        claimed it first sends it, so a day is never sent twice.
+        """
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO digests (subscriber, local_date, token, message_id, status,"
+                " considered, corpus_seq, message, claimed_at)"
+                " VALUES (?, ?, ?, ?, 'claimed', ?, ?, ?, ?)",
+                (subscriber.lower(), local_date.isoformat(), token, message_id, considered,
+                 corpus_seq, message, _iso(utc_now())),
+            )
+            if cursor.rowcount == 0:
+                return None
+            digest_id = cursor.lastrowid
+            db.executemany(
+                "INSERT INTO digest_items (digest_id, position, paper_id, score, reason, explore)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(digest_id, item.position, item.paper_id, item.score, item.reason,
+                  int(item.explore)) for item in items],
+            )
+        row = db.execute("SELECT * FROM digests WHERE id = ?", (digest_id,)).fetchone()
+        return _digest(row)
+
+    def mark_sent(self, digest_id: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE digests SET status = 'sent', sent_at = ?, error = NULL,"
+                " attempts = attempts + 1 WHERE id = ?",
+                (_iso(utc_now()), digest_id),
+            )
+
+    def mark_failed(self, digest_id: int, error: str, *, permanent: bool) -> None:
+        """Record a failed delivery: permanent ends the day's digest, else it stays claimed."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE digests SET status = ?, error = ?, attempts = attempts + 1 WHERE id = ?",
+                ("failed" if permanent else "claimed", error, digest_id),
+            )
+
+    def unsent_digests(self) -> list[DigestRow]:
+        """Digests claimed and not (yet) delivered: a crash or an outage left them."""
+        rows = self._db.execute(
+            "SELECT * FROM digests WHERE status = 'claimed' ORDER BY claimed_at, id"
+        )
+        return [_digest(row) for row in rows]
+
+    def digest_items(self, digest_id: int) -> list[ItemRow]:
+        rows = self._db.execute(
+            "SELECT position, paper_id, score, reason, explore FROM digest_items"
+            " WHERE digest_id = ? ORDER BY position",
+            (digest_id,),
+        )
+        return [ItemRow(row[0], row[1], row[2], row[3], bool(row[4])) for row in rows]
+
+    def shown_papers(self, subscriber: str) -> list[str]:
+        """Every paper this subscriber was sent, oldest digest first."""
+        rows = self._db.execute(
+            "SELECT i.paper_id FROM digest_items i JOIN digests d ON d.id = i.digest_id"
+            " WHERE d.subscriber = ? AND d.status = 'sent' ORDER BY d.local_date, i.position",
+            (subscriber.lower(),),
+        )
+        return [row[0] for row in rows]
+
+    # --- feedback -----------------------------------------------------------
+
+    def add_feedback(
+        self,
+        subscriber: str,
+        paper_id: str,
+        signal: str,
+        *,
+        source: str,
+        digest_id: int | None = None,
+        db: sqlite3.Connection | None = None,
+    ) -> None:
+        """Append a feedback event; pass ``db`` to join a caller's transaction."""
+        values = (subscriber.lower(), paper_id, signal, source, digest_id, _iso(utc_now()))
+        sql = ("INSERT INTO feedback (subscriber, paper_id, signal, source, digest_id, at)"
+               " VALUES (?, ?, ?, ?, ?, ?)")
+        if db is not None:
+            db.execute(sql, values)
+            return
+        with self.transaction() as tx:
+            tx.execute(sql, values)
+
+    def latest_feedback(self, subscriber: str) -> list[FeedbackRow]:
+        """The latest event per paper (the one that wins), oldest first."""
+        rows = self._db.execute(
+            "SELECT paper_id, signal, source, digest_id, at FROM feedback f"
+            " WHERE subscriber = ? AND id = ("
+            "   SELECT MAX(id) FROM feedback g"
+            "   WHERE g.subscriber = f.subscriber AND g.paper_id = f.paper_id)"
+            " ORDER BY id",
+            (subscriber.lower(),),
+        )
+        return [FeedbackRow(*row) for row in rows]
+
+
+def _paper(row: sqlite3.Row) -> Paper:
+    return Paper(
+        id=row["id"],
+        title=row["title"],
+        abstract=row["abstract"],
+        arxiv_id=row["arxiv_id"],
+        listed_on=date.fromisoformat(row["listed_on"]) if row["listed_on"] else None,
+        code_links=tuple(json.loads(row["code_links"])),
+        upvotes=row["upvotes"],
+        listing_rank=row["listing_rank"],
+    )
+
+
+def _digest(row: sqlite3.Row) -> DigestRow:
+    values = dict(row)
+    values["local_date"] = date.fromisoformat(values["local_date"])
+    return DigestRow(**values)

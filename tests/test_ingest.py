@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import os
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from digest.dumps import code_links, listing_date, parse_bytes, parse_file
+from digest.errors import DumpError
+from digest.ingest import ingest_file, scan_inbox
+from digest.paper import normalise_title
+from digest.store import Store
+
+from .helpers import sample_dumps
+
+
+def copy_samples(inbox: Path, *, age_seconds: float = 60) -> list[Path]:
+    inbox.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for sample in sample_dumps():
+        target = inbox / sample.name
+        target.write_bytes(sample.read_bytes())
+        old = time.time() - age_seconds
+        os.utime(target, (old, old))
+        copies.append(target)
+    return copies
+
+
+def test_parses_both_samples() -> None:
+    first, second = (parse_file(path) for path in sample_dumps())
+    assert (first.format, len(first.papers)) == ("page", 61)
+    assert len(second.papers) == 71
+    assert (first.listed_on.month, first.listed_on.day) == (3, 12)
+    assert (second.listed_on.month, second.listed_on.day) == (3, 11)
+    top = first.papers[0]
+    assert top.title == "Pareto Domain Adaptation"
+    assert top.abstract.startswith("Domain adaptation (DA) attempts to transfer")
+    assert top.listing_rank == 1 and top.id.startswith("t:")
+    shared = {p.id for p in first.papers} & {p.id for p in second.papers}
+    assert len(shared) == 16
+
+
+def test_code_links_found_in_abstracts() -> None:
+    papers = parse_file(sample_dumps()[0]).papers
+    udim = next(p for p in papers if p.title.startswith("Unknown Domain Inconsistency"))
+    assert udim.code_links == ("https://github.com/SJShin-AI/UDIM",)
+    assert code_links("code at https://github.com/a/b}. and (https://x.org/y)") == (
+        "https://github.com/a/b", "https://x.org/y")
+
+
+def test_year_comes_from_file_name_else_file_time(tmp_path: Path) -> None:
+    text = sample_dumps()[0].read_bytes()
+    named = tmp_path / "dump-2024-03-20.txt"
+    named.write_bytes(text)
+    assert parse_file(named).listed_on == date(2024, 3, 12)
+    unnamed = tmp_path / "dump.txt"
+    unnamed.write_bytes(text)
+    stamp = time.mktime((2025, 6, 1, 12, 0, 0, 0, 0, -1))
+    os.utime(unnamed, (stamp, stamp))
+    assert parse_file(unnamed).listed_on == date(2025, 3, 12)
+
+
+def test_listing_date_across_new_year() -> None:
+    assert listing_date(12, 31, date(2026, 1, 2)) == date(2025, 12, 31)
+    assert listing_date(1, 2, date(2026, 1, 2)) == date(2026, 1, 2)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b"", "empty file"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary file"),
+    (b"\xff\xfe\xfa not utf-8", "not UTF-8"),
+    (b"hello\n\nworld\n", "no listing date line"),
+    (b"new\n\nMar 12\n\nA title\n\nIts abstract.\n\nA title cut short", "title without an abstract"),
+    (b"[{\"paper\": {\"id\": \"1\"}}]", "entry 0: no title"),
+    (b"[1, 2", "invalid JSON"),
+])
+def test_broken_dumps_are_errors(data: bytes, expected: str) -> None:
+    with pytest.raises(DumpError, match=expected) as info:
+        parse_bytes(data, name="x.txt", fallback_date=date(2026, 3, 12))
+    assert str(info.value).startswith("x.txt")
+
+
+def test_half_written_dump_names_the_line() -> None:
+    data = b"new\n\nMar 12\n\nA title\n\nIts abstract.\n\nA title cut short"
+    with pytest.raises(DumpError) as info:
+        parse_bytes(data, name="x.txt", fallback_date=date(2026, 3, 12))
+    assert info.value.line == 9
+
+
+def test_api_json_dump() -> None:
+    data = b"""[{"paper": {"id": "2405.15738", "summary": "Code: https://github.com/a/b.",
+                 "upvotes": 12}, "title": "ConvLLaVA", "publishedAt": "2024-05-27T10:00:00Z"}]"""
+    parsed = parse_bytes(data, name="api.json", fallback_date=date(2026, 1, 1))
+    paper = parsed.papers[0]
+    assert (parsed.format, paper.id, paper.arxiv_id, paper.upvotes) == (
+        "json", "2405.15738", "2405.15738", 12)
+    assert paper.listed_on == date(2024, 5, 27) and paper.code_links == ("https://github.com/a/b",)
+    assert paper.link == "https://arxiv.org/abs/2405.15738"
+
+
+def test_scan_stores_shared_papers_once(tmp_path: Path) -> None:
+    copy_samples(tmp_path / "inbox")
+    with Store(tmp_path / "s.sqlite3") as store:
+        results = scan_inbox(store, tmp_path / "inbox", stable_seconds=5)
+        assert [r.status for r in results] == ["ingested", "ingested"]
+        assert [r.new_papers for r in results] == [61, 71 - 16]
+        assert store.paper_count() == 61 + 71 - 16
+        titles = [normalise_title(p.title) for p in store.all_papers()]
+        assert len(titles) == len(set(titles))
+
+
+def test_same_dump_dropped_twice_is_a_no_op(tmp_path: Path) -> None:
+    first, _ = copy_samples(tmp_path / "inbox")
+    again = tmp_path / "inbox" / "copy-of-first.txt"
+    again.write_bytes(first.read_bytes())
+    os.utime(again, (time.time() - 60,) * 2)
+    with Store(tmp_path / "s.sqlite3") as store:
+        results = {r.path.name: r.status for r in scan_inbox(store, tmp_path / "inbox",
+                                                               stable_seconds=5)}
+        count = store.paper_count()
+        assert sorted(results.values()) == ["duplicate", "ingested", "ingested"]
+        rescan = scan_inbox(store, tmp_path / "inbox", stable_seconds=5)
+        assert {r.status for r in rescan} == {"duplicate"}
+        assert store.paper_count() == count
+        assert len(store.recent_dumps()) == 2
+    assert again.exists() and first.exists()  # ingested files stay where they are
+
+
+def test_file_being_written_is_left_for_the_next_scan(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    partial = inbox / "today.txt"
+    partial.write_bytes(b"new\n\nMar 12\n\nA title\n\nIts abs")  # mtime: now
+    with Store(tmp_path / "s.sqlite3") as store:
+        assert [r.status for r in scan_inbox(store, inbox, stable_seconds=5)] == ["unstable"]
+        assert partial.exists() and store.paper_count() == 0
+        partial.write_bytes(sample_dumps()[0].read_bytes())  # the writer finishes
+        os.utime(partial, (time.time() - 60,) * 2)
+        assert [r.status for r in scan_inbox(store, inbox, stable_seconds=5)] == ["ingested"]
+        assert store.paper_count() == 61
+
+
+def test_broken_dump_moves_to_failed_with_reason_and_scan_goes_on(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    copy_samples(inbox)
+    for name, data in (("a-binary.pdf", b"%PDF-1.4\x00\x01"), ("b-empty.txt", b""),
+                       ("c-notes.txt", b"shopping list\n\nmilk\n")):
+        (inbox / name).write_bytes(data)
+        os.utime(inbox / name, (time.time() - 60,) * 2)
+    with Store(tmp_path / "s.sqlite3") as store:
+        results = scan_inbox(store, inbox, stable_seconds=5)
+        assert sorted(r.status for r in results) == ["failed"] * 3 + ["ingested"] * 2
+        assert store.paper_count() == 116
+    failed = inbox / "failed"
+    assert sorted(p.name for p in failed.iterdir()) == [
+        "a-binary.pdf", "a-binary.pdf.reason", "b-empty.txt", "b-empty.txt.reason",
+        "c-notes.txt", "c-notes.txt.reason"]
+    assert "binary file" in (failed / "a-binary.pdf.reason").read_text()
+    assert "no listing date line" in (failed / "c-notes.txt.reason").read_text()
+    assert (failed / "a-binary.pdf").read_bytes() == b"%PDF-1.4\x00\x01"  # nothing lost
+
+
+def test_failed_names_never_overwrite(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    with Store(tmp_path / "s.sqlite3") as store:
+        for content in (b"first junk", b"second junk"):
+            (inbox / "junk.txt").write_bytes(content)
+            os.utime(inbox / "junk.txt", (time.time() - 60,) * 2)
+            scan_inbox(store, inbox, stable_seconds=5)
+    names = sorted(p.name for p in (inbox / "failed").iterdir())
+    assert names == ["junk.1.txt", "junk.1.txt.reason", "junk.txt", "junk.txt.reason"]
+
+
+def test_explicit_file_ingest(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.sqlite3") as store:
+        result = ingest_file(store, sample_dumps()[1])
+        assert (result.status, result.papers, result.new_papers) == ("ingested", 71, 71)
+        assert ingest_file(store, sample_dumps()[1]).status == "duplicate"
+
+
+def test_store_reopens_and_keeps_schema(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.sqlite3") as store:
+        ingest_file(store, sample_dumps()[0])
+        version = store.schema_version
+    with Store(tmp_path / "s.sqlite3") as store:
+        assert store.schema_version == version and store.paper_count() == 61
