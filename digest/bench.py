@@ -110,8 +110,8 @@ def run_ingest_bench(data: Path, *, runs: int = 3, days: int | None = None,
 def _table(result: dict[str, Any], ingest_times: list[float]) -> str:
     runs = ", ".join(f"{t:.2f}" for t in ingest_times)
     return "\n".join([
-        f"ingest benchmark: {result['files']} page dumps, {result['rows']} listing rows, "
-        f"{result['papers_stored']} distinct papers stored",
+        (f"ingest benchmark: {result['files']} page dumps, {result['rows']} listing rows, "
+        f"{result['papers_stored']} distinct papers stored"),
         f"{'stage':<28}{'median s':>10}{'papers/s':>12}",
         f"{'parse only (baseline)':<28}{result['parse_s']:>10.2f}{result['parse_papers_per_s']:>12.0f}",
         f"{'scan: hash+parse+store':<28}{result['ingest_s']:>10.2f}{result['papers_per_s']:>12.0f}",

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from . import __version__
 from .errors import DigestError
@@ -47,7 +48,7 @@ def setup_logging(verbosity: int) -> None:
 class _JournalFormatter(logging.Formatter):
     """``<priority>LEVEL message``: journald reads the prefix as the entry's priority."""
 
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+    PRIORITY: ClassVar[dict[int, int]] = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
                 logging.CRITICAL: 2}
 
     def format(self, record: logging.LogRecord) -> str:
@@ -122,11 +123,11 @@ def cmd_send(args: argparse.Namespace) -> int:
     config = _config(args)
     sink = None
     if config.smtp.sink is not None and not args.dry_run:
-        sink = LocalSink(config.smtp.sink)
+        sink = LocalSink.from_config(config.smtp)
         sink.start()
         from dataclasses import replace
 
-        config = replace(config, smtp=sink.smtp_config(config.smtp))
+        config = replace(config, smtp=sink.smtp_config())
     try:
         with Store(config.state) as store:
             runtime = Runtime(config, store)
@@ -151,6 +152,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 _STATUS_TEXT = {
+    "unsubscribed": "unsubscribed by reply; nothing sent",
+    "paused": "paused by reply; nothing sent",
     "not-due": "not due yet (use --force to ignore the time of day)",
     "already-sent": "today's digest was already sent",
     "late": "send time passed too long ago; today is skipped",
@@ -161,21 +164,22 @@ _STATUS_TEXT = {
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from .daemon import Runtime, prepare, select_subscribers
+    from .daemon import Runtime, effective_subscriber, prepare, select_subscribers
     from .render import render_html, render_text
     from .store import Store
 
     config = _config(args)
-    sub = select_subscribers(config, args.user)[0]
     with Store(config.state) as store:
+        sub = effective_subscriber(select_subscribers(config, args.user)[0],
+                                   store.subscriber_state(args.user))
         prepared = prepare(Runtime(config, store), sub, _now())
     if prepared is None:
         print(f"{sub.email}: no new papers; the next digest would be empty (not sent)")
         return EXIT_OK
     print(f"Subject: {prepared.message['Subject']}\n")
-    print(render_text(prepared.content))
+    print(render_text(prepared.content, config.smtp))
     if args.html:
-        Path(args.html).write_text(render_html(prepared.content), encoding="utf-8")
+        Path(args.html).write_text(render_html(prepared.content, config.smtp), encoding="utf-8")
         print(f"HTML written to {args.html}", file=sys.stderr)
     return EXIT_OK
 

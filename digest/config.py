@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from datetime import time, timedelta
 from pathlib import Path
@@ -19,11 +19,6 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - the fallback named in pyproject.toml
-    import tomli as tomllib
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -36,6 +31,8 @@ DEFAULT_DISPATCH_SECONDS = 60  # send times are given to the minute
 DEFAULT_MAX_LATE_HOURS = 12.0  # a digest half a day late is still today's news
 DEFAULT_STABLE_SECONDS = 5.0  # a file still being written changes within seconds
 DEFAULT_SMTP_TIMEOUT = 30.0  # seconds; long enough for a slow relay, short enough to notice
+DEFAULT_SMTP_ATTEMPTS = 4  # a 4xx or a dropped connection: try again, a few times
+DEFAULT_SMTP_RETRY_SECONDS = 2.0  # first backoff; doubles per attempt (2, 4, 8 s)
 DEFAULT_UNRATED_WEIGHT = 0.2  # shown and left unrated: a weak negative, not a skip
 DEFAULT_EXPLORE_FRACTION = 0.1  # one slot in ten keeps a profile from narrowing forever
 DEFAULT_REPLY_POLL_SECONDS = 60  # replies are read within a minute
@@ -56,6 +53,8 @@ class SmtpConfig:
     timeout: float = DEFAULT_SMTP_TIMEOUT
     verify_tls: bool = True
     sink: Path | None = None  # folder the embedded aiosmtpd sink writes .eml/.html to
+    attempts: int = DEFAULT_SMTP_ATTEMPTS
+    retry_seconds: float = DEFAULT_SMTP_RETRY_SECONDS
 
     def password(self) -> str | None:
         """The secret, read when needed so it never sits in a config dump."""
@@ -255,7 +254,8 @@ def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> 
 def _parse_smtp(file: str, table: dict[str, Any], base: Path) -> SmtpConfig:
     r = _Reader(file, table, "smtp",
                 {"host", "port", "security", "username", "password_env", "password_file",
-                 "from", "reply_to", "timeout", "verify_tls", "sink"})
+                 "from", "reply_to", "timeout", "verify_tls", "sink", "attempts",
+                 "retry_seconds"})
     sink = r.path_value("sink", base)
     security = r.get("security", str, "none" if sink else "starttls")
     if security not in ("starttls", "tls", "none"):
@@ -287,6 +287,8 @@ def _parse_smtp(file: str, table: dict[str, Any], base: Path) -> SmtpConfig:
         timeout=r.positive("timeout", DEFAULT_SMTP_TIMEOUT),
         verify_tls=r.get("verify_tls", bool, True),
         sink=sink,
+        attempts=int(r.positive("attempts", DEFAULT_SMTP_ATTEMPTS)),
+        retry_seconds=float(r.get("retry_seconds", (int, float), DEFAULT_SMTP_RETRY_SECONDS)),
     )
 
 

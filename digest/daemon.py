@@ -19,8 +19,9 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timedelta, timezone
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 
@@ -28,9 +29,9 @@ from .config import Config, Subscriber, load_config
 from .errors import DigestError, SendError
 from .ingest import IngestResult, scan_inbox
 from .mailer import LocalSink, Mailer
-from .rank import CorpusIndex, ModelCache, Profile, Ranked, is_personalised, rank
+from .rank import CorpusIndex, Profile, Ranked, is_personalised, rank
 from .render import DigestContent, DigestItem, message_id_for, new_token, render_digest
-from .store import DigestRow, ItemRow, Store, utc_now
+from .store import DigestRow, ItemRow, Store, SubscriberState, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ class Runtime:
 
     config: Config
     store: Store
-    models: ModelCache = field(default_factory=ModelCache)
     _index: CorpusIndex | None = None
     _index_seq: int = -1
 
@@ -101,15 +101,43 @@ def send_time(sub: Subscriber, day: date) -> datetime:
     aware = naive.replace(tzinfo=sub.timezone)
     # A send time inside a spring-forward gap does not exist: send at the first
     # real instant after it rather than skipping the day.
-    round_trip = aware.astimezone(timezone.utc).astimezone(sub.timezone)
+    round_trip = aware.astimezone(UTC).astimezone(sub.timezone)
     if round_trip.replace(tzinfo=None) != naive:
         aware = naive.replace(tzinfo=sub.timezone, fold=1)
     return aware
 
 
+def effective_subscriber(sub: Subscriber, state: SubscriberState) -> Subscriber:
+    """The config's subscriber with what they set by reply applied (the reply wins)."""
+    changes: dict[str, object] = {}
+    if state.send_at:
+        hours, minutes = state.send_at.split(":")
+        changes["send_at"] = dt_time(int(hours), int(minutes))
+    if state.max_papers:
+        changes["max_papers"] = state.max_papers
+    if state.interests_added or state.interests_removed:
+        removed = {phrase.casefold() for phrase in state.interests_removed}
+        interests = [p for p in (*sub.interests, *state.interests_added)
+                     if p.casefold() not in removed]
+        changes["interests"] = tuple(dict.fromkeys(interests))
+    return replace(sub, **changes) if changes else sub  # type: ignore[arg-type]
+
+
+def is_paused(state: SubscriberState, today: date) -> bool:
+    return state.paused and (state.paused_until is None or today < state.paused_until)
+
+
 def due_status(runtime: Runtime, sub: Subscriber, now: datetime, *, force: bool) -> str:
-    """``due``, or why not: ``not-due``, ``already-sent``, ``late``."""
+    """``due``, or why not: ``unsubscribed``, ``paused``, ``not-due``, ``already-sent``, ``late``.
+
+    ``sub`` is the effective subscriber (reply-set state applied).
+    """
     today = local_now(sub, now).date()
+    state = runtime.store.subscriber_state(sub.email)
+    if state.unsubscribed:
+        return "unsubscribed"
+    if is_paused(state, today):
+        return "paused"
     if runtime.store.digest_on(sub.email, today) is not None:
         return "already-sent"
     if force:
@@ -159,8 +187,7 @@ def prepare(runtime: Runtime, sub: Subscriber, now: datetime) -> Prepared | None
     ranked: list[Ranked] = []
     if candidates:
         ranked = rank(runtime.corpus_index(), profile, [p.id for p in candidates],
-                      limit=sub.max_papers, settings=runtime.config.ranking,
-                      cache=runtime.models, key=sub.email.lower())
+                      limit=sub.max_papers, settings=runtime.config.ranking)
     by_id = {p.id: p for p in candidates}
     items = tuple(
         DigestItem(position=i, paper=by_id[r.paper_id], score=r.score, reason=r.reason,
@@ -188,7 +215,7 @@ def claim(runtime: Runtime, prepared: Prepared) -> DigestRow | None:
         message_id=message_id_for(content.token, runtime.config.smtp.sender),
         considered=content.considered,
         corpus_seq=prepared.corpus_seq,
-        message=prepared.message.as_bytes(policy=policy.SMTP),
+        message=prepared.message.as_bytes(),
         items=[ItemRow(item.position, item.paper.id, item.score, item.reason, item.explore)
                for item in content.items],
     )
@@ -207,11 +234,17 @@ async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome:
     except SendError as exc:
         give_up = exc.permanent or row.attempts + 1 >= MAX_DELIVERY_ATTEMPTS
         runtime.store.mark_failed(row.id, str(exc), permanent=give_up)
+        if exc.permanent:
+            runtime.store.update_subscriber_state(
+                row.subscriber, bouncing_since=row.claimed_at, bounce_reason=str(exc))
         status = "failed" if give_up else "retry"
         log.error("subscriber %s: %s digest of %s: %s", row.subscriber,
                   "failed to send" if give_up else "will retry the", row.local_date, exc)
         return Outcome(row.subscriber, status, str(exc), row.id, shown, row.considered)
     runtime.store.mark_sent(row.id)
+    if runtime.store.subscriber_state(row.subscriber).bouncing:
+        runtime.store.update_subscriber_state(row.subscriber, bouncing_since=None,
+                                              bounce_reason=None)
     log.info("subscriber %s: sent %d of %d papers (digest %s)", row.subscriber, shown,
              row.considered, row.local_date)
     return Outcome(row.subscriber, "sent", "", row.id, shown, row.considered)
@@ -244,7 +277,8 @@ async def dispatch(
     now = now or utc_now()
     outcomes: list[Outcome] = []
     subscribers = select_subscribers(runtime.config, only)
-    async with Mailer(runtime.config.smtp) as mailer:
+    smtp = runtime.config.smtp
+    async with Mailer(smtp, attempts=smtp.attempts, base_delay=smtp.retry_seconds) as mailer:
         if not dry_run:
             wanted = {s.email.lower() for s in subscribers}
             for row in runtime.store.unsent_digests():
@@ -264,6 +298,7 @@ async def dispatch(
 async def _dispatch_one(
     runtime: Runtime, mailer: Mailer, sub: Subscriber, now: datetime, force: bool, dry_run: bool
 ) -> Outcome:
+    sub = effective_subscriber(sub, runtime.store.subscriber_state(sub.email))
     status = due_status(runtime, sub, now, force=force)
     if status != "due":
         if status == "late":
@@ -335,11 +370,11 @@ class Daemon:
     def _start_sink(self, config: Config) -> Config:
         if config.smtp.sink is None:
             return config
-        self.sink = LocalSink(config.smtp.sink)
+        self.sink = LocalSink.from_config(config.smtp)
         self.sink.start()
         log.info("daemon: local mail sink on 127.0.0.1:%d writes messages to %s",
                  self.sink.port, self.sink.folder)
-        return replace(config, smtp=self.sink.smtp_config(config.smtp))
+        return replace(config, smtp=self.sink.smtp_config())
 
     def _request_stop(self, signum: int) -> None:
         if self.stop.is_set():

@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +80,9 @@ def _date_from_file(path: Path) -> date:
         except ValueError:
             pass
     try:
-        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).date()
+        return datetime.fromtimestamp(path.stat().st_mtime, UTC).date()
     except OSError:
-        return datetime.now(timezone.utc).date()
+        return datetime.now(UTC).date()
 
 
 def listing_date(month: int, day: int, reference: date) -> date:
@@ -184,7 +184,8 @@ def _api_entry(entry: Any, index: int, name: str) -> Paper:
     where = f"entry {index}"
     if not isinstance(entry, dict):
         raise DumpError(name, f"{where}: expected an object")
-    inner = entry.get("paper") if isinstance(entry.get("paper"), dict) else entry
+    nested = entry.get("paper")
+    inner: dict[str, Any] = nested if isinstance(nested, dict) else entry
     title = str(entry.get("title") or inner.get("title") or "").strip()
     abstract = str(inner.get("summary") or entry.get("summary") or inner.get("abstract") or "")
     if not title:

@@ -14,8 +14,9 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Self
 
 from .errors import StoreError
 from .paper import Paper, normalise_title
@@ -82,16 +83,32 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX feedback_subscriber ON feedback(subscriber, paper_id);
     """,
+    # 2: what a subscriber set by reply (wins over the config until changed by reply).
+    """
+    CREATE TABLE subscriber_state (
+        subscriber        TEXT PRIMARY KEY,
+        paused            INTEGER NOT NULL DEFAULT 0,
+        paused_until      TEXT,                 -- local date the pause ends; NULL: until resume
+        unsubscribed_at   TEXT,
+        send_at           TEXT,                 -- "HH:MM" set by the "time" command
+        max_papers        INTEGER,              -- set by the "size" command
+        interests_added   TEXT NOT NULL DEFAULT '[]',
+        interests_removed TEXT NOT NULL DEFAULT '[]',
+        bouncing_since    TEXT,                 -- a permanent SMTP failure; cleared by a reply
+        bounce_reason     TEXT,
+        updated_at        TEXT NOT NULL
+    );
+    """,
 )
 
 
 def utc_now() -> datetime:
     """The one clock of the store; tests move it with time-machine."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+    return moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -131,6 +148,35 @@ class ItemRow:
 
 
 @dataclass(frozen=True)
+class SubscriberState:
+    """Subscription settings a subscriber changed by reply; None/empty: the config decides."""
+
+    subscriber: str
+    paused: bool = False
+    paused_until: date | None = None
+    unsubscribed_at: str | None = None
+    send_at: str | None = None
+    max_papers: int | None = None
+    interests_added: tuple[str, ...] = ()
+    interests_removed: tuple[str, ...] = ()
+    bouncing_since: str | None = None
+    bounce_reason: str | None = None
+    updated_at: str | None = None
+
+    @property
+    def unsubscribed(self) -> bool:
+        return self.unsubscribed_at is not None
+
+    @property
+    def bouncing(self) -> bool:
+        return self.bouncing_since is not None
+
+
+_STATE_FIELDS = ("paused", "paused_until", "unsubscribed_at", "send_at", "max_papers",
+                 "interests_added", "interests_removed", "bouncing_since", "bounce_reason")
+
+
+@dataclass(frozen=True)
 class FeedbackRow:
     paper_id: str
     signal: str
@@ -158,7 +204,7 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -187,9 +233,8 @@ class Store:
             )
         for version in range(current + 1, len(MIGRATIONS) + 1):
             with self.transaction() as db:
-                for statement in MIGRATIONS[version - 1].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _statements(MIGRATIONS[version - 1]):
+                    db.execute(statement)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
     @property
@@ -419,6 +464,52 @@ class Store:
         with self.transaction() as tx:
             tx.execute(sql, values)
 
+    # --- subscription state set by reply -------------------------------------
+
+    def subscriber_state(self, subscriber: str) -> SubscriberState:
+        row = self._db.execute("SELECT * FROM subscriber_state WHERE subscriber = ?",
+                               (subscriber.lower(),)).fetchone()
+        return _state(row) if row else SubscriberState(subscriber.lower())
+
+    def all_subscriber_states(self) -> dict[str, SubscriberState]:
+        rows = self._db.execute("SELECT * FROM subscriber_state")
+        return {row["subscriber"]: _state(row) for row in rows}
+
+    def update_subscriber_state(
+        self, subscriber: str, *, db: sqlite3.Connection | None = None, **changes: object
+    ) -> SubscriberState:
+        """Set some fields of the subscriber's reply-set state; pass ``db`` to join a transaction.
+
+        Fields: paused (bool), paused_until (date | None), unsubscribed_at (str | None),
+        send_at ("HH:MM" | None), max_papers (int | None), interests_added /
+        interests_removed (sequences of phrases), bouncing_since, bounce_reason.
+        """
+        unknown = set(changes) - set(_STATE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown subscriber state fields: {sorted(unknown)}")
+        values: dict[str, object] = {}
+        for name, value in changes.items():
+            if name == "paused":
+                value = int(bool(value))
+            elif name == "paused_until" and isinstance(value, date):
+                value = value.isoformat()
+            elif name in ("interests_added", "interests_removed"):
+                value = json.dumps(list(value))  # type: ignore[call-overload]
+            values[name] = value
+        values["updated_at"] = _iso(utc_now())
+        columns = ", ".join(values)
+        marks = ", ".join("?" * len(values))
+        updates = ", ".join(f"{name} = excluded.{name}" for name in values)
+        sql = (f"INSERT INTO subscriber_state (subscriber, {columns}) VALUES (?, {marks})"
+               f" ON CONFLICT(subscriber) DO UPDATE SET {updates}")
+        params = (subscriber.lower(), *values.values())
+        if db is not None:
+            db.execute(sql, params)
+        else:
+            with self.transaction() as tx:
+                tx.execute(sql, params)
+        return self.subscriber_state(subscriber)
+
     def latest_feedback(self, subscriber: str) -> list[FeedbackRow]:
         """The latest event per paper (the one that wins), oldest first."""
         rows = self._db.execute(
@@ -430,6 +521,28 @@ class Store:
             (subscriber.lower(),),
         )
         return [FeedbackRow(*row) for row in rows]
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration into statements (a ';' inside a comment does not end one)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        raise StoreError(f"incomplete SQL statement in a migration: {pending.strip()[:60]}")
+
+
+def _state(row: sqlite3.Row) -> SubscriberState:
+    values = dict(row)
+    values["paused"] = bool(values["paused"])
+    values["paused_until"] = (date.fromisoformat(values["paused_until"])
+                              if values["paused_until"] else None)
+    values["interests_added"] = tuple(json.loads(values["interests_added"]))
+    values["interests_removed"] = tuple(json.loads(values["interests_removed"]))
+    return SubscriberState(**values)
 
 
 def _paper(row: sqlite3.Row) -> Paper:

@@ -1,0 +1,492 @@
+"""Send stage: delivers rendered messages over SMTP.
+
+Runs after render, once per dispatch run: the caller opens one ``Mailer``,
+hands it each rendered ``EmailMessage`` and learns, per message, which
+recipients did not get it. It knows nothing of ranking or the database.
+
+What is retried and what is not:
+
+* a 4xx reply, a dropped connection or a timeout is retried on a fresh or the
+  same connection, with exponential backoff;
+* a 5xx reply to the mail transaction (MAIL, RCPT, DATA) is final for the
+  recipients it concerns: ``SendError(permanent=True)``, the address bounces;
+* a failure of the session itself that waiting cannot heal (a 5xx greeting,
+  login refused, a certificate that does not verify) is not retried either, but
+  is reported with ``permanent=False``: it says nothing about the recipient.
+
+``LocalSink`` is the demo's embedded mail server: it stores what it receives as
+files, and the demo sends to it through the same ``Mailer`` as real mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import email
+import email.policy
+import io
+import logging
+import re
+import socket
+import ssl
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.generator import BytesGenerator
+from email.message import EmailMessage, Message
+from email.utils import getaddresses
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosmtplib
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import Envelope, Session
+
+from .config import SmtpConfig
+from .errors import ConfigError, SendError
+from .render import EMAIL_POLICY
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ATTEMPTS = 4  # one try and three retries: about 14 s of patience at the default delay
+DEFAULT_BASE_DELAY = 2.0  # seconds before the first retry; doubles each time (2, 4, 8)
+
+
+@dataclass
+class _Attempt:
+    """The outcome of one try at delivering a message."""
+
+    retry: list[str] = field(default_factory=list)  # recipients worth another try
+    refused: dict[str, SendError] = field(default_factory=dict)  # recipients refused for good
+    problem: str = ""  # why ``retry`` is not empty, for the log and the final error
+
+
+class Mailer:
+    """Delivers messages over one reused SMTP connection.
+
+    ``async with Mailer(smtp) as mailer: await mailer.send(message)``. The
+    connection is opened on the first ``send`` and opened again when the server
+    has dropped it; ``close`` (or leaving the ``async with``) says QUIT.
+    Sends are serialised: one connection carries one transaction at a time.
+    """
+
+    def __init__(
+        self,
+        smtp: SmtpConfig,
+        *,
+        password: str | None = None,
+        attempts: int = DEFAULT_ATTEMPTS,
+        base_delay: float = DEFAULT_BASE_DELAY,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        if smtp.security not in ("starttls", "tls", "none"):
+            raise ValueError(f'security must be "starttls", "tls" or "none", got {smtp.security!r}')
+        self.smtp = smtp
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.connections = 0  # how many connections this mailer has opened
+        self._password = password
+        self._client: aiosmtplib.SMTP | None = None
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def send(self, message: EmailMessage | Message) -> dict[str, SendError]:
+        """Deliver ``message`` to every address in its To, Cc and Bcc headers.
+
+        Returns the recipients that did not get it while others did (empty when
+        all did), so a caller never resends to those who have it. Raises
+        ``SendError`` when no recipient got it.
+        """
+        recipients = envelope_recipients(message)
+        if not recipients:
+            raise SendError("(no recipient)", "the message has no To, Cc or Bcc address",
+                            permanent=True)
+        async with self._lock:
+            refused = await self._deliver(message, recipients)
+        if len(refused) == len(recipients):
+            raise _combined(refused)
+        return refused
+
+    async def close(self) -> None:
+        """Say QUIT and close the connection, if one is open."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if client.is_connected:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                log.debug("smtp %s:%d: QUIT failed: %s", self.smtp.host, self.smtp.port, exc)
+        client.close()
+
+    async def _deliver(
+        self, message: EmailMessage | Message, recipients: list[str]
+    ) -> dict[str, SendError]:
+        """Try, and retry with backoff, until every recipient is delivered or refused."""
+        refused: dict[str, SendError] = {}
+        pending = recipients
+        for attempt in range(1, self.attempts + 1):
+            outcome = await self._try_once(message, pending)
+            refused.update(outcome.refused)
+            pending = outcome.retry
+            if not pending:
+                break
+            if attempt == self.attempts:
+                for recipient in pending:
+                    refused[recipient] = SendError(
+                        recipient, f"gave up after {attempt} attempts: {outcome.problem}",
+                        permanent=False,
+                    )
+                break
+            delay = self.base_delay * 2 ** (attempt - 1)
+            log.warning("smtp %s:%d: %s (attempt %d of %d); retrying in %.3g s",
+                        self.smtp.host, self.smtp.port, outcome.problem, attempt,
+                        self.attempts, delay)
+            await asyncio.sleep(delay)
+        for recipient, error in refused.items():
+            log.warning("smtp %s:%d: not delivered to %s: %s", self.smtp.host, self.smtp.port,
+                        recipient, _reason(error))
+        delivered = [r for r in recipients if r not in refused]
+        if delivered:
+            log.info("smtp %s:%d: delivered %s to %s", self.smtp.host, self.smtp.port,
+                     message.get("Message-ID", "(no Message-ID)"), ", ".join(delivered))
+        return refused
+
+    async def _try_once(self, message: EmailMessage | Message, recipients: list[str]) -> _Attempt:
+        """One try: connect if needed, run one mail transaction, sort out the replies."""
+        try:
+            client = await self._connection()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            if _is_transient(exc):
+                return _Attempt(retry=list(recipients), problem=_describe(exc))
+            # Not the recipient's fault, and no retry will fix it: give up, not permanent.
+            problem = (f"cannot open an SMTP session with {self.smtp.host}:{self.smtp.port}: "
+                       f"{_describe(exc)}")
+            return _Attempt(refused=_refuse_all(recipients, problem, permanent=False, cause=exc))
+        try:
+            errors = await self._transaction(client, message, recipients)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            errors = {e.recipient: aiosmtplib.SMTPResponse(e.code, e.message)
+                      for e in exc.recipients}
+        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+            if not _is_transient(exc):
+                return _Attempt(refused=_refuse_all(recipients, _describe(exc), permanent=True,
+                                                    cause=exc))
+            if not isinstance(exc, aiosmtplib.SMTPResponseException) or exc.code == 421:
+                self._drop()  # the connection is gone or in an unknown state
+            return _Attempt(retry=list(recipients), problem=_describe(exc))
+        return _sort_refusals(errors)
+
+    async def _transaction(
+        self, client: aiosmtplib.SMTP, message: EmailMessage | Message, recipients: list[str]
+    ) -> dict[str, aiosmtplib.SMTPResponse]:
+        """MAIL, RCPT and DATA for one message; returns the refused recipients' replies."""
+        sender = envelope_sender(message)
+        utf8 = not all(address.isascii() for address in [sender, *recipients])
+        options: list[str] = []
+        if utf8:
+            if not client.supports_extension("smtputf8"):
+                raise aiosmtplib.SMTPNotSupported(
+                    "a non-ASCII address needs SMTPUTF8, which the server does not offer")
+            options.append("SMTPUTF8")
+        eight_bit = client.supports_extension("8bitmime")
+        if eight_bit:
+            options.append("BODY=8BITMIME")
+        data = wire_format(message, utf8=utf8, eight_bit=eight_bit)
+        errors, _ = await client.sendmail(sender, recipients, data, mail_options=options)
+        return errors
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        """The open connection, or a new one when there is none or the server dropped it."""
+        if self._client is not None and self._client.is_connected:
+            return self._client
+        self._drop()
+        smtp = self.smtp
+        username = smtp.username
+        password = self._login_password() if username else None
+        client = aiosmtplib.SMTP(
+            hostname=smtp.host,
+            port=smtp.port,
+            use_tls=smtp.security == "tls",
+            start_tls=smtp.security == "starttls",
+            validate_certs=smtp.verify_tls,
+            timeout=smtp.timeout,
+            username=username,
+            password=password,
+        )
+        await client.connect()
+        self._client = client
+        self.connections += 1
+        log.info("smtp %s:%d: connected (%s%s)", smtp.host, smtp.port, smtp.security,
+                 f", as {username}" if username else "")
+        return client
+
+    def _login_password(self) -> str:
+        """The password passed in, else the configured one, read only when logging in."""
+        password = self._password if self._password is not None else self.smtp.password()
+        if password is None:
+            # Without this, the server would answer 530 to MAIL and every
+            # subscriber would look like a bouncing address.
+            raise ConfigError("smtp", "username",
+                              "a username is set but no password (give password_env or "
+                              "password_file)")
+        return password
+
+    def _drop(self) -> None:
+        """Forget the connection without a QUIT: it is already broken."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def envelope_recipients(message: EmailMessage | Message) -> list[str]:
+    """The addresses in To, Cc and Bcc, each once, in order."""
+    fields = [str(value) for name in ("To", "Cc", "Bcc") for value in message.get_all(name, [])]
+    seen: set[str] = set()
+    addresses: list[str] = []
+    for _, address in getaddresses(fields):
+        if address and address.lower() not in seen:
+            seen.add(address.lower())
+            addresses.append(address)
+    return addresses
+
+
+def envelope_sender(message: EmailMessage | Message) -> str:
+    """The return path: the Sender header when there is one, else From (bounces go there)."""
+    for name in ("Sender", "From"):
+        values = message.get_all(name, [])
+        if values:
+            address = getaddresses([str(values[0])])[0][1]
+            if address:
+                return address
+    raise ValueError("the message has no From address")
+
+
+def wire_format(message: EmailMessage | Message, *, utf8: bool, eight_bit: bool) -> bytes:
+    """The message as sent: CRLF lines, Bcc removed, headers folded by ``EMAIL_POLICY``.
+
+    aiosmtplib would fold with ``email.policy.SMTP``, which turns a long
+    List-Unsubscribe URL into encoded words no client can follow. Folding here,
+    whatever policy the message was parsed with, keeps it one plain line.
+    """
+    outgoing = copy.copy(message)
+    del outgoing["Bcc"]
+    del outgoing["Resent-Bcc"]
+    cte_type = "8bit" if eight_bit else "7bit"
+    if isinstance(message.policy, email.policy.EmailPolicy):
+        policy: Any = EMAIL_POLICY.clone(linesep="\r\n", utf8=utf8, cte_type=cte_type)
+    else:
+        policy = email.policy.compat32.clone(linesep="\r\n", cte_type=cte_type)
+    buffer = io.BytesIO()
+    BytesGenerator(buffer, policy=policy).flatten(outgoing)
+    return buffer.getvalue()
+
+
+def _sort_refusals(errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
+    """Split per-recipient refusals into final ones (5xx) and ones worth a retry."""
+    outcome = _Attempt()
+    for recipient, response in errors.items():
+        problem = f"{response.code} {response.message}"
+        if 400 <= response.code < 500:
+            outcome.retry.append(recipient)
+            outcome.problem = f"{recipient} deferred: {problem}"
+        else:
+            outcome.refused[recipient] = SendError(recipient, problem, permanent=True)
+    return outcome
+
+
+def _refuse_all(recipients: list[str], problem: str, *, permanent: bool,
+                cause: BaseException) -> dict[str, SendError]:
+    refused = {}
+    for recipient in recipients:
+        error = SendError(recipient, problem, permanent=permanent)
+        error.__cause__ = cause  # as ``raise ... from cause`` would, for the traceback
+        refused[recipient] = error
+    return refused
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether the same thing may work in a few seconds."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return not 500 <= exc.code < 600  # 4xx, or a reply that makes no sense: try again
+    if _caused_by(exc, ssl.SSLCertVerificationError):
+        return False
+    return isinstance(exc, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError,
+                            aiosmtplib.SMTPTimeoutError, ConnectionError, TimeoutError))
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    return str(exc) or type(exc).__name__
+
+
+def _combined(refused: dict[str, SendError]) -> SendError:
+    """One error for a message no recipient got; permanent only if every refusal was."""
+    if len(refused) == 1:
+        return next(iter(refused.values()))
+    reasons = sorted({_reason(error) for error in refused.values()})
+    return SendError(", ".join(refused), "; ".join(reasons),
+                     permanent=all(error.permanent for error in refused.values()))
+
+
+def _reason(error: SendError) -> str:
+    """The error's message without the recipient it starts with."""
+    return str(error).removeprefix(f"{error.recipient}: ")
+
+
+# The embedded local sink
+
+
+class LocalSink:
+    """An SMTP server on 127.0.0.1 that files each message it receives in a folder.
+
+    For the demo and for trying the daemon without a mail account: each message
+    becomes ``<UTC time>-<recipient local part>-<n>.eml`` plus, when it has an
+    HTML part, a ``.html`` file beside it to open in a browser. The daemon
+    sends to it with the ordinary ``Mailer`` (see ``smtp_config``).
+    """
+
+    def __init__(self, folder: Path, smtp: SmtpConfig | None = None,
+                 *, host: str = "127.0.0.1") -> None:
+        self.folder = Path(folder)
+        self.host = host
+        self._smtp = smtp or SmtpConfig()
+        self._controller: Controller | None = None
+        self._port: int | None = None
+
+    @classmethod
+    def from_config(cls, smtp: SmtpConfig) -> LocalSink:
+        """The sink a config asks for with ``[smtp] sink = "folder"``."""
+        if smtp.sink is None:
+            raise ValueError("smtp.sink is not set")
+        return cls(smtp.sink, smtp)
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (or last listened on, once stopped)."""
+        if self._port is None:
+            raise RuntimeError("the local sink has not been started")
+        return self._port
+
+    def start(self) -> None:
+        """Listen on a free loopback port (in a thread of its own)."""
+        if self._controller is not None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        port = free_port(self.host)
+        controller = Controller(_SinkHandler(self.folder, self.host), hostname=self.host,
+                                port=port)
+        controller.start()
+        self._controller, self._port = controller, port
+        log.info("sink %s:%d: storing mail in %s", self.host, self.port, self.folder)
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def smtp_config(self) -> SmtpConfig:
+        """The configured SMTP settings, pointed at this sink: plain SMTP, no login."""
+        return dataclasses.replace(
+            self._smtp, host=self.host, port=self.port, security="none", username=None,
+            password_env=None, password_file=None,
+        )
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (aiosmtpd's Controller cannot use port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+class _SinkHandler:
+    """aiosmtpd handler: one ``.eml`` (and ``.html``) per recipient of each message."""
+
+    def __init__(self, folder: Path, host: str) -> None:
+        self.folder = folder
+        self.host = host
+
+    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or envelope.content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        for recipient in envelope.rcpt_tos:
+            self._store(raw, stamp, recipient, envelope.mail_from or "")
+        return "250 2.0.0 Stored"
+
+    def _store(self, raw: bytes, stamp: str, recipient: str, sender: str) -> None:
+        local = _UNSAFE_NAME.sub("_", recipient.rpartition("@")[0] or recipient).strip("._")
+        # What a delivering MTA adds, so the stored file says who it was for.
+        delivered = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+        path = _exclusive_file(self.folder, f"{stamp}-{local or 'unknown'}", ".eml")
+        path.write_bytes(delivered + raw)
+        html = _html_part(raw)
+        if html is not None:
+            path.with_suffix(".html").write_text(html, encoding="utf-8")
+        log.info("sink %s: stored a message for %s in %s", self.host, recipient, path)
+
+
+def _exclusive_file(folder: Path, stem: str, suffix: str) -> Path:
+    """Create ``stem-<n>suffix`` with the first n not taken, so no message overwrites another."""
+    n = 1
+    while True:
+        path = folder / f"{stem}-{n}{suffix}"
+        try:
+            path.open("xb").close()
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def _html_part(raw: bytes) -> str | None:
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    if not isinstance(parsed, EmailMessage):
+        return None
+    body = parsed.get_body(preferencelist=("html",))
+    if body is None:
+        return None
+    content = body.get_content()
+    return content if isinstance(content, str) else None
+

@@ -1,0 +1,87 @@
+"""The front door: every command has help and is in the README; errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from digest.cli import build_parser, main
+
+from .helpers import ROOT, write_config
+
+
+def command_paths() -> list[list[str]]:
+    """Every (sub)command of the parser, e.g. ["send"], ["bench", "ingest"]."""
+    paths: list[list[str]] = []
+
+    def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    paths.append([*prefix, name])
+                    walk(sub, [*prefix, name])
+
+    walk(build_parser(), [])
+    return paths
+
+
+def test_every_command_has_help_text(capsys: pytest.CaptureFixture[str]) -> None:
+    paths = command_paths()
+    assert ["run"] in paths and ["bench", "ingest"] in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as info:
+            main([*path, "--help"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: digest"), path
+        description = out.split("\n\n")[1].strip()
+        assert len(description) > 15, f"{path} has no real help text"
+
+
+def test_every_command_is_named_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in command_paths():
+        if len(path) == 1 and path[0] == "bench":
+            continue  # a group; its subcommands are checked
+        assert re.search(r"`digest (--config PATH )?" + re.escape(" ".join(path)) + r"[ `]",
+                         readme), f"README does not name `digest {' '.join(path)}`"
+
+
+def test_config_error_is_one_line_and_exit_1(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, """
+        [smtp]
+        host = "x"
+        [[subscribers]]
+        email = "a@example.org"
+        timezone = "Europe/Berln"
+    """)
+    assert main(["--config", str(config), "check-config"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err == f'Error: {config}: subscribers[0].timezone: unknown time zone "Europe/Berln"'
+
+
+def test_usage_error_exits_2() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["no-such-command"])
+    assert info.value.code == 2
+
+
+def test_check_config_on_the_example(capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIGEST_SMTP_PASSWORD", "x")
+    assert main(["--config", str(ROOT / "config" / "digest.example.toml"), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "2 subscriber(s)" in out and "alice@example.org" in out
+
+
+def test_installed_entry_point_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "digest", "--help"], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0 and "check-config" in result.stdout
