@@ -190,6 +190,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(args.config)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from .daemon import format_status, status_report
+    from .store import Store
+
+    config = _config(args)
+    if not config.state.exists():
+        from .errors import StoreError
+
+        raise StoreError(f"{config.state}: no state database yet (has the daemon run?)")
+    with Store(config.state) as store:
+        report = status_report(config, store, _now())
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
+
+
+def _add_daemon_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The daemon's operational commands (``status``)."""
+    text = ("Show each subscriber's state, next send time, last digest and feedback, "
+            "plus recent ingests, failed dumps and replies waiting.")
+    p = commands.add_parser("status", help=text, description=text)
+    p.set_defaults(func=cmd_status)
+    p.add_argument("--json", action="store_true", help="print the status as JSON, for scripts")
+
+
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
     from .bench import run_ingest_bench
 
@@ -201,6 +225,101 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     else:
         print(result["table"])
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from .bench_quality import format_table, result_json, run_quality
+
+    result = run_quality(args.dataset, max_liked=args.max_liked, ranker=args.ranker,
+                         progress=not args.json and sys.stderr.isatty())
+    if not args.json:
+        print(format_table(result))
+    print(result_json(result))
+    if args.min_ndcg is not None and result["ndcg@10"] < args.min_ndcg:
+        print(f"Error: nDCG@10 {result['ndcg@10']:.4f} is below the gate {args.min_ndcg}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_replies(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .mailer import LocalSink
+    from .replies import process_replies
+    from .store import Store
+
+    config = _config(args)
+    if config.imap is None and config.maildir is None:
+        print(f"{config.path}: no [imap] or [maildir] table, so there are no replies to read")
+        return EXIT_OK
+    sink = None
+    if config.smtp.sink is not None:
+        sink = LocalSink.from_config(config.smtp)
+        sink.start()
+        config = replace(config, smtp=sink.smtp_config())
+    try:
+        with Store(config.state) as store:
+            report = asyncio.run(process_replies(config, store))
+    finally:
+        if sink is not None:
+            sink.stop()
+    for outcome in report.outcomes:
+        what = ", ".join(outcome.commands) if outcome.commands else outcome.detail
+        print(f"{outcome.sender or '(no sender)'}: {outcome.outcome}" + (f": {what}" if what else ""))
+    print(report.summary())
+    return EXIT_OK
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .store import Store
+
+    config = _config(args)
+    email = args.user.strip().lower()
+    with Store(config.state) as store:
+        state = store.subscriber_state(email)
+        entries = store.feedback_log(email)
+    state_fields = {k: (v.isoformat() if hasattr(v, "isoformat") else
+                        list(v) if isinstance(v, tuple) else v)
+                    for k, v in asdict(state).items() if k != "subscriber"}
+    if args.json:
+        print(json.dumps({
+            "subscriber": email,
+            "state": state_fields,
+            "feedback": [{"paper_id": e.paper_id, "title": e.title, "signal": e.signal,
+                          "at": e.at, "digest": e.digest_date, "digest_id": e.digest_id,
+                          "source": e.source} for e in entries],
+        }, ensure_ascii=False))
+        return EXIT_OK
+    known = config.subscriber(email) is not None
+    print(f"{email}" + ("" if known else " (not in the config)"))
+    set_by_reply = {k: v for k, v in state_fields.items()
+                    if v not in (None, False, []) and k != "updated_at"}
+    if set_by_reply:
+        print("  set by reply (wins over the config): " + ", ".join(
+            f"{k}={v}" for k, v in set_by_reply.items()) + f" (last change {state.updated_at})")
+    else:
+        print("  set by reply: nothing (the config decides)")
+    if not entries:
+        print("  no feedback yet")
+    for e in entries:
+        digest = f"digest of {e.digest_date}" if e.digest_date else "no digest"
+        print(f"  {e.at}  {e.signal:<4}  {e.paper_id:<14} {e.title[:60]}  ({digest}, {e.source})")
+    return EXIT_OK
+
+
+def cmd_bench_replies(args: argparse.Namespace) -> int:
+    from .bench_replies import run_replies_bench
+
+    logging.getLogger("digest").setLevel(logging.WARNING)  # a line per reply drowns the table
+    result = run_replies_bench(count=args.count, runs=args.runs, backend=args.backend,
+                               subscribers=args.subscribers)
+    if not args.json:
+        print(result["table"])
+    print(json.dumps({k: v for k, v in result.items() if k != "table"}, sort_keys=True))
     return EXIT_OK
 
 
@@ -253,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="also write the HTML part to FILE")
 
     add("run", cmd_run, "Run the daemon: watch the inbox and send digests on time.")
+    _add_daemon_commands(commands)
 
     bench = add("bench", _bench_help, "Benchmarks: ingest speed and ranking quality.")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -265,7 +385,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="how many runs (the median is reported)")
     p.add_argument("--days", type=int, default=None, help="only the first N days")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
+    p = bench_commands.add_parser(
+        "quality", help="Ranking quality on a benchmark dataset (nDCG@10, Recall@10, MRR, AUC).",
+        description="Rank every case of a dataset (../shared/bench/FORMAT.md) with the same "
+        "code that ranks a real digest, exploration off, and print the metrics.")
+    p.set_defaults(func=cmd_bench_quality)
+    p.add_argument("--dataset", required=True, metavar="DIR", help="the dataset folder")
+    p.add_argument("--max-liked", type=int, metavar="N",
+                   help="keep only each case's N most recent liked papers (cold start)")
+    p.add_argument("--ranker", choices=("model", "random"), default="model",
+                   help="the shipped model, or a seeded random ranker to check the metrics")
+    p.add_argument("--min-ndcg", type=float, metavar="X",
+                   help="exit 1 when nDCG@10 is below X (a CI quality gate)")
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
+    _add_reply_commands(commands, bench_commands)
     return parser
+
+
+def _add_reply_commands(commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+                        bench_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The commands of the replies stage: replies, feedback, bench replies."""
+    text = "Process the replies waiting in the [imap] or [maildir] mailbox once."
+    p = commands.add_parser("replies", help=text, description=text + " Commands are applied, "
+                            "confirmations sent, and each reply is marked processed after.")
+    p.set_defaults(func=cmd_replies)
+    text = "List a subscriber's feedback and the subscription state they set by reply."
+    p = commands.add_parser("feedback", help=text, description=text)
+    p.set_defaults(func=cmd_feedback)
+    p.add_argument("--user", metavar="EMAIL", required=True, help="the subscriber")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (subscriber, state, feedback)")
+    text = "Reply processing speed: N replies waiting in a real mailbox."
+    p = bench_commands.add_parser("replies", help=text, description=text + " Starts a private "
+                                  "Dovecot (or uses a Maildir where Dovecot is absent).")
+    p.set_defaults(func=cmd_bench_replies)
+    p.add_argument("--count", type=int, default=1000, help="replies waiting (default 1000)")
+    p.add_argument("--subscribers", type=int, default=200,
+                   help="subscribers the replies come from (default 200)")
+    p.add_argument("--runs", type=int, default=1, help="how many runs (the median is reported)")
+    p.add_argument("--backend", choices=("auto", "imap", "maildir"), default="auto",
+                   help="auto: Dovecot IMAP when installed, else Maildir")
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
 
 
 def _bench_help(args: argparse.Namespace) -> int:  # pragma: no cover - argparse requires a BENCH

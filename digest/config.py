@@ -36,6 +36,8 @@ DEFAULT_SMTP_RETRY_SECONDS = 2.0  # first backoff; doubles per attempt (2, 4, 8 
 DEFAULT_UNRATED_WEIGHT = 0.2  # shown and left unrated: a weak negative, not a skip
 DEFAULT_EXPLORE_FRACTION = 0.1  # one slot in ten keeps a profile from narrowing forever
 DEFAULT_REPLY_POLL_SECONDS = 60  # replies are read within a minute
+DEFAULT_IMAP_TIMEOUT = 30.0  # seconds; as for SMTP
+DEFAULT_CONFIRMATIONS_PER_HOUR = 5  # enough for a burst of replies, too few to feed a mail loop
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,52 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True)
+class ImapConfig:
+    """The IMAP mailbox replies arrive in (``[imap]``)."""
+
+    host: str
+    port: int = 993
+    security: str = "tls"  # tls | starttls | none
+    username: str = ""
+    password_env: str | None = None
+    password_file: Path | None = None
+    mailbox: str = "INBOX"
+    processed_mailbox: str | None = None  # move processed replies here (else only \Seen)
+    poll_seconds: float = DEFAULT_REPLY_POLL_SECONDS
+    idle: bool = True  # use IMAP IDLE where the server offers it
+    timeout: float = DEFAULT_IMAP_TIMEOUT
+    verify_tls: bool = True
+    confirmations_per_hour: int = DEFAULT_CONFIRMATIONS_PER_HOUR
+
+    def password(self) -> str | None:
+        """The secret, read when needed so it never sits in a config dump."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    "imap", "password_file", f"cannot read {self.password_file}: {exc.strerror}"
+                ) from exc
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(
+                    "imap", "password_env", f"environment variable {self.password_env} is not set"
+                )
+            return value
+        return None
+
+
+@dataclass(frozen=True)
+class MaildirConfig:
+    """A Maildir folder a local MTA delivers replies to (``[maildir]``)."""
+
+    path: Path
+    poll_seconds: float = DEFAULT_REPLY_POLL_SECONDS
+    confirmations_per_hour: int = DEFAULT_CONFIRMATIONS_PER_HOUR
+
+
+@dataclass(frozen=True)
 class RankingConfig:
     unrated_weight: float = DEFAULT_UNRATED_WEIGHT
     explore_fraction: float = DEFAULT_EXPLORE_FRACTION
@@ -106,6 +154,8 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     subscribers: tuple[Subscriber, ...] = ()
+    imap: ImapConfig | None = None  # where replies are read from (or maildir, or neither)
+    maildir: MaildirConfig | None = None
 
     def subscriber(self, email: str) -> Subscriber | None:
         wanted = email.strip().lower()
@@ -220,7 +270,8 @@ DEFAULTABLE_KEYS = SUBSCRIBER_KEYS - {"email", "name"}
 
 
 def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> Config:
-    top = _Reader(file, data, "", {"digest", "smtp", "ranking", "defaults", "subscribers"})
+    top = _Reader(file, data, "", {"digest", "smtp", "ranking", "defaults", "subscribers",
+                                   "imap", "maildir"})
     digest = _Reader(file, top.get("digest", dict, {}), "digest",
                      {"inbox", "state", "scan_seconds", "dispatch_seconds", "max_late_hours",
                       "stable_seconds"})
@@ -234,6 +285,8 @@ def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> 
         unrated_weight=ranking_table.fraction("unrated_weight", DEFAULT_UNRATED_WEIGHT),
         explore_fraction=ranking_table.fraction("explore_fraction", DEFAULT_EXPLORE_FRACTION),
     )
+    if "imap" in data and "maildir" in data:
+        raise top.error("maildir", "give [imap] or [maildir], not both")
     defaults_table = top.get("defaults", dict, {})
     _Reader(file, defaults_table, "defaults", DEFAULTABLE_KEYS)
     subscribers = _parse_subscribers(file, top.get("subscribers", list, []), defaults_table)
@@ -248,7 +301,72 @@ def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> 
         smtp=smtp,
         ranking=ranking,
         subscribers=subscribers,
+        imap=_parse_imap(file, top.get("imap", dict), base) if "imap" in data else None,
+        maildir=_parse_maildir(file, top.get("maildir", dict), base) if "maildir" in data else None,
     )
+
+
+def _parse_imap(file: str, table: dict[str, Any], base: Path) -> ImapConfig:
+    r = _Reader(file, table, "imap",
+                {"host", "port", "security", "username", "password_env", "password_file",
+                 "mailbox", "processed_mailbox", "poll_seconds", "idle", "timeout",
+                 "verify_tls", "confirmations_per_hour"})
+    host = r.required("host", str).strip()
+    if not host:
+        raise r.error("host", "expected a host name, got an empty string")
+    security = r.get("security", str, "tls")
+    if security not in ("starttls", "tls", "none"):
+        raise r.error("security", f'expected "tls", "starttls" or "none", got "{security}"')
+    port = r.get("port", int, 993 if security == "tls" else 143)
+    if not 0 < port < 65536:
+        raise r.error("port", f"expected a port number from 1 to 65535, got {port}")
+    username = r.required("username", str)
+    if "password_env" in table and "password_file" in table:
+        raise r.error("password_file", "give password_env or password_file, not both")
+    if "password_env" not in table and "password_file" not in table:
+        raise r.error("password_env", "missing (give password_env or password_file)")
+    mailbox = r.get("mailbox", str, "INBOX")
+    processed = r.get("processed_mailbox", str)
+    for key, value in (("mailbox", mailbox), ("processed_mailbox", processed or "x")):
+        if not value.strip() or "\r" in value or "\n" in value:
+            raise r.error(key, "expected a mailbox name on one line")
+    if processed is not None and processed == mailbox:
+        raise r.error("processed_mailbox", "must differ from mailbox")
+    return ImapConfig(
+        host=host,
+        port=port,
+        security=security,
+        username=username,
+        password_env=r.get("password_env", str),
+        password_file=r.path_value("password_file", base),
+        mailbox=mailbox,
+        processed_mailbox=processed,
+        poll_seconds=r.positive("poll_seconds", DEFAULT_REPLY_POLL_SECONDS),
+        idle=r.get("idle", bool, True),
+        timeout=r.positive("timeout", DEFAULT_IMAP_TIMEOUT),
+        verify_tls=r.get("verify_tls", bool, True),
+        confirmations_per_hour=_confirmations(r),
+    )
+
+
+def _parse_maildir(file: str, table: dict[str, Any], base: Path) -> MaildirConfig:
+    r = _Reader(file, table, "maildir", {"path", "poll_seconds", "confirmations_per_hour"})
+    if "path" not in table:
+        raise r.error("path", "missing (required)")
+    path = r.path_value("path", base)
+    assert path is not None  # required above
+    return MaildirConfig(
+        path=path,
+        poll_seconds=r.positive("poll_seconds", DEFAULT_REPLY_POLL_SECONDS),
+        confirmations_per_hour=_confirmations(r),
+    )
+
+
+def _confirmations(r: _Reader) -> int:
+    value = r.get("confirmations_per_hour", int, DEFAULT_CONFIRMATIONS_PER_HOUR)
+    if value < 0:
+        raise r.error("confirmations_per_hour", f"expected 0 or more, got {value}")
+    return int(value)
 
 
 def _parse_smtp(file: str, table: dict[str, Any], base: Path) -> SmtpConfig:

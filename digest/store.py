@@ -99,6 +99,32 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at        TEXT NOT NULL
     );
     """,
+    # 3: replies read from the mailbox (once each, by Message-ID) and their confirmations.
+    """
+    CREATE TABLE replies (
+        key          TEXT PRIMARY KEY,          -- Message-ID, else "sha256:" + hash of the bytes
+        sender       TEXT NOT NULL,             -- lower-cased From address ('' when none)
+        digest_id    INTEGER REFERENCES digests(id),
+        outcome      TEXT NOT NULL,             -- applied | ignored | rejected | error
+        detail       TEXT NOT NULL DEFAULT '',
+        commands     TEXT NOT NULL DEFAULT '[]', -- the commands applied, as JSON
+        processed_at TEXT NOT NULL
+    );
+    CREATE INDEX replies_sender ON replies(sender, processed_at);
+    CREATE TABLE confirmations (
+        id           INTEGER PRIMARY KEY,
+        subscriber   TEXT NOT NULL,
+        reply_key    TEXT NOT NULL REFERENCES replies(key),
+        status       TEXT NOT NULL CHECK (status IN ('pending', 'sent', 'failed')),
+        message      BLOB NOT NULL,             -- queued with the commands, sent after commit
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        error        TEXT,
+        created_at   TEXT NOT NULL,
+        sent_at      TEXT
+    );
+    CREATE INDEX confirmations_subscriber ON confirmations(subscriber, created_at);
+    CREATE INDEX confirmations_status ON confirmations(status);
+    """,
 )
 
 
@@ -521,6 +547,158 @@ class Store:
             (subscriber.lower(),),
         )
         return [FeedbackRow(*row) for row in rows]
+
+    # --- replies --------------------------------------------------------------
+
+    def reply_record(self, key: str) -> ReplyRecord | None:
+        """The reply processed under ``key`` (its Message-ID), or None when it is new."""
+        row = self._db.execute("SELECT * FROM replies WHERE key = ?", (key,)).fetchone()
+        return ReplyRecord(**dict(row)) if row else None
+
+    def record_reply(
+        self,
+        key: str,
+        *,
+        sender: str,
+        outcome: str,
+        detail: str = "",
+        digest_id: int | None = None,
+        commands: Sequence[str] = (),
+        at: datetime | None = None,
+        db: sqlite3.Connection | None = None,
+    ) -> bool:
+        """Record a reply as processed; False when ``key`` was already recorded.
+
+        Pass ``db`` to join the transaction that applies the reply's commands, so
+        that "applied" and "recorded" are one atomic step.
+        """
+        sql = ("INSERT OR IGNORE INTO replies (key, sender, digest_id, outcome, detail, commands,"
+               " processed_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        values = (key, sender.lower(), digest_id, outcome, detail, json.dumps(list(commands)),
+                  _iso(at or utc_now()))
+        if db is not None:
+            return db.execute(sql, values).rowcount == 1
+        with self.transaction() as tx:
+            return tx.execute(sql, values).rowcount == 1
+
+    def reply_outcomes(self) -> dict[str, int]:
+        """How many replies were recorded with each outcome."""
+        rows = self._db.execute("SELECT outcome, COUNT(*) FROM replies GROUP BY outcome")
+        return {row[0]: int(row[1]) for row in rows}
+
+    def signals_for(self, subscriber: str, paper_ids: Iterable[str]) -> dict[str, str]:
+        """The subscriber's latest signal (like or skip) for each of these papers that has one."""
+        wanted = list(dict.fromkeys(paper_ids))
+        found: dict[str, str] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT paper_id, signal FROM feedback WHERE subscriber = ?"
+                f" AND paper_id IN ({marks}) ORDER BY id",
+                (subscriber.lower(), *chunk),
+            )
+            for row in rows:
+                found[row[0]] = row[1]
+        return found
+
+    def feedback_log(self, subscriber: str) -> list[FeedbackEntry]:
+        """Every feedback event of a subscriber, oldest first, with titles and digests."""
+        rows = self._db.execute(
+            "SELECT f.paper_id, COALESCE(p.title, ''), f.signal, f.source, f.at, f.digest_id,"
+            " d.local_date FROM feedback f LEFT JOIN papers p ON p.id = f.paper_id"
+            " LEFT JOIN digests d ON d.id = f.digest_id WHERE f.subscriber = ? ORDER BY f.id",
+            (subscriber.lower(),),
+        )
+        return [FeedbackEntry(*row) for row in rows]
+
+    def queue_confirmation(
+        self,
+        subscriber: str,
+        reply_key: str,
+        message: bytes,
+        *,
+        at: datetime | None = None,
+        db: sqlite3.Connection | None = None,
+    ) -> int:
+        """Queue a confirmation email (sent after the transaction commits); return its id."""
+        sql = ("INSERT INTO confirmations (subscriber, reply_key, status, message, created_at)"
+               " VALUES (?, ?, 'pending', ?, ?)")
+        values = (subscriber.lower(), reply_key, message, _iso(at or utc_now()))
+        if db is not None:
+            return int(db.execute(sql, values).lastrowid or 0)
+        with self.transaction() as tx:
+            return int(tx.execute(sql, values).lastrowid or 0)
+
+    def confirmations_since(self, subscriber: str, since: datetime) -> int:
+        """How many confirmations were queued for the subscriber since ``since``."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM confirmations WHERE subscriber = ? AND created_at >= ?",
+            (subscriber.lower(), _iso(since)),
+        ).fetchone()
+        return int(row[0])
+
+    def pending_confirmations(self) -> list[ConfirmationRow]:
+        rows = self._db.execute(
+            "SELECT id, subscriber, reply_key, status, message, attempts, error, created_at,"
+            " sent_at FROM confirmations WHERE status = 'pending' ORDER BY id"
+        )
+        return [ConfirmationRow(**dict(row)) for row in rows]
+
+    def confirmations_for(self, reply_key: str) -> list[ConfirmationRow]:
+        rows = self._db.execute(
+            "SELECT id, subscriber, reply_key, status, message, attempts, error, created_at,"
+            " sent_at FROM confirmations WHERE reply_key = ? ORDER BY id", (reply_key,)
+        )
+        return [ConfirmationRow(**dict(row)) for row in rows]
+
+    def mark_confirmation(self, confirmation_id: int, *, sent: bool, error: str | None = None,
+                          give_up: bool = False) -> None:
+        """Record a delivery attempt: sent, failed for good (``give_up``), or still pending."""
+        status = "sent" if sent else "failed" if give_up else "pending"
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE confirmations SET status = ?, error = ?, attempts = attempts + 1,"
+                " sent_at = ? WHERE id = ?",
+                (status, error, _iso(utc_now()) if sent else None, confirmation_id),
+            )
+
+
+@dataclass(frozen=True)
+class ReplyRecord:
+    key: str
+    sender: str
+    digest_id: int | None
+    outcome: str
+    detail: str
+    commands: str
+    processed_at: str
+
+
+@dataclass(frozen=True)
+class ConfirmationRow:
+    id: int
+    subscriber: str
+    reply_key: str
+    status: str
+    message: bytes
+    attempts: int
+    error: str | None
+    created_at: str
+    sent_at: str | None
+
+
+@dataclass(frozen=True)
+class FeedbackEntry:
+    """One feedback event as the admin sees it."""
+
+    paper_id: str
+    title: str
+    signal: str
+    source: str
+    at: str
+    digest_id: int | None
+    digest_date: str | None
 
 
 def _statements(script: str) -> Iterator[str]:

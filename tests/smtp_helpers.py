@@ -68,6 +68,7 @@ class _Behaviour:
     reject: dict[str, str] = field(default_factory=dict)
     defer_reply: str = DEFAULT_DEFER_REPLY
     data_commands: int = 0
+    delay: float = 0.0  # seconds each DATA waits before it is accepted
 
 
 class SmtpServer:
@@ -136,6 +137,7 @@ def start_smtp_server(
     drop_first: int = 0,
     reject: Mapping[str, str] | Iterable[str] = (),
     idle_timeout: float = 300.0,
+    delay: float = 0.0,
 ) -> SmtpServer:
     """Start a real SMTP server on 127.0.0.1 and a free port.
 
@@ -148,6 +150,8 @@ def start_smtp_server(
     reject: addresses to refuse at RCPT: a mapping to the reply to give, or a
       collection of addresses that get "550 5.1.1 No such user here".
     idle_timeout: seconds after which the server drops an idle connection.
+    delay: seconds each DATA command waits before the message is accepted (a slow
+      relay; a client that disconnects meanwhile leaves nothing recorded).
     """
     cert = key = None
     context: ssl.SSLContext | None = None
@@ -160,7 +164,7 @@ def start_smtp_server(
     else:
         refusals = {address.lower(): DEFAULT_REJECT_REPLY for address in reject}
     handler = _RecordingHandler(_Behaviour(fail_first=fail_first, drop_first=drop_first,
-                                           reject=refusals))
+                                           reject=refusals, delay=delay))
     options: dict[str, Any] = {"timeout": idle_timeout}
     if tls == "starttls":
         options.update(tls_context=context, require_starttls=True)
@@ -282,6 +286,8 @@ class _RecordingHandler:
             return "421 4.3.0 Connection dropped by the test server"
         if behaviour.data_commands <= behaviour.drop_first + behaviour.fail_first:
             return behaviour.defer_reply
+        if behaviour.delay:
+            await asyncio.sleep(behaviour.delay)
         raw = envelope.original_content or b""
         message = email.message_from_bytes(raw, policy=email.policy.default)
         with self.lock:

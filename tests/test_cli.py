@@ -85,3 +85,22 @@ def test_installed_entry_point_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "digest", "--help"], capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0 and "check-config" in result.stdout
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_templates(tmp_path: Path) -> None:
+    """``pip install .`` (not only editable) must find the templates inside the package."""
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    wheel = next(tmp_path.glob("paper_digest-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for template in ("digest.txt.j2", "digest.html.j2", "digest.css"):
+        assert f"digest/templates/{template}" in names
+    assert "digest/cli.py" in names
+    assert any(name.endswith("entry_points.txt") for name in names)
