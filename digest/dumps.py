@@ -8,7 +8,8 @@ Formats (DESIGN.md "Dump formats"):
   page   the trending-papers page saved as text: header lines, a ``Mar 12``
          date line, then title / abstract pairs separated by blank lines;
   json   the daily-papers API: a list of objects with ``paper.id``,
-         ``title``, ``paper.summary``, ``paper.upvotes``, ``publishedAt``.
+         ``title``, ``paper.summary``, ``paper.upvotes``, ``publishedAt``;
+  feed   an arXiv Atom or RSS listing (parsed by feedparser).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def parse_bytes(data: bytes, *, name: str, fallback_date: date) -> ParsedDump:
     stripped = text.lstrip()
     if stripped.startswith(("[", "{")):
         return parse_api_json(text, name=name)
+    if stripped.startswith("<"):
+        return parse_feed(data, name=name)
     return parse_page(text, name=name, fallback_date=fallback_date)
 
 
@@ -209,6 +212,57 @@ def _api_entry(entry: Any, index: int, name: str) -> Paper:
         listed_on=listed_on,
         code_links=code_links(abstract),
         upvotes=int(upvotes) if isinstance(upvotes, int) else None,
+        listing_rank=index + 1,
+    )
+
+
+_ARXIV_IN_LINK = re.compile(r"arxiv\.org/(?:abs|pdf)/(\d{4}\.\d{4,5})")
+# arXiv's RSS puts "arXiv:2403.01234v1 Announce Type: new Abstract:" before the abstract.
+_RSS_PREAMBLE = re.compile(r"^arXiv:\S+\s+Announce Type:\s*\S+\s+Abstract:\s*", re.IGNORECASE)
+_TAGS = re.compile(r"<[^>]+>")
+_SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([.,;:!?])")
+
+
+def parse_feed(data: bytes, *, name: str) -> ParsedDump:
+    """An Atom or RSS listing, e.g. arXiv's daily feed of a category."""
+    import feedparser  # imported late: only feed dumps need it
+
+    feed = feedparser.parse(data)
+    if not feed.entries:
+        reason = getattr(feed, "bozo_exception", None)
+        detail = f" ({reason})" if reason else ""
+        raise DumpError(name, f"an XML file with no feed entries{detail}: not an Atom or RSS listing")
+    papers = []
+    listed: set[date] = set()
+    for index, entry in enumerate(feed.entries):
+        paper = _feed_entry(entry, index, name)
+        papers.append(paper)
+        if paper.listed_on:
+            listed.add(paper.listed_on)
+    return ParsedDump(format="feed", listed_on=max(listed) if listed else None,
+                      papers=_unique(papers))
+
+
+def _feed_entry(entry: Any, index: int, name: str) -> Paper:
+    title = " ".join(str(entry.get("title", "")).split())
+    if not title:
+        raise DumpError(name, f"feed entry {index}: no title")
+    summary = _TAGS.sub(" ", str(entry.get("summary", "")))
+    abstract = _RSS_PREAMBLE.sub("", " ".join(summary.split()))
+    abstract = _SPACE_BEFORE_PUNCTUATION.sub(r"\1", abstract)  # left where a tag was cut out
+    match = None
+    for field_value in (entry.get("id", ""), entry.get("link", "")):
+        match = match or _ARXIV_IN_LINK.search(str(field_value))
+    arxiv_id = match.group(1) if match else None
+    stamp = entry.get("published_parsed") or entry.get("updated_parsed")
+    listed_on = date(stamp.tm_year, stamp.tm_mon, stamp.tm_mday) if stamp else None
+    return Paper(
+        id=paper_id_for(title, arxiv_id),
+        title=title,
+        abstract=abstract,
+        arxiv_id=arxiv_id,
+        listed_on=listed_on,
+        code_links=code_links(abstract),
         listing_rank=index + 1,
     )
 

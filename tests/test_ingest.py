@@ -187,3 +187,55 @@ def test_store_reopens_and_keeps_schema(tmp_path: Path) -> None:
         version = store.schema_version
     with Store(tmp_path / "s.sqlite3") as store:
         assert store.schema_version == version and store.paper_count() == 61
+
+
+ARXIV_RSS = b"""<?xml version='1.0' encoding='UTF-8'?>
+<rss xmlns:arxiv="http://arxiv.org/schemas/atom" xmlns:dc="http://purl.org/dc/elements/1.1/"
+     version="2.0">
+  <channel>
+    <title>cs.CL updates on arXiv.org</title>
+    <link>http://rss.arxiv.org/rss/cs.CL</link>
+    <item>
+      <title>Pareto Domain Adaptation</title>
+      <link>https://arxiv.org/abs/2112.04137</link>
+      <description>arXiv:2112.04137v1 Announce Type: new
+Abstract: Domain adaptation (DA) attempts to transfer knowledge. Code: https://github.com/x/y.</description>
+      <guid isPermaLink="false">oai:arXiv.org:2112.04137v1</guid>
+      <pubDate>Thu, 12 Mar 2026 00:00:00 -0400</pubDate>
+    </item>
+    <item>
+      <title>A Second Paper &amp; More</title>
+      <link>https://arxiv.org/abs/2603.00001</link>
+      <description>arXiv:2603.00001v1 Announce Type: cross
+Abstract: Another &lt;b&gt;abstract&lt;/b&gt;.</description>
+      <pubDate>Thu, 12 Mar 2026 00:00:00 -0400</pubDate>
+    </item>
+  </channel>
+</rss>"""
+
+
+def test_arxiv_rss_feed() -> None:
+    parsed = parse_bytes(ARXIV_RSS, name="cs.CL.xml", fallback_date=date(2026, 1, 1))
+    first, second = parsed.papers
+    assert parsed.format == "feed" and parsed.listed_on == date(2026, 3, 12)
+    assert (first.id, first.arxiv_id, first.title) == (
+        "2112.04137", "2112.04137", "Pareto Domain Adaptation")
+    assert first.abstract.startswith("Domain adaptation (DA)")
+    assert first.code_links == ("https://github.com/x/y",)
+    assert second.title == "A Second Paper & More" and second.abstract == "Another abstract."
+
+
+def test_feed_paper_merges_with_the_same_paper_from_a_page_dump(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.sqlite3") as store:
+        ingest_file(store, sample_dumps()[0])  # has "Pareto Domain Adaptation" without an id
+        feed = tmp_path / "feed.xml"
+        feed.write_bytes(ARXIV_RSS)
+        assert ingest_file(store, feed).new_papers == 1
+        pareto = next(p for p in store.all_papers() if p.title == "Pareto Domain Adaptation")
+        assert pareto.arxiv_id == "2112.04137"  # the id learnt from the feed fills the gap
+
+
+def test_xml_that_is_not_a_feed() -> None:
+    with pytest.raises(DumpError, match="no feed entries"):
+        parse_bytes(b"<html><body>hello</body></html>", name="x.html",
+                    fallback_date=date(2026, 1, 1))
