@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 RANKERS = ("model", "random")
 RANDOM_SEED = 20251121  # fixed, so the random ranker's numbers are reproducible
+# The random ranker's metrics are averaged over this many seeded shuffles per case:
+# one shuffle per case leaves +-0.005 of noise on nDCG@10, too much to check the metrics.
+RANDOM_SHUFFLES = 20
 CUTOFF = 10  # a digest holds about ten papers
 METRIC_KEYS = ("ndcg@10", "recall@10", "mrr", "auc")
 
@@ -101,7 +104,9 @@ def _paper_from_row(path: Path, number: int, row: dict[str, Any]) -> Paper:
         try:
             listed_on = date.fromisoformat(raw_date)
         except (TypeError, ValueError) as exc:
-            raise DatasetError(str(path), f"'date' must be YYYY-MM-DD or null, got {raw_date!r}", number) from exc
+            raise DatasetError(
+                str(path), f"'date' must be YYYY-MM-DD or null, got {raw_date!r}", number
+            ) from exc
     pid = row["id"]
     return Paper(
         id=pid,
@@ -112,13 +117,17 @@ def _paper_from_row(path: Path, number: int, row: dict[str, Any]) -> Paper:
     )
 
 
-def _id_list(path: Path, number: int, row: dict[str, Any], key: str, known: set[str]) -> tuple[str, ...]:
+def _id_list(
+    path: Path, number: int, row: dict[str, Any], key: str, known: set[str]
+) -> tuple[str, ...]:
     value = row.get(key)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise DatasetError(str(path), f"{key!r} must be a list of paper ids", number)
     unknown = [v for v in value if v not in known]
     if unknown:
-        raise DatasetError(str(path), f"{key!r} names {unknown[0]!r}, which is not in papers.jsonl", number)
+        raise DatasetError(
+            str(path), f"{key!r} names {unknown[0]!r}, which is not in papers.jsonl", number
+        )
     return tuple(value)
 
 
@@ -140,7 +149,9 @@ def _case_from_row(path: Path, number: int, row: dict[str, Any], known: set[str]
     if not 1 <= len(set(relevant)) < len(candidates):
         raise DatasetError(str(path), "need 1 <= |relevant| < |candidates|", number)
     if set(liked) & set(candidates) or set(skipped) & set(candidates) or set(liked) & set(skipped):
-        raise DatasetError(str(path), "'liked', 'skipped' and 'candidates' must be disjoint", number)
+        raise DatasetError(
+            str(path), "'liked', 'skipped' and 'candidates' must be disjoint", number
+        )
     return Case(row["case"], row["user"], liked, skipped, candidates, frozenset(relevant))
 
 
@@ -186,7 +197,9 @@ def load_dataset(directory: str | Path) -> Dataset:
 # --- metrics (FORMAT.md) -------------------------------------------------------
 
 
-def ranked_relevance(scores: Sequence[float] | np.ndarray, relevant_mask: Sequence[bool] | np.ndarray) -> np.ndarray:
+def ranked_relevance(
+    scores: Sequence[float] | np.ndarray, relevant_mask: Sequence[bool] | np.ndarray
+) -> np.ndarray:
     """Relevance (0/1) in final order: descending score, ties by candidate order."""
     order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
     return np.asarray(relevant_mask, dtype=bool)[order]
@@ -220,7 +233,9 @@ def roc_auc(rel: np.ndarray) -> float:
     return float(nonrelevant_below[rel].sum()) / (positives * negatives)
 
 
-def case_metrics(scores: Sequence[float] | np.ndarray, relevant_mask: Sequence[bool] | np.ndarray) -> dict[str, float]:
+def case_metrics(
+    scores: Sequence[float] | np.ndarray, relevant_mask: Sequence[bool] | np.ndarray
+) -> dict[str, float]:
     rel = ranked_relevance(scores, relevant_mask)
     return {
         "ndcg@10": ndcg_at(rel),
@@ -228,6 +243,20 @@ def case_metrics(scores: Sequence[float] | np.ndarray, relevant_mask: Sequence[b
         "mrr": reciprocal_rank(rel),
         "auc": roc_auc(rel),
     }
+
+
+def expected_random_ndcg(dataset: Dataset, k: int = CUTOFF) -> float:
+    """The mean nDCG@k a uniformly random order scores in expectation (checks the metric code).
+
+    Each candidate lands in each position with probability 1/n, so the expected
+    DCG is |relevant|/n times the sum of the first k gains.
+    """
+    gains = 1.0 / np.log2(np.arange(2, k + 2))
+    total = 0.0
+    for case in dataset.cases:
+        n, r = len(case.candidates), len(case.relevant)
+        total += (r / n) * gains[: min(k, n)].sum() / gains[: min(k, r)].sum()
+    return total / len(dataset.cases)
 
 
 # --- running -------------------------------------------------------------------
@@ -259,7 +288,10 @@ def run_quality(
 
     ``cases_per_s`` counts ranking only; ``seconds`` is the whole run
     (loading, the corpus fit and ranking). Exploration is always off: the
-    benchmark measures the model's own order.
+    benchmark measures the model's own order. ``ranker="random"`` scores each
+    case with seeded random orders instead (metrics averaged over
+    RANDOM_SHUFFLES of them), to check the metric code against
+    ``random_ndcg@10``, the expectation computed in closed form.
     """
     if ranker not in RANKERS:
         raise DigestError(f"unknown ranker {ranker!r} (expected one of: {', '.join(RANKERS)})")
@@ -270,21 +302,30 @@ def run_quality(
     loaded = time.perf_counter()
     index = CorpusIndex.fit(dataset.papers) if ranker == "model" else None
     fitted = time.perf_counter()
-    log.info("dataset %s: %d papers, %d cases, fit in %.1f s", dataset.name, len(dataset.papers), len(dataset.cases), fitted - loaded)
+    log.info(
+        "dataset %s: %d papers, %d cases, fit in %.1f s",
+        dataset.name,
+        len(dataset.papers),
+        len(dataset.cases),
+        fitted - loaded,
+    )
 
     base = settings or RankingConfig()
     no_explore = RankingConfig(unrated_weight=base.unrated_weight, explore_fraction=0.0)
     rng = np.random.default_rng(RANDOM_SEED)
     totals = dict.fromkeys(METRIC_KEYS, 0.0)
     for case in _progress(dataset.cases, progress, dataset.name):
+        mask = np.fromiter(
+            (c in case.relevant for c in case.candidates), dtype=bool, count=len(case.candidates)
+        )
         if index is None:
-            scores = rng.random(len(case.candidates))
+            runs = [rng.random(len(case.candidates)) for _ in range(RANDOM_SHUFFLES)]
         else:
             profile = case_profile(case, max_liked)
-            scores = score_candidates(index, profile, case.candidates, settings=no_explore)
-        mask = np.fromiter((c in case.relevant for c in case.candidates), dtype=bool, count=len(case.candidates))
-        for key, value in case_metrics(scores, mask).items():
-            totals[key] += value
+            runs = [score_candidates(index, profile, case.candidates, settings=no_explore)]
+        for scores in runs:
+            for key, value in case_metrics(scores, mask).items():
+                totals[key] += value / len(runs)
     finished = time.perf_counter()
 
     count = len(dataset.cases)
@@ -297,6 +338,7 @@ def run_quality(
             "ranker": ranker,
             "max_liked": max_liked,
             "explore": "off",
+            "random_ndcg@10": expected_random_ndcg(dataset),
             "fit_seconds": fitted - loaded,
             "seconds": finished - started,
         }
@@ -309,8 +351,13 @@ def format_table(result: dict[str, Any]) -> str:
     title = f"dataset {result['dataset']}, ranker {result['ranker']}"
     if result.get("max_liked") is not None:
         title += f", max liked {result['max_liked']}"
-    lines = [title, "(exploration slots off: this measures the model's own ranking)", ""]
+    note = "(exploration slots off: this measures the model's own ranking)"
+    if result["ranker"] == "random":
+        note = f"(seeded random orders, {RANDOM_SHUFFLES} per case: checks the metric code)"
+    lines = [title, note, ""]
     rows = [(key, f"{result[key]:.4f}") for key in METRIC_KEYS]
+    if "random_ndcg@10" in result:
+        rows.append(("(random nDCG@10, expected)", f"{result['random_ndcg@10']:.4f}"))
     rows += [
         ("cases", str(result["cases"])),
         ("cases/s", f"{result['cases_per_s']:.0f}"),
@@ -326,7 +373,7 @@ def result_json(result: dict[str, Any]) -> str:
     """The one JSON line of ``--json``: the issue's keys first, rounded."""
     keys = (*METRIC_KEYS, "cases", "cases_per_s")
     line = {k: round(result[k], 4) if isinstance(result[k], float) else result[k] for k in keys}
-    line.update({k: result[k] for k in ("dataset", "ranker", "max_liked")})
+    line.update({k: result[k] for k in ("dataset", "ranker", "max_liked", "explore")})
     line["seconds"] = round(result["seconds"], 2)
     return json.dumps(line)
 
@@ -336,6 +383,7 @@ __all__ = [
     "Dataset",
     "DatasetError",
     "case_metrics",
+    "expected_random_ndcg",
     "format_table",
     "load_dataset",
     "ndcg_at",

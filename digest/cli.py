@@ -15,10 +15,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from . import __version__
 from .errors import DigestError
+
+if TYPE_CHECKING:  # the commands import their stages late, to keep --help fast
+    from .config import Subscriber
+    from .rank import Explanation
+    from .store import Store
 
 log = logging.getLogger("digest")
 
@@ -323,6 +328,72 @@ def cmd_bench_replies(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .daemon import (
+        Runtime,
+        build_profile,
+        candidate_seq,
+        effective_subscriber,
+        select_subscribers,
+    )
+    from .rank import explain, explain_top
+    from .store import Store
+
+    config = _config(args)
+    with Store(config.state) as store:
+        sub = effective_subscriber(select_subscribers(config, args.user)[0],
+                                   store.subscriber_state(args.user))
+        runtime = Runtime(config, store)
+        candidates, source = _explain_pool(store, sub, candidate_seq(store, sub, _now()))
+        index = runtime.corpus_index()
+        profile = build_profile(store, sub)
+        options = {"settings": config.ranking, "cache": runtime.models, "key": sub.email.lower()}
+        if args.paper:
+            paper_id = index.resolve(args.paper)
+            if paper_id is None:
+                raise DigestError(f"no stored paper with id or title {args.paper!r}")
+            explanations = [explain(index, profile, paper_id, candidates=candidates or None,
+                                    limit=sub.max_papers, **options)]
+        elif not candidates:
+            print(f"{sub.email}: no candidates: no new papers and no digest sent yet")
+            return EXIT_OK
+        else:
+            explanations = explain_top(index, profile, candidates, sub.max_papers, **options)
+    print(f"{sub.email}: {len(profile.liked)} liked, {len(profile.skipped)} skipped, "
+          f"{len(profile.interests)} interests; ranking {source}")
+    for item in explanations:
+        print(_explanation_text(item))
+    return EXIT_OK
+
+
+def _explain_pool(store: Store, sub: Subscriber, since_seq: int) -> tuple[list[str], str]:
+    """The papers to explain among: the next digest's candidates, else the last digest's items."""
+    candidates = [p.id for p in store.candidate_papers(sub.email, since_seq)]
+    if candidates:
+        return candidates, f"the next digest's {len(candidates)} candidates"
+    for digest in store.digests_of(sub.email, limit=1):
+        items = [item.paper_id for item in store.digest_items(digest.id)]
+        return items, f"the {len(items)} papers of the digest of {digest.local_date}"
+    return [], "no papers"
+
+
+def _explanation_text(item: Explanation) -> str:
+    where = f"#{item.position}" if item.position is not None else "-"
+    lines = [f"\n{where:>4}  {item.title}", f"      id {item.paper_id}   score {item.score:.3f}"
+             + ("   (explore slot)" if item.explore else ""),
+             f"      why: {item.reason}"]
+    if item.shared_terms:
+        lines.append("      strongest shared terms: "
+                     + ", ".join(term for term, _ in item.shared_terms))
+    for neighbour in item.nearest_liked:
+        lines.append(f'      near liked: "{neighbour.title}" ({neighbour.similarity:.2f})')
+    for neighbour in item.nearest_skipped[:1]:
+        lines.append(f'      near skipped: "{neighbour.title}" ({neighbour.similarity:.2f})')
+    for phrase, similarity in item.interests[:2]:
+        lines.append(f'      interest "{phrase}": {similarity:.2f}')
+    return "\n".join(lines)
+
+
 def _now():  # type: ignore[no-untyped-def]
     from .store import utc_now
 
@@ -373,6 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, "Run the daemon: watch the inbox and send digests on time.")
     _add_daemon_commands(commands)
+
+    p = add("explain", cmd_explain,
+            "Show why papers rank where they do for a subscriber: reason, score, strongest "
+            "shared terms, nearest liked papers (the next digest's candidates, else the last "
+            "digest's).")
+    p.add_argument("--user", metavar="EMAIL", required=True, help="the subscriber")
+    p.add_argument("--paper", metavar="ID",
+                   help="explain this paper (id, arXiv id or exact title) instead of the top ones")
 
     bench = add("bench", _bench_help, "Benchmarks: ingest speed and ranking quality.")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)

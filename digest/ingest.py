@@ -44,12 +44,17 @@ def inbox_files(inbox: Path) -> list[Path]:
 
 
 def is_stable(path: Path, stable_seconds: float, now: float | None = None) -> bool:
-    """False while the file was modified within ``stable_seconds``: it may be half-written."""
+    """False while the file was modified within ``stable_seconds``: it may be half-written.
+
+    A modification time further in the future than that is clock skew (a file
+    from another machine, a clock set back), not a writer at work: stable.
+    """
     try:
         modified = path.stat().st_mtime
     except OSError:
         return False
-    return ((now if now is not None else time.time()) - modified) >= stable_seconds
+    age = (now if now is not None else time.time()) - modified
+    return abs(age) >= stable_seconds
 
 
 def ingest_file(store: Store, path: Path) -> IngestResult:

@@ -1,59 +1,197 @@
 """Ranking: runs once per subscriber at dispatch, after ingest.
 
-Takes the stored corpus (fitted once into a :class:`CorpusIndex`), one
-subscriber's :class:`Profile` and today's candidate paper ids, and hands
-:func:`rank`'s list of :class:`Ranked` items (score and a short human reason)
-on to rendering.
+Takes the stored corpus (fitted once, unsupervised, into a :class:`CorpusIndex`),
+one subscriber's :class:`Profile` (likes, skips, papers left unrated, interest
+phrases, seed papers) and today's candidate paper ids, and hands :func:`rank`'s
+list of :class:`Ranked` items (score, a short human reason, explore flag) on to
+rendering. :func:`score_candidates` is the model alone, without exploration:
+the ranking benchmark (``digest.bench_quality``) measures exactly that.
 
-This first version ranks by TF-IDF cosine similarity to the subscriber's
-interest phrases; with no interests it keeps the listing's own order.
+The model, and why it has this shape (numbers from ``digest bench quality``):
+
+* Two views of every paper, both fitted on the corpus. The **specific** view is
+  TF-IDF over words and word pairs with the inverse document frequency counted
+  twice (tf * idf^2): on daily listings, where every candidate is on related
+  topics, what singles out a subscriber's paper is its rare, specific terms.
+  The **topic** view is a low-rank (LSA) space of the TF-IDF matrix, compared
+  at several ranks at once (16, 32, 64, 128 dimensions, cosine averaged over
+  the scales): in a broad pool of papers it finds related work that shares
+  few exact words. The title counts twice in both.
+* A subscriber's positives (likes, seed papers, interest phrases) become a
+  centroid in the specific view and a set of points in the topic view (mean
+  plus a share of the maximum similarity, so separate interests each count);
+  negatives (skips, and papers left unrated at ``unrated_weight``) push down
+  candidates close to them.
+* How much the topic view counts is decided per digest from the candidates
+  themselves: when today's candidates are as diverse as the corpus, topic
+  evidence (and agreement with the other top candidates) weighs a lot; when
+  they all sit in one region (one day's listing of one archive), the specific
+  terms decide. One rule, no per-dataset switch.
+* Scores of each view are standardised over the candidates before they are
+  mixed, so the mix does not depend on the scale of either similarity.
+
+A subscriber with nothing to learn from gets the listing's own order
+(upvotes, then listing rank, then candidate order).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
+from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.preprocessing import normalize
 
 from .config import RankingConfig
-from .paper import Paper
+from .errors import DigestError
+from .paper import Paper, normalise_title
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SETTINGS = RankingConfig()  # frozen: safe to share as a default argument
+
+# --- Feature settings (fitted on the corpus), each with its reason -------------
+TITLE_REPEATS = 2  # a title is the author's own summary: count it twice
+NGRAMS = (1, 2)  # word pairs ("domain adaptation") are more specific than words
+MAX_DF = 0.5  # a term in half the corpus says nothing about a paper
+SMALL_CORPUS = 1000  # below this many papers keep terms seen once (interest phrases may match them)
+SPECIFIC_IDF_POWER = 2.0  # rare terms decide on daily listings; idf^2 favours them
+PHRASE_MATCHES = 5  # an interest phrase shares its weight with its 5 best-matching corpus papers
+TOPIC_SCALES = (16, 32, 64, 128)  # LSA ranks compared at once: coarse topics and finer ones
+SVD_SEED = 0  # the topic space must be the same on every fit of the same corpus
+
+# --- Model settings (per subscriber), each with its reason ---------------------
+TOPIC_MAX_SHARE = 0.3  # share of the nearest positive in topic similarity: several interests count
+CENTRALITY_PENALTY = 1.0  # papers close to the corpus average are close to everyone: discount them
+NEGATIVE_WEIGHT = 0.5  # a skip pushes down what resembles it, less than a like pulls up
+TOPIC_WEIGHT_BROAD = 4.0  # candidates as diverse as the corpus: topics separate well
+TOPIC_WEIGHT_NARROW = 0.75  # candidates all on related topics: specific terms decide
+FEEDBACK_WEIGHT_BROAD = 2.0  # broad pool: papers close to today's best picks are likely wanted too
+FEEDBACK_TOP = 10  # today's best picks that vote in that second pass: a digest's worth
+COHESION_BROAD = 0.02  # mean pairwise topic cosine of a random pool of papers is ~0
+COHESION_NARROW = 0.10  # one day's listing of one archive measures 0.11 to 0.20
+MIN_EXPLORE_LIMIT = 5  # from this digest size on, a positive explore fraction gives >= 1 slot
+
+
+class UnknownPaper(DigestError, KeyError):
+    """A paper id asked of the index is not in the stored corpus."""
+
+    def __init__(self, paper_id: str):
+        self.paper_id = paper_id
+        super().__init__(f"paper {paper_id!r} is not in the corpus index")
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.args[0]
+
+
+# --- Corpus features -----------------------------------------------------------
+
 
 def _paper_text(paper: Paper) -> str:
-    """The text a paper is known by: its title (counted twice) and abstract."""
-    return f"{paper.title}. {paper.title}. {paper.abstract}"
+    return " ".join([paper.title] * TITLE_REPEATS + [paper.abstract])
+
+
+def _make_vectorizer(corpus_size: int) -> TfidfVectorizer:
+    """Raw tf * idf (no norm): the two views re-weight and normalise it themselves."""
+    return TfidfVectorizer(
+        stop_words="english",
+        ngram_range=NGRAMS,
+        # A term seen once never links two corpus papers; in a small corpus it may match an interest.
+        min_df=1 if corpus_size < SMALL_CORPUS else 2,
+        max_df=MAX_DF if corpus_size >= 4 else 1.0,
+        sublinear_tf=True,
+        norm=None,
+        dtype=np.float32,
+    )
+
+
+def _unit_rows(matrix: sparse.spmatrix) -> sparse.csr_matrix:
+    """Rows scaled to unit length (empty rows stay empty); works on zero rows too."""
+    matrix = sparse.csr_matrix(matrix, dtype=np.float32)
+    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return sparse.csr_matrix(sparse.diags(scale.astype(np.float32)) @ matrix)
+
+
+def _multi_scale(latent: np.ndarray, scales: Sequence[int]) -> np.ndarray:
+    """Concatenate unit vectors of several prefixes: a dot product averages cosines over scales."""
+    parts = [normalize(latent[:, :k]) for k in scales]
+    return (np.hstack(parts) / math.sqrt(len(parts))).astype(np.float32)
 
 
 class CorpusIndex:
-    """Features fitted (unsupervised) on the stored corpus of papers."""
+    """Features fitted (unsupervised) on the stored corpus of papers.
 
-    def __init__(self, papers: Sequence[Paper], vectorizer: TfidfVectorizer, matrix: sparse.csr_matrix):
-        self._papers = list(papers)
-        self._row = {p.id: i for i, p in enumerate(self._papers)}
+    ``specific`` holds the tf*idf^2 rows (unit length), ``topic`` the
+    multi-scale LSA rows (unit length, or ``None`` for a corpus too small for
+    a topic space), ``centrality`` each paper's closeness to the corpus mean.
+    """
+
+    def __init__(
+        self,
+        papers: list[Paper],
+        vectorizer: TfidfVectorizer,
+        specific: sparse.csr_matrix,
+        topic: np.ndarray | None,
+        svd: TruncatedSVD | None,
+        topic_mean: np.ndarray | None,
+        scales: tuple[int, ...],
+    ):
+        self._papers = papers
+        self._row = {p.id: i for i, p in enumerate(papers)}
+        self._by_title = {normalise_title(p.title): p.id for p in papers}
         self.vectorizer = vectorizer
-        self.matrix = matrix
-        vocabulary = sorted(vectorizer.vocabulary_)
-        self.vocabulary_key = hashlib.sha256("\n".join(vocabulary).encode("utf-8")).hexdigest()[:16]
+        self.specific = specific
+        self.topic = topic
+        self._svd = svd
+        self._topic_mean = topic_mean
+        self._scales = scales
+        self._idf = vectorizer.idf_.astype(np.float32)
+        mean = np.asarray(specific.sum(axis=0)).ravel() / max(specific.shape[0], 1)
+        self.centrality = np.asarray(specific @ mean).ravel().astype(np.float32)
+        self._terms = vectorizer.get_feature_names_out()
+        self.vocabulary_key = _vocabulary_key(self._terms, self._idf, scales)
 
     @classmethod
     def fit(cls, papers: Sequence[Paper]) -> CorpusIndex:
-        """Fit TF-IDF on the corpus; an empty corpus still gives a usable index."""
+        """Fit both views on the corpus (duplicates by id are kept once)."""
         unique = list({p.id: p for p in papers}.values())
-        vectorizer = TfidfVectorizer(stop_words="english", sublinear_tf=True, min_df=1, max_df=0.5)
-        texts = [_paper_text(p) for p in unique] or ["empty"]
+        texts = [_paper_text(p) for p in unique]
+        vectorizer = _make_vectorizer(len(unique))
         try:
-            matrix = vectorizer.fit_transform(texts)
-        except ValueError:  # every document empty or stop words only
-            vectorizer = TfidfVectorizer(min_df=1)
-            matrix = vectorizer.fit_transform(["empty"] * len(texts))
-        return cls(unique, vectorizer, matrix[: len(unique)].tocsr())
+            weighted = vectorizer.fit_transform(texts or [""])
+        except ValueError:  # no usable term at all (empty corpus, stop words only)
+            vectorizer = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", norm=None, dtype=np.float32)
+            weighted = vectorizer.fit_transform(texts + ["empty"])
+        weighted = weighted[: len(unique)].tocsr()
+        vectorizer.stop_words_ = (
+            None  # the terms cut by min_df/max_df: large and never needed again
+        )
+        idf = vectorizer.idf_.astype(np.float32)
+        specific = _unit_rows(weighted @ sparse.diags(idf ** (SPECIFIC_IDF_POWER - 1)))
+        topic, svd, topic_mean, scales = (
+            _fit_topics(_unit_rows(weighted)) if unique else (None, None, None, ())
+        )
+        log.info(
+            "corpus index: %d papers, %d terms, topic space %s",
+            len(unique),
+            len(idf),
+            scales or "none",
+        )
+        return cls(unique, vectorizer, specific, topic, svd, topic_mean, scales)
+
+    @property
+    def matrix(self) -> sparse.csr_matrix:
+        """The specific view (unit rows, so a dot product is a cosine); the first version's name."""
+        return self.specific
 
     def __contains__(self, paper_id: object) -> bool:
         return paper_id in self._row
@@ -62,29 +200,144 @@ class CorpusIndex:
         return len(self._papers)
 
     def paper(self, paper_id: str) -> Paper:
-        return self._papers[self._row[paper_id]]
+        try:
+            return self._papers[self._row[paper_id]]
+        except KeyError:
+            raise UnknownPaper(paper_id) from None
 
     def rows(self, paper_ids: Sequence[str]) -> np.ndarray:
-        return np.fromiter((self._row[i] for i in paper_ids), dtype=np.int64, count=len(paper_ids))
+        try:
+            return np.fromiter(
+                (self._row[i] for i in paper_ids), dtype=np.int64, count=len(paper_ids)
+            )
+        except KeyError as exc:
+            raise UnknownPaper(str(exc.args[0])) from None
+
+    def resolve(self, reference: str) -> str | None:
+        """A seed paper named by id, arXiv id or exact (normalised) title, if stored."""
+        ref = reference.strip()
+        if ref in self._row:
+            return ref
+        bare = ref.removeprefix("arXiv:").removeprefix("arxiv:")
+        if bare in self._row:
+            return bare
+        return self._by_title.get(normalise_title(ref))
+
+    def term(self, column: int) -> str:
+        return str(self._terms[column])
+
+    def phrase_matches(
+        self, phrase: str
+    ) -> tuple[np.ndarray, sparse.csr_matrix, np.ndarray | None]:
+        """Rows of the corpus papers an interest phrase matches best, and the phrase's vectors.
+
+        A two-word phrase matched against abstracts gives cosines several times
+        larger than paper-to-paper ones, so a phrase alone would drown the likes.
+        It shares its weight with its best matches among the stored papers
+        (those sharing at least one term), which compare as papers do.
+        """
+        weighted = self.vectorizer.transform([phrase]).astype(np.float32)
+        specific = _unit_rows(weighted @ sparse.diags(self._idf ** (SPECIFIC_IDF_POWER - 1)))
+        topic = None
+        if self._svd is not None and self._topic_mean is not None:
+            latent = self._svd.transform(_unit_rows(weighted)) - self._topic_mean
+            # No known term: no topic either (centring would point it at the anti-mean).
+            topic = _multi_scale(latent, self._scales) * (weighted.nnz > 0)
+        shared = _dense(self.specific @ specific.T).ravel()
+        sims = shared.copy()
+        if self.topic is not None and topic is not None:
+            sims = (sims + self.topic @ topic[0]) / 2
+        order = np.argsort(-sims, kind="stable")
+        rows = order[shared[order] > 0][:PHRASE_MATCHES]
+        return rows.astype(np.int64), specific, topic
+
+
+def _fit_topics(
+    unit_tfidf: sparse.csr_matrix,
+) -> tuple[np.ndarray | None, TruncatedSVD | None, np.ndarray | None, tuple[int, ...]]:
+    """The multi-scale LSA space, centred on the corpus mean; none for a tiny corpus."""
+    rank = min(max(TOPIC_SCALES), unit_tfidf.shape[0] - 1, unit_tfidf.shape[1] - 1)
+    scales = tuple(k for k in TOPIC_SCALES if k <= rank) or ((rank,) if rank >= 2 else ())
+    if not scales:
+        return None, None, None, ()
+    svd = TruncatedSVD(n_components=max(scales), random_state=SVD_SEED, algorithm="randomized")
+    latent = svd.fit_transform(unit_tfidf)
+    mean = latent.mean(axis=0)
+    return _multi_scale(latent - mean, scales), svd, mean, scales
+
+
+def _vocabulary_key(terms: np.ndarray, idf: np.ndarray, scales: tuple[int, ...]) -> str:
+    """Changes whenever the fitted terms or their weights change (a model is tied to both)."""
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps([TITLE_REPEATS, list(NGRAMS), MAX_DF, SPECIFIC_IDF_POWER, list(scales)]).encode()
+    )
+    digest.update("\n".join(terms.tolist()).encode("utf-8"))
+    digest.update(np.round(idf, 4).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --- Profiles and results --------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Profile:
     """What one subscriber has told us, as paper ids and phrases."""
 
-    liked: tuple[str, ...] = ()
+    liked: tuple[str, ...] = ()  # oldest first
     skipped: tuple[str, ...] = ()
-    unrated: tuple[str, ...] = ()
+    unrated: tuple[str, ...] = ()  # shown in a digest and left unrated: weak negatives
     interests: tuple[str, ...] = ()
-    seed_papers: tuple[str, ...] = ()
+    seed_papers: tuple[str, ...] = ()  # arXiv ids or exact titles from the config
+
+    def fingerprint(self) -> str:
+        data = [self.liked, self.skipped, self.unrated, self.interests, self.seed_papers]
+        return hashlib.sha256(json.dumps(data).encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class Ranked:
     paper_id: str
     score: float
+    reason: str  # one short human line
+    explore: bool  # True for an exploration slot
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    paper_id: str
+    title: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why one paper scores what it does for one subscriber."""
+
+    paper_id: str
+    title: str
+    score: float
+    position: int | None  # 1-based place among the candidates it was ranked with
     reason: str
     explore: bool
+    shared_terms: tuple[tuple[str, float], ...]  # strongest terms shared with the likes
+    nearest_liked: tuple[Neighbour, ...]  # most similar positives (liked or seed papers)
+    nearest_skipped: tuple[Neighbour, ...]
+    interests: tuple[tuple[str, float], ...]  # interest phrases and their similarity
+
+    def __str__(self) -> str:
+        """One line for a reply or a log: reason, score, strongest terms, nearest liked paper."""
+        parts = [f"{self.reason} (score {self.score:.2f}"]
+        parts[0] += f", #{self.position})" if self.position is not None else ")"
+        if self.shared_terms:
+            parts.append("shared terms: " + ", ".join(term for term, _ in self.shared_terms[:5]))
+        if self.interests and self.reason.startswith("matches your interest"):
+            phrase, similarity = self.interests[0]
+            parts.append(f'interest "{phrase}" ({similarity:.2f})')
+        elif self.nearest_liked and self.nearest_liked[0].similarity > 0:
+            best = self.nearest_liked[0]
+            parts.append(f'nearest liked: "{_short(best.title, 60)}" ({best.similarity:.2f})')
+        return "; ".join(parts)
 
 
 def is_personalised(profile: Profile) -> bool:
@@ -92,22 +345,331 @@ def is_personalised(profile: Profile) -> bool:
     return bool(profile.liked or profile.skipped or profile.interests or profile.seed_papers)
 
 
-def _fallback_scores(index: CorpusIndex, candidates: Sequence[str]) -> np.ndarray:
-    """Upvotes first, then the listing's own order, then candidate order (stable sort)."""
+# --- The per-subscriber model ----------------------------------------------------
+
+
+@dataclass
+class SubscriberModel:
+    """A subscriber's positives and negatives in both views; fitted once per state."""
+
+    positive_ids: tuple[str, ...]  # liked then seed papers (deduplicated): the first points below
+    positive_labels: tuple[str, ...]  # "you liked", "your seed paper"
+    interest_phrases: tuple[str, ...]
+    pos_rows: np.ndarray  # index row of each positive point, -1 for a phrase's own vector
+    pos_phrase: np.ndarray  # which interest phrase a point stands for, -1 for named papers
+    pos_specific: sparse.csr_matrix  # one unit row per positive point
+    pos_topic: np.ndarray | None
+    pos_weights: np.ndarray  # 1 per named paper; an interest's points share 1
+    negative_ids: tuple[str, ...]
+    neg_specific: sparse.csr_matrix
+    neg_topic: np.ndarray | None
+    neg_weights: np.ndarray
+    unknown_seeds: tuple[str, ...] = ()
+
+    def centroid(self) -> sparse.csr_matrix:
+        """1 x terms: the weighted centroid of the positives in the specific view."""
+        return sparse.csr_matrix(
+            self.pos_weights @ self.pos_specific / max(float(self.pos_weights.sum()), 1e-9)
+        )
+
+    @property
+    def has_positives(self) -> bool:
+        return self.pos_specific.shape[0] > 0
+
+    @property
+    def has_negatives(self) -> bool:
+        return self.neg_specific.shape[0] > 0
+
+
+def _known(index: CorpusIndex, ids: Sequence[str], what: str) -> list[str]:
+    kept = [i for i in dict.fromkeys(ids) if i in index]
+    if len(kept) < len(set(ids)):
+        log.debug(
+            "profile: %d %s papers are not in the corpus, ignored", len(set(ids)) - len(kept), what
+        )
+    return kept
+
+
+def _positive_points(
+    index: CorpusIndex, papers: list[str], phrases: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix, np.ndarray | None, np.ndarray]:
+    """Rows, phrase tags, vectors and weights of every positive point.
+
+    Named papers count 1 each; an interest phrase counts 1 in all, shared by
+    the phrase itself and its best matches in the corpus.
+    """
+    rows = [index.rows(papers)]
+    tags = [np.full(len(papers), -1)]
+    weights = [np.ones(len(papers))]
+    spec = [index.specific[rows[0]]]
+    topic = [index.topic[rows[0]]] if index.topic is not None else None
+    for j, phrase in enumerate(phrases):
+        matched, own_specific, own_topic = index.phrase_matches(phrase)
+        if own_specific.nnz == 0:
+            log.info("profile: interest %r has no word the corpus knows yet, ignored", phrase)
+            continue
+        if len(matched) == 0:
+            log.info("profile: interest %r matches no stored paper yet", phrase)
+        rows.append(np.concatenate([[-1], matched]))
+        spec.append(sparse.vstack([own_specific, index.specific[matched]]))
+        if topic is not None and own_topic is not None and index.topic is not None:
+            topic.append(np.vstack([own_topic, index.topic[matched]]))
+        tags.append(np.full(len(rows[-1]), j))
+        weights.append(np.full(len(rows[-1]), 1.0 / len(rows[-1])))
+    return (
+        np.concatenate(rows).astype(np.int64),
+        np.concatenate(tags).astype(np.int64),
+        sparse.vstack(spec).tocsr(),
+        np.vstack(topic).astype(np.float32) if topic is not None else None,
+        np.concatenate(weights).astype(np.float32),
+    )
+
+
+def fit_model(
+    index: CorpusIndex, profile: Profile, *, settings: RankingConfig = DEFAULT_SETTINGS
+) -> SubscriberModel:
+    """Turn a profile into the model's positives and negatives (no candidates needed)."""
+    liked = _known(index, profile.liked, "liked")
+    seeds, unknown = [], []
+    for ref in profile.seed_papers:
+        found = index.resolve(ref)
+        if found is None:
+            unknown.append(ref)
+        elif found not in liked and found not in seeds:
+            seeds.append(found)
+    if unknown:
+        log.warning("profile: seed papers not found in the corpus, ignored: %s", ", ".join(unknown))
+    positives = liked + seeds
+    labels = tuple(["you liked"] * len(liked) + ["your seed paper"] * len(seeds))
+    phrases = tuple(p for p in dict.fromkeys(s.strip() for s in profile.interests) if p)
+
+    points = _positive_points(index, positives, phrases)
+    pos_rows, pos_phrase, pos_specific, pos_topic, pos_weights = points
+
+    skipped = [i for i in _known(index, profile.skipped, "skipped") if i not in positives]
+    unrated = [
+        i
+        for i in _known(index, profile.unrated, "unrated")
+        if i not in positives and i not in skipped
+    ]
+    negatives = skipped + unrated
+    neg_rows = index.rows(negatives)
+    neg_weights = np.array(
+        [1.0] * len(skipped) + [settings.unrated_weight] * len(unrated), dtype=np.float32
+    )
+    return SubscriberModel(
+        positive_ids=tuple(positives),
+        positive_labels=labels,
+        interest_phrases=phrases,
+        pos_rows=pos_rows,
+        pos_phrase=pos_phrase,
+        pos_specific=pos_specific,
+        pos_topic=pos_topic,
+        pos_weights=pos_weights,
+        negative_ids=tuple(negatives),
+        neg_specific=index.specific[neg_rows],
+        neg_topic=index.topic[neg_rows] if index.topic is not None else None,
+        neg_weights=neg_weights,
+        unknown_seeds=tuple(unknown),
+    )
+
+
+class ModelCache:
+    """Fitted models per subscriber, refitted only when their state changed.
+
+    The state is the profile's fingerprint, the unrated weight and the
+    index's vocabulary key; one entry per subscriber key. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[str, SubscriberModel]] = {}
+        self._lock = threading.Lock()
+        self.fits = 0  # how many models were fitted (for tests and logs)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def model(
+        self, key: str, index: CorpusIndex, profile: Profile, settings: RankingConfig
+    ) -> SubscriberModel:
+        state = f"{profile.fingerprint()}:{settings.unrated_weight!r}:{index.vocabulary_key}"
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == state:
+                return entry[1]
+        fitted = fit_model(index, profile, settings=settings)
+        with self._lock:
+            self._entries[key] = (state, fitted)
+            self.fits += 1
+        log.debug("subscriber %s: model refitted", key)
+        return fitted
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _get_model(
+    index: CorpusIndex,
+    profile: Profile,
+    settings: RankingConfig,
+    cache: ModelCache | None,
+    key: str | None,
+) -> SubscriberModel:
+    if cache is not None and key is not None:
+        return cache.model(key, index, profile, settings)
+    return fit_model(index, profile, settings=settings)
+
+
+# --- Scoring ----------------------------------------------------------------------
+
+
+def _standardise(values: np.ndarray) -> np.ndarray:
+    """Zero mean, unit spread over today's candidates (all zero when they are all equal)."""
+    spread = float(values.std())
+    if not math.isfinite(spread) or spread < 1e-9:
+        return np.zeros_like(values, dtype=np.float64)
+    return (values - values.mean()) / spread
+
+
+def _cohesion(topic: np.ndarray) -> float:
+    """Mean pairwise topic cosine of the candidates: ~0 for a random pool, high for one field."""
+    n = topic.shape[0]
+    if n < 2:
+        return 0.0
+    total = topic.sum(axis=0)
+    return float((total @ total - n) / (n * (n - 1)))
+
+
+def _narrowness(topic: np.ndarray | None) -> float:
+    """0 for a pool as diverse as the corpus, 1 for one field's listing; linear between."""
+    if topic is None:
+        return 1.0
+    span = COHESION_NARROW - COHESION_BROAD
+    return min(max((_cohesion(topic) - COHESION_BROAD) / span, 0.0), 1.0)
+
+
+def _evidence_weights(cand_rows: np.ndarray, model: SubscriberModel) -> np.ndarray:
+    """Candidates x positive points: each point's weight, 0 where a paper would vouch for itself.
+
+    An interest phrase's best matches are often among today's candidates; a
+    candidate must not count its own similarity of 1 as evidence.
+    """
+    weights = np.broadcast_to(model.pos_weights, (len(cand_rows), len(model.pos_weights)))
+    return np.where(cand_rows[:, None] == model.pos_rows[None, :], 0.0, weights)
+
+
+def _weighted_mean(sims: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    total = weights.sum(axis=1)
+    return np.divide((sims * weights).sum(axis=1), total, out=np.zeros(len(sims)), where=total > 0)
+
+
+def _topic_affinity(sims: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted mean similarity with a share of the maximum, so each separate interest counts."""
+    best = np.where(weights > 0, sims, -np.inf).max(axis=1, initial=-np.inf)
+    best = np.where(np.isfinite(best), best, 0.0)
+    return (1 - TOPIC_MAX_SHARE) * _weighted_mean(sims, weights) + TOPIC_MAX_SHARE * best
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """Today's candidates in both views, sliced from the index once per scoring."""
+
+    rows: np.ndarray
+    specific: sparse.csr_matrix
+    topic: np.ndarray | None
+
+    @classmethod
+    def of(cls, index: CorpusIndex, candidates: Sequence[str]) -> _Candidates:
+        rows = index.rows(candidates)
+        topic = index.topic[rows] if index.topic is not None else None
+        return cls(rows, index.specific[rows], topic)
+
+
+def _dense(product: sparse.spmatrix | np.ndarray) -> np.ndarray:
+    if isinstance(product, np.ndarray):
+        return product
+    return np.asarray(product.toarray())
+
+
+def _positive_score(
+    index: CorpusIndex, model: SubscriberModel, cands: _Candidates
+) -> tuple[np.ndarray, float]:
+    """Standardised closeness to the positives, and the topic weight used for it."""
+    weights = _evidence_weights(cands.rows, model)
+    sims = _dense(cands.specific @ model.pos_specific.T)
+    specific = _weighted_mean(sims, weights) - CENTRALITY_PENALTY * index.centrality[cands.rows]
+    if cands.topic is None or model.pos_topic is None:
+        return _standardise(specific), 0.0
+    topic = _topic_affinity(cands.topic @ model.pos_topic.T, weights)
+    narrow = _narrowness(cands.topic)
+    weight = TOPIC_WEIGHT_BROAD + (TOPIC_WEIGHT_NARROW - TOPIC_WEIGHT_BROAD) * narrow
+    score = _standardise(specific) + weight * _standardise(topic)
+    feedback = FEEDBACK_WEIGHT_BROAD * (1.0 - narrow)
+    if feedback > 0 and len(score) > FEEDBACK_TOP + 1:
+        score = score + feedback * _agreement(cands.specific, cands.topic, score, weight)
+    return score, weight
+
+
+def _agreement(
+    specific: sparse.csr_matrix, topic: np.ndarray, score: np.ndarray, weight: float
+) -> np.ndarray:
+    """How close each candidate is to today's best picks (pseudo relevance feedback).
+
+    Papers a subscriber wants on one day tend to resemble each other; the top
+    picks vote for their neighbours. Each pick's own vote for itself is left out.
+    """
+    top = np.argsort(-score, kind="stable")[:FEEDBACK_TOP]
+    own = np.zeros((len(score), len(top)), dtype=bool)
+    own[top, np.arange(len(top))] = True
+    counts = len(top) - own.sum(axis=1)
+    spec = np.where(own, 0.0, _dense(specific @ specific[top].T)).sum(axis=1) / counts
+    topi = np.where(own, 0.0, topic @ topic[top].T).sum(axis=1) / counts
+    return (_standardise(spec) + weight * _standardise(topi)) / (1.0 + weight)
+
+
+def _negative_score(model: SubscriberModel, cands: _Candidates, weight: float) -> np.ndarray:
+    """Closeness to the nearest skipped paper (weighted): demotes what resembles a skip.
+
+    The nearest one, not the centroid: one skipped paper says little about a
+    whole field, but much about papers that are almost the same.
+    """
+    spec = _dense(cands.specific @ model.neg_specific.T) * model.neg_weights
+    result = _standardise(spec.max(axis=1))
+    if cands.topic is not None and model.neg_topic is not None:
+        topi = (cands.topic @ model.neg_topic.T) * model.neg_weights
+        result = (result + weight * _standardise(topi.max(axis=1))) / (1.0 + weight)
+    return result
+
+
+def _popularity(index: CorpusIndex, candidates: Sequence[str]) -> np.ndarray:
+    """Upvotes first, then the listing's own order; equal values keep candidate order."""
     scores = np.zeros(len(candidates))
     for i, pid in enumerate(candidates):
         paper = index.paper(pid)
-        upvotes = paper.upvotes or 0
-        rank_bonus = 1.0 / paper.listing_rank if paper.listing_rank else 0.0
-        scores[i] = upvotes + rank_bonus
+        rank_part = (
+            0.5 / paper.listing_rank if paper.listing_rank and paper.listing_rank > 0 else 0.0
+        )
+        scores[i] = float(paper.upvotes or 0) + rank_part
     return scores
 
 
-def _interest_similarity(index: CorpusIndex, profile: Profile, candidates: Sequence[str]) -> np.ndarray:
-    """Cosine similarity of each candidate (rows) to each interest phrase (columns)."""
-    phrases = index.vectorizer.transform(list(profile.interests))
-    cand = index.matrix[index.rows(candidates)]
-    return np.asarray((cand @ phrases.T).todense())
+def _model_scores(
+    index: CorpusIndex, model: SubscriberModel, candidates: Sequence[str]
+) -> np.ndarray:
+    """Positives pull up, negatives push down; popularity stands in when there are no positives."""
+    cands = _Candidates.of(index, candidates)
+    if not model.has_positives:  # skips only: today's order, minus what resembles a skip
+        order = np.argsort(-_popularity(index, candidates), kind="stable")
+        place = np.empty(len(order))
+        place[order] = np.arange(len(order))
+        return _standardise(-place) - _negative_score(model, cands, TOPIC_WEIGHT_NARROW)
+    score, weight = _positive_score(index, model, cands)
+    if model.has_negatives:
+        score = score - NEGATIVE_WEIGHT * _negative_score(model, cands, weight)
+    if float(np.ptp(score)) == 0.0:  # the profile says nothing about today's papers
+        return _popularity(index, candidates)
+    return score
 
 
 def score_candidates(
@@ -115,14 +677,155 @@ def score_candidates(
     profile: Profile,
     candidates: Sequence[str],
     *,
-    settings: RankingConfig = RankingConfig(),
+    settings: RankingConfig = DEFAULT_SETTINGS,
+    cache: ModelCache | None = None,
+    key: str | None = None,
 ) -> np.ndarray:
-    """The model's scores, no exploration: what rank() sorts by."""
-    if not candidates:
+    """The model's scores, no exploration: what rank() sorts by and the benchmark measures.
+
+    Candidates must be in the index. Scores are finite and relative to this
+    set of candidates (higher = better); equal scores keep candidate order.
+    """
+    if len(candidates) == 0:
         return np.zeros(0)
-    if not profile.interests:
-        return _fallback_scores(index, candidates)
-    return _interest_similarity(index, profile, candidates).max(axis=1)
+    return _scores(index, _model_for(index, profile, settings, cache, key), candidates)
+
+
+def _model_for(
+    index: CorpusIndex,
+    profile: Profile,
+    settings: RankingConfig,
+    cache: ModelCache | None,
+    key: str | None,
+) -> SubscriberModel | None:
+    """The subscriber's model, or None when there is nothing to learn from."""
+    if not is_personalised(profile) and not profile.unrated:
+        return None
+    model = _get_model(index, profile, settings, cache, key)
+    return model if model.has_positives or model.has_negatives else None
+
+
+def _scores(
+    index: CorpusIndex, model: SubscriberModel | None, candidates: Sequence[str]
+) -> np.ndarray:
+    if model is None:
+        return _popularity(index, candidates)
+    return np.nan_to_num(_model_scores(index, model, candidates), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+# --- Digest: ranking with exploration and reasons ---------------------------------
+
+
+def explore_slots(limit: int, fraction: float) -> int:
+    """Slots reserved for exploration: round(limit * fraction), at least one from
+    MIN_EXPLORE_LIMIT papers on when fraction > 0, and never the whole digest."""
+    if fraction <= 0 or limit < 2:
+        return 0
+    slots = math.floor(limit * fraction + 0.5)
+    if limit >= MIN_EXPLORE_LIMIT:
+        slots = max(slots, 1)
+    return min(slots, limit - 1)
+
+
+def _short(title: str, width: int = 70) -> str:
+    title = " ".join(title.split())
+    return title if len(title) <= width else title[: width - 1].rstrip() + "…"
+
+
+def _positive_similarities(index: CorpusIndex, model: SubscriberModel, row: int) -> np.ndarray:
+    """Similarity of one paper to each positive point, both views averaged.
+
+    A point that is the paper itself (an interest's match) says -1: no evidence.
+    """
+    sims = np.asarray((index.specific[row] @ model.pos_specific.T).todense()).ravel()
+    if index.topic is not None and model.pos_topic is not None:
+        sims = (sims + index.topic[row] @ model.pos_topic.T) / 2
+    return np.where(model.pos_rows == row, -1.0, sims)
+
+
+def _negative_similarities(index: CorpusIndex, model: SubscriberModel, row: int) -> np.ndarray:
+    spec = np.asarray((index.specific[row] @ model.neg_specific.T).todense()).ravel()
+    if index.topic is None or model.neg_topic is None:
+        return spec
+    return (spec + index.topic[row] @ model.neg_topic.T) / 2
+
+
+def _model_reason(index: CorpusIndex, model: SubscriberModel, paper_id: str) -> str:
+    """The positive (liked paper, seed paper or interest) this paper is closest to."""
+    sims = _positive_similarities(index, model, int(index.rows([paper_id])[0]))
+    if len(sims) == 0:  # skips only: the listing's order, skip-like papers pushed down
+        return _popularity_reason(index.paper(paper_id))
+    best = int(np.argmax(sims))
+    if model.pos_phrase[best] >= 0:
+        return f'matches your interest "{model.interest_phrases[model.pos_phrase[best]]}"'
+    title = _short(index.paper(model.positive_ids[best]).title)
+    return f'close to "{title}" {model.positive_labels[best]}'
+
+
+def _item_reason(index: CorpusIndex, model: SubscriberModel | None, paper_id: str) -> str:
+    if model is None:
+        return _popularity_reason(index.paper(paper_id))
+    return _model_reason(index, model, paper_id)
+
+
+def _popularity_reason(paper: Paper) -> str:
+    if paper.upvotes:
+        return f"popular today ({paper.upvotes} upvotes)"
+    if paper.listing_rank:
+        return f"#{paper.listing_rank} in today's listing"
+    return "in today's listing"
+
+
+def _familiarity(index: CorpusIndex, model: SubscriberModel, rows: np.ndarray) -> np.ndarray:
+    """Per paper, its similarity to the closest thing the subscriber rated (both views averaged)."""
+    parts = [(model.pos_specific, model.pos_topic), (model.neg_specific, model.neg_topic)]
+    best = np.full(len(rows), -np.inf)
+    for spec_rows, topic_rows in parts:
+        if spec_rows.shape[0] == 0:
+            continue
+        sims = _dense(index.specific[rows] @ spec_rows.T)
+        if index.topic is not None and topic_rows is not None:
+            sims = (sims + index.topic[rows] @ topic_rows.T) / 2
+        best = np.maximum(best, sims.max(axis=1))
+    return np.where(np.isfinite(best), best, 0.0)
+
+
+def _pick_explore(
+    index: CorpusIndex,
+    model: SubscriberModel | None,
+    candidates: list[str],
+    remaining: list[int],
+    count: int,
+) -> list[tuple[int, str]]:
+    """Candidates outside the top picks that the model knows least about.
+
+    Least known = lowest similarity to anything the subscriber rated (liked,
+    skipped, seed or interest), so a profile keeps seeing new ground; among
+    those, the more popular first when the listing says so. Deterministic.
+    """
+    if not remaining or count <= 0:
+        return []
+    pops = _popularity(index, [candidates[i] for i in remaining])
+    familiarity = np.zeros(len(remaining))
+    if model is not None:
+        rows = index.rows([candidates[i] for i in remaining])
+        familiarity = _familiarity(index, model, rows)
+    # The least familiar half (at least `count`), then most popular, then least familiar.
+    order = np.lexsort((np.arange(len(remaining)), familiarity))
+    pool = sorted(
+        order[: max(count, (len(remaining) + 1) // 2)], key=lambda j: (-pops[j], familiarity[j], j)
+    )
+    picks = []
+    for j in pool[:count]:
+        paper = index.paper(candidates[remaining[j]])
+        if paper.upvotes:
+            why = f"explore: popular today ({paper.upvotes} upvotes), outside your usual topics"
+        elif paper.listing_rank:
+            why = f"explore: #{paper.listing_rank} in today's listing, outside your usual topics"
+        else:
+            why = "explore: unlike anything you have rated"
+        picks.append((remaining[j], why))
+    return picks
 
 
 def rank(
@@ -131,18 +834,203 @@ def rank(
     candidates: Sequence[str],
     *,
     limit: int,
-    settings: RankingConfig = RankingConfig(),
+    settings: RankingConfig = DEFAULT_SETTINGS,
+    cache: ModelCache | None = None,
+    key: str | None = None,
 ) -> list[Ranked]:
-    """The top `limit` candidates, best first."""
-    candidates = [c for c in dict.fromkeys(candidates) if c in index]
-    scores = score_candidates(index, profile, candidates, settings=settings)
-    order = np.argsort(-scores, kind="stable")[:limit]
-    sims = _interest_similarity(index, profile, candidates) if profile.interests else None
+    """The top `limit` candidates, best first, exploration slots included.
+
+    Exploration (settings.explore_fraction; 0 = off) applies to personalised
+    profiles only: an unpersonalised digest (or one whose feedback matches
+    nothing stored) is the listing's order already.
+    Explore items come last, marked ``explore=True``. Candidates not in the
+    index are dropped (logged); repeated ids count once.
+    """
+    unique = list(dict.fromkeys(candidates))
+    known = [c for c in unique if c in index]
+    if len(known) < len(unique):
+        log.warning(
+            "rank: %d candidates are not in the corpus index, dropped", len(unique) - len(known)
+        )
+    if limit <= 0 or not known:
+        return []
+    model = _model_for(index, profile, settings, cache, key)
+    scores = _scores(index, model, known)
+    order = [int(i) for i in np.argsort(-scores, kind="stable")]
+    personal = model is not None and is_personalised(profile)
+    explore = explore_slots(limit, settings.explore_fraction) if personal else 0
+    explore = min(explore, max(len(order) - (limit - explore), 0))
+    top = order[: min(limit, len(order)) - explore]
     items = []
-    for i in order:
-        if sims is not None and sims[i].max() > 0:
-            reason = f'matches your interest "{profile.interests[int(sims[i].argmax())]}"'
-        else:
-            reason = "top of today's listing"
-        items.append(Ranked(candidates[i], float(scores[i]), reason, False))
+    for i in top:
+        items.append(
+            Ranked(known[i], float(scores[i]), _item_reason(index, model, known[i]), False)
+        )
+    for i, why in _pick_explore(index, model, known, order[len(top) :], explore):
+        items.append(Ranked(known[i], float(scores[i]), why, True))
     return items
+
+
+# --- Explanations -------------------------------------------------------------------
+
+
+def _shared_terms(
+    index: CorpusIndex, model: SubscriberModel, row: int, top: int
+) -> tuple[tuple[str, float], ...]:
+    """Terms whose weight in both the paper and the profile contributes most to their match."""
+    product = index.specific[row].multiply(model.centroid()).tocsr()
+    if product.nnz == 0:
+        return ()
+    order = np.argsort(-product.data, kind="stable")[:top]
+    return tuple((index.term(int(product.indices[k])), float(product.data[k])) for k in order)
+
+
+def _neighbours(
+    index: CorpusIndex, ids: Sequence[str], sims: np.ndarray, top: int, exclude: str
+) -> tuple[Neighbour, ...]:
+    """The ``top`` most similar of ``ids``, never the explained paper itself."""
+    order = np.argsort(-sims[: len(ids)], kind="stable")
+    kept = [k for k in order if ids[k] != exclude][:top]
+    return tuple(Neighbour(ids[k], index.paper(ids[k]).title, float(sims[k])) for k in kept)
+
+
+def _context_candidates(index: CorpusIndex, paper_id: str) -> list[str]:
+    """Without a candidate list, a paper is ranked among the papers listed the same day."""
+    day = index.paper(paper_id).listed_on
+    if day is None:
+        return [p.id for p in index._papers]
+    return [p.id for p in index._papers if p.listed_on == day]
+
+
+def explain(
+    index: CorpusIndex,
+    profile: Profile,
+    paper_id: str,
+    *,
+    candidates: Sequence[str] | None = None,
+    limit: int = 10,
+    settings: RankingConfig = DEFAULT_SETTINGS,
+    cache: ModelCache | None = None,
+    key: str | None = None,
+    top_terms: int = 8,
+    top_neighbours: int = 3,
+) -> Explanation:
+    """Why `paper_id` scores what it does, among `candidates` (default: its listing day).
+
+    ``position`` is its place in the digest of ``limit`` papers when it is in
+    that digest (explore slots included), else its place in the model's order.
+    """
+    if paper_id not in index:
+        raise UnknownPaper(paper_id)
+    pool = (
+        list(dict.fromkeys(candidates))
+        if candidates is not None
+        else _context_candidates(index, paper_id)
+    )
+    pool = [c for c in pool if c in index]
+    if paper_id not in pool:
+        pool.append(paper_id)
+    digest = rank(index, profile, pool, limit=limit, settings=settings, cache=cache, key=key)
+    for position, item in enumerate(digest, start=1):
+        if item.paper_id == paper_id:
+            break
+    else:
+        model = _model_for(index, profile, settings, cache, key)
+        scores = _scores(index, model, pool)
+        order = np.argsort(-scores, kind="stable")
+        at = pool.index(paper_id)
+        position = int(np.flatnonzero(order == at)[0]) + 1
+        reason = _item_reason(index, model, paper_id)
+        item = Ranked(paper_id, float(scores[at]), reason, False)
+    return _explanation(
+        index, profile, paper_id, item, position, settings, cache, key, top_terms, top_neighbours
+    )
+
+
+def _explanation(
+    index: CorpusIndex,
+    profile: Profile,
+    paper_id: str,
+    item: Ranked,
+    position: int | None,
+    settings: RankingConfig,
+    cache: ModelCache | None,
+    key: str | None,
+    top_terms: int,
+    top_neighbours: int,
+) -> Explanation:
+    paper = index.paper(paper_id)
+    terms: tuple[tuple[str, float], ...] = ()
+    liked: tuple[Neighbour, ...] = ()
+    skipped: tuple[Neighbour, ...] = ()
+    interests: tuple[tuple[str, float], ...] = ()
+    if is_personalised(profile) or profile.unrated:
+        model = _get_model(index, profile, settings, cache, key)
+        row = int(index.rows([paper_id])[0])
+        pos = _positive_similarities(index, model, row)
+        terms = _shared_terms(index, model, row, top_terms) if model.has_positives else ()
+        liked = _neighbours(index, model.positive_ids, pos, top_neighbours, paper_id)
+        skipped = _neighbours(
+            index, model.negative_ids, _negative_similarities(index, model, row), top_neighbours,
+            paper_id,
+        )
+        phrase_sims = [
+            float(pos[model.pos_phrase == j].max(initial=-1.0))
+            for j in range(len(model.interest_phrases))
+        ]
+        interests = tuple(
+            sorted(zip(model.interest_phrases, map(float, phrase_sims)), key=lambda t: -t[1])
+        )
+    return Explanation(
+        paper_id=paper_id,
+        title=paper.title,
+        score=item.score,
+        position=position,
+        reason=item.reason,
+        explore=item.explore,
+        shared_terms=terms,
+        nearest_liked=liked,
+        nearest_skipped=skipped,
+        interests=interests,
+    )
+
+
+def explain_top(
+    index: CorpusIndex,
+    profile: Profile,
+    candidates: Sequence[str],
+    limit: int,
+    *,
+    settings: RankingConfig = DEFAULT_SETTINGS,
+    cache: ModelCache | None = None,
+    key: str | None = None,
+    top_terms: int = 8,
+    top_neighbours: int = 3,
+) -> list[Explanation]:
+    """Explanations of the digest `rank` would give, in digest order."""
+    items = rank(index, profile, candidates, limit=limit, settings=settings, cache=cache, key=key)
+    return [
+        _explanation(
+            index, profile, it.paper_id, it, pos, settings, cache, key, top_terms, top_neighbours
+        )
+        for pos, it in enumerate(items, start=1)
+    ]
+
+
+__all__ = [
+    "CorpusIndex",
+    "Explanation",
+    "ModelCache",
+    "Neighbour",
+    "Profile",
+    "Ranked",
+    "SubscriberModel",
+    "UnknownPaper",
+    "explain",
+    "explain_top",
+    "explore_slots",
+    "fit_model",
+    "is_personalised",
+    "rank",
+    "score_candidates",
+]

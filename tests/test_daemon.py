@@ -360,7 +360,7 @@ def test_the_reply_tick_loops_on_the_writer_lock_and_survives_a_failed_run(
     daemon = Daemon(config_path)
     runs: list[bool] = []
 
-    async def process_replies(config: Any, store: Any, *, now: Any = None) -> None:
+    async def process_replies(config: Any, store: Any, **options: Any) -> None:
         runs.append(daemon._busy.locked())
         if len(runs) == 1:
             raise RuntimeError("the IMAP server said something odd")

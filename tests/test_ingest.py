@@ -239,3 +239,15 @@ def test_xml_that_is_not_a_feed() -> None:
     with pytest.raises(DumpError, match="no feed entries"):
         parse_bytes(b"<html><body>hello</body></html>", name="x.html",
                     fallback_date=date(2026, 1, 1))
+
+
+def test_a_file_from_the_future_is_not_left_waiting_forever(tmp_path: Path) -> None:
+    from digest.ingest import is_stable
+
+    path = tmp_path / "skewed.txt"
+    path.write_bytes(b"x")
+    now = time.time()
+    os.utime(path, (now + 3600, now + 3600))  # another machine's clock, an hour ahead
+    assert is_stable(path, 5, now=now)
+    os.utime(path, (now - 2, now - 2))
+    assert not is_stable(path, 5, now=now)

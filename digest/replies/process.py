@@ -38,8 +38,9 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 
+from .. import rank
 from ..config import Config, Subscriber
-from ..errors import SendError, StoreError
+from ..errors import DigestError, SendError, StoreError
 from ..mailer import Mailer
 from ..render import EMAIL_POLICY, defuse_command_lines, one_line, reply_address, template_root
 from ..store import DigestRow, ItemRow, Store, SubscriberState, utc_now
@@ -138,13 +139,16 @@ class ReplyReport:
 
 
 async def process_replies(config: Config, store: Store, *, now: datetime | None = None,
-                          stop: asyncio.Event | None = None) -> ReplyReport:
+                          stop: asyncio.Event | None = None,
+                          corpus: Callable[[], rank.CorpusIndex] | None = None) -> ReplyReport:
     """Process every waiting reply once (IMAP or Maildir per config; neither: an empty report).
 
     Sends confirmations with ``Mailer(config.smtp)`` (which may point at the
     local sink). Raises :class:`MailboxError` when the mailbox cannot be read;
     a single bad reply never raises. ``stop`` set ends the run after the reply
     in flight (the replies done so far are marked processed; the rest wait).
+    ``corpus`` gives a fitted corpus index for ``why`` (the daemon passes its
+    cached one); without it one is fitted when a reply first asks why.
     """
     started = time.perf_counter()
     now = now or utc_now()
@@ -152,7 +156,7 @@ async def process_replies(config: Config, store: Store, *, now: datetime | None 
     report = ReplyReport(source="none" if mailbox is None else
                          "imap" if isinstance(mailbox, ImapMailbox) else "maildir")
     if mailbox is not None:
-        processor = _Processor(config, store, now)
+        processor = _Processor(config, store, now, corpus)
         await asyncio.to_thread(mailbox.open)
         try:
             ids = await asyncio.to_thread(mailbox.waiting_ids)
@@ -270,10 +274,12 @@ class _Applied:
 class _Processor:
     """Processes replies one by one against the store, for one run."""
 
-    def __init__(self, config: Config, store: Store, now: datetime):
+    def __init__(self, config: Config, store: Store, now: datetime,
+                 corpus: Callable[[], rank.CorpusIndex] | None = None):
         self.config = config
         self.store = store
         self.now = now
+        self.corpus = corpus
         self._explainer: _Explainer | None = None
 
     def handle(self, raw: bytes) -> ReplyOutcome:
@@ -475,7 +481,7 @@ class _Processor:
 
     def _why(self, digest: DigestRow, items: list[ItemRow], command: Command) -> dict[str, Any]:
         if self._explainer is None:
-            self._explainer = _Explainer(self.config, self.store)
+            self._explainer = _Explainer(self.config, self.store, self.corpus)
         return self._explainer.explain(digest, items, command.items)
 
     # --- confirmation --------------------------------------------------------
@@ -533,26 +539,27 @@ def _short(title: str, limit: int = 70) -> str:
 
 
 class _Explainer:
-    """Answers ``why N``: the item's stored reason and score, and the nearest liked papers.
+    """Answers ``why N``: the item's stored reason and score, and what the model says now.
 
-    Uses ``rank.explain`` when the ranking module has it; else a TF-IDF cosine
-    over the stored corpus (``rank.CorpusIndex``). Built once per run, only
-    when a reply asks why.
+    ``rank.explain`` gives the strongest shared terms and the nearest liked
+    papers. The corpus index comes from ``corpus`` (the daemon's cached one) or
+    is fitted once per run, only when a reply asks why.
     """
 
-    def __init__(self, config: Config, store: Store):
-        from .. import rank
-
+    def __init__(self, config: Config, store: Store,
+                 corpus: Callable[[], rank.CorpusIndex] | None = None):
         self.config = config
         self.store = store
-        self.rank = rank
-        self.index = rank.CorpusIndex.fit(store.all_papers())
+        self.index = corpus() if corpus is not None else rank.CorpusIndex.fit(store.all_papers())
 
     def explain(self, digest: DigestRow, items: list[ItemRow],
                 numbers: Sequence[int]) -> dict[str, Any]:
+        from ..daemon import build_profile  # the daemon builds profiles; imported late
+
+        sub = self.config.subscriber(digest.subscriber) or Subscriber(digest.subscriber,
+                                                                      digest.subscriber)
+        profile = build_profile(self.store, sub)
         by_position = {item.position: item for item in items}
-        liked = [row.paper_id for row in self.store.latest_feedback(digest.subscriber)
-                 if row.signal == "like"]
         answers: list[dict[str, Any]] = []
         for number in numbers:
             item = by_position.get(number)
@@ -560,6 +567,11 @@ class _Explainer:
                 answers.append({"number": number, "missing": True})
                 continue
             paper = self.store.papers_by_id([item.paper_id]).get(item.paper_id)
+            explanation = self._explain(profile, item.paper_id)
+            nearest = [] if explanation is None else [
+                {"title": _short(n.title), "similarity": n.similarity}
+                for n in explanation.nearest_liked[:NEAREST_LIKED]
+                if n.paper_id != item.paper_id and n.similarity > 0]
             answers.append({
                 "number": number,
                 "missing": False,
@@ -567,36 +579,19 @@ class _Explainer:
                 "reason": one_line(item.reason),
                 "score": item.score,
                 "explore": item.explore,
-                "extra": self._rank_explain(digest.subscriber, item.paper_id),
-                "nearest": self._nearest(item.paper_id, [p for p in liked if p != item.paper_id]),
+                "extra": one_line(str(explanation)) if explanation is not None else "",
+                "nearest": nearest,
             })
         return {"answers": answers}
 
-    def _rank_explain(self, subscriber: str, paper_id: str) -> str:
-        explain = getattr(self.rank, "explain", None)
-        if explain is None:
-            return ""
-        from ..daemon import build_profile  # the daemon builds profiles; imported late
-
-        sub = self.config.subscriber(subscriber) or Subscriber(subscriber, subscriber)
+    def _explain(self, profile: rank.Profile, paper_id: str) -> rank.Explanation | None:
+        if paper_id not in self.index:
+            return None
         try:
-            result = explain(self.index, build_profile(self.store, sub), paper_id)
-        except (KeyError, ValueError, TypeError) as exc:
-            log.debug("why: rank.explain failed for %s: %s", paper_id, exc)
-            return ""
-        return one_line(str(result)) if result else ""
-
-    def _nearest(self, paper_id: str, liked: list[str]) -> list[dict[str, Any]]:
-        liked = [p for p in dict.fromkeys(liked) if p in self.index]
-        if paper_id not in self.index or not liked:
-            return []
-        matrix = self.index.matrix
-        target = matrix[self.index.rows([paper_id])]
-        others = matrix[self.index.rows(liked)]
-        similarity = (others @ target.T).toarray().ravel()  # rows are L2-normalised: cosine
-        order = similarity.argsort()[::-1][:NEAREST_LIKED]
-        return [{"title": _short(self.index.paper(liked[i]).title), "similarity": float(similarity[i])}
-                for i in order if similarity[i] > 0]
+            return rank.explain(self.index, profile, paper_id, settings=self.config.ranking)
+        except DigestError as exc:
+            log.warning("why: cannot explain %s: %s", paper_id, exc)
+            return None
 
 
 # --- the confirmation email ----------------------------------------------------
