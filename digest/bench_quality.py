@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .config import RankingConfig
-from .errors import DigestError
+from .errors import DigestError, InputFileError
 from .paper import Paper, is_arxiv_id
 from .rank import CorpusIndex, Profile, score_candidates
 
@@ -37,15 +37,8 @@ CUTOFF = 10  # a digest holds about ten papers
 METRIC_KEYS = ("ndcg@10", "recall@10", "mrr", "auc")
 
 
-class DatasetError(DigestError):
+class DatasetError(InputFileError):
     """A benchmark dataset is missing a file or has a malformed line."""
-
-    def __init__(self, file: str, message: str, line: int | None = None):
-        self.file = file
-        self.message = message
-        self.line = line
-        where = file if line is None else f"{file}:{line}"
-        super().__init__(f"{where}: {message}")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,23 @@ DEFAULT_IMAP_TIMEOUT = 30.0  # seconds; as for SMTP
 DEFAULT_CONFIRMATIONS_PER_HOUR = 5  # enough for a burst of replies, too few to feed a mail loop
 
 
+def read_secret(table: str, password_file: Path | None, password_env: str | None) -> str | None:
+    """A password from a file (e.g. a systemd credential) or an environment variable."""
+    if password_file is not None:
+        try:
+            return password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError("", f"{table}.password_file",
+                              f"cannot read {password_file}: {exc.strerror}") from exc
+    if password_env:
+        value = os.environ.get(password_env)
+        if value is None:
+            raise ConfigError("", f"{table}.password_env",
+                              f"environment variable {password_env} is not set")
+        return value
+    return None
+
+
 @dataclass(frozen=True)
 class SmtpConfig:
     """Where digests are sent from. ``sink`` set means the embedded local sink."""
@@ -60,21 +77,7 @@ class SmtpConfig:
 
     def password(self) -> str | None:
         """The secret, read when needed so it never sits in a config dump."""
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(
-                    "smtp", "password_file", f"cannot read {self.password_file}: {exc.strerror}"
-                ) from exc
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ConfigError(
-                    "smtp", "password_env", f"environment variable {self.password_env} is not set"
-                )
-            return value
-        return None
+        return read_secret("smtp", self.password_file, self.password_env)
 
 
 @dataclass(frozen=True)
@@ -97,21 +100,7 @@ class ImapConfig:
 
     def password(self) -> str | None:
         """The secret, read when needed so it never sits in a config dump."""
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(
-                    "imap", "password_file", f"cannot read {self.password_file}: {exc.strerror}"
-                ) from exc
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ConfigError(
-                    "imap", "password_env", f"environment variable {self.password_env} is not set"
-                )
-            return value
-        return None
+        return read_secret("imap", self.password_file, self.password_env)
 
 
 @dataclass(frozen=True)

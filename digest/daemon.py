@@ -77,6 +77,19 @@ class Runtime:
     # (subscriber, local date, what) already logged: "late" is said once per day.
     _noted: set[tuple[str, date, str]] = field(default_factory=set)
 
+    async def refresh_corpus_index(self) -> None:
+        """Refit the corpus features in a worker thread when papers were added.
+
+        A fit takes seconds on a large corpus; off the event loop, signals and
+        the other jobs are still heard meanwhile. SQLite is read on this thread.
+        """
+        seq = self.store.corpus_seq()
+        if self._index is not None and seq == self._index_seq:
+            return
+        papers = self.store.all_papers()
+        self._index = await asyncio.to_thread(CorpusIndex.fit, papers)
+        self._index_seq = seq
+
     def corpus_index(self) -> CorpusIndex:
         """The corpus features, refitted only when papers were added."""
         seq = self.store.corpus_seq()
@@ -444,6 +457,7 @@ async def _dispatch_one(
     empty_key = (sub.email.lower(), verdict.local_date)
     if not sub.send_empty and runtime.empty_days.get(empty_key) == runtime.store.corpus_seq():
         return Outcome(sub.email, "empty")  # nothing was added since we last looked
+    await runtime.refresh_corpus_index()
     try:
         prepared = prepare(runtime, sub, now, verdict.local_date)
     except DigestError as exc:

@@ -19,16 +19,13 @@ class ConfigError(DigestError):
         self.key = key
         self.message = message
         self.line = line
-        where = file
-        if line is not None:
-            where += f":{line}"
-        if key:
-            where += f": {key}"
+        place = file if line is None else f"{file}:{line}"
+        where = ": ".join(part for part in (place, key) if part)  # file is "" for a secret
         super().__init__(f"{where}: {message}")
 
 
-class DumpError(DigestError):
-    """A dump file cannot be parsed; the reason says where and why."""
+class InputFileError(DigestError):
+    """An input file (a dump, a benchmark dataset) is malformed at a file and line."""
 
     def __init__(self, file: str, message: str, line: int | None = None):
         self.file = file
@@ -36,6 +33,10 @@ class DumpError(DigestError):
         self.line = line
         where = file if line is None else f"{file}:{line}"
         super().__init__(f"{where}: {message}")
+
+
+class DumpError(InputFileError):
+    """A dump file cannot be parsed; the reason says where and why."""
 
 
 class StoreError(DigestError):
