@@ -25,6 +25,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[lint]'
 	$(BIN)/python -m ruff check digest tests
 	$(BIN)/python -m mypy digest
 
