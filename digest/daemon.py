@@ -674,6 +674,7 @@ class Daemon:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._scheduler: Any = None
         self._reply_task: asyncio.Task[None] | None = None
+        self._said_schedule = False
 
     @property
     def runtime(self) -> Runtime:
@@ -743,11 +744,27 @@ class Daemon:
                     scan(self.runtime)
                 else:
                     await dispatch(self.runtime, stop=self.stop)
+                    if not self._said_schedule:
+                        self._said_schedule = True
+                        self._log_schedule()
             except FATAL_ERRORS as exc:
                 self._fail(f"{name}: the state database failed: {exc}")
             except Exception as exc:
                 log.exception("daemon: %s failed unexpectedly", name)
                 self._fail(f"{name}: {type(exc).__name__}: {exc}")
+
+    def _log_schedule(self) -> None:
+        """After the first dispatch, one line per subscriber: when their next digest goes."""
+        now = utc_now()
+        for sub in self.runtime.config.subscribers:
+            info = subscriber_status(self.runtime, sub, now)
+            when = info["next_send_local"]
+            if when is None:
+                log.info("subscriber %s: %s; no digest scheduled", sub.email, info["state"])
+                continue
+            local = datetime.fromisoformat(when)
+            log.info("subscriber %s: next digest %s %s", sub.email,
+                     local.strftime("%a %Y-%m-%d %H:%M"), info["timezone"])
 
     def _fail(self, reason: str) -> None:
         """The daemon itself is broken: stop with a non-zero exit so systemd restarts it."""
@@ -851,6 +868,7 @@ class Daemon:
 
     def _apply(self, new: Config) -> None:
         """Switch to a new, valid config: the next tick uses it."""
+        self._said_schedule = False  # the next dispatch says the new schedule
         old_raw, runtime = self.config, self.runtime
         store = runtime.store
         if new.state != runtime.config.state:
