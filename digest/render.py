@@ -54,7 +54,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 # commands that exist today, so a new command cannot make an old email unsafe.
 COMMAND_WORDS = (
     "like", "skip", "more", "less", "unsubscribe", "subscribe", "pause", "resume",
-    "unpause", "stop", "start", "help", "undo",
+    "unpause", "stop", "start", "help", "undo", "why", "size",
 )
 _BARE_COMMAND = re.compile(
     r"^(?:" + "|".join(COMMAND_WORDS) + r")(?:\s+(?:all|\d+(?:\s*[,;]?\s*\d+)*))?$",
