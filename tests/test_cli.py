@@ -102,5 +102,6 @@ def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for template in ("digest.txt.j2", "digest.html.j2", "digest.css"):
         assert f"digest/templates/{template}" in names
-    assert "digest/cli.py" in names
+    for module in sorted((ROOT / "digest").rglob("*.py")):  # every module, sub-packages too
+        assert module.relative_to(ROOT).as_posix() in names
     assert any(name.endswith("entry_points.txt") for name in names)

@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 import pytest
 import time_machine
 
-from digest import daemon as daemon_module
 from digest.cli import main
 from digest.config import Subscriber, load_config
 from digest.daemon import (
@@ -30,6 +29,8 @@ from digest.daemon import (
     prepare,
     send_time,
 )
+from digest.daemon import jobs as jobs_module
+from digest.daemon import loop as loop_module
 from digest.mailer import Mailer
 from digest.store import Store
 
@@ -310,14 +311,14 @@ def test_one_subscribers_failure_is_theirs_alone(tmp_path: Path, smtp_server: St
         {"email": "boom@example.org", "send_at": "08:00", "interests": ["boom"]},
         {"email": "c@example.org", "send_at": "08:00"}])
     sim.ingest(utc("2026-03-01 12:00"))
-    real_rank = daemon_module.rank
+    real_rank = jobs_module.rank
 
     def rank(index: Any, profile: Any, *args: Any, **kwargs: Any) -> Any:
         if "boom" in profile.interests:
             raise ValueError("a bug in ranking")
         return real_rank(index, profile, *args, **kwargs)
 
-    monkeypatch.setattr(daemon_module, "rank", rank)
+    monkeypatch.setattr(jobs_module, "rank", rank)
     outcomes = sim.tick(utc("2026-03-02 08:00"))
     assert [(o.subscriber, o.status) for o in outcomes] == [
         ("a@example.org", "sent"), ("boom@example.org", "failed"), ("c@example.org", "sent")]
@@ -333,8 +334,8 @@ def test_the_dispatch_tick_refits_nothing_when_nothing_is_due(
     sim = make_sim(tmp_path, server, [{"email": "a@example.org", "send_at": "08:00"}])
     sim.ingest(utc("2026-03-01 12:00"))
     fits: list[int] = []
-    real_fit = daemon_module.CorpusIndex.fit
-    monkeypatch.setattr(daemon_module.CorpusIndex, "fit",
+    real_fit = jobs_module.CorpusIndex.fit
+    monkeypatch.setattr(jobs_module.CorpusIndex, "fit",
                         classmethod(lambda cls, papers: fits.append(1) or real_fit(papers)))
     sim.run(utc("2026-03-02 07:00"), utc("2026-03-03 07:50"), TEN_MINUTES)  # 150 ticks
     assert len(fits) == 1 and len(server.messages) == 1
@@ -448,7 +449,7 @@ def test_a_database_failure_while_running_stops_the_daemon_with_exit_1(
     def broken_scan(runtime: Runtime) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(daemon_module, "scan", broken_scan)
+    monkeypatch.setattr(loop_module, "scan", broken_scan)
     with caplog.at_level(logging.INFO):
         assert asyncio.run(asyncio.wait_for(Daemon(config_path).run(), timeout=20)) == 1
     assert ("daemon: scan: the state database failed: disk I/O error; stopping (exit 1)"

@@ -1,0 +1,325 @@
+"""``digest run``: the loop that runs the jobs on a timer, and its signals.
+
+APScheduler is only the timer; who is due and what was sent live in the store.
+SIGHUP reloads the config, SIGTERM finishes the message in flight and exits 0,
+a second SIGTERM exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from ..config import DEFAULT_REPLY_POLL_SECONDS, Config, load_config
+from ..errors import DigestError
+from ..mailer import LocalSink
+from ..store import Store, utc_now
+from .jobs import FATAL_ERRORS, Runtime, dispatch, scan
+from .status import subscriber_status
+
+log = logging.getLogger(__name__)
+
+# After SIGTERM, how long the job in flight may take to finish before it is cancelled
+# (its digest then stays claimed and is resent with the same Message-ID on the next start).
+STOP_GRACE_SECONDS = 5.0
+
+
+class Daemon:
+    """``digest run``: timer ticks for scan, dispatch and replies; signals for reload and stop.
+
+    Every job that writes to the store (scan, dispatch, a reply run, a reload)
+    runs on the event loop thread under one lock, so the single SQLite
+    connection has one writer at a time and a reload never lands mid-dispatch.
+    APScheduler's jobs only start those tasks: they are ours, so stopping the
+    scheduler never cancels a message in flight.
+    """
+
+    def __init__(self, config_path: str | os.PathLike[str], config: Config | None = None):
+        self.config_path = config_path
+        self.config = config if config is not None else load_config(config_path)
+        self.sink: LocalSink | None = None
+        self.stop = asyncio.Event()
+        self.exit_code = 0
+        self._runtime: Runtime | None = None
+        self._busy = asyncio.Lock()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._scheduler: Any = None
+        self._reply_task: asyncio.Task[None] | None = None
+        self._said_schedule = False
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("the daemon is not running")
+        return self._runtime
+
+    async def run(self) -> int:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        self.config.smtp.password()  # a missing secret stops the start, not every send
+        config = self._start_sink(self.config)
+        try:
+            store = Store(config.state)
+        except BaseException:
+            self._stop_sink()
+            raise
+        self._runtime = Runtime(config, store)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._request_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        self._scheduler = scheduler = AsyncIOScheduler(event_loop=loop)
+        for name, seconds in self._intervals(config).items():
+            scheduler.add_job(self._kick, "interval", args=[name], seconds=seconds, id=name,
+                              max_instances=1, coalesce=True, misfire_grace_time=None)
+        log.info("daemon: started (pid %d): inbox %s, state %s, subscribers: %d, scan every "
+                 "%gs, dispatch every %gs%s", os.getpid(), config.inbox, config.state,
+                 len(config.subscribers), config.scan_seconds, config.dispatch_seconds,
+                 ", replies on" if _replies_configured(config) else "")
+        try:
+            self._report_claimed()
+            await self._kick("scan")
+            await self._kick("dispatch")
+            scheduler.start()
+            self._start_replies()
+            await self.stop.wait()
+        finally:
+            scheduler.shutdown(wait=False)
+            await self._drain()
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            self.runtime.store.close()
+            self._stop_sink()
+            log.info("daemon: stopped (exit %d)", self.exit_code)
+        return self.exit_code
+
+    # --- jobs ---
+
+    @staticmethod
+    def _intervals(config: Config) -> dict[str, float]:
+        return {"scan": config.scan_seconds, "dispatch": config.dispatch_seconds}
+
+    async def _kick(self, name: str) -> None:
+        """Start job ``name`` unless it is already waiting or running (ticks coalesce)."""
+        task = self._tasks.get(name)
+        if self.stop.is_set() or (task is not None and not task.done()):
+            return
+        self._tasks[name] = asyncio.create_task(self._job(name), name=f"digest-{name}")
+
+    async def _job(self, name: str) -> None:
+        async with self._busy:
+            if self.stop.is_set():
+                return
+            try:
+                if name == "scan":
+                    scan(self.runtime)
+                else:
+                    await dispatch(self.runtime, stop=self.stop)
+                    if not self._said_schedule:
+                        self._said_schedule = True
+                        self._log_schedule()
+            except FATAL_ERRORS as exc:
+                self._fail(f"{name}: the state database failed: {exc}")
+            except Exception as exc:
+                log.exception("daemon: %s failed unexpectedly", name)
+                self._fail(f"{name}: {type(exc).__name__}: {exc}")
+
+    def _log_schedule(self) -> None:
+        """After the first dispatch, one line per subscriber: when their next digest goes."""
+        now = utc_now()
+        for sub in self.runtime.config.subscribers:
+            info = subscriber_status(self.runtime, sub, now)
+            when = info["next_send_local"]
+            if when is None:
+                log.info("subscriber %s: %s; no digest scheduled", sub.email, info["state"])
+                continue
+            local = datetime.fromisoformat(when)
+            log.info("subscriber %s: next digest %s %s", sub.email,
+                     local.strftime("%a %Y-%m-%d %H:%M"), info["timezone"])
+
+    def _fail(self, reason: str) -> None:
+        """The daemon itself is broken: stop with a non-zero exit so systemd restarts it."""
+        log.critical("daemon: %s; stopping (exit 1)", reason)
+        self.exit_code = 1
+        self.stop.set()
+
+    def _report_claimed(self) -> None:
+        """Say what a crash left claimed and not sent; the first dispatch resends it."""
+        config = self.runtime.config
+        for row in self.runtime.store.unsent_digests():
+            if config.subscriber(row.subscriber) is None:
+                log.warning("subscriber %s: not in the config any more; the digest of %s "
+                            "claimed at %s stays unsent until they are back", row.subscriber,
+                            row.local_date, row.claimed_at)
+            else:
+                log.warning("subscriber %s: the digest of %s was claimed at %s and is not "
+                            "marked sent (a stop mid-send, or a deferred delivery); resending "
+                            "it with the same Message-ID %s",
+                            row.subscriber, row.local_date, row.claimed_at, row.message_id)
+
+    # --- replies ---
+
+    def _start_replies(self) -> None:
+        if self._reply_task is None and _replies_configured(self.runtime.config):
+            self._reply_task = asyncio.create_task(self._reply_loop(), name="digest-replies")
+
+    async def _reply_loop(self) -> None:
+        """Read replies, then wait for more (IDLE or poll), until stopped or unconfigured."""
+        from .. import replies  # looked up per run: tests stand in for process_replies
+
+        try:
+            while not self.stop.is_set() and _replies_configured(self.runtime.config):
+                failed = False
+                async with self._busy:
+                    if self.stop.is_set():
+                        break
+                    config, store = self.runtime.config, self.runtime.store
+                    try:
+                        await replies.process_replies(config, store, stop=self.stop,
+                                                      corpus=self.runtime.corpus_index)
+                    except FATAL_ERRORS as exc:
+                        self._fail(f"replies: the state database failed: {exc}")
+                        break
+                    except DigestError as exc:  # the mailbox is unreachable, a secret missing
+                        log.error("replies: %s; trying again in %gs", exc,
+                                  _reply_poll_seconds(config))
+                        failed = True
+                    except Exception:
+                        log.exception("replies: this run failed; trying again later")
+                        failed = True
+                if failed:
+                    await self._sleep(_reply_poll_seconds(config))
+                    continue
+                try:
+                    await replies.wait_for_replies(config, self.stop)
+                except Exception:
+                    log.exception("replies: waiting for mail failed; polling again later")
+                    await self._sleep(_reply_poll_seconds(config))
+        finally:
+            self._reply_task = None
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` or until stopped."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    # --- signals ---
+
+    def _request_stop(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stop.is_set():
+            log.warning("daemon: second %s, exiting at once", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("daemon: %s received, finishing the work in flight", name)
+        self.stop.set()
+
+    def _request_reload(self) -> None:
+        log.info("daemon: SIGHUP received, reloading %s", self.config_path)
+        task = asyncio.create_task(self._reload(), name="digest-reload")
+        self._tasks[f"reload-{id(task)}"] = task
+        task.add_done_callback(lambda t: self._tasks.pop(f"reload-{id(t)}", None))
+
+    async def _reload(self) -> None:
+        try:
+            new = load_config(self.config_path)
+            new.smtp.password()
+        except DigestError as exc:
+            log.error("daemon: config reload rejected, keeping the running config: %s", exc)
+            return
+        async with self._busy:
+            if self.stop.is_set():
+                return
+            try:
+                self._apply(new)
+            except DigestError as exc:
+                log.error("daemon: config reload rejected, keeping the running config: %s", exc)
+
+    def _apply(self, new: Config) -> None:
+        """Switch to a new, valid config: the next tick uses it."""
+        self._said_schedule = False  # the next dispatch says the new schedule
+        old_raw, runtime = self.config, self.runtime
+        store = runtime.store
+        if new.state != runtime.config.state:
+            store = Store(new.state)  # a StoreError rejects the reload
+        if new.smtp != old_raw.smtp:
+            self._stop_sink()
+            effective = self._start_sink(new)
+        else:
+            effective = replace(new, smtp=runtime.config.smtp)
+        if store is not runtime.store:
+            runtime.store.close()
+            self._runtime = Runtime(effective, store)
+        else:
+            runtime.config = effective
+        self.config = new
+        if self._scheduler is not None:
+            old_intervals = self._intervals(old_raw)
+            for name, seconds in self._intervals(new).items():
+                if seconds != old_intervals[name]:
+                    self._scheduler.reschedule_job(name, trigger="interval", seconds=seconds)
+        self._start_replies()
+        before = {s.email.lower(): s for s in old_raw.subscribers}
+        after = {s.email.lower(): s for s in new.subscribers}
+        added = sorted(after.keys() - before.keys())
+        removed = sorted(before.keys() - after.keys())
+        changed = sorted(e for e in after.keys() & before.keys() if after[e] != before[e])
+        log.info("daemon: config reloaded: %d subscribers (added: %s; removed: %s; changed: %s)",
+                 len(new.subscribers), ", ".join(added) or "none", ", ".join(removed) or "none",
+                 ", ".join(changed) or "none")
+
+    # --- stopping ---
+
+    async def _drain(self) -> None:
+        """Let the job in flight finish (up to STOP_GRACE_SECONDS), then cancel what is left."""
+        pending = [t for t in (*self._tasks.values(), self._reply_task)
+                   if t is not None and not t.done()]
+        if not pending:
+            return
+        _done, late = await asyncio.wait(pending, timeout=STOP_GRACE_SECONDS)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("daemon: the work in flight did not finish within %gs and was "
+                        "cancelled; a digest it left claimed is resent on the next start",
+                        STOP_GRACE_SECONDS)
+            await asyncio.wait(late, timeout=1)
+
+    def _start_sink(self, config: Config) -> Config:
+        if config.smtp.sink is None:
+            return config
+        self.sink = LocalSink.from_config(config.smtp)
+        self.sink.start()
+        log.info("daemon: local mail sink on 127.0.0.1:%d writes messages to %s",
+                 self.sink.port, self.sink.folder)
+        return replace(config, smtp=self.sink.smtp_config())
+
+    def _stop_sink(self) -> None:
+        if self.sink is not None:
+            self.sink.stop()
+            self.sink = None
+
+
+def _replies_configured(config: Config) -> bool:
+    return config.imap is not None or config.maildir is not None
+
+
+def _reply_poll_seconds(config: Config) -> float:
+    source = config.imap or config.maildir
+    return source.poll_seconds if source is not None else float(DEFAULT_REPLY_POLL_SECONDS)
+
+
+def run_daemon(config_path: str) -> int:
+    """``digest run``: a bad config or an unusable database raises (the CLI exits 1)."""
+    config = load_config(config_path)
+    code = asyncio.run(Daemon(config_path, config).run())
+    sys.stderr.flush()
+    return code
