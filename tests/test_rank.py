@@ -42,8 +42,8 @@ from digest.rank import (
     score_candidates,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLES = SHARED / "samples"
+from .helpers import SHARED, sample_dumps
+
 CITEULIKE = SHARED / "bench" / "datasets" / "citeulike-public"
 NO_EXPLORE = RankingConfig(explore_fraction=0.0)
 
@@ -68,9 +68,8 @@ def _require(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def dumps() -> list[list[Paper]]:
-    """The papers of each real sample dump, in listing order."""
-    folder = _require(SAMPLES)
-    return [parse_file(path).papers for path in sorted(folder.glob("*.txt"))]
+    """The papers of each real sample dump (bundled in examples/inbox), in listing order."""
+    return [parse_file(path).papers for path in sample_dumps()]
 
 
 @pytest.fixture(scope="module")
