@@ -232,7 +232,7 @@ protocol imap {{
 
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:
     """A certificate and key for 127.0.0.1/localhost, made with the openssl command line."""
-    cert, key = folder / "imap-cert.pem", folder / "imap-key.pem"
+    cert, key = folder / "cert.pem", folder / "key.pem"
     if cert.exists() and key.exists():
         return cert, key
     openssl = shutil.which("openssl")

@@ -172,15 +172,7 @@ def parse_api_json(text: str, *, name: str) -> ParsedDump:
         data = data.get("papers") or data.get("items") or [data]
     if not isinstance(data, list) or not data:
         raise DumpError(name, "JSON dump must be a non-empty list of papers")
-    papers = []
-    listed: set[date] = set()
-    for index, entry in enumerate(data):
-        paper = _api_entry(entry, index, name)
-        papers.append(paper)
-        if paper.listed_on:
-            listed.add(paper.listed_on)
-    return ParsedDump(format="json", listed_on=max(listed) if listed else None,
-                      papers=_unique(papers))
+    return _listing("json", [_api_entry(entry, i, name) for i, entry in enumerate(data)])
 
 
 def _api_entry(entry: Any, index: int, name: str) -> Paper:
@@ -232,15 +224,7 @@ def parse_feed(data: bytes, *, name: str) -> ParsedDump:
         reason = getattr(feed, "bozo_exception", None)
         detail = f" ({reason})" if reason else ""
         raise DumpError(name, f"an XML file with no feed entries{detail}: not an Atom or RSS listing")
-    papers = []
-    listed: set[date] = set()
-    for index, entry in enumerate(feed.entries):
-        paper = _feed_entry(entry, index, name)
-        papers.append(paper)
-        if paper.listed_on:
-            listed.add(paper.listed_on)
-    return ParsedDump(format="feed", listed_on=max(listed) if listed else None,
-                      papers=_unique(papers))
+    return _listing("feed", [_feed_entry(entry, i, name) for i, entry in enumerate(feed.entries)])
 
 
 def _feed_entry(entry: Any, index: int, name: str) -> Paper:
@@ -265,6 +249,12 @@ def _feed_entry(entry: Any, index: int, name: str) -> Paper:
         code_links=code_links(abstract),
         listing_rank=index + 1,
     )
+
+
+def _listing(fmt: str, papers: list[Paper]) -> ParsedDump:
+    """Papers whose entries carry their own dates: the listing is of the newest one."""
+    dates = [paper.listed_on for paper in papers if paper.listed_on]
+    return ParsedDump(format=fmt, listed_on=max(dates) if dates else None, papers=_unique(papers))
 
 
 def _unique(papers: list[Paper]) -> list[Paper]:

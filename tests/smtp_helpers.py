@@ -23,10 +23,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import shutil
-import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +36,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from digest.bench_replies import DovecotUnavailable, self_signed_cert
 from digest.config import SmtpConfig
+from digest.mailer import free_port
 
 TlsMode = Literal["none", "starttls", "tls"]
 DEFAULT_REJECT_REPLY = "550 5.1.1 No such user here"
@@ -174,7 +173,7 @@ def start_smtp_server(
         # aiosmtpd only knows STARTTLS as TLS: over implicit TLS it would hide AUTH.
         options.update(authenticator=_Authenticator(*auth), auth_required=True,
                        auth_require_tls=tls == "starttls")
-    controller = _CountingController(handler, hostname="127.0.0.1", port=_free_port(),
+    controller = _CountingController(handler, hostname="127.0.0.1", port=free_port(),
                                      **options)
     controller.start()
     controller.connections = 0  # start() opened one connection of its own to check
@@ -205,32 +204,16 @@ class StartServer(Protocol):
 
 
 def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
-    """A certificate and key for 127.0.0.1/localhost, made once per folder with openssl.
+    """A certificate and key for 127.0.0.1/localhost (the benchmark's maker, with openssl).
 
     Skips the calling test when the openssl command line is not installed.
     """
-    cert, key = folder / "smtp-cert.pem", folder / "smtp-key.pem"
-    if cert.exists() and key.exists():
-        return cert, key
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command line is not installed; it makes the test certificate")
     folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
+    try:
+        return self_signed_cert(folder)
+    except DovecotUnavailable as exc:
+        pytest.skip(str(exc))
 
-
-def _free_port() -> int:
-    """aiosmtpd's Controller cannot listen on port 0 (it then connects to it), so pick one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class _CountingController(Controller):

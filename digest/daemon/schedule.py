@@ -139,8 +139,3 @@ def due(runtime: Runtime, sub: Subscriber, now: datetime, *, force: bool = False
     if now - scheduled > runtime.config.max_late:
         return Due("late", day, scheduled)
     return Due("due", day, scheduled)
-
-
-def due_status(runtime: Runtime, sub: Subscriber, now: datetime, *, force: bool) -> str:
-    """``due``, or why not: ``unsubscribed``, ``paused``, ``not-due``, ``already-sent``, ``late``."""
-    return due(runtime, sub, now, force=force).status
