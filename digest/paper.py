@@ -50,6 +50,10 @@ class Paper:
     code_links: tuple[str, ...] = field(default_factory=tuple)
     upvotes: int | None = None
     listing_rank: int | None = None  # position in its listing, 1 = first
+    authors: tuple[str, ...] = field(default_factory=tuple)  # as listed; empty when unknown
+    version: int | None = None  # arXiv version number (the "v2" of 2409.11074v2), metadata only
+    source: str | None = None  # listing kind it came from: "page", "daily-papers", "arxiv-rss", ...
+    abstract_is_summary: bool = False  # the abstract is a generated summary, not the authors'
 
     @property
     def link(self) -> str:

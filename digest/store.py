@@ -125,6 +125,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX confirmations_subscriber ON confirmations(subscriber, created_at);
     CREATE INDEX confirmations_status ON confirmations(status);
     """,
+    # 4: what listings say about a paper beyond title and abstract (shown in the digest).
+    """
+    ALTER TABLE papers ADD COLUMN authors TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE papers ADD COLUMN arxiv_version INTEGER;
+    ALTER TABLE papers ADD COLUMN source TEXT;
+    ALTER TABLE papers ADD COLUMN abstract_is_summary INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -306,11 +313,14 @@ class Store:
         if existing is None:
             db.execute(
                 "INSERT INTO papers (id, title_key, title, abstract, arxiv_id, listed_on,"
-                " code_links, upvotes, listing_rank, ingested_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " code_links, upvotes, listing_rank, ingested_at, authors, arxiv_version,"
+                " source, abstract_is_summary)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (paper.id, title_key, paper.title, paper.abstract, paper.arxiv_id,
                  paper.listed_on.isoformat() if paper.listed_on else None,
-                 json.dumps(list(paper.code_links)), paper.upvotes, paper.listing_rank, now),
+                 json.dumps(list(paper.code_links)), paper.upvotes, paper.listing_rank, now,
+                 json.dumps(list(paper.authors)), paper.version, paper.source,
+                 int(paper.abstract_is_summary)),
             )
             return 1
         # The id stays what it was (digests and feedback refer to it); fill the gaps.
@@ -318,9 +328,13 @@ class Store:
         merged_links = links + [link for link in paper.code_links if link not in links]
         db.execute(
             "UPDATE papers SET arxiv_id = COALESCE(arxiv_id, ?),"
-            " upvotes = MAX(COALESCE(upvotes, 0), COALESCE(?, 0)), code_links = ?"
+            " upvotes = MAX(COALESCE(upvotes, 0), COALESCE(?, 0)), code_links = ?,"
+            " authors = CASE WHEN authors = '[]' THEN ? ELSE authors END,"
+            " arxiv_version = MAX(COALESCE(arxiv_version, 0), COALESCE(?, 0)),"
+            " source = COALESCE(source, ?)"
             " WHERE seq = ?",
-            (paper.arxiv_id, paper.upvotes, json.dumps(merged_links), existing["seq"]),
+            (paper.arxiv_id, paper.upvotes, json.dumps(merged_links),
+             json.dumps(list(paper.authors)), paper.version, paper.source, existing["seq"]),
         )
         return 0
 
@@ -733,6 +747,10 @@ def _paper(row: sqlite3.Row) -> Paper:
         code_links=tuple(json.loads(row["code_links"])),
         upvotes=row["upvotes"],
         listing_rank=row["listing_rank"],
+        authors=tuple(json.loads(row["authors"])),
+        version=row["arxiv_version"] or None,
+        source=row["source"],
+        abstract_is_summary=bool(row["abstract_is_summary"]),
     )
 
 
