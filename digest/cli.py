@@ -220,7 +220,7 @@ def _add_daemon_commands(commands: argparse._SubParsersAction) -> None:  # type:
 
 
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    from .bench import run_ingest_bench
+    from .bench.ingest import run_ingest_bench
 
     logging.getLogger("digest.ingest").setLevel(logging.WARNING)  # one line per dump drowns the table
     result = run_ingest_bench(Path(args.data), runs=args.runs, days=args.days,
@@ -234,7 +234,7 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from .bench_quality import format_table, result_json, run_quality
+    from .bench.quality import format_table, result_json, run_quality
 
     result = run_quality(args.dataset, max_liked=args.max_liked, ranker=args.ranker,
                          progress=not args.json and sys.stderr.isatty())
@@ -246,6 +246,17 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
+
+
+def cmd_bench_faults(args: argparse.Namespace) -> int:
+    from .bench.faults import format_table, result_json, run_faults
+
+    logging.getLogger("digest").setLevel(logging.CRITICAL)  # the cases fail on purpose
+    results = run_faults(args.area or None, quick=args.quick)
+    if not args.json:
+        print(format_table(results))
+    print(result_json(results))
+    return EXIT_OK if all(r.clean for r in results) else EXIT_ERROR
 
 
 def cmd_replies(args: argparse.Namespace) -> int:
@@ -317,7 +328,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_replies(args: argparse.Namespace) -> int:
-    from .bench_replies import run_replies_bench
+    from .bench.replies import run_replies_bench
 
     logging.getLogger("digest").setLevel(logging.WARNING)  # a line per reply drowns the table
     result = run_replies_bench(count=args.count, runs=args.runs, backend=args.backend,
@@ -476,6 +487,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the shipped model, or a seeded random ranker to check the metrics")
     p.add_argument("--min-ndcg", type=float, metavar="X",
                    help="exit 1 when nDCG@10 is below X (a CI quality gate)")
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
+    from .bench.faults import AREAS
+
+    p = bench_commands.add_parser(
+        "faults", help="The fault campaign: hostile inputs, crashes, misbehaving servers.",
+        description="Try hostile dumps, configs and replies, misbehaving SMTP servers and "
+        "kill -9 during dispatch against the real code; print per area the cases tried, "
+        "crashes, data lost, duplicates and unclear errors. Exit 1 unless all are zero "
+        "(duplicates inside the 250-to-commit window are counted apart).")
+    p.set_defaults(func=cmd_bench_faults)
+    p.add_argument("--area", action="append", choices=list(AREAS),
+                   help="only this area (repeatable; default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="the smaller campaign the test suite runs")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
     _add_reply_commands(commands, bench_commands)
     return parser

@@ -5,7 +5,7 @@ one subscriber's :class:`Profile` (likes, skips, papers left unrated, interest
 phrases, seed papers) and today's candidate paper ids, and hands :func:`rank`'s
 list of :class:`Ranked` items (score, a short human reason, explore flag) on to
 rendering. :func:`score_candidates` is the model alone, without exploration:
-the ranking benchmark (``digest.bench_quality``) measures exactly that.
+the ranking benchmark (``digest.bench.quality``) measures exactly that.
 
 The model, and why it has this shape (numbers from ``digest bench quality``):
 

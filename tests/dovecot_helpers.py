@@ -1,6 +1,6 @@
 """A real IMAP server for tests: a private Dovecot on a free loopback port.
 
-The server itself is ``digest.bench_replies.Dovecot`` (the benchmark starts the
+The server itself is ``digest.bench.replies.Dovecot`` (the benchmark starts the
 same one): config, sockets, maildirs and log under the test's tmp_path, run
 as the current user (or, under root, as Dovecot's own unprivileged users).
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from digest.bench_replies import Dovecot, DovecotUnavailable, dovecot_binary
+from digest.bench.replies import Dovecot, DovecotUnavailable, dovecot_binary
 
 PASSWORD_ENV = "DIGEST_TEST_IMAP_PASSWORD"
 

@@ -36,7 +36,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from digest.bench_replies import DovecotUnavailable, self_signed_cert
+from digest.bench.replies import DovecotUnavailable, self_signed_cert
 from digest.config import SmtpConfig
 from digest.mailer import free_port
 

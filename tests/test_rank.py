@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digest.bench_quality import (
+from digest.bench.quality import (
     DatasetError,
     case_metrics,
     expected_random_ndcg,

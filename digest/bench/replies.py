@@ -31,12 +31,12 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any, Self
 
-from .config import Config, ImapConfig, MaildirConfig, SmtpConfig, Subscriber
-from .errors import DigestError
-from .mailer import LocalSink, free_port
-from .paper import Paper
-from .render import message_id_for, new_token
-from .store import ItemRow, Store, utc_now
+from ..config import Config, ImapConfig, MaildirConfig, SmtpConfig, Subscriber
+from ..errors import DigestError
+from ..mailer import LocalSink, free_port
+from ..paper import Paper
+from ..render import message_id_for, new_token
+from ..store import ItemRow, Store, utc_now
 
 DOVECOT_USER = "digest"
 DOVECOT_PASSWORD = "bench-secret"
@@ -324,8 +324,8 @@ def bench_reply(email: str, token: str, n: int) -> bytes:
 def run_replies_bench(*, count: int = 1000, runs: int = 1, backend: str = "auto",
                       subscribers: int = 200) -> dict[str, Any]:
     """Time ``process_replies`` over ``count`` waiting replies; medians of ``runs``."""
-    from .replies import process_replies
-    from .replies.mailboxes import ImapMailbox, MaildirMailbox
+    from ..replies import process_replies
+    from ..replies.mailboxes import ImapMailbox, MaildirMailbox
 
     if backend == "auto":
         backend = "imap" if dovecot_binary() else "maildir"

@@ -20,10 +20,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .dumps import parse_file
-from .errors import DigestError
-from .ingest import inbox_files, scan_inbox
-from .store import Store
+from ..dumps import parse_file
+from ..errors import DigestError
+from ..ingest import inbox_files, scan_inbox
+from ..store import Store
 
 PAGE_HEADER = ("new", "Get trending papers in your email inbox!", "Subscribe",
                "byAK and the research community")

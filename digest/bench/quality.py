@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import RankingConfig
-from .errors import DigestError, InputFileError
-from .paper import Paper, is_arxiv_id
-from .rank import CorpusIndex, Profile, score_candidates
+from ..config import RankingConfig
+from ..errors import DigestError, InputFileError
+from ..paper import Paper, is_arxiv_id
+from ..rank import CorpusIndex, Profile, score_candidates
 
 log = logging.getLogger(__name__)
 
