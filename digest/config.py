@@ -1,26 +1,48 @@
 """Config: read once at start-up (and on SIGHUP) into frozen dataclasses.
 
-Every wrong key or value is reported with the file and the key path, e.g.
-``digest.toml: subscribers[2].timezone: unknown time zone "Europe/Berln"``.
-Subscribers are numbered from 0, in file order. Relative paths are taken
-relative to the folder holding the config file, so the daemon finds the same
-files whatever its working directory.
+Every wrong key or value is reported on one line with the file and the key
+path, e.g. ``digest.toml: subscribers[2].timezone: unknown time zone
+"Europe/Berln"``, and says what is expected. Subscribers are numbered from 0,
+in file order. Relative paths are taken relative to the folder holding the
+config file, so the daemon finds the same files whatever its working directory.
+
+What a key accepts is declared once, in the ``*_KEYS`` tables below: each key
+has a check (type, range, shape), a default and the reason for that default.
+Adding a key is a line in its table plus a field of the same name in the
+dataclass it fills. A value the checks accept works later: numbers are finite
+and within a range the code can use, strings that end up in mail headers hold
+no control characters, addresses are checked with email-validator.
+
+Secrets (``password_env``, ``password_file``) are not read here but by
+``Config.check_secrets`` (``check-config``, ``send`` and ``run``) and when a
+server is contacted, so ``preview``, ``explain`` and ``send --dry-run`` work
+without them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import reprlib
+import stat
 import tomllib
-from dataclasses import dataclass, field
-from datetime import time, timedelta
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from datetime import time as time_of_day
+from email import policy
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from email_validator import EmailNotValidError, validate_email
+
 from .errors import ConfigError
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 # Defaults, each with its reason.
 DEFAULT_MAX_PAPERS = 10  # a digest a person reads over coffee
@@ -39,22 +61,65 @@ DEFAULT_REPLY_POLL_SECONDS = 60  # replies are read within a minute
 DEFAULT_IMAP_TIMEOUT = 30.0  # seconds; as for SMTP
 DEFAULT_CONFIRMATIONS_PER_HOUR = 5  # enough for a burst of replies, too few to feed a mail loop
 
+# Bounds, each with its reason.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # thousands of subscribers fit in well under 1 MiB
+MAX_SECRET_BYTES = 64 * 1024  # a password file is a line; more is the wrong file
+MIN_TICK_SECONDS = 0.01  # a shorter timer is a busy loop (the tests tick every 0.05 s)
+MAX_TICK_SECONDS = 86400.0  # dumps and send times are daily: a longer tick misses days
+MAX_LATE_HOURS = 168.0  # the scheduler looks back one week for a missed send time
+MAX_NETWORK_TIMEOUT = 3600.0  # a server silent for an hour is down, not slow
+MAX_RETRY_SECONDS = 600.0  # doubling from ten minutes already spans hours
+MAX_SMTP_ATTEMPTS = 10  # with doubling backoff, ten tries outlast any transient failure
+MAX_CONFIRMATIONS_PER_HOUR = 1000  # a cap, not a target: above this it is a mail loop
+MAX_PAPERS = 100  # more is a listing, not a digest
+MAX_NAME_CHARS = 100  # a greeting and a To header's display name
+MAX_TEXT_CHARS = 300  # a phrase, a title, a host, a mailbox name, a user name
+MAX_LIST_ITEMS = 200  # interests and seed papers: a profile, not a library
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
-def read_secret(table: str, password_file: Path | None, password_env: str | None) -> str | None:
-    """A password from a file (e.g. a systemd credential) or an environment variable."""
+
+def read_secret(table: str, password_file: Path | None, password_env: str | None,
+                *, config_file: str = "") -> str | None:
+    """A password from a file (e.g. a systemd credential) or an environment variable.
+
+    Returns None when neither is configured. Raises ConfigError naming
+    ``config_file``, the key and the variable or file when the variable is
+    unset or empty, or the file is missing, unreadable, not UTF-8, empty or
+    larger than MAX_SECRET_BYTES. Surrounding whitespace (a file's final
+    newline) is not part of the password.
+    """
     if password_file is not None:
+        key = f"{table}.password_file"
         try:
-            return password_file.read_text(encoding="utf-8").strip()
+            with password_file.open("rb") as handle:
+                raw = handle.read(MAX_SECRET_BYTES + 1)
         except OSError as exc:
-            raise ConfigError("", f"{table}.password_file",
-                              f"cannot read {password_file}: {exc.strerror}") from exc
-    if password_env:
-        value = os.environ.get(password_env)
-        if value is None:
-            raise ConfigError("", f"{table}.password_env",
-                              f"environment variable {password_env} is not set")
-        return value
-    return None
+            raise ConfigError(config_file, key,
+                              f"cannot read {password_file}: {exc.strerror or exc}") from exc
+        except ValueError as exc:  # a NUL byte in a path built outside load_config
+            raise ConfigError(config_file, key, f"cannot read {password_file}: {exc}") from exc
+        if len(raw) > MAX_SECRET_BYTES:
+            raise ConfigError(config_file, key, f"{password_file} is larger than "
+                              f"{MAX_SECRET_BYTES} bytes; it cannot be a password file")
+        try:
+            value = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(config_file, key, f"{password_file} is not UTF-8 text") from exc
+        where = str(password_file)
+    elif password_env:
+        key = f"{table}.password_env"
+        env_value = os.environ.get(password_env)
+        if env_value is None:
+            raise ConfigError(config_file, key, f"environment variable {password_env} is not set")
+        value, where = env_value.strip(), f"environment variable {password_env}"
+    else:
+        return None
+    if not value:
+        raise ConfigError(config_file, key, f"{where} is empty")
+    if _has_control(value):
+        raise ConfigError(config_file, key, f"{where} holds a control character (a line break "
+                          "inside the password?)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -74,10 +139,12 @@ class SmtpConfig:
     sink: Path | None = None  # folder the embedded aiosmtpd sink writes .eml/.html to
     attempts: int = DEFAULT_SMTP_ATTEMPTS
     retry_seconds: float = DEFAULT_SMTP_RETRY_SECONDS
+    config_file: str = field(default="", compare=False, repr=False)  # named in secret errors
 
     def password(self) -> str | None:
         """The secret, read when needed so it never sits in a config dump."""
-        return read_secret("smtp", self.password_file, self.password_env)
+        return read_secret("smtp", self.password_file, self.password_env,
+                           config_file=self.config_file)
 
 
 @dataclass(frozen=True)
@@ -97,10 +164,12 @@ class ImapConfig:
     timeout: float = DEFAULT_IMAP_TIMEOUT
     verify_tls: bool = True
     confirmations_per_hour: int = DEFAULT_CONFIRMATIONS_PER_HOUR
+    config_file: str = field(default="", compare=False, repr=False)  # named in secret errors
 
     def password(self) -> str | None:
         """The secret, read when needed so it never sits in a config dump."""
-        return read_secret("imap", self.password_file, self.password_env)
+        return read_secret("imap", self.password_file, self.password_env,
+                           config_file=self.config_file)
 
 
 @dataclass(frozen=True)
@@ -124,7 +193,7 @@ class Subscriber:
     name: str
     interests: tuple[str, ...] = ()
     seed_papers: tuple[str, ...] = ()
-    send_at: time = time(8, 0)
+    send_at: time_of_day = time_of_day(8, 0)
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_TIMEZONE))
     max_papers: int = DEFAULT_MAX_PAPERS
     days: frozenset[int] = frozenset(range(7))  # 0 = Monday, as date.weekday()
@@ -153,77 +222,557 @@ class Config:
                 return sub
         return None
 
+    def check_secrets(self) -> None:
+        """Read every password the configured servers will need; raise ConfigError if one fails.
 
-_EMAIL = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$|^[^@\s<>\"]+@localhost$")
-_HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+        The SMTP password is needed unless ``[smtp] sink`` replaces the server
+        (and only when a ``username`` is set: a server without AUTH needs
+        none); the IMAP password whenever ``[imap]`` is configured. Called by
+        ``check-config``, ``send`` (not ``--dry-run``, which contacts no
+        server) and ``run``, so a missing secret stops them at once with the
+        key and the variable or file, not at the first digest.
+        """
+        if self.smtp.sink is None and self.smtp.username:
+            self.smtp.password()
+        if self.imap is not None:
+            self.imap.password()
+
+
+# --- showing values in messages ---------------------------------------------------------
+
+
+class _Shown(reprlib.Repr):
+    """``repr`` bounded in depth and length, and safe for integers of any size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 2, 60, 60
+        self.maxlist = self.maxdict = self.maxtuple = 4
+
+    def repr_int(self, x: int, level: int) -> str:
+        if abs(x) >= 10**30:
+            return f"a {x.bit_length() * 3 // 10}-digit number" if x > 0 else "a huge negative number"
+        return repr(x)
+
+    def repr_bool(self, x: bool, level: int) -> str:
+        return "true" if x else "false"
+
+
+_SHOWN = _Shown()
+
+
+def _show(value: object) -> str:
+    """A value as a message quotes it: on one line, at most about 60 characters."""
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return '"' + _escape(text).replace('"', '\\"') + '"'
+    return _escape(_SHOWN.repr(value))
+
+
+def _escape(text: str) -> str:
+    """``text`` with every control character as ``\\uXXXX``, so a message stays on one line."""
+    return "".join(f"\\u{ord(ch):04x}" if _is_control(ch) else ch for ch in text)
+
+
+def _is_control(ch: str) -> bool:
+    # Cc: C0/C1 controls (NUL, CR, LF, ESC...); Zl/Zp: line and paragraph separators,
+    # which str.splitlines() and some terminals treat as line breaks; Cs: lone surrogates.
+    return unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs")
+
+
+def _has_control(text: str) -> bool:
+    return any(_is_control(ch) for ch in text)
+
+
+def _key_text(name: str) -> str:
+    """A key as a message names it: bare when TOML would write it bare, else quoted."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) else _show(name)
+
+
+def _typed(value: object) -> str:
+    """``a string "x"``, ``a number 0.5``: what was found, for 'expected ..., got ...'."""
+    if isinstance(value, bool):
+        return _show(value)
+    if isinstance(value, (datetime, date, time_of_day)):
+        return f"a TOML date/time {_show(value)}"
+    names = {str: "a string", int: "a whole number", float: "a number",
+             list: "a list", dict: "a table"}
+    return f"{names.get(type(value), type(value).__name__)} {_show(value)}"
+
+
+# --- checks: one kind of value each ---------------------------------------------------
+
+
+class _Bad(Exception):
+    """A value's problem; the reader adds the file and the key (and ``[index]`` of a list item)."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec:
+    """One key: its default (as written in TOML, or None), why that default, the field it fills."""
+
+    default: Any = None
+    why: str = ""
+    required: bool = False
+    attr: str | None = None  # the dataclass field, when it is not named like the key
+
+    def expects(self) -> str:
+        raise NotImplementedError
+
+    def check(self, value: Any, base: Path) -> Any:
+        """The checked (and converted) value; raises _Bad saying what is expected."""
+        raise NotImplementedError
+
+    def wrong(self, value: object) -> _Bad:
+        return _Bad(f"expected {self.expects()}, got {_typed(value)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Number(Spec):
+    """A finite number (or whole number) within [low, high]; TOML true/false is not a number."""
+
+    low: float
+    high: float
+    whole: bool = False
+    unit: str = ""
+
+    def expects(self) -> str:
+        what = "a whole number" if self.whole else "a number"
+        unit = f" of {self.unit}" if self.unit else ""
+        return f"{what}{unit} from {self.low:g} to {self.high:g}"
+
+    def check(self, value: Any, base: Path) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.wrong(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.wrong(value)
+        if self.whole and isinstance(value, float):
+            raise _Bad(f"expected {self.expects()}, got {_show(value)} (not a whole number)")
+        if not self.low <= value <= self.high:
+            raise _Bad(f"expected {self.expects()}, got {_show(value)}")
+        return int(value) if self.whole else float(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flag(Spec):
+    def expects(self) -> str:
+        return "true or false"
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, bool):
+            raise self.wrong(value)
+        return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Text(Spec):
+    """A string on one line: no control characters, bounded length, optionally a pattern."""
+
+    max_chars: int = MAX_TEXT_CHARS
+    pattern: str | None = None  # a regular expression the whole (stripped) value must match
+    shape: str = "a string on one line"
+    empty_is_default: bool = False  # "" means "not given" (a name left blank)
+
+    def expects(self) -> str:
+        return self.shape
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, str):
+            raise self.wrong(value)
+        text = value.strip()
+        if not text and self.empty_is_default:
+            return None
+        if not text:
+            raise _Bad(f"expected {self.expects()}, got an empty string")
+        if _has_control(text):
+            raise _Bad(f"expected {self.expects()}, got {_show(value)} (holds a control "
+                       "character or line break)")
+        if len(text) > self.max_chars:
+            raise _Bad(f"expected {self.expects()} of at most {self.max_chars} characters, "
+                       f"got {len(text)}")
+        if self.pattern is not None and not re.fullmatch(self.pattern, text):
+            raise _Bad(f"expected {self.expects()}, got {_show(value)}")
+        return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice(Spec):
+    options: tuple[str, ...]
+
+    def expects(self) -> str:
+        quoted = [f'"{o}"' for o in self.options]
+        return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, str) or value not in self.options:
+            raise self.wrong(value)
+        return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PathValue(Spec):
+    """A file or folder path; relative to the config file's folder; no NUL or control characters."""
+
+    def expects(self) -> str:
+        return "a path"
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, str):
+            raise self.wrong(value)
+        if not value.strip():
+            raise _Bad("expected a path, got an empty string")
+        if _has_control(value):
+            raise _Bad(f"expected a path, got {_show(value)} (holds a NUL byte, a line break or "
+                       "another control character)")
+        if len(value) > MAX_PATH_CHARS:
+            raise _Bad(f"expected a path of at most {MAX_PATH_CHARS} characters, got {len(value)}")
+        return resolve_path(base, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Email(Spec):
+    """One address (no display name), checked by email-validator.
+
+    Internationalised addresses (non-ASCII local part or domain, RFC 6531)
+    are accepted for subscribers when ``ascii_only`` is false: the mailer
+    sends them with SMTPUTF8, and a server without it fails that subscriber's
+    digest alone, saying so. Sender addresses are ASCII only (``ascii_only``):
+    they are in every message's envelope and Message-ID.
+    """
+
+    ascii_only: bool = False
+
+    def expects(self) -> str:
+        return "an email address" + (" in ASCII (xn-- form for a non-ASCII domain)"
+                                     if self.ascii_only else "")
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, str):
+            raise self.wrong(value)
+        return check_address(value.strip(), ascii_only=self.ascii_only)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FromHeader(Spec):
+    """``Name <address>`` or a bare address: exactly one, ASCII address, no line breaks."""
+
+    def expects(self) -> str:
+        return 'one address, like "Paper Digest <digest@example.org>"'
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, str):
+            raise self.wrong(value)
+        text = value.strip()
+        if _has_control(text):
+            raise _Bad(f"expected {self.expects()}, got {_show(value)} (holds a control "
+                       "character or line break)")
+        if len(text) > MAX_TEXT_CHARS:
+            raise _Bad(f"expected {self.expects()}, got {len(text)} characters")
+        try:
+            header = policy.default.header_factory("From", text)
+            addresses = header.addresses  # type: ignore[attr-defined]
+            defects = header.defects  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - the stdlib header parser fails in assorted ways
+            raise _Bad(f"expected {self.expects()}, got {_show(value)}") from exc
+        if len(addresses) != 1 or defects:
+            raise _Bad(f"expected {self.expects()}, got {_show(value)}")
+        check_address(addresses[0].addr_spec, ascii_only=True)
+        return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplyTo(Spec):
+    """The plus-address replies go to; ``{token}`` is replaced by each digest's token."""
+
+    def expects(self) -> str:
+        return 'an address holding "{token}", like "digest+{token}@example.org"'
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, str):
+            raise self.wrong(value)
+        if "{token}" not in value:
+            raise _Bad('must contain "{token}" so replies can be matched to their digest')
+        # A token is lower-case base32 (render.new_token); check the address it makes.
+        FromHeader().check(value.replace("{token}", "abcdefgh234567"), base)
+        return value.strip()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeOfDay(Spec):
+    def expects(self) -> str:
+        return 'a time "HH:MM" (24-hour)'
+
+    def check(self, value: Any, base: Path) -> Any:
+        if isinstance(value, time_of_day) and value.tzinfo is None and not (
+                value.second or value.microsecond):
+            return value  # a TOML local time, 08:00:00
+        if not isinstance(value, str):
+            raise self.wrong(value)
+        hhmm = re.fullmatch(r"([01]?[0-9]|2[0-3]):([0-5][0-9])", value.strip(), re.ASCII)
+        if not hhmm:
+            raise _Bad(f"expected {self.expects()}, got {_show(value)}")
+        return time_of_day(int(hhmm.group(1)), int(hhmm.group(2)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Zone(Spec):
+    def expects(self) -> str:
+        return 'an IANA time zone name like "Europe/Berlin"'
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, str):
+            raise self.wrong(value)
+        return load_zone(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Weekdays(Spec):
+    def expects(self) -> str:
+        return 'a list of days like ["mon", "fri"]'
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, list):
+            raise self.wrong(value)
+        days: set[int] = set()
+        for j, day in enumerate(value):
+            name = day.strip().lower() if isinstance(day, str) else None
+            if name in WEEKDAYS:
+                days.add(WEEKDAYS.index(name))
+            elif name in _WEEKDAY_NAMES:
+                days.add(_WEEKDAY_NAMES.index(name))
+            else:
+                raise _Bad(f"expected one of {', '.join(WEEKDAYS)}, got {_show(day)}", index=j)
+        if not days:
+            raise _Bad("must name at least one day")
+        return frozenset(days)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phrases(Spec):
+    """A list of non-empty one-line strings (interests, seed papers)."""
+
+    def expects(self) -> str:
+        return "a list of strings"
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, list):
+            raise self.wrong(value)
+        if len(value) > MAX_LIST_ITEMS:
+            raise _Bad(f"expected at most {MAX_LIST_ITEMS} items, got {len(value)}")
+        item = Text(shape="a non-empty string on one line")
+        phrases = []
+        for i, entry in enumerate(value):
+            try:
+                phrases.append(item.check(entry, base))
+            except _Bad as exc:
+                raise _Bad(str(exc), index=i) from None
+        return tuple(phrases)
+
+
+def check_address(address: str, *, ascii_only: bool = False) -> str:
+    """``address`` normalised by email-validator (domain lower-cased), or raise _Bad.
+
+    No DNS lookup: the daemon must start offline. Names a private mail setup
+    uses (``localhost``, ``*.local``, ``*.test``, ``*.localhost``) are
+    accepted although email-validator calls them special-use; ``.invalid``,
+    ``.onion`` and ``.arpa`` are not. Quoted local parts and IP literals are
+    refused (no real subscriber needs them, and they hide commas and spaces).
+    """
+    if _has_control(address):
+        raise _Bad(f"not an email address: {_show(address)} (holds a control character)")
+    local, at, domain = address.rpartition("@")
+    private = domain.lower().rstrip(".")
+    is_private = private == "localhost" or private.endswith((".local", ".test", ".localhost"))
+    if is_private and not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+                                       r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*", private):
+        raise _Bad(f"not an email address: {_show(address)} (bad domain)")
+    stand_in = f"{local}{at}example.org" if is_private else address
+    try:
+        checked = validate_email(stand_in, check_deliverability=False,
+                                 allow_smtputf8=not ascii_only, allow_quoted_local=False,
+                                 allow_domain_literal=False, allow_display_name=False)
+    except EmailNotValidError as exc:
+        raise _Bad(f"not an email address: {_show(address)} ({exc})") from None
+    if is_private:
+        return f"{checked.local_part}@{private}"
+    return str(checked.normalized)
+
+
+def load_zone(name: str) -> ZoneInfo:
+    """The ZoneInfo for an IANA name, or raise _Bad ``unknown time zone "NAME"``.
+
+    ZoneInfo raises ValueError for a name that is a path out of the zone
+    folder or a file that is not a zone (``zone.tab``), OSError for a name
+    the file system refuses; all mean the same to the user.
+    """
+    if len(name) > 64:
+        raise _Bad(f"unknown time zone {_show(name)}")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise _Bad(f"unknown time zone {_show(name)}") from None
+
+
+# --- the keys of each table --------------------------------------------------------------
+
+
+
+def _seconds(default: float, why: str) -> Number:
+    """A timer's period in seconds: above a busy loop, below a day."""
+    return Number(default=default, low=MIN_TICK_SECONDS, high=MAX_TICK_SECONDS, unit="seconds",
+                  why=why)
+
+
+def _timeout(default: float, why: str) -> Number:
+    return Number(default=default, low=MIN_TICK_SECONDS, high=MAX_NETWORK_TIMEOUT,
+                  unit="seconds", why=why)
+
+
+def _port(why: str) -> Number:
+    """No default here: it follows ``security``."""
+    return Number(low=1, high=65535, whole=True, why=why)
+
+_CONFIRMATIONS = Number(default=DEFAULT_CONFIRMATIONS_PER_HOUR, low=0,
+                        high=MAX_CONFIRMATIONS_PER_HOUR, whole=True,
+                        why="enough for a burst of replies, too few to feed a mail loop")
+_ENV_NAME = Text(pattern=r"[A-Za-z_][A-Za-z0-9_]*", max_chars=128,
+                 shape="an environment variable name (letters, digits, _)")
+_HOST = Text(pattern=r"[A-Za-z0-9._:\[\]-]+", max_chars=253,
+             shape="a host name or IP address (xn-- form for a non-ASCII name)")
+
+DIGEST_KEYS: dict[str, Spec] = {
+    "inbox": PathValue(default="var/inbox", why="beside the config, like everything it owns"),
+    "state": PathValue(default="var/digest.sqlite3", why="beside the config"),
+    "scan_seconds": _seconds(DEFAULT_SCAN_SECONDS,
+                             "dumps arrive daily; a minute's delay is invisible"),
+    "dispatch_seconds": _seconds(DEFAULT_DISPATCH_SECONDS, "send times are given to the minute"),
+    "max_late_hours": Number(default=DEFAULT_MAX_LATE_HOURS, low=0.01, high=MAX_LATE_HOURS,
+                             unit="hours", why="a digest half a day late is still today's news"),
+    "stable_seconds": Number(default=DEFAULT_STABLE_SECONDS, low=0, high=MAX_TICK_SECONDS,
+                             unit="seconds",
+                             why="a file still being written changes within seconds"),
+}
+
+SMTP_KEYS: dict[str, Spec] = {
+    "host": _HOST,  # required unless sink; checked in _parse_smtp
+    "port": _port("587 for starttls, 465 for tls, 25 for none"),
+    "security": Choice(options=("starttls", "tls", "none"),
+                       why="starttls: what submission servers offer; none for the sink"),
+    "username": Text(max_chars=MAX_TEXT_CHARS, shape="a user name on one line",
+                     why="none: a relay that needs no login"),
+    "password_env": _ENV_NAME,
+    "password_file": PathValue(),
+    "from": FromHeader(default="Paper Digest <digest@localhost>", attr="sender",
+                       why="works with the local sink; a real server needs your address"),
+    "reply_to": ReplyTo(default="digest+{token}@localhost", why="as from"),
+    "timeout": _timeout(DEFAULT_SMTP_TIMEOUT, "long enough for a slow relay, short enough to "
+                        "notice"),
+    "verify_tls": Flag(default=True, why="a certificate is checked unless you say otherwise"),
+    "sink": PathValue(why="none: a real server"),
+    "attempts": Number(default=DEFAULT_SMTP_ATTEMPTS, low=1, high=MAX_SMTP_ATTEMPTS, whole=True,
+                       why="a 4xx or a dropped connection: try again, a few times"),
+    "retry_seconds": Number(default=DEFAULT_SMTP_RETRY_SECONDS, low=0, high=MAX_RETRY_SECONDS,
+                            unit="seconds", why="first backoff; doubles per attempt"),
+}
+
+RANKING_KEYS: dict[str, Spec] = {
+    "unrated_weight": Number(default=DEFAULT_UNRATED_WEIGHT, low=0, high=1,
+                             why="shown and left unrated: a weak negative, not a skip"),
+    "explore_fraction": Number(default=DEFAULT_EXPLORE_FRACTION, low=0, high=1,
+                               why="one slot in ten keeps a profile from narrowing forever"),
+}
+
+IMAP_KEYS: dict[str, Spec] = {
+    "host": replace(_HOST, required=True),
+    "port": _port("993 for tls, else 143"),
+    "security": Choice(default="tls", options=("tls", "starttls", "none"),
+                       why="IMAP servers offer implicit TLS on 993"),
+    "username": Text(required=True, shape="a user name on one line"),
+    "password_env": _ENV_NAME,
+    "password_file": PathValue(),
+    "mailbox": Text(default="INBOX", shape="a mailbox name on one line",
+                    why="where mail arrives by default"),
+    "processed_mailbox": Text(shape="a mailbox name on one line",
+                              why="none: processed replies are only marked \\Seen"),
+    "poll_seconds": _seconds(DEFAULT_REPLY_POLL_SECONDS, "replies are read within a minute"),
+    "idle": Flag(default=True, why="IDLE reads a reply within seconds where offered"),
+    "timeout": _timeout(DEFAULT_IMAP_TIMEOUT, "as for SMTP"),
+    "verify_tls": Flag(default=True, why="as for SMTP"),
+    "confirmations_per_hour": _CONFIRMATIONS,
+}
+
+MAILDIR_KEYS: dict[str, Spec] = {
+    "path": PathValue(required=True),
+    "poll_seconds": IMAP_KEYS["poll_seconds"],
+    "confirmations_per_hour": _CONFIRMATIONS,
+}
+
+SUBSCRIBER_KEYS: dict[str, Spec] = {
+    "email": Email(required=True),
+    "name": Text(max_chars=MAX_NAME_CHARS, shape="a name on one line", empty_is_default=True,
+                 why="the address's local part"),
+    "interests": Phrases(default=[], why="none: the listing's order until feedback arrives"),
+    "seed_papers": Phrases(default=[], why="none"),
+    "send_at": TimeOfDay(default=DEFAULT_SEND_AT, why="before the working day starts"),
+    "timezone": Zone(default=DEFAULT_TIMEZONE,
+                     why="the only zone that is right for nobody and wrong for nobody"),
+    "max_papers": Number(default=DEFAULT_MAX_PAPERS, low=1, high=MAX_PAPERS, whole=True,
+                         why="a digest a person reads over coffee"),
+    "days": Weekdays(default=list(WEEKDAYS), why="papers appear every day"),
+    "send_empty": Flag(default=False, why="an empty email teaches people to ignore the next"),
+}
+DEFAULTABLE_KEYS = {k: v for k, v in SUBSCRIBER_KEYS.items() if k not in ("email", "name")}
+
+TOP_KEYS = ("digest", "smtp", "ranking", "defaults", "subscribers", "imap", "maildir")
 
 
 class _Reader:
-    """Checks one table's keys and values, naming the file and the key path."""
+    """Checks one table's keys and values, naming the file and the key path.
 
-    def __init__(self, file: str, table: dict[str, Any], path: str, allowed: set[str]):
+    ``explicit``: for a subscriber merged with ``[defaults]``, the keys the
+    subscriber wrote; a bad value of any other key is reported at ``defaults``,
+    where it was written.
+    """
+
+    def __init__(self, file: str, table: Mapping[str, Any], path: str, keys: Mapping[str, Spec],
+                 base: Path, explicit: Mapping[str, Any] | None = None):
         self.file = file
         self.table = table
         self.path = path
-        unknown = sorted(set(table) - allowed)
+        self.keys = keys
+        self.base = base
+        self.explicit = explicit
+        unknown = sorted(set(table) - set(keys))
         if unknown:
-            raise self.error(unknown[0], f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+            raise self.error(unknown[0], f"unknown key (expected one of: {', '.join(keys)})")
 
     def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+        prefix = self.path if self.explicit is None or name in self.explicit else "defaults"
+        return f"{prefix}.{_key_text(name)}" if prefix else _key_text(name)
 
     def error(self, name: str, message: str) -> ConfigError:
         return ConfigError(self.file, self.key(name), message)
 
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    def value(self, name: str) -> Any:
+        """The checked value of ``name``, else its checked default (None when it has none)."""
+        spec = self.keys[name]
         if name not in self.table:
-            return default
-        value = self.table[name]
-        if isinstance(value, bool) and kind in (int, float, (int, float)):
-            raise self.error(name, f"expected a number, got {value!r}")
-        if not isinstance(value, kind):
-            raise self.error(name, f"expected {_kind_name(kind)}, got {_kind_name(type(value))} {value!r}")
-        return value
+            if spec.required:
+                raise self.error(name, "missing (required)")
+            return None if spec.default is None else spec.check(spec.default, self.base)
+        try:
+            return spec.check(self.table[name], self.base)
+        except _Bad as exc:
+            index = "" if exc.index is None else f"[{exc.index}]"  # subscribers[0].days[1]
+            raise ConfigError(self.file, self.key(name) + index, str(exc)) from None
 
-    def required(self, name: str, kind: type | tuple[type, ...]) -> Any:
-        if name not in self.table:
-            raise self.error(name, "missing (required)")
-        return self.get(name, kind)
-
-    def positive(self, name: str, default: float) -> float:
-        value = self.get(name, (int, float), default)
-        if value <= 0:
-            raise self.error(name, f"must be greater than 0, got {value}")
-        return float(value)
-
-    def fraction(self, name: str, default: float) -> float:
-        value = self.get(name, (int, float), default)
-        if not 0 <= value <= 1:
-            raise self.error(name, f"must be between 0 and 1, got {value}")
-        return float(value)
-
-    def strings(self, name: str) -> tuple[str, ...]:
-        value = self.get(name, list, [])
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item.strip():
-                raise ConfigError(self.file, f"{self.key(name)}[{i}]", "expected a non-empty string")
-        return tuple(item.strip() for item in value)
-
-    def path_value(self, name: str, base: Path, default: str | None = None) -> Path | None:
-        value = self.get(name, str, default)
-        if value is None:
-            return None
-        if not value.strip():
-            raise self.error(name, "expected a path, got an empty string")
-        return resolve_path(base, value)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
-             list: "a list", dict: "a table"}
-    if isinstance(kind, tuple):
-        return " or ".join(names.get(k, k.__name__) for k in kind)
-    return names.get(kind, kind.__name__)
+    def values(self) -> dict[str, Any]:
+        """Every key's checked value, by the field it fills."""
+        return {spec.attr or name: self.value(name) for name, spec in self.keys.items()}
 
 
 def resolve_path(base: Path, value: str) -> Path:
@@ -232,238 +781,152 @@ def resolve_path(base: Path, value: str) -> Path:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and check the config file; raise ConfigError naming file and key."""
+    """Read and check the config file; raise ConfigError naming file and key.
+
+    The file must be a UTF-8 TOML document (a leading byte-order mark is
+    allowed) of at most MAX_CONFIG_BYTES; anything else, including a folder,
+    an unreadable file or tables nested too deeply for the parser, is a
+    ConfigError naming the file (and the line, where there is one).
+    """
     cfg_path = Path(path)
-    file = str(path)
+    file = _escape(str(path))  # the name as given, on one line
+    raw = _read_config_bytes(cfg_path, file)
     try:
-        raw = cfg_path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(file, None, f"cannot read config: {exc.strerror or exc}") from exc
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(file, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(file, None, f"not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                          "save the file as UTF-8", line=line) from exc
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line_match = re.search(r"line (\d+)", str(exc))
         line = int(line_match.group(1)) if line_match else None
         message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         raise ConfigError(file, None, f"TOML syntax error: {message}", line=line) from exc
+    except RecursionError:
+        raise ConfigError(file, None, "TOML nested too deeply (arrays or tables inside each "
+                          "other hundreds of levels deep)") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's 4300-digit conversion limit
+        raise ConfigError(file, None, f"TOML value out of range: {_escape(str(exc))}") from exc
     return parse_config(data, cfg_path.resolve().parent, file=file, path=cfg_path)
 
 
-SUBSCRIBER_KEYS = {
-    "email", "name", "interests", "seed_papers", "send_at", "timezone",
-    "max_papers", "days", "send_empty",
-}
-DEFAULTABLE_KEYS = SUBSCRIBER_KEYS - {"email", "name"}
+def _read_config_bytes(cfg_path: Path, file: str) -> bytes:
+    try:
+        if stat.S_ISDIR(cfg_path.stat().st_mode):
+            raise ConfigError(file, None, "is a folder, not a config file")
+        with cfg_path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(file, None, f"cannot read config: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(file, None, f"larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB; "
+                          "is it the right file?")
+    return raw
 
 
 def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> Config:
-    top = _Reader(file, data, "", {"digest", "smtp", "ranking", "defaults", "subscribers",
-                                   "imap", "maildir"})
-    digest = _Reader(file, top.get("digest", dict, {}), "digest",
-                     {"inbox", "state", "scan_seconds", "dispatch_seconds", "max_late_hours",
-                      "stable_seconds"})
-    inbox = digest.path_value("inbox", base, "var/inbox")
-    state = digest.path_value("state", base, "var/digest.sqlite3")
-    assert inbox is not None and state is not None  # both have defaults
-    smtp = _parse_smtp(file, top.get("smtp", dict, {}), base)
-    ranking_table = _Reader(file, top.get("ranking", dict, {}), "ranking",
-                            {"unrated_weight", "explore_fraction"})
-    ranking = RankingConfig(
-        unrated_weight=ranking_table.fraction("unrated_weight", DEFAULT_UNRATED_WEIGHT),
-        explore_fraction=ranking_table.fraction("explore_fraction", DEFAULT_EXPLORE_FRACTION),
-    )
+    """Check a parsed TOML document; raise ConfigError naming ``file`` and the key."""
+    top = _Reader(file, data, "", dict.fromkeys(TOP_KEYS, Spec()), base)
+    table = _table_getter(file, data)
+    digest = _Reader(file, table("digest"), "digest", DIGEST_KEYS, base)
+    settings = digest.values()
+    settings["max_late"] = timedelta(hours=settings.pop("max_late_hours"))
+    smtp = _parse_smtp(file, table("smtp"), base)
+    _check_layout(file, settings["inbox"], settings["state"], smtp.sink)
+    ranking = RankingConfig(**_Reader(file, table("ranking"), "ranking", RANKING_KEYS,
+                                      base).values())
     if "imap" in data and "maildir" in data:
         raise top.error("maildir", "give [imap] or [maildir], not both")
-    defaults_table = top.get("defaults", dict, {})
-    _Reader(file, defaults_table, "defaults", DEFAULTABLE_KEYS)
-    subscribers = _parse_subscribers(file, top.get("subscribers", list, []), defaults_table)
+    defaults_table = table("defaults")
+    _Reader(file, defaults_table, "defaults", DEFAULTABLE_KEYS, base).values()
+    items = data.get("subscribers", [])
+    if not isinstance(items, list):
+        raise top.error("subscribers", f"expected [[subscribers]] tables, got {_typed(items)}")
     return Config(
         path=path,
-        inbox=inbox,
-        state=state,
-        scan_seconds=digest.positive("scan_seconds", DEFAULT_SCAN_SECONDS),
-        dispatch_seconds=digest.positive("dispatch_seconds", DEFAULT_DISPATCH_SECONDS),
-        max_late=timedelta(hours=digest.positive("max_late_hours", DEFAULT_MAX_LATE_HOURS)),
-        stable_seconds=float(digest.get("stable_seconds", (int, float), DEFAULT_STABLE_SECONDS)),
         smtp=smtp,
         ranking=ranking,
-        subscribers=subscribers,
-        imap=_parse_imap(file, top.get("imap", dict), base) if "imap" in data else None,
-        maildir=_parse_maildir(file, top.get("maildir", dict), base) if "maildir" in data else None,
+        subscribers=_parse_subscribers(file, items, defaults_table, base),
+        imap=_parse_imap(file, table("imap"), base) if "imap" in data else None,
+        maildir=(MaildirConfig(**_Reader(file, table("maildir"), "maildir", MAILDIR_KEYS,
+                                         base).values()) if "maildir" in data else None),
+        **settings,
     )
+
+
+def _table_getter(file: str, data: dict[str, Any]) -> Callable[[str], dict[str, Any]]:
+    def table(name: str) -> dict[str, Any]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(file, name, f"expected a table [{name}], got {_typed(value)}")
+        return value
+    return table
+
+
+def _check_layout(file: str, inbox: Path, state: Path, sink: Path | None) -> None:
+    """The scan takes every file directly in the inbox for a dump: nothing of ours may live there."""
+    if state == inbox or state.parent == inbox:
+        raise ConfigError(file, "digest.state", f"{state} is in the inbox folder {inbox}; the "
+                          "scan would take the database for a dump (use another folder)")
+    if sink is not None and sink == inbox:
+        raise ConfigError(file, "smtp.sink", f"{sink} is the inbox folder; the scan would take "
+                          "the stored messages for dumps (use another folder)")
+
+
+def _password_source(r: _Reader) -> None:
+    if "password_env" in r.table and "password_file" in r.table:
+        raise r.error("password_file", "give password_env or password_file, not both")
 
 
 def _parse_imap(file: str, table: dict[str, Any], base: Path) -> ImapConfig:
-    r = _Reader(file, table, "imap",
-                {"host", "port", "security", "username", "password_env", "password_file",
-                 "mailbox", "processed_mailbox", "poll_seconds", "idle", "timeout",
-                 "verify_tls", "confirmations_per_hour"})
-    host = r.required("host", str).strip()
-    if not host:
-        raise r.error("host", "expected a host name, got an empty string")
-    security = r.get("security", str, "tls")
-    if security not in ("starttls", "tls", "none"):
-        raise r.error("security", f'expected "tls", "starttls" or "none", got "{security}"')
-    port = r.get("port", int, 993 if security == "tls" else 143)
-    if not 0 < port < 65536:
-        raise r.error("port", f"expected a port number from 1 to 65535, got {port}")
-    username = r.required("username", str)
-    if "password_env" in table and "password_file" in table:
-        raise r.error("password_file", "give password_env or password_file, not both")
+    r = _Reader(file, table, "imap", IMAP_KEYS, base)
+    values = r.values()
+    _password_source(r)
     if "password_env" not in table and "password_file" not in table:
         raise r.error("password_env", "missing (give password_env or password_file)")
-    mailbox = r.get("mailbox", str, "INBOX")
-    processed = r.get("processed_mailbox", str)
-    for key, value in (("mailbox", mailbox), ("processed_mailbox", processed or "x")):
-        if not value.strip() or "\r" in value or "\n" in value:
-            raise r.error(key, "expected a mailbox name on one line")
-    if processed is not None and processed == mailbox:
+    values["port"] = values["port"] or (993 if values["security"] == "tls" else 143)
+    if values["processed_mailbox"] is not None and values["processed_mailbox"] == values["mailbox"]:
         raise r.error("processed_mailbox", "must differ from mailbox")
-    return ImapConfig(
-        host=host,
-        port=port,
-        security=security,
-        username=username,
-        password_env=r.get("password_env", str),
-        password_file=r.path_value("password_file", base),
-        mailbox=mailbox,
-        processed_mailbox=processed,
-        poll_seconds=r.positive("poll_seconds", DEFAULT_REPLY_POLL_SECONDS),
-        idle=r.get("idle", bool, True),
-        timeout=r.positive("timeout", DEFAULT_IMAP_TIMEOUT),
-        verify_tls=r.get("verify_tls", bool, True),
-        confirmations_per_hour=_confirmations(r),
-    )
-
-
-def _parse_maildir(file: str, table: dict[str, Any], base: Path) -> MaildirConfig:
-    r = _Reader(file, table, "maildir", {"path", "poll_seconds", "confirmations_per_hour"})
-    if "path" not in table:
-        raise r.error("path", "missing (required)")
-    path = r.path_value("path", base)
-    assert path is not None  # required above
-    return MaildirConfig(
-        path=path,
-        poll_seconds=r.positive("poll_seconds", DEFAULT_REPLY_POLL_SECONDS),
-        confirmations_per_hour=_confirmations(r),
-    )
-
-
-def _confirmations(r: _Reader) -> int:
-    value = r.get("confirmations_per_hour", int, DEFAULT_CONFIRMATIONS_PER_HOUR)
-    if value < 0:
-        raise r.error("confirmations_per_hour", f"expected 0 or more, got {value}")
-    return int(value)
+    return ImapConfig(**values, config_file=file)
 
 
 def _parse_smtp(file: str, table: dict[str, Any], base: Path) -> SmtpConfig:
-    r = _Reader(file, table, "smtp",
-                {"host", "port", "security", "username", "password_env", "password_file",
-                 "from", "reply_to", "timeout", "verify_tls", "sink", "attempts",
-                 "retry_seconds"})
-    sink = r.path_value("sink", base)
-    security = r.get("security", str, "none" if sink else "starttls")
-    if security not in ("starttls", "tls", "none"):
-        raise r.error("security", f'expected "starttls", "tls" or "none", got "{security}"')
-    default_port = {"starttls": 587, "tls": 465, "none": 25}[security]
-    port = r.get("port", int, default_port)
-    if not 0 < port < 65536:
-        raise r.error("port", f"expected a port number from 1 to 65535, got {port}")
-    reply_to = r.get("reply_to", str, "digest+{token}@localhost")
-    if "{token}" not in reply_to:
-        raise r.error("reply_to", 'must contain "{token}" so replies can be matched to their digest')
-    sender = r.get("from", str, "Paper Digest <digest@localhost>")
-    for key, value in (("from", sender), ("reply_to", reply_to)):
-        if "\r" in value or "\n" in value:
-            raise r.error(key, "must not contain a line break")
-    if "password_env" in table and "password_file" in table:
-        raise r.error("password_file", "give password_env or password_file, not both")
-    if not sink and "host" not in table:
-        raise r.error("host", 'missing (required unless "sink" is set)')
-    return SmtpConfig(
-        host=r.get("host", str, "127.0.0.1"),
-        port=port,
-        security=security,
-        username=r.get("username", str),
-        password_env=r.get("password_env", str),
-        password_file=r.path_value("password_file", base),
-        sender=sender,
-        reply_to=reply_to,
-        timeout=r.positive("timeout", DEFAULT_SMTP_TIMEOUT),
-        verify_tls=r.get("verify_tls", bool, True),
-        sink=sink,
-        attempts=int(r.positive("attempts", DEFAULT_SMTP_ATTEMPTS)),
-        retry_seconds=float(r.get("retry_seconds", (int, float), DEFAULT_SMTP_RETRY_SECONDS)),
-    )
+    r = _Reader(file, table, "smtp", SMTP_KEYS, base)
+    values = r.values()
+    sink = values["sink"]
+    values["security"] = values["security"] or ("none" if sink else "starttls")
+    values["port"] = values["port"] or {"starttls": 587, "tls": 465, "none": 25}[values["security"]]
+    _password_source(r)
+    if sink is None:
+        if values["host"] is None:
+            raise r.error("host", 'missing (required unless "sink" is set)')
+        has_password = "password_env" in table or "password_file" in table
+        if values["username"] and not has_password:
+            raise r.error("username", "a username needs a password: give password_env or "
+                          "password_file")
+    values["host"] = values["host"] or "127.0.0.1"
+    return SmtpConfig(**values, config_file=file)
 
 
 def _parse_subscribers(
-    file: str, items: list[Any], defaults: dict[str, Any]
+    file: str, items: list[Any], defaults: dict[str, Any], base: Path
 ) -> tuple[Subscriber, ...]:
     subscribers: list[Subscriber] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(items):
         path = f"subscribers[{i}]"
         if not isinstance(item, dict):
-            raise ConfigError(file, path, "expected a table ([[subscribers]])")
-        merged = {**defaults, **item}
-        sub = _parse_subscriber(file, path, merged, explicit=item)
-        key = sub.email.lower()
+            raise ConfigError(file, path, f"expected a table ([[subscribers]]), got {_typed(item)}")
+        r = _Reader(file, {**defaults, **item}, path, SUBSCRIBER_KEYS, base, explicit=item)
+        values = r.values()
+        email = values["email"]
+        values["name"] = values["name"] or email.split("@")[0]
+        key = email.lower()
         if key in seen:
             raise ConfigError(file, f"{path}.email",
-                              f'duplicate subscriber "{sub.email}" (also subscribers[{seen[key]}])')
+                              f'duplicate subscriber "{email}" (also subscribers[{seen[key]}])')
         seen[key] = i
-        subscribers.append(sub)
+        subscribers.append(Subscriber(**values))
     return tuple(subscribers)
-
-
-def _parse_subscriber(
-    file: str, path: str, table: dict[str, Any], explicit: dict[str, Any]
-) -> Subscriber:
-    # A bad value inherited from [defaults] is reported where it was written.
-    def where(key: str) -> str:
-        return path if key in explicit else "defaults"
-
-    r = _Reader(file, table, path, SUBSCRIBER_KEYS)
-
-    def err(key: str, message: str) -> ConfigError:
-        return ConfigError(file, f"{where(key)}.{key}", message)
-
-    email = r.required("email", str).strip()
-    if not _EMAIL.match(email):
-        raise err("email", f'not an email address: "{email}"')
-    name = r.get("name", str, email.split("@")[0]).strip() or email.split("@")[0]
-    send_at_text = r.get("send_at", str, DEFAULT_SEND_AT)
-    hhmm = _HHMM.match(send_at_text.strip())
-    if not hhmm:
-        raise err("send_at", f'expected a time "HH:MM" (24-hour), got "{send_at_text}"')
-    tz_name = r.get("timezone", str, DEFAULT_TIMEZONE)
-    try:
-        tz = ZoneInfo(tz_name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise err("timezone", f'unknown time zone "{tz_name}"') from None
-    max_papers = r.get("max_papers", int, DEFAULT_MAX_PAPERS)
-    if not 1 <= max_papers <= 100:
-        raise err("max_papers", f"expected a number from 1 to 100, got {max_papers}")
-    days_value = r.get("days", list, list(WEEKDAYS))
-    days: set[int] = set()
-    for j, day in enumerate(days_value):
-        if not isinstance(day, str) or day.strip().lower()[:3] not in WEEKDAYS:
-            raise ConfigError(file, f"{where('days')}.days[{j}]",
-                              f"expected one of {', '.join(WEEKDAYS)}, got {day!r}")
-        days.add(WEEKDAYS.index(day.strip().lower()[:3]))
-    if not days:
-        raise err("days", "must name at least one day")
-    return Subscriber(
-        email=email,
-        name=name,
-        interests=r.strings("interests"),
-        seed_papers=r.strings("seed_papers"),
-        send_at=time(int(hhmm.group(1)), int(hhmm.group(2))),
-        timezone=tz,
-        max_papers=max_papers,
-        days=frozenset(days),
-        send_empty=r.get("send_empty", bool, False),
-    )

@@ -110,7 +110,7 @@ def test_duplicate_emails_are_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("line", "expected"), [
     ('send_at = "25:00"', 'subscribers[0].send_at: expected a time "HH:MM"'),
-    ("max_papers = 0", "subscribers[0].max_papers: expected a number from 1 to 100"),
+    ("max_papers = 0", "subscribers[0].max_papers: expected a whole number from 1 to 100"),
     ('max_papers = "ten"', "subscribers[0].max_papers: expected a whole number"),
     ('days = ["mon", "funday"]', "subscribers[0].days[1]: expected one of mon"),
     ("send_empty = 1", "subscribers[0].send_empty: expected true or false"),
