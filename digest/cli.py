@@ -21,7 +21,7 @@ from . import __version__
 from .errors import DigestError
 
 if TYPE_CHECKING:  # the commands import their stages late, to keep --help fast
-    from .config import Subscriber
+    from .config import ImapConfig, SmtpConfig, Subscriber
     from .rank import Explanation
     from .store import Store
 
@@ -66,20 +66,35 @@ class _JournalFormatter(logging.Formatter):
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
+    config.check_secrets()  # a missing password is an error worth knowing now, not at 08:00
     print(f"{config.path}: OK, {len(config.subscribers)} subscriber(s)")
     print(f"  inbox  {config.inbox}")
     print(f"  state  {config.state}")
     if config.smtp.sink is not None:
         print(f"  smtp   embedded local sink, messages in {config.smtp.sink}")
     else:
-        print(f"  smtp   {config.smtp.host}:{config.smtp.port} ({config.smtp.security})")
-        config.smtp.password()  # a missing secret is a config error worth knowing now
+        smtp = config.smtp
+        login = f", login {smtp.username} ({_secret_source(smtp)})" if smtp.username else ""
+        print(f"  smtp   {smtp.host}:{smtp.port} ({smtp.security}){login}")
+    if config.imap is not None:
+        imap = config.imap
+        print(f"  replies imap {imap.username}@{imap.host}:{imap.port} ({imap.security}), "
+              f"mailbox {imap.mailbox} ({_secret_source(imap)})")
+    elif config.maildir is not None:
+        print(f"  replies maildir {config.maildir.path}")
     for sub in config.subscribers:
         days = ",".join(d for i, d in enumerate(("mon", "tue", "wed", "thu", "fri", "sat", "sun"))
                         if i in sub.days)
         print(f"  - {sub.email}: {sub.send_at:%H:%M} {sub.timezone.key} on {days}, "
               f"up to {sub.max_papers} papers")
     return EXIT_OK
+
+
+def _secret_source(server: SmtpConfig | ImapConfig) -> str:
+    """Where the password was read from, never the password."""
+    if server.password_file is not None:
+        return f"password from {server.password_file}"
+    return f"password from ${server.password_env}" if server.password_env else "no password"
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -121,11 +136,14 @@ def _ingest_line(result: object) -> str:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    config = _config(args)  # before the heavy imports: a bad config fails at once
+    if not args.dry_run:
+        config.check_secrets()  # --dry-run contacts no server, so it needs no password
+
     from .daemon import Runtime, dispatch
     from .mailer import LocalSink
     from .store import Store
 
-    config = _config(args)
     sink = None
     if config.smtp.sink is not None and not args.dry_run:
         sink = LocalSink.from_config(config.smtp)
@@ -270,6 +288,7 @@ def cmd_replies(args: argparse.Namespace) -> int:
     if config.imap is None and config.maildir is None:
         print(f"{config.path}: no [imap] or [maildir] table, so there are no replies to read")
         return EXIT_OK
+    config.check_secrets()  # confirmations are sent, so the SMTP password is needed too
     sink = None
     if config.smtp.sink is not None:
         sink = LocalSink.from_config(config.smtp)
@@ -414,7 +433,9 @@ def _now():  # type: ignore[no-untyped-def]
 def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .config import load_config
 
-    return load_config(args.config)
+    config = load_config(args.config)
+    config.check_paths()  # a state path under a file: say which key, before any work
+    return config
 
 
 # --- the parser ---------------------------------------------------------------

@@ -237,6 +237,47 @@ class Config:
         if self.imap is not None:
             self.imap.password()
 
+    def check_paths(self) -> None:
+        """Check, creating nothing, that each configured path can be what it must be.
+
+        A folder (inbox, sink, maildir) must be a folder if it exists; the
+        state must be a file if it exists; whatever does not exist yet must
+        sit under a folder (not under a file), so it can be created. Raises
+        ConfigError naming the key. ``check-config`` calls it.
+        """
+        file = _escape(str(self.path))
+        wanted: list[tuple[str, Path | None, bool]] = [
+            ("digest.inbox", self.inbox, True), ("digest.state", self.state, False),
+            ("smtp.sink", self.smtp.sink, True),
+            ("maildir.path", self.maildir.path if self.maildir else None, True)]
+        for key, path, is_folder in wanted:
+            if path is None:
+                continue
+            problem = _path_problem(path, is_folder)
+            if problem:
+                raise ConfigError(file, key, problem)
+
+
+def _path_problem(path: Path, is_folder: bool) -> str | None:
+    """Why ``path`` cannot be the folder (or file) it must be, or None."""
+    try:
+        if path.exists():
+            if is_folder and not path.is_dir():
+                return f"{path} exists and is not a folder"
+            if not is_folder and path.is_dir():
+                return f"{path} is a folder; give the database file's path"
+            return None
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"{path} cannot be created: {ancestor} is not a folder"
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return f"{path} cannot be created: {ancestor} is not writable"
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    return None
+
 
 # --- showing values in messages ---------------------------------------------------------
 
@@ -349,7 +390,7 @@ class Number(Spec):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.wrong(value)
         if isinstance(value, float) and not math.isfinite(value):
-            raise self.wrong(value)
+            raise _Bad(f"expected {self.expects()}, got {_show(value)}")
         if self.whole and isinstance(value, float):
             raise _Bad(f"expected {self.expects()}, got {_show(value)} (not a whole number)")
         if not self.low <= value <= self.high:
@@ -584,6 +625,9 @@ def check_address(address: str, *, ascii_only: bool = False) -> str:
     """
     if _has_control(address):
         raise _Bad(f"not an email address: {_show(address)} (holds a control character)")
+    if ascii_only and not address.isascii():
+        raise _Bad(f"not an ASCII email address: {_show(address)} (write a non-ASCII domain in "
+                   "its xn-- form)")
     local, at, domain = address.rpartition("@")
     private = domain.lower().rstrip(".")
     is_private = private == "localhost" or private.endswith((".local", ".test", ".localhost"))
@@ -751,7 +795,8 @@ class _Reader:
             raise self.error(unknown[0], f"unknown key (expected one of: {', '.join(keys)})")
 
     def key(self, name: str) -> str:
-        prefix = self.path if self.explicit is None or name in self.explicit else "defaults"
+        inherited = self.explicit is not None and name in self.table and name not in self.explicit
+        prefix = "defaults" if inherited else self.path
         return f"{prefix}.{_key_text(name)}" if prefix else _key_text(name)
 
     def error(self, name: str, message: str) -> ConfigError:

@@ -62,7 +62,7 @@ class Daemon:
     async def run(self) -> int:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-        self.config.smtp.password()  # a missing secret stops the start, not every send
+        self.config.check_secrets()  # a missing secret stops the start, not every send
         config = self._start_sink(self.config)
         try:
             store = Store(config.state)
@@ -231,7 +231,7 @@ class Daemon:
     async def _reload(self) -> None:
         try:
             new = load_config(self.config_path)
-            new.smtp.password()
+            new.check_secrets()
         except DigestError as exc:
             log.error("daemon: config reload rejected, keeping the running config: %s", exc)
             return
