@@ -517,7 +517,7 @@ class FromHeader(Spec):
             header = policy.default.header_factory("From", text)
             addresses = header.addresses  # type: ignore[attr-defined]
             defects = header.defects  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001 - the stdlib header parser fails in assorted ways
+        except Exception as exc:  # the stdlib header parser fails in assorted ways on bad input
             raise _Bad(f"expected {self.expects()}, got {_show(value)}") from exc
         if len(addresses) != 1 or defects:
             raise _Bad(f"expected {self.expects()}, got {_show(value)}")
@@ -839,9 +839,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
+        bad_line = raw[:exc.start].count(b"\n") + 1
         raise ConfigError(file, None, f"not UTF-8 text (byte {exc.start}: {exc.reason}); "
-                          "save the file as UTF-8", line=line) from exc
+                          "save the file as UTF-8", line=bad_line) from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -285,8 +285,11 @@ def cases() -> list[Case]:
 
 def quick_cases() -> list[Case]:
     """The subset the test suite and CI run: valid ones, each kind of hostile value, secrets."""
-    every = cases()
-    return [every[0], every[2], *every[7::6]]
+    wanted = {"the base config", 'subscribers: email = "jos\u00e9@example.org"',
+              "digest: scan_seconds = inf", "smtp: port = 0.5", "password_env unset",
+              "email: a header injected", "subscribers: timezone = 1",
+              "arrays nested 5000 deep", "not UTF-8", "a folder", "state under a file"}
+    return [case for case in cases() if case.name in wanted]
 
 
 @dataclass
