@@ -158,3 +158,155 @@ def test_password_file(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.toml")
+
+
+# --- hostile values, secrets, paths (issue 8) ----------------------------------------
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("scan_seconds = inf", "digest.scan_seconds: expected a number of seconds from 0.01 to "
+                           "86400, got inf"),
+    ("scan_seconds = nan", "digest.scan_seconds: expected a number of seconds"),
+    ("max_late_hours = 1e300", "digest.max_late_hours: expected a number of hours from 0.01 to "
+                               "168, got 1e+300"),
+    ("stable_seconds = true", "digest.stable_seconds: expected a number of seconds from 0 to "
+                              "86400, got true"),
+    ('state = "a\\u0000b"', "digest.state: expected a path, got \"a\\u0000b\""),
+])
+def test_bad_digest_values(tmp_path: Path, line: str, expected: str) -> None:
+    body = MINIMAL.replace('state = "state.sqlite3"', line if "state" in line
+                           else f'state = "state.sqlite3"\n    {line}')
+    assert "digest.toml: " + expected in error_of(tmp_path, body)
+
+
+def test_a_whole_number_is_not_a_fraction(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL.replace("[smtp]", "[smtp]\n    port = 25.5"))
+    assert message.endswith("smtp.port: expected a whole number from 1 to 65535, got 25.5 "
+                            "(not a whole number)")
+
+
+def test_internationalised_addresses_are_accepted_for_subscribers_only(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, MINIMAL.replace(
+        "alice@example.org", "Jos\u00e9@B\u00fccher.Example")))
+    assert config.subscribers[0].email == "Jos\u00e9@b\u00fccher.example"  # domain lower-cased
+    message = error_of(tmp_path, MINIMAL.replace(
+        "[smtp]", '[smtp]\n    from = "D <digest@b\u00fccher.example>"'))
+    assert "smtp.from: not an ASCII email address" in message
+
+
+def test_private_domains_are_accepted(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, MINIMAL.replace(
+        "alice@example.org", "alice@lab.local")))
+    assert config.subscribers[0].email == "alice@lab.local"
+    assert "subscribers[0].email: not an email address" in error_of(
+        tmp_path, MINIMAL.replace("alice@example.org", "alice@x.invalid"))
+
+
+def test_header_strings_hold_no_line_break(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL + '    name = "Alice\\r\\nBcc: eve@example.net"\n')
+    assert "subscribers[0].name: expected a name on one line" in message
+    assert "\n" not in message
+
+
+def test_a_missing_email_is_reported_at_the_subscriber(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL.replace('email = "alice@example.org"', 'name = "A"'))
+    assert message.endswith("subscribers[0].email: missing (required)")
+
+
+def test_nested_too_deep_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "digest.toml"
+    path.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="TOML nested too deeply") as caught:
+        load_config(path)
+    assert caught.value.file == str(path)
+
+
+def test_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "digest.toml"
+    path.write_bytes(b'[smtp]\nhost = "x"\nfrom = "Jos\xe9 <j@example.org>"\n')
+    with pytest.raises(ConfigError, match=r"digest.toml:3: not UTF-8") as caught:
+        load_config(path)
+    assert caught.value.line == 3
+
+
+def test_a_folder_or_a_huge_file_is_not_a_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    huge = tmp_path / "huge.toml"
+    huge.write_bytes(b"#" * (5 * 1024 * 1024))
+    with pytest.raises(ConfigError, match="larger than 4 MiB"):
+        load_config(huge)
+
+
+def test_send_at_may_be_a_toml_time_and_days_full_names(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, MINIMAL + '    send_at = 07:30:00\n'
+                                      '    days = ["Monday", "fri"]\n'))
+    assert config.subscribers[0].send_at == time(7, 30)
+    assert config.subscribers[0].days == frozenset({0, 4})
+
+
+def test_secrets_name_the_file_key_and_variable(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DIGEST_TEST_NO_SUCH_VAR", raising=False)
+    path = write_config(tmp_path, MINIMAL.replace(
+        "[smtp]", '[smtp]\n    username = "u"\n    password_env = "DIGEST_TEST_NO_SUCH_VAR"'))
+    config = load_config(path)
+    with pytest.raises(ConfigError) as caught:
+        config.check_secrets()
+    assert str(caught.value) == (f"{path}: smtp.password_env: environment variable "
+                                 "DIGEST_TEST_NO_SUCH_VAR is not set")
+    monkeypatch.setenv("DIGEST_TEST_NO_SUCH_VAR", "  ")
+    with pytest.raises(ConfigError, match="DIGEST_TEST_NO_SUCH_VAR is empty"):
+        config.check_secrets()
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"", "is empty"), (b"\xff\xfe", "is not UTF-8"), (None, "cannot read"),
+])
+def test_password_file_problems(tmp_path: Path, content: bytes | None, expected: str) -> None:
+    if content is not None:
+        (tmp_path / "pw").write_bytes(content)
+    config = load_config(write_config(tmp_path, MINIMAL.replace(
+        "[smtp]", '[smtp]\n    username = "u"\n    password_file = "pw"')))
+    with pytest.raises(ConfigError, match=f"smtp.password_file: .*{expected}"):
+        config.check_secrets()
+
+
+def test_a_sink_needs_no_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DIGEST_TEST_NO_SUCH_VAR", raising=False)
+    config = load_config(write_config(tmp_path, MINIMAL.replace(
+        'host = "smtp.example.org"',
+        'sink = "out"\n    username = "u"\n    password_env = "DIGEST_TEST_NO_SUCH_VAR"')))
+    config.check_secrets()  # nothing to read: the sink replaces the server
+
+
+def test_a_username_without_a_password_is_a_config_error(tmp_path: Path) -> None:
+    assert "smtp.username: a username needs a password" in error_of(
+        tmp_path, MINIMAL.replace("[smtp]", '[smtp]\n    username = "u"'))
+
+
+def test_state_inside_the_inbox_is_refused(tmp_path: Path) -> None:
+    assert "digest.state: " in error_of(tmp_path, MINIMAL.replace(
+        'state = "state.sqlite3"', 'state = "in/state.sqlite3"'))
+
+
+COMMANDS = [["check-config"], ["ingest"], ["send"], ["send", "--dry-run"],
+            ["preview", "--user", "alice@example.org"], ["run"], ["status"],
+            ["explain", "--user", "alice@example.org"], ["replies"],
+            ["feedback", "--user", "alice@example.org"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_fails_in_one_line_on_a_bad_config_or_state_path(
+        tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from digest.cli import main
+
+    assert main(["--config", str(tmp_path), *command]) == 1  # a folder, not a config
+    assert capsys.readouterr().err == f"Error: {tmp_path}: is a folder, not a config file\n"
+    (tmp_path / "state").write_text("a file where a folder must be")
+    path = write_config(tmp_path, MINIMAL.replace('state = "state.sqlite3"',
+                                                  'state = "state/digest.sqlite3"')
+                        + '[maildir]\npath = "md"\n')
+    assert main(["--config", str(path), *command]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: {path}: digest.state: ") and err.count("\n") == 1
