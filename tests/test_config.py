@@ -164,13 +164,13 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("line", "expected"), [
-    ("scan_seconds = inf", "digest.scan_seconds: expected a number of seconds from 0.01 to "
-                           "86400, got inf"),
+    ("scan_seconds = inf", ("digest.scan_seconds: expected a number of seconds from 0.01 to "
+                           "86400, got inf")),
     ("scan_seconds = nan", "digest.scan_seconds: expected a number of seconds"),
-    ("max_late_hours = 1e300", "digest.max_late_hours: expected a number of hours from 0.01 to "
-                               "168, got 1e+300"),
-    ("stable_seconds = true", "digest.stable_seconds: expected a number of seconds from 0 to "
-                              "86400, got true"),
+    ("max_late_hours = 1e300", ("digest.max_late_hours: expected a number of hours from 0.01 to "
+                               "168, got 1e+300")),
+    ("stable_seconds = true", ("digest.stable_seconds: expected a number of seconds from 0 to "
+                              "86400, got true")),
     ('state = "a\\u0000b"', "digest.state: expected a path, got \"a\\u0000b\""),
 ])
 def test_bad_digest_values(tmp_path: Path, line: str, expected: str) -> None:
