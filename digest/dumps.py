@@ -30,7 +30,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -80,6 +80,9 @@ UPVOTES_MAX = 10**9
 # August 1991, and a listing is never dated more than a year after its file.
 EARLIEST_LISTING = date(1991, 8, 1)
 LATEST_LISTING_YEARS_AHEAD = 1
+# A page's date line may be this many days after the file's date: the file's date
+# is the saver's (or the file system's) day, the listing's can be a time zone ahead.
+LISTING_AHEAD_DAYS = 2
 
 # arXiv's RSS announce types: "new" and "cross" are the day's papers; "replace"
 # and "replace-cross" are revisions of papers announced before.
@@ -178,22 +181,27 @@ def date_from_file(path: Path) -> date:
 
 
 def listing_date(month: int, day: int, reference: date) -> date:
-    """The date ``month``/``day`` nearest to ``reference`` (the file's date).
+    """The date ``month``/``day`` nearest to ``reference`` (the file's date), not after it.
 
     A page dump says ``Dec 31`` with no year: in a file of 2026-01-02 it is
-    2025-12-31, and ``Jan 1`` in a file of 2025-12-31 is 2026-01-01. Raises
-    ValueError for a day that no month/day of the years around has (``Mar 0``,
-    ``Mar 99``, ``Feb 30``; ``Feb 29`` far from a leap year).
+    2025-12-31, and ``Jan 1`` in a file of 2025-12-31 is 2026-01-01. A page is
+    saved on or after its listing day, so a date more than
+    ``LISTING_AHEAD_DAYS`` after the file's is last year's (``Mar 12`` in a
+    file of November is the March before, not the March after). Raises
+    ValueError for a day no year around has (``Mar 0``, ``Mar 99``, ``Feb 30``).
     """
+    latest = reference + timedelta(days=LISTING_AHEAD_DAYS)
     candidates = []
     for year in (reference.year - 1, reference.year, reference.year + 1):
         try:
-            candidates.append(date(year, month, day))
+            candidate = date(year, month, day)
         except ValueError:
             continue
+        if candidate <= latest:
+            candidates.append(candidate)
     if not candidates:
         raise ValueError(f"no {MONTHS[month - 1].title()} {day} near {reference.isoformat()}")
-    return min(candidates, key=lambda candidate: abs((candidate - reference).days))
+    return max(candidates)
 
 
 def code_links(abstract: str) -> tuple[str, ...]:

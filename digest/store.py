@@ -336,21 +336,20 @@ class Store:
     def _database_errors(self, doing: str) -> Iterator[None]:
         """Turn a failure of the database itself into StoreError; let row errors pass.
 
-        SQLite reports a locked, read-only, full, unreadable or corrupt database
-        as OperationalError or as DatabaseError itself; IntegrityError,
-        DataError, InterfaceError and ProgrammingError concern the statement's
-        values, and Python's own errors (OverflowError for an integer SQLite
-        cannot hold, UnicodeEncodeError for text it cannot encode) are not
-        sqlite3 errors at all.
+        Only IntegrityError (a constraint), DataError (a value too big) and
+        InterfaceError (a value of a type SQLite cannot bind) are about the
+        statement's values, so about the file they came from; so are Python's
+        own OverflowError and UnicodeEncodeError, which are no sqlite3 errors.
+        Every other sqlite3 error (OperationalError: locked, read-only, full,
+        I/O; DatabaseError: corrupt; ProgrammingError: a closed connection)
+        is the database's, whatever file was being stored.
         """
         try:
             yield
-        except sqlite3.OperationalError as exc:
-            raise StoreError(f"{self.path}: {doing}: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            if type(exc) is sqlite3.DatabaseError:
-                raise StoreError(f"{self.path}: {doing}: {exc}") from exc
+        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError):
             raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {doing}: {exc}") from exc
 
     def _upsert_paper(self, db: sqlite3.Connection, paper: Paper, now: str) -> int:
         """Insert a paper, or complete the stored one; 1 when it was new, else 0.
