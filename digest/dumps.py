@@ -314,7 +314,8 @@ def parse_api_json(text: str, *, name: str, fallback_date: date) -> ParsedDump:
     except RecursionError as exc:
         raise DumpError(name, "JSON nested too deeply to be a listing") from exc
     except ValueError as exc:  # an integer of thousands of digits, past Python's limit
-        raise DumpError(name, f"invalid JSON: {_first_line(exc)}") from exc
+        detail = _first_line(exc).split("; use ")[0]  # not Python's advice to raise its limit
+        raise DumpError(name, f"invalid JSON: {detail}") from exc
     entries = _json_entries(data, name)
     warnings: list[str] = []
     papers = [_api_entry(entry, i, name, fallback_date, warnings)
@@ -483,13 +484,17 @@ def _authors(raw: list[str], where: str, warnings: list[str]) -> tuple[str, ...]
         warnings.append(f"{where}: {len(raw):,} authors; the first {AUTHORS_MAX:,} kept")
         raw = raw[:AUTHORS_MAX]
     names = []
+    cut = 0
     for value in raw:
         author = clean_text(value[: 4 * AUTHOR_MAX_CHARS])
         if len(author) > AUTHOR_MAX_CHARS:
-            warnings.append(f"{where}: an author name of {len(author):,}+ characters cut")
+            cut += 1
             author = _cut(author, AUTHOR_MAX_CHARS)
         if author:
             names.append(author)
+    if cut:
+        warnings.append(f"{where}: {cut:,} author names longer than {AUTHOR_MAX_CHARS} "
+                        "characters cut")
     return tuple(names)
 
 
