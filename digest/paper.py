@@ -16,11 +16,20 @@ from dataclasses import dataclass, field
 from datetime import date
 from urllib.parse import quote_plus
 
+# The archives of old-style ids (before April 2007), so that "hello/0611846" is no id.
+OLD_ARCHIVES = (
+    "acc-phys", "adap-org", "alg-geom", "ao-sci", "astro-ph", "atom-ph", "bayes-an",
+    "chao-dyn", "chem-ph", "cmp-lg", "comp-gas", "cond-mat", "cs", "dg-ga", "funct-an",
+    "gr-qc", "hep-ex", "hep-lat", "hep-ph", "hep-th", "math-ph", "math", "mtrl-th", "nlin",
+    "nucl-ex", "nucl-th", "patt-sol", "physics", "plasm-ph", "q-alg", "q-bio", "quant-ph",
+    "solv-int", "supr-con",
+)
 # The id itself, new style (YYMM.NNNN until 2014, YYMM.NNNNN since 2015) or old
 # style (archive[.SUBJECT-CLASS]/YYMMNNN, until March 2007), then an optional
 # version. arXiv's own identifier scheme: https://info.arxiv.org/help/arxiv_identifier.html
 _ID_BODY = (r"(?:(?P<new>\d{2}(?:0[1-9]|1[0-2])\.\d{4,5})"
-            r"|(?P<archive>[a-z]+(?:-[a-z]+)?)(?:\.[a-z][a-z-]*)?/(?P<old>\d{2}(?:0[1-9]|1[0-2])\d{3}))"
+            r"|(?P<archive>" + "|".join(OLD_ARCHIVES) + r")(?:\.[a-z][a-z-]*)?"
+            r"/(?P<old>\d{2}(?:0[1-9]|1[0-2])\d{3}))"
             r"(?:v(?P<version>\d{1,4}))?")
 # The forms an id is written in: bare, "arXiv:" prefixed, an OAI identifier, or
 # a link to its abs, PDF or HTML page (".pdf" and a trailing slash allowed).
