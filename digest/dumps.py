@@ -190,7 +190,8 @@ def listing_date(month: int, day: int, reference: date) -> date:
     file of November is the March before, not the March after). Raises
     ValueError for a day no year around has (``Mar 0``, ``Mar 99``, ``Feb 30``).
     """
-    latest = reference + timedelta(days=LISTING_AHEAD_DAYS)
+    latest = reference + timedelta(days=LISTING_AHEAD_DAYS) \
+        if reference < date.max - timedelta(days=LISTING_AHEAD_DAYS) else date.max
     candidates = []
     for year in (reference.year - 1, reference.year, reference.year + 1):
         try:
@@ -608,7 +609,7 @@ def _feed_entry(entry: Any, index: int, name: str, where: str, reference: date |
 def _feed_date(item: Any, where: str, reference: date | None, warnings: list[str]) -> date | None:
     """The date an entry (or channel) was published, as written: RFC 822 or ISO 8601."""
     for key in ("published", "updated"):
-        raw = str(item.get(key, "") or "").strip()
+        raw = str(dict.get(item, key) or "").strip()  # not feedparser's updated->published alias
         if not raw:
             continue
         try:
