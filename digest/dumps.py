@@ -243,8 +243,10 @@ def _cut(text: str, limit: int) -> str:
 
 def parse_page(text: str, *, name: str, fallback_date: date) -> ParsedDump:
     """The page dump: header (and menu) lines, the date line, then title / abstract pairs."""
+    # A line of nothing but control characters is as blank as an empty one.
     content = [(number, line.strip())
-               for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+               for number, line in enumerate(text.splitlines(), start=1)
+               if line.strip() and _CONTROL.sub("", line).strip()]
     searched = content[:DATE_LINE_SEARCH_LINES]
     date_index = next((i for i, (_, line) in enumerate(searched) if _DATE_LINE.match(line)), None)
     if date_index is None:
