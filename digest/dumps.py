@@ -437,7 +437,7 @@ def _iso_date(text: str, where: str, reference: date | None, warnings: list[str]
     if not text:
         return None
     try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text.strip())
     except ValueError:
         try:
             moment = datetime.fromisoformat(text.strip()[:10])

@@ -319,17 +319,17 @@ class Store:
         """
         now = _iso(utc_now())
         new = updated = 0
-        with self._database_errors(f"cannot store the dump {path}"):
-            with self.transaction() as db:
-                for paper in papers:
-                    new += self._upsert_paper(db, paper, now)
-                for paper in updates:
-                    updated += self._revise_paper(db, paper)
-                db.execute(
-                    "INSERT INTO dumps (sha256, path, format, papers, new_papers, ingested_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (sha256, path, fmt, len(papers), new, now),
-                )
+        with self._database_errors(f"cannot store the dump {path}"), \
+                self.transaction() as db:
+            for paper in papers:
+                new += self._upsert_paper(db, paper, now)
+            for paper in updates:
+                updated += self._revise_paper(db, paper)
+            db.execute(
+                "INSERT INTO dumps (sha256, path, format, papers, new_papers, ingested_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (sha256, path, fmt, len(papers), new, now),
+            )
         return ListingStored(new=new, updated=updated)
 
     @contextmanager

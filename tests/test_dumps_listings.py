@@ -291,10 +291,10 @@ def test_a_date_line_with_its_year_is_taken_as_written() -> None:
     assert parsed.listed_on == date(2024, 3, 12)
 
 
-MENU = "\n".join(["Hugging Face", "Models", "Datasets", "Spaces", "Posts", "Docs",
-                  "Enterprise", "Pricing", "Log In", "Sign Up", "Daily Papers",
-                  "by AK and the research community", "Search papers", "Submit",
-                  "Previous", "Next", "Daily", "Weekly", "Monthly"])
+MENU_LINES = ("Hugging Face", "Models", "Datasets", "Spaces", "Posts", "Docs", "Enterprise",
+              "Pricing", "Log In", "Sign Up", "Daily Papers", "by AK and the research community",
+              "Search papers", "Submit", "Previous", "Next", "Daily", "Weekly", "Monthly")
+MENU = "\n".join(MENU_LINES)
 
 
 def test_a_page_with_a_site_menu_still_finds_its_date_line() -> None:

@@ -113,10 +113,10 @@ def feed_dumps(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         items = "".join(item() for _ in range(draw(st.integers(0, 3))))
         return (f'<rss version="2.0" xmlns:dc="http://purl.org/dc/elements/1.1/"><channel>'
-                f"<title>{draw(xml_texts)}</title>{items}</channel></rss>").encode("utf-8")
+                f"<title>{draw(xml_texts)}</title>{items}</channel></rss>").encode()
     entries = "".join(entry() for _ in range(draw(st.integers(0, 3))))
     return (f'<feed xmlns="http://www.w3.org/2005/Atom"><title>{draw(xml_texts)}</title>'
-            f"{entries}</feed>").encode("utf-8")
+            f"{entries}</feed>").encode()
 
 
 @st.composite

@@ -143,10 +143,10 @@ def random_cases(rng: random.Random, count: int) -> list[Case]:
         if kind == 0:
             data = seed[: rng.randrange(len(seed) + 1)]
         elif kind == 1:
-            data = bytearray(seed)
+            flipped = bytearray(seed)
             for _ in range(rng.randint(1, 8)):
-                data[rng.randrange(len(data))] = rng.randrange(256)
-            data = bytes(data)
+                flipped[rng.randrange(len(flipped))] = rng.randrange(256)
+            data = bytes(flipped)
         elif kind == 2:
             cut = rng.randrange(len(seed) + 1)
             data = seed[:cut] + rng.choice(SEEDS)[rng.randrange(len(seed)):] + seed[cut:]
@@ -216,7 +216,7 @@ def _try_case(result: AreaResult, store: Store, case: Case, inbox: Path,
     path = _drop(inbox, case)
     try:
         outcome = scan_inbox(store, inbox, stable_seconds=0)
-    except Exception as exc:  # the campaign counts what escaped the boundary
+    except Exception as exc:  # noqa: BLE001 - the campaign counts what escaped the boundary
         result.crashes += 1
         result.notes.append(f"{case.what}: the scan raised {type(exc).__name__}: "
                             f"{str(exc)[:120]}")
@@ -288,7 +288,7 @@ def _restart(result: AreaResult, workdir: Path, inboxes: list[tuple[Case, Path]]
         for case, inbox in inboxes:
             try:
                 outcome = scan_inbox(store, inbox, stable_seconds=0)
-            except Exception as exc:  # counted, as in the first pass
+            except Exception as exc:  # noqa: BLE001 - counted, as in the first pass
                 result.crashes += 1
                 result.notes.append(f"restart, {case.what}: {type(exc).__name__}: {exc}")
                 continue
@@ -309,7 +309,7 @@ def _database_failure(result: AreaResult, workdir: Path) -> None:
         scan_inbox(store, inbox, stable_seconds=0)
     except StoreError:
         pass
-    except Exception as exc:  # anything but StoreError is a crash of the daemon's contract
+    except Exception as exc:  # noqa: BLE001 - anything but StoreError breaks the contract
         result.crashes += 1
         result.notes.append(f"database failure: {type(exc).__name__} instead of StoreError")
     else:
