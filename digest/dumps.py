@@ -48,10 +48,10 @@ _DATE_LINE = re.compile(
 _NAME_DATE = re.compile(r"(20\d\d)[-_.]?(0[1-9]|1[0-2])[-_.]?(0[1-9]|[12]\d|3[01])")
 _URL = re.compile(r"https?://[^\s<>\"'\]\[]+")
 _URL_TRAILING = ".,;:!?)}'\""
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-# Control characters (C0, DEL, C1): never part of a title; whitespace among them is
-# collapsed with the rest. Format characters (the zero-width joiner of emoji) stay.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What is never part of a title or an abstract: control characters (C0, DEL, C1;
+# they become spaces, collapsed with the rest) and lone surrogates (they cannot be
+# stored or sent as UTF-8). Format characters (the zero-width joiner of emoji) stay.
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 # Limits on what one dump may hold. Each bounds the memory and the time a hostile
 # or broken file can cost, and each sits far above what real listings hold.
@@ -223,8 +223,13 @@ def clean_text(text: str) -> str:
     A lone surrogate (``\\ud800`` written as an escape in JSON) cannot be
     stored or sent as UTF-8: it becomes U+FFFD, the replacement character.
     """
-    text = _CONTROL.sub(" ", _SURROGATE.sub("\ufffd", text))
+    if not text.isprintable():  # checked in C; most text needs only the whitespace pass
+        text = _UNSTORABLE.sub(_replacement, text)
     return " ".join(text.split())
+
+
+def _replacement(match: re.Match[str]) -> str:
+    return "\ufffd" if match.group() >= "\ud800" else " "
 
 
 def _cut(text: str, limit: int) -> str:
@@ -243,10 +248,9 @@ def _cut(text: str, limit: int) -> str:
 
 def parse_page(text: str, *, name: str, fallback_date: date) -> ParsedDump:
     """The page dump: header (and menu) lines, the date line, then title / abstract pairs."""
-    # A line of nothing but control characters is as blank as an empty one.
-    content = [(number, line.strip())
-               for number, line in enumerate(text.splitlines(), start=1)
-               if line.strip() and _CONTROL.sub("", line).strip()]
+    # Each line cleaned once: a line of nothing but control characters is blank too.
+    cleaned = ((number, clean_text(line)) for number, line in enumerate(text.splitlines(), 1))
+    content = [(number, line) for number, line in cleaned if line]
     searched = content[:DATE_LINE_SEARCH_LINES]
     date_index = next((i for i, (_, line) in enumerate(searched) if _DATE_LINE.match(line)), None)
     if date_index is None:
@@ -264,7 +268,7 @@ def parse_page(text: str, *, name: str, fallback_date: date) -> ParsedDump:
         raise DumpError(name, "no papers after the date line", line=date_line_no)
     if len(body) % 2:
         last_line, last = body[-1]
-        raise DumpError(name, f"title without an abstract: {clean_text(last[:60])!r} "
+        raise DumpError(name, f"title without an abstract: {last[:60]!r} "
                         "(file cut short, or still being written?)", line=last_line)
     papers = []
     warnings: list[str] = []
@@ -273,8 +277,8 @@ def parse_page(text: str, *, name: str, fallback_date: date) -> ParsedDump:
         if len(raw_title) > TITLE_MAX_CHARS:
             raise DumpError(name, f"expected a title, found {len(raw_title):,} characters of "
                             "text (titles and abstracts out of step)", line=title_line)
-        title = clean_text(raw_title)
-        abstract = _abstract(raw_abstract, f"line {abstract_line}", warnings)
+        title = raw_title
+        abstract = _bounded_abstract(raw_abstract, f"line {abstract_line}", warnings)
         papers.append(Paper(
             id=paper_id_for(title, None),
             title=title,
@@ -474,7 +478,10 @@ def _title(raw: str, name: str, where: str) -> str:
 def _abstract(raw: str, where: str, warnings: list[str]) -> str:
     if len(raw) > 4 * ABSTRACT_MAX_CHARS:
         raw = raw[: 4 * ABSTRACT_MAX_CHARS]  # the rest would be cut below anyway
-    abstract = clean_text(raw)
+    return _bounded_abstract(clean_text(raw), where, warnings)
+
+
+def _bounded_abstract(abstract: str, where: str, warnings: list[str]) -> str:
     if len(abstract) > ABSTRACT_MAX_CHARS:
         warnings.append(f"{where}: abstract of {len(abstract):,}+ characters cut to "
                         f"{ABSTRACT_MAX_CHARS:,}")

@@ -54,8 +54,10 @@ def normalise_title(title: str) -> str:
     A title with no letters or digits at all (only emoji or punctuation) keeps
     its symbols, so two such titles stay two papers instead of both becoming "".
     """
-    text = unicodedata.normalize("NFKD", title)
-    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = title
+    if not text.isascii():  # ASCII has no accents to strip: skip the per-character pass
+        text = unicodedata.normalize("NFKD", text)
+        text = "".join(ch for ch in text if not unicodedata.combining(ch))
     words = _SPACE.sub(" ", _NOT_WORD.sub(" ", text.casefold())).strip()
     if words:
         return words
