@@ -30,7 +30,12 @@ from digest.errors import DumpError, StoreError
 from digest.ingest import FAILED_DIR, ingest_file, scan_inbox
 from digest.store import Store
 
+from .daemon_helpers import daemon_process, fill_inbox, wait_until, write_daemon_config
 from .helpers import sample_dumps
+from .smtp_helpers import (  # noqa: F401  (smtp_server_fixture provides the smtp_server fixture)
+    StartServer,
+    smtp_server_fixture,
+)
 
 DAY = date(2026, 3, 12)
 PAGE = ("header line\n\nMar 12\n\nA Paper About Sheep\n\nSheep are counted by a model.\n\n"
@@ -371,3 +376,32 @@ def test_samples_still_ingest_after_hostile_files(store: Store, tmp_path: Path) 
     statuses = scan(store, inbox)
     assert sorted(statuses.values()) == ["failed"] * 4 + ["ingested"] * 2
     assert store.paper_count() == 116
+
+
+@pytest.mark.slow
+def test_the_daemon_sends_its_first_digest_past_hostile_files(tmp_path: Path,
+                                                              smtp_server: StartServer) -> None:
+    """``digest run`` as a child process: hostile files fail alone, the digest goes out."""
+    server = smtp_server()
+    inbox = fill_inbox(tmp_path)
+    hostile = {"0-nested.json": b"[" * 100_000,
+               "0-bigint.json": b'[{"title": "Big", "paper": {"upvotes": ' + b"7" * 5000 + b"}}]",
+               "0-huge-title.json": api('"' + "x" * 1_000_000 + '"'),
+               "0-mar99.txt": PAGE.replace("Mar 12", "Mar 99").encode(),
+               "0-bad-\udcff-name.txt": b"not a dump\n"}
+    for name, data in hostile.items():
+        drop(inbox, name, data)
+    config = write_daemon_config(tmp_path, port=server.port, digest={
+        "scan_seconds": 0.2, "dispatch_seconds": 0.2, "max_late_hours": 24},
+        subscribers=[{"email": "reader@example.org", "send_at": "00:00", "timezone": "UTC"}])
+    with daemon_process(config, tmp_path / "daemon.log") as daemon:
+        # The corpus fit takes seconds; on a busy CI machine, many.
+        wait_until(lambda: len(server.messages) == 1, timeout=180, what="the first digest")
+        assert daemon.proc.poll() is None  # still running
+    failed = inbox / FAILED_DIR
+    for name, data in hostile.items():
+        assert (failed / name).read_bytes() == data
+        assert (failed / (name + ".reason")).read_text(encoding="utf-8").strip()
+    log = daemon.log()
+    assert "Traceback" not in log and "stopping" not in log
+    assert "0-bad-\\xff-name.txt" in log
