@@ -126,13 +126,14 @@ def _ingest_line(result: object) -> str:
     from .ingest import IngestResult
 
     assert isinstance(result, IngestResult)
+    revised = f", {result.revised} revised" if result.revised else ""
     if result.status == "ingested":
-        return f"{result.path}: {result.papers} papers, {result.new_papers} new"
+        return f"{result.name}: {result.papers} papers, {result.new_papers} new{revised}"
     if result.status == "duplicate":
-        return f"{result.path}: already ingested (same content), skipped"
+        return f"{result.name}: already ingested (same content), skipped"
     if result.status == "unstable":
-        return f"{result.path}: modified just now, left for the next scan"
-    return f"{result.path}: FAILED: {result.reason} (moved to failed/)"
+        return f"{result.name}: modified just now, left for the next scan"
+    return f"{result.name}: FAILED: {result.reason} (moved to failed/)"
 
 
 def cmd_send(args: argparse.Namespace) -> int:

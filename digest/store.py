@@ -155,6 +155,14 @@ class DumpRecord:
 
 
 @dataclass(frozen=True)
+class ListingStored:
+    """What storing one listing did: papers added, stored papers revised."""
+
+    new: int
+    updated: int
+
+
+@dataclass(frozen=True)
 class DigestRow:
     id: int
     subscriber: str
@@ -277,7 +285,9 @@ class Store:
     # --- dumps and papers ---------------------------------------------------
 
     def dump_record(self, sha256: str) -> DumpRecord | None:
-        row = self._db.execute("SELECT * FROM dumps WHERE sha256 = ?", (sha256,)).fetchone()
+        """The dump recorded with this content hash; StoreError when the database fails."""
+        with self._database_errors("cannot read the dump records"):
+            row = self._db.execute("SELECT * FROM dumps WHERE sha256 = ?", (sha256,)).fetchone()
         return DumpRecord(**dict(row)) if row else None
 
     def recent_dumps(self, limit: int = 10) -> list[DumpRecord]:
@@ -287,27 +297,73 @@ class Store:
         return [DumpRecord(**dict(row)) for row in rows]
 
     def add_dump(self, sha256: str, path: str, fmt: str, papers: Sequence[Paper]) -> int:
-        """Store a dump's papers and its record in one transaction; return how many were new.
+        """Store a dump's papers and its record in one transaction; return how many were new."""
+        return self.add_listing(sha256, path, fmt, papers).new
 
-        A paper already stored (same id, or same normalised title) is kept as it
-        is, with fields it lacked filled in from the new listing.
+    def add_listing(
+        self, sha256: str, path: str, fmt: str, papers: Sequence[Paper],
+        updates: Sequence[Paper] = (),
+    ) -> ListingStored:
+        """Store a listing in one transaction: its papers, its revisions, its dump record.
+
+        A paper already stored (same id, or same normalised title) keeps its id
+        and gains what it lacked (see ``_upsert_paper``). ``updates`` (arXiv's
+        ``replace`` entries) change a stored paper's title, abstract and version
+        and never add a paper, so a revised old paper is no new candidate.
+        An empty listing is recorded too, as a dump of 0 papers.
+
+        Raises StoreError when the database itself fails (locked, read-only,
+        full, corrupt): the daemon's failure, not the file's. An error about one
+        of this file's rows (a constraint, a value SQLite cannot hold) is raised
+        as it is, after the rollback, for the caller to record as the file's.
         """
         now = _iso(utc_now())
-        new = 0
-        with self.transaction() as db:
+        new = updated = 0
+        with self._database_errors(f"cannot store the dump {path}"), \
+                self.transaction() as db:
             for paper in papers:
                 new += self._upsert_paper(db, paper, now)
+            for paper in updates:
+                updated += self._revise_paper(db, paper)
             db.execute(
                 "INSERT INTO dumps (sha256, path, format, papers, new_papers, ingested_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (sha256, path, fmt, len(papers), new, now),
             )
-        return new
+        return ListingStored(new=new, updated=updated)
+
+    @contextmanager
+    def _database_errors(self, doing: str) -> Iterator[None]:
+        """Turn a failure of the database itself into StoreError; let row errors pass.
+
+        Only IntegrityError (a constraint), DataError (a value too big) and
+        InterfaceError (a value of a type SQLite cannot bind) are about the
+        statement's values, so about the file they came from; so are Python's
+        own OverflowError and UnicodeEncodeError, which are no sqlite3 errors.
+        Every other sqlite3 error (OperationalError: locked, read-only, full,
+        I/O; DatabaseError: corrupt; ProgrammingError: a closed connection)
+        is the database's, whatever file was being stored.
+        """
+        try:
+            yield
+        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError):
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {doing}: {exc}") from exc
 
     def _upsert_paper(self, db: sqlite3.Connection, paper: Paper, now: str) -> int:
+        """Insert a paper, or complete the stored one; 1 when it was new, else 0.
+
+        Completing never loses what is stored: the id stays (digests and
+        feedback refer to it), missing fields are filled, upvotes only grow.
+        The abstract is replaced only by a longer one that continues it (a page
+        dump cut mid-abstract, completed by a later listing) or by the authors'
+        abstract where only a generated summary was stored; never the reverse.
+        """
         title_key = normalise_title(paper.title)
         existing = db.execute(
-            "SELECT seq, arxiv_id, upvotes, code_links FROM papers WHERE id = ? OR title_key = ?",
+            "SELECT seq, abstract, abstract_is_summary, code_links FROM papers"
+            " WHERE id = ? OR title_key = ?",
             (paper.id, title_key),
         ).fetchone()
         if existing is None:
@@ -323,20 +379,54 @@ class Store:
                  int(paper.abstract_is_summary)),
             )
             return 1
-        # The id stays what it was (digests and feedback refer to it); fill the gaps.
         links = json.loads(existing["code_links"])
         merged_links = links + [link for link in paper.code_links if link not in links]
+        abstract, is_summary = existing["abstract"], bool(existing["abstract_is_summary"])
+        if _completes(abstract, is_summary, paper.abstract, paper.abstract_is_summary):
+            abstract, is_summary = paper.abstract, paper.abstract_is_summary
         db.execute(
             "UPDATE papers SET arxiv_id = COALESCE(arxiv_id, ?),"
             " upvotes = MAX(COALESCE(upvotes, 0), COALESCE(?, 0)), code_links = ?,"
             " authors = CASE WHEN authors = '[]' THEN ? ELSE authors END,"
             " arxiv_version = MAX(COALESCE(arxiv_version, 0), COALESCE(?, 0)),"
-            " source = COALESCE(source, ?)"
+            " source = COALESCE(source, ?), abstract = ?, abstract_is_summary = ?"
             " WHERE seq = ?",
             (paper.arxiv_id, paper.upvotes, json.dumps(merged_links),
-             json.dumps(list(paper.authors)), paper.version, paper.source, existing["seq"]),
+             json.dumps(list(paper.authors)), paper.version, paper.source, abstract,
+             int(is_summary), existing["seq"]),
         )
         return 0
+
+    def _revise_paper(self, db: sqlite3.Connection, paper: Paper) -> int:
+        """Apply a revision (arXiv ``replace``) to the stored paper of that id; 1 if stored.
+
+        An older version than the stored one changes nothing. The title changes
+        unless another stored paper already has the new title.
+        """
+        existing = db.execute(
+            "SELECT seq, COALESCE(arxiv_version, 0) AS version FROM papers WHERE id = ?",
+            (paper.id,),
+        ).fetchone()
+        if existing is None or (paper.version or 0) < existing["version"]:
+            return 0
+        title_key = normalise_title(paper.title)
+        clash = db.execute("SELECT 1 FROM papers WHERE title_key = ? AND seq != ?",
+                           (title_key, existing["seq"])).fetchone()
+        db.execute(
+            "UPDATE papers SET"
+            " title = CASE WHEN ? THEN title ELSE ? END,"
+            " title_key = CASE WHEN ? THEN title_key ELSE ? END,"
+            " abstract = CASE WHEN ? = '' THEN abstract ELSE ? END,"
+            " abstract_is_summary = CASE WHEN ? = '' THEN abstract_is_summary ELSE 0 END,"
+            " authors = CASE WHEN ? = '[]' THEN authors ELSE ? END,"
+            " arxiv_version = MAX(COALESCE(arxiv_version, 0), COALESCE(?, 0))"
+            " WHERE seq = ?",
+            (clash is not None, paper.title, clash is not None, title_key,
+             paper.abstract, paper.abstract, paper.abstract,
+             json.dumps(list(paper.authors)), json.dumps(list(paper.authors)),
+             paper.version, existing["seq"]),
+        )
+        return 1
 
     def paper_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM papers").fetchone()[0])
@@ -725,6 +815,22 @@ def _statements(script: str) -> Iterator[str]:
             pending = ""
     if pending.strip():
         raise StoreError(f"incomplete SQL statement in a migration: {pending.strip()[:60]}")
+
+
+def _completes(stored: str, stored_is_summary: bool, offered: str, offered_is_summary: bool) -> bool:
+    """True when ``offered`` should replace the stored abstract.
+
+    A page dump cut mid-abstract stores the start of it: a longer abstract
+    that begins with the stored text completes it. The authors' abstract
+    replaces a generated summary. A shorter or different text never replaces.
+    """
+    if not offered or offered == stored:
+        return False
+    if stored_is_summary and not offered_is_summary:
+        return True
+    if offered_is_summary and not stored_is_summary and stored:
+        return False
+    return len(offered) > len(stored) and offered.startswith(stored.rstrip(" .\u2026"))
 
 
 def _state(row: sqlite3.Row) -> SubscriberState:

@@ -95,7 +95,7 @@ def test_api_json_dump() -> None:
     parsed = parse_bytes(data, name="api.json", fallback_date=date(2026, 1, 1))
     paper = parsed.papers[0]
     assert (parsed.format, paper.id, paper.arxiv_id, paper.upvotes) == (
-        "json", "2405.15738", "2405.15738", 12)
+        "daily-papers", "2405.15738", "2405.15738", 12)
     assert paper.listed_on == date(2024, 5, 27) and paper.code_links == ("https://github.com/a/b",)
     assert paper.link == "https://arxiv.org/abs/2405.15738"
 
@@ -217,7 +217,7 @@ Abstract: Another &lt;b&gt;abstract&lt;/b&gt;.</description>
 def test_arxiv_rss_feed() -> None:
     parsed = parse_bytes(ARXIV_RSS, name="cs.CL.xml", fallback_date=date(2026, 1, 1))
     first, second = parsed.papers
-    assert parsed.format == "feed" and parsed.listed_on == date(2026, 3, 12)
+    assert parsed.format == "arxiv-rss" and parsed.listed_on == date(2026, 3, 12)
     assert (first.id, first.arxiv_id, first.title) == (
         "2112.04137", "2112.04137", "Pareto Domain Adaptation")
     assert first.abstract.startswith("Domain adaptation (DA)")
