@@ -112,6 +112,46 @@ class MaildirConfig:
     confirmations_per_hour: int = DEFAULT_CONFIRMATIONS_PER_HOUR
 
 
+# [[sources]] defaults, each with its reason.
+DEFAULT_FETCH_AT = ("06:00", "12:00", "18:00")  # a listing grows over its day; 06:00 sees it whole
+DEFAULT_FETCH_TIMEOUT = 30.0  # seconds to connect or to wait for the next bytes
+DEFAULT_FETCH_ATTEMPTS = 3  # a 5xx or a dropped connection: two more tries, then the next fetch time
+DEFAULT_FETCH_RETRY_SECONDS = 5.0  # first backoff; doubles per attempt (5, 10 s)
+DEFAULT_FETCH_MAX_BYTES = 20_000_000  # a day's listing is well under 5 MB; stops a runaway answer
+DEFAULT_FETCH_LOOKBACK_DAYS = 1  # with {date}: yesterday's listing again, for late additions
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (RFC 9110)
+# Set by the fetcher itself: a config value would break conditional GET or the framing.
+_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection",
+                     "if-none-match", "if-modified-since"}
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """A listing the daemon fetches itself (``[[sources]]``) into the inbox.
+
+    ``url`` may hold ``{date}``, replaced by the listing date (YYYY-MM-DD) in
+    ``timezone``; ``at`` are the local times of day to fetch.
+    """
+
+    name: str
+    url: str
+    at: tuple[time, ...] = tuple(time.fromisoformat(t) for t in DEFAULT_FETCH_AT)
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_TIMEZONE))
+    headers: tuple[tuple[str, str], ...] = ()
+    contact: str | None = None  # for the User-Agent; None: the address of [smtp] from
+    timeout: float = DEFAULT_FETCH_TIMEOUT
+    attempts: int = DEFAULT_FETCH_ATTEMPTS
+    retry_seconds: float = DEFAULT_FETCH_RETRY_SECONDS
+    max_bytes: int = DEFAULT_FETCH_MAX_BYTES
+    lookback_days: int = DEFAULT_FETCH_LOOKBACK_DAYS
+
+    @property
+    def dated(self) -> bool:
+        """True when the URL names a listing date (``{date}``)."""
+        return "{date}" in self.url
+
+
 @dataclass(frozen=True)
 class RankingConfig:
     unrated_weight: float = DEFAULT_UNRATED_WEIGHT
@@ -145,6 +185,7 @@ class Config:
     subscribers: tuple[Subscriber, ...] = ()
     imap: ImapConfig | None = None  # where replies are read from (or maildir, or neither)
     maildir: MaildirConfig | None = None
+    sources: tuple[SourceConfig, ...] = ()  # listings fetched into the inbox
 
     def subscriber(self, email: str) -> Subscriber | None:
         wanted = email.strip().lower()
@@ -260,7 +301,7 @@ DEFAULTABLE_KEYS = SUBSCRIBER_KEYS - {"email", "name"}
 
 def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> Config:
     top = _Reader(file, data, "", {"digest", "smtp", "ranking", "defaults", "subscribers",
-                                   "imap", "maildir"})
+                                   "imap", "maildir", "sources"})
     digest = _Reader(file, top.get("digest", dict, {}), "digest",
                      {"inbox", "state", "scan_seconds", "dispatch_seconds", "max_late_hours",
                       "stable_seconds"})
@@ -292,6 +333,7 @@ def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> 
         subscribers=subscribers,
         imap=_parse_imap(file, top.get("imap", dict), base) if "imap" in data else None,
         maildir=_parse_maildir(file, top.get("maildir", dict), base) if "maildir" in data else None,
+        sources=_sources(file, top.get("sources", list, [])),
     )
 
 
@@ -467,3 +509,109 @@ def _parse_subscriber(
         days=frozenset(days),
         send_empty=r.get("send_empty", bool, False),
     )
+
+
+SOURCE_KEYS = {"url", "name", "at", "timezone", "headers", "contact", "timeout", "attempts",
+               "retry_seconds", "max_bytes", "lookback_days"}
+
+
+def _sources(file: str, items: list[Any]) -> tuple[SourceConfig, ...]:
+    """The ``[[sources]]`` tables, checked; names are unique (they name the inbox files)."""
+    sources: list[SourceConfig] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        path = f"sources[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(file, path, "expected a table ([[sources]])")
+        source = _source(file, path, item)
+        key = source.name.lower()
+        if key in seen:
+            raise ConfigError(file, f"{path}.name",
+                              f'duplicate source name "{source.name}" (also sources[{seen[key]}]);'
+                              ' give each source its own name')
+        seen[key] = i
+        sources.append(source)
+    return tuple(sources)
+
+
+def _source(file: str, path: str, table: dict[str, Any]) -> SourceConfig:
+    from urllib.parse import urlsplit
+
+    r = _Reader(file, table, path, SOURCE_KEYS)
+    url = r.required("url", str).strip()
+    placeholders = set(re.findall(r"\{([^{}]*)\}", url))
+    if placeholders - {"date"}:
+        raise r.error("url", f'unknown placeholder "{{{min(placeholders - {"date"})}}}"'
+                      ' (the only one is {date}, the listing date YYYY-MM-DD)')
+    try:
+        parts = urlsplit(url.replace("{date}", "2026-01-01"))
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise r.error("url", f'not a URL: "{url}" ({exc})') from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise r.error("url", f'expected an http:// or https:// URL, got "{url}"')
+    if any(ch.isspace() for ch in url):
+        raise r.error("url", f'a URL has no spaces (write %20): "{url}"')
+    name = r.get("name", str, parts.hostname).strip()
+    if not _SOURCE_NAME.match(name):
+        raise r.error("name", f'expected letters, digits, ".", "_" or "-" (it names the inbox '
+                      f'files), at most 64, got "{name}"')
+    at_value = r.get("at", list, list(DEFAULT_FETCH_AT))
+    times: set[time] = set()
+    for j, text in enumerate(at_value):
+        hhmm = _HHMM.match(text.strip()) if isinstance(text, str) else None
+        if hhmm is None:
+            raise ConfigError(file, f"{path}.at[{j}]",
+                              f'expected a time "HH:MM" (24-hour), got {text!r}')
+        times.add(time(int(hhmm.group(1)), int(hhmm.group(2))))
+    if not times:
+        raise r.error("at", 'must give at least one time of day, e.g. ["06:00"]')
+    tz_name = r.get("timezone", str, DEFAULT_TIMEZONE)
+    try:
+        tz = ZoneInfo(tz_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise r.error("timezone", f'unknown time zone "{tz_name}"') from None
+    contact = r.get("contact", str)
+    if contact is not None and not _EMAIL.match(contact.strip()):
+        raise r.error("contact", f'not an email address: "{contact}"')
+    attempts = r.get("attempts", int, DEFAULT_FETCH_ATTEMPTS)
+    if not 1 <= attempts <= 10:
+        raise r.error("attempts", f"expected a number from 1 to 10, got {attempts}")
+    retry_seconds = r.get("retry_seconds", (int, float), DEFAULT_FETCH_RETRY_SECONDS)
+    if retry_seconds < 0:
+        raise r.error("retry_seconds", f"expected 0 or more, got {retry_seconds}")
+    max_bytes = r.get("max_bytes", int, DEFAULT_FETCH_MAX_BYTES)
+    if max_bytes < 1:
+        raise r.error("max_bytes", f"must be greater than 0, got {max_bytes}")
+    lookback = r.get("lookback_days", int, DEFAULT_FETCH_LOOKBACK_DAYS)
+    if not 0 <= lookback <= 7:
+        raise r.error("lookback_days", f"expected a number from 0 to 7, got {lookback}")
+    return SourceConfig(
+        name=name,
+        url=url,
+        at=tuple(sorted(times)),
+        timezone=tz,
+        headers=_headers(file, path, r.get("headers", dict, {})),
+        contact=contact.strip() if contact is not None else None,
+        timeout=r.positive("timeout", DEFAULT_FETCH_TIMEOUT),
+        attempts=attempts,
+        retry_seconds=float(retry_seconds),
+        max_bytes=max_bytes,
+        lookback_days=lookback,
+    )
+
+
+def _headers(file: str, path: str, table: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for name, value in table.items():
+        key = f"{path}.headers.{name}"
+        if not _HEADER_NAME.match(name):
+            raise ConfigError(file, key, "not an HTTP header name")
+        if name.lower() in _RESERVED_HEADERS:
+            raise ConfigError(file, key, "set by paper-digest itself; remove it")
+        if not isinstance(value, str):
+            raise ConfigError(file, key, f"expected a string, got {_kind_name(type(value))}")
+        if any(ch in value for ch in "\r\n\0"):
+            raise ConfigError(file, key, "must be one line")
+        headers.append((name, value.strip()))
+    return tuple(headers)
