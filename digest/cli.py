@@ -48,7 +48,7 @@ def setup_logging(verbosity: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Third-party chatter stays out of a human's log unless asked for.
-    for noisy in ("apscheduler", "mail.log", "aiosmtplib"):
+    for noisy in ("apscheduler", "mail.log", "aiosmtplib", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
 
 
