@@ -272,7 +272,9 @@ async def download(
     Each source is one unit: whatever its fetch raises (other than cancellation)
     becomes that source's failed result, logged with its reason.
     """
-    results = []
+    results: list[SourceResult] = []
+    if not plans:
+        return results  # a client costs a TLS context; most ticks have nothing to fetch
     async with httpx.AsyncClient(follow_redirects=True, max_redirects=MAX_REDIRECTS,
                                  verify=True, transport=transport) as client:
         for plan in plans:
