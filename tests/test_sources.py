@@ -109,10 +109,10 @@ class ListingServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 owner._answer(self)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # the test reads ``requests``, not stderr
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -410,7 +410,7 @@ def test_429_with_a_long_retry_after_stops_and_the_source_waits_until_then(
     assert server.paths() == ["/api", "/huge"]  # not retried within the fetch
     assert results[0].not_before == utc("2026-03-12 11:00")
     assert results[1].not_before == DAY + MAX_RETRY_AFTER  # capped
-    hf, huge = config.sources
+    hf = config.sources[0]
     run = store.source_run("hf")
     assert run is not None and not is_due(hf, run, utc("2026-03-12 10:59"))
     assert is_due(hf, run, utc("2026-03-12 11:00"))

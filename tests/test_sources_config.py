@@ -149,7 +149,7 @@ def test_every_wrong_key_is_named_with_the_file(tmp_path: Path, sources: str,
 
 def _sources_blocks(text: str) -> list[str]:
     """The ```toml blocks of a Markdown text that hold [[sources]]."""
-    return [block for block in re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    return [block for block in re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)
             if "[[sources]]" in block]
 
 
