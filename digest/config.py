@@ -613,5 +613,7 @@ def _headers(file: str, path: str, table: dict[str, Any]) -> tuple[tuple[str, st
             raise ConfigError(file, key, f"expected a string, got {_kind_name(type(value))}")
         if any(ch in value for ch in "\r\n\0"):
             raise ConfigError(file, key, "must be one line")
+        if not value.isascii():  # HTTP header values are sent as ASCII
+            raise ConfigError(file, key, "must be ASCII text (percent- or base64-encode it)")
         headers.append((name, value.strip()))
     return tuple(headers)

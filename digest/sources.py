@@ -486,12 +486,21 @@ async def _answer(plan: SourcePlan, planned: PlannedUrl, response: httpx.Respons
 def _fetched(plan: SourcePlan, url: str, response: httpx.Response, sha: str | None,
              file: str | None, size: int | None, previous: FetchedUrl | None) -> FetchedUrl:
     """What to remember of this answer; a 304 may omit validators, so the old ones stay."""
-    etag = response.headers.get("ETag") or (previous.etag if previous else None)
-    modified = response.headers.get("Last-Modified") or (
+    etag = _validator(response, "ETag") or (previous.etag if previous else None)
+    modified = _validator(response, "Last-Modified") or (
         previous.last_modified if previous else None)
     return FetchedUrl(source=plan.source.name, url=url, etag=etag, last_modified=modified,
                       sha256=sha, file=file, bytes=size,
                       fetched_at=utc_now().isoformat(timespec="seconds"))
+
+
+def _validator(response: httpx.Response, name: str) -> str | None:
+    """A validator header worth sending back: printable ASCII (a request header must be),
+    short; anything else is dropped and the body's hash tells an unchanged listing."""
+    value = response.headers.get(name, "").strip()
+    if value and value.isascii() and value.isprintable() and len(value) <= 512:
+        return value
+    return None
 
 
 def _content_length(response: httpx.Response) -> int | None:

@@ -321,6 +321,16 @@ def test_an_unchanged_listing_is_not_downloaded_again_etag_and_last_modified(
     assert server.requests[4].headers["If-None-Match"] == '"v1"'
 
 
+def test_a_validator_that_cannot_be_sent_back_is_dropped(server: ListingServer,
+                                                         setup: Any) -> None:
+    server.script("/api", Answer(200, RSS, etag='"caf\u00e9"'))  # a Latin-1 byte on the wire
+    config, store = setup(source(server, "/api"))
+    fetch(config, store, DAY)
+    [again] = fetch(config, store, DAY + timedelta(hours=6))
+    assert again.status == "ok" and again.urls[0].status == "unchanged"
+    assert "If-None-Match" not in server.requests[1].headers
+
+
 def test_a_server_without_validators_the_same_body_is_not_written_again_a_new_one_is(
         server: ListingServer, setup: Any) -> None:
     first = api_listing("2026-03-12", "Graph Rewiring")
@@ -360,6 +370,23 @@ def test_404_fails_at_once_without_retry_and_status_shows_it(
     [shown] = json.loads(capsys.readouterr().out)["sources"]
     assert shown["last_fetch"]["outcome"] == "failed"
     assert shown["last_fetch"]["detail"].endswith("HTTP 404 Not Found")
+
+
+def test_status_before_the_first_fetch_and_after_a_good_one(
+        server: ListingServer, setup: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    server.script("/api", Answer(200, RSS))
+    config, store = setup(source(server, "/api", at=["07:00"], timezone="Europe/Berlin"))
+    args = ["--config", str(config.path), "status"]
+    with time_machine.travel(DAY, tick=False):
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"- hf: never fetched ({server.url('/api')})\n    next fetch due now" in out
+    fetch(config, store, DAY)
+    with time_machine.travel(DAY, tick=False):
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "- hf: ok, fetched 2026-03-12T09:00:00+00:00 (1 written)" in out
+    assert "next fetch Fri 2026-03-13 07:00 Europe/Berlin" in out
 
 
 def test_500_then_200_is_retried_with_backoff(server: ListingServer, setup: Any,

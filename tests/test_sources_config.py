@@ -123,6 +123,8 @@ def test_every_key(tmp_path: Path) -> None:
      "sources[0].headers.X-A: expected a string, got a whole number"),
     ("[[sources]]\nurl = 'https://example.org/'\nheaders = { X-A = \"a\\nb\" }",
      "sources[0].headers.X-A: must be one line"),
+    ("[[sources]]\nurl = 'https://example.org/'\nheaders = { X-A = 'café' }",
+     "sources[0].headers.X-A: must be ASCII text"),
     ("[[sources]]\nurl = 'https://example.org/'\ncontact = 'nobody'",
      'sources[0].contact: not an email address: "nobody"'),
     ("[[sources]]\nurl = 'https://example.org/'\ntimeout = 0",
