@@ -349,22 +349,23 @@ async def _fetch_url(client: httpx.AsyncClient, plan: SourcePlan, planned: Plann
                      stop: asyncio.Event | None) -> UrlResult:
     """One URL, with retries: backoff doubling from ``retry_seconds``, or the Retry-After."""
     source = plan.source
-    for attempt in range(1, source.attempts + 1):
+    attempt = 1
+    while True:
         try:
             return await _get(client, plan, planned)
         except FetchError as exc:
-            if not exc.transient or attempt == source.attempts:
+            if not exc.transient or attempt >= source.attempts:
                 raise
             wait = (exc.retry_after if exc.retry_after is not None
                     else source.retry_seconds * 2 ** (attempt - 1))
             if wait > MAX_RETRY_AFTER_WAIT:
                 raise
+            attempt += 1
             log.warning("source %s: %s; trying again in %gs (attempt %d of %d)",
-                        source.name, exc, wait, attempt + 1, source.attempts)
+                        source.name, exc, wait, attempt, source.attempts)
             if await _stopped_during(wait, stop):
                 raise FetchError(planned.url, f"{exc.reason}; not tried again: the daemon "
                                  "is stopping", transient=True, status=exc.status) from exc
-    raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
 
 async def _stopped_during(seconds: float, stop: asyncio.Event | None) -> bool:

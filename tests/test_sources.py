@@ -86,6 +86,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before the status line: a slow server
     chunked: bool = False  # no Content-Length: the size is known only by reading
+    trickle: float = 0.0  # seconds between chunks of 16 bytes: a server that never finishes
     etag: str | None = None
     last_modified: str | None = None
 
@@ -161,9 +162,12 @@ class ListingServer:
             if answer.chunked:
                 handler.send_header("Transfer-Encoding", "chunked")
                 handler.end_headers()
-                for start in range(0, len(answer.body), 4096):
-                    piece = answer.body[start:start + 4096]
+                size = 16 if answer.trickle else 4096
+                for start in range(0, len(answer.body), size):
+                    piece = answer.body[start:start + size]
                     handler.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                    handler.wfile.flush()
+                    time.sleep(answer.trickle)
                 handler.wfile.write(b"0\r\n\r\n")
             else:
                 handler.send_header("Content-Length", str(len(answer.body)))
@@ -453,13 +457,18 @@ def test_429_with_a_long_retry_after_stops_and_the_source_waits_until_then(
 def test_a_slow_answer_times_out_and_a_network_error_is_a_failure_too(
         server: ListingServer, setup: Any) -> None:
     server.script("/slow", Answer(200, RSS, delay=3))
+    server.script("/trickle", Answer(200, RSS, chunked=True, trickle=0.1))  # 16 bytes / 0.1 s
     closed = ListingServer()
     dead_url = closed.url("/api")
     closed.close()  # nothing listens on that port any more
     config, store = setup(source(server, "/slow", timeout=0.2, attempts=1),
+                          source(server, "/trickle", name="trickle", timeout=0.2, attempts=1),
                           {"name": "dead", "url": dead_url, "attempts": 2, "retry_seconds": 0})
-    slow, dead = fetch(config, store, DAY)
+    slow, trickle, dead = fetch(config, store, DAY)
     assert slow.status == "failed" and "no answer within 0.2s (ReadTimeout" in slow.detail
+    # Each piece comes within the timeout, but the whole may take 4 timeouts at most.
+    assert trickle.status == "failed" and trickle.detail.endswith(
+        "the answer took longer than 0.8s")
     assert dead.status == "failed" and "network error: ConnectError" in dead.detail
     assert slow.retry_at == dead.retry_at == DAY + RETRY_FAILED_AFTER
     assert inbox_names(config) == []
