@@ -486,10 +486,11 @@ async def _answer(plan: SourcePlan, planned: PlannedUrl, response: httpx.Respons
 
 def _fetched(plan: SourcePlan, url: str, response: httpx.Response, sha: str | None,
              file: str | None, size: int | None, previous: FetchedUrl | None) -> FetchedUrl:
-    """What to remember of this answer; a 304 may omit validators, so the old ones stay."""
-    etag = _validator(response, "ETag") or (previous.etag if previous else None)
-    modified = _validator(response, "Last-Modified") or (
-        previous.last_modified if previous else None)
+    """What to remember of this answer: a 200's own validators; a 304 may omit them, and
+    then the ones it confirmed stay."""
+    kept = previous if previous is not None and response.status_code == 304 else None
+    etag = _validator(response, "ETag") or (kept.etag if kept else None)
+    modified = _validator(response, "Last-Modified") or (kept.last_modified if kept else None)
     return FetchedUrl(source=plan.source.name, url=url, etag=etag, last_modified=modified,
                       sha256=sha, file=file, bytes=size,
                       fetched_at=utc_now().isoformat(timespec="seconds"))
