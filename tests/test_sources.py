@@ -633,7 +633,9 @@ def test_the_daemon_fetches_on_schedule_into_the_inbox_and_its_scan_ingests_it(
         daemon.stop.set()
         assert await running == 0
 
-    with caplog.at_level(logging.INFO), time_machine.travel(utc("2026-03-12 05:59:59"), tick=True):
+    with caplog.at_level(logging.INFO, logger="digest.sources"), \
+            caplog.at_level(logging.INFO, logger="digest.ingest"), \
+            time_machine.travel(utc("2026-03-12 05:59:59"), tick=True):
         asyncio.run(asyncio.wait_for(scenario(), timeout=30))
     assert server.paths() == ["/api/daily_papers?date=2026-03-12"]
     assert server.requests[0].at >= utc("2026-03-12 06:00")  # not before its time
@@ -661,7 +663,8 @@ def test_a_failing_source_never_stops_the_daemon(tmp_path: Path, server: Listing
         daemon.stop.set()
         assert await running == 0
 
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="digest.sources"), \
+            caplog.at_level(logging.INFO, logger="digest.daemon"):
         asyncio.run(asyncio.wait_for(scenario(), timeout=30))
     assert "source hf: " in caplog.text and "HTTP 404 Not Found" in caplog.text
     assert server.paths() == ["/missing"]  # a 404 waits for the next scheduled time
