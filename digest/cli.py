@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -23,6 +24,7 @@ from .errors import DigestError
 if TYPE_CHECKING:  # the commands import their stages late, to keep --help fast
     from .config import ImapConfig, SmtpConfig, Subscriber
     from .rank import Explanation
+    from .sources import UrlResult
     from .store import Store
 
 log = logging.getLogger("digest")
@@ -46,7 +48,7 @@ def setup_logging(verbosity: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Third-party chatter stays out of a human's log unless asked for.
-    for noisy in ("apscheduler", "mail.log", "aiosmtplib"):
+    for noisy in ("apscheduler", "mail.log", "aiosmtplib", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
 
 
@@ -87,6 +89,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                         if i in sub.days)
         print(f"  - {sub.email}: {sub.send_at:%H:%M} {sub.timezone.key} on {days}, "
               f"up to {sub.max_papers} papers")
+    for source in config.sources:
+        times = ", ".join(f"{at:%H:%M}" for at in source.at)
+        print(f"  source {source.name}: {source.url} at {times} {source.timezone.key}")
     return EXIT_OK
 
 
@@ -206,6 +211,56 @@ def cmd_preview(args: argparse.Namespace) -> int:
         Path(args.html).write_text(render_html(prepared.content, config.smtp), encoding="utf-8")
         print(f"HTML written to {args.html}", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .sources import fetch_sources
+    from .store import Store
+
+    config = _config(args)
+    if not config.sources:
+        if args.source:
+            raise DigestError(f"{config.path}: no source named {args.source!r} "
+                              "(no [[sources]] configured)")
+        print(f"{config.path}: no [[sources]] table, so there is nothing to fetch")
+        return EXIT_OK
+    with Store(config.state) as store:
+        results = asyncio.run(fetch_sources(config, store, now=_now(), only=args.source,
+                                            dates=[args.date] if args.date else None,
+                                            scheduled=False))
+    failed = 0
+    for result in results:
+        if result.status == "waiting":
+            failed += 1
+            print(f"{result.source}: {result.detail}")
+            continue
+        for url in result.urls:
+            failed += not url.ok
+            print(f"{result.source}: {url.listing_date} {url.url}: " + _fetch_line(url))
+        if result.status == "failed" and not any(not url.ok for url in result.urls):
+            failed += 1
+            print(f"{result.source}: FAILED: {result.detail}")
+    written = sum(url.status == "written" for r in results for url in r.urls)
+    print(f"{written} listing file(s) written to {config.inbox}"
+          + ("; the daemon's next scan (or `digest ingest`) ingests them" if written else ""))
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def _fetch_line(url: UrlResult) -> str:
+    if url.status == "written":
+        return f"written to {url.file} ({url.bytes} bytes)"
+    if url.status == "not-modified":
+        return "not modified since the last fetch (304), nothing downloaded"
+    if url.status == "unchanged":
+        return "same content as the last fetch, not written again"
+    return f"FAILED: {url.detail}"
+
+
+def _listing_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -475,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("preview", cmd_preview, "Print the digest a subscriber would get now (sends nothing).")
     p.add_argument("--user", metavar="EMAIL", required=True, help="the subscriber")
     p.add_argument("--html", metavar="FILE", help="also write the HTML part to FILE")
+
+    p = add("fetch", cmd_fetch, "Fetch the [[sources]] listings into the inbox once, now "
+            "(an unchanged listing is not downloaded again).")
+    p.add_argument("--source", metavar="NAME", help="only this source")
+    p.add_argument("--date", type=_listing_date, metavar="YYYY-MM-DD",
+                   help="the listing date for a URL with {date} (default: today and the "
+                   "source's lookback_days before)")
 
     add("run", cmd_run, "Run the daemon: watch the inbox and send digests on time.")
     _add_daemon_commands(commands)

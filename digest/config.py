@@ -181,6 +181,47 @@ class MaildirConfig:
     confirmations_per_hour: int = DEFAULT_CONFIRMATIONS_PER_HOUR
 
 
+# [[sources]] defaults, each with its reason.
+DEFAULT_FETCH_AT = ("06:00", "12:00", "18:00")  # a listing grows over its day; 06:00 sees it whole
+DEFAULT_FETCH_TIMEOUT = 30.0  # seconds to connect or to wait for the next bytes
+DEFAULT_FETCH_ATTEMPTS = 3  # a 5xx or a dropped connection: two more tries, then the next fetch time
+DEFAULT_FETCH_RETRY_SECONDS = 5.0  # first backoff; doubles per attempt (5, 10 s)
+DEFAULT_FETCH_MAX_BYTES = 20_000_000  # a day's listing is well under 5 MB; stops a runaway answer
+DEFAULT_FETCH_LOOKBACK_DAYS = 1  # with {date}: yesterday's listing again, for late additions
+MAX_FETCH_BYTES = 1 << 30  # the inbox scan refuses dump files far smaller than this anyway
+_SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (RFC 9110)
+# Set by the fetcher itself: a config value would break conditional GET or the framing.
+_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection",
+                     "if-none-match", "if-modified-since"}
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """A listing the daemon fetches itself (``[[sources]]``) into the inbox.
+
+    ``url`` may hold ``{date}``, replaced by the listing date (YYYY-MM-DD) in
+    ``timezone``; ``at`` are the local times of day to fetch.
+    """
+
+    name: str
+    url: str
+    at: tuple[time_of_day, ...] = tuple(time_of_day.fromisoformat(t) for t in DEFAULT_FETCH_AT)
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_TIMEZONE))
+    headers: tuple[tuple[str, str], ...] = ()
+    contact: str | None = None  # for the User-Agent; None: the address of [smtp] from
+    timeout: float = DEFAULT_FETCH_TIMEOUT
+    attempts: int = DEFAULT_FETCH_ATTEMPTS
+    retry_seconds: float = DEFAULT_FETCH_RETRY_SECONDS
+    max_bytes: int = DEFAULT_FETCH_MAX_BYTES
+    lookback_days: int = DEFAULT_FETCH_LOOKBACK_DAYS
+
+    @property
+    def dated(self) -> bool:
+        """True when the URL names a listing date (``{date}``)."""
+        return "{date}" in self.url
+
+
 @dataclass(frozen=True)
 class RankingConfig:
     unrated_weight: float = DEFAULT_UNRATED_WEIGHT
@@ -214,6 +255,7 @@ class Config:
     subscribers: tuple[Subscriber, ...] = ()
     imap: ImapConfig | None = None  # where replies are read from (or maildir, or neither)
     maildir: MaildirConfig | None = None
+    sources: tuple[SourceConfig, ...] = ()  # listings fetched into the inbox
 
     def subscriber(self, email: str) -> Subscriber | None:
         wanted = email.strip().lower()
@@ -347,9 +389,10 @@ def _typed(value: object) -> str:
 class _Bad(Exception):
     """A value's problem; the reader adds the file and the key (and ``[index]`` of a list item)."""
 
-    def __init__(self, message: str, index: int | None = None):
+    def __init__(self, message: str, index: int | None = None, subkey: str | None = None):
         super().__init__(message)
         self.index = index
+        self.subkey = subkey  # a key inside a table value: sources[0].headers.X-Name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -384,7 +427,7 @@ class Number(Spec):
     def expects(self) -> str:
         what = "a whole number" if self.whole else "a number"
         unit = f" of {self.unit}" if self.unit else ""
-        return f"{what}{unit} from {self.low:g} to {self.high:g}"
+        return f"{what}{unit} from {_number_text(self.low)} to {_number_text(self.high)}"
 
     def check(self, value: Any, base: Path) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -396,6 +439,11 @@ class Number(Spec):
         if not self.low <= value <= self.high:
             raise _Bad(f"expected {self.expects()}, got {_show(value)}")
         return int(value) if self.whole else float(value)
+
+
+def _number_text(value: float) -> str:
+    """1000000000 as 1000000000 (not 1e+09); 0.01 as 0.01."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -665,6 +713,84 @@ def load_zone(name: str) -> ZoneInfo:
 
 
 
+@dataclass(frozen=True, kw_only=True)
+class Url(Spec):
+    """An http(s) URL on one line; ``{date}`` is the only placeholder."""
+
+    def expects(self) -> str:
+        return "an http:// or https:// URL"
+
+    def check(self, value: Any, base: Path) -> Any:
+        from urllib.parse import urlsplit
+
+        if not isinstance(value, str):
+            raise self.wrong(value)
+        url = value.strip()
+        if _has_control(url) or len(url) > MAX_PATH_CHARS:
+            raise _Bad(f"expected {self.expects()} on one line, got {_show(value)}")
+        placeholders = set(re.findall(r"\{([^{}]*)\}", url)) - {"date"}
+        if placeholders:
+            raise _Bad(f'unknown placeholder "{{{min(placeholders)}}}" (the only one is {{date}}, '
+                       "the listing date YYYY-MM-DD)")
+        try:
+            parts = urlsplit(url.replace("{date}", "2026-01-01"))
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError as exc:
+            raise _Bad(f"not a URL: {_show(url)} ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _Bad(f"expected {self.expects()}, got {_show(url)}")
+        if any(ch.isspace() for ch in url):
+            raise _Bad(f"a URL has no spaces (write %20): {_show(url)}")
+        return url
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchTimes(Spec):
+    """A non-empty list of local times of day."""
+
+    def expects(self) -> str:
+        return 'a list of times like ["06:00", "18:00"]'
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, list):
+            raise self.wrong(value)
+        times: set[time_of_day] = set()
+        for j, text in enumerate(value):
+            try:
+                times.add(TimeOfDay().check(text, base))
+            except _Bad as exc:
+                raise _Bad(str(exc), index=j) from None
+        if not times:
+            raise _Bad('must give at least one time of day, e.g. ["06:00"]')
+        return tuple(sorted(times))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Headers(Spec):
+    """Extra HTTP request headers: ASCII, one line each, none the fetcher sets itself."""
+
+    def expects(self) -> str:
+        return 'a table of header names and values, like { Accept = "application/json" }'
+
+    def check(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, dict):
+            raise self.wrong(value)
+        headers = []
+        for name, text in value.items():
+            if not _HEADER_NAME.match(name):
+                raise _Bad("not an HTTP header name", subkey=name)
+            if name.lower() in _RESERVED_HEADERS:
+                raise _Bad("set by paper-digest itself; remove it", subkey=name)
+            if not isinstance(text, str):
+                raise _Bad(f"expected a string, got {_typed(text)}", subkey=name)
+            if _has_control(text):
+                raise _Bad("must be one line", subkey=name)
+            if not text.isascii():  # HTTP header values are sent as ASCII
+                raise _Bad("must be ASCII text (percent- or base64-encode it)", subkey=name)
+            headers.append((name, text.strip()))
+        return tuple(headers)
+
+
 def _seconds(default: float, why: str) -> Number:
     """A timer's period in seconds: above a busy loop, below a day."""
     return Number(default=default, low=MIN_TICK_SECONDS, high=MAX_TICK_SECONDS, unit="seconds",
@@ -769,9 +895,30 @@ SUBSCRIBER_KEYS: dict[str, Spec] = {
     "days": Weekdays(default=list(WEEKDAYS), why="papers appear every day"),
     "send_empty": Flag(default=False, why="an empty email teaches people to ignore the next"),
 }
+SOURCE_KEYS: dict[str, Spec] = {
+    "url": Url(required=True),
+    "name": Text(pattern=_SOURCE_NAME, max_chars=64,
+                 shape='letters, digits, ".", "_" or "-" (it names the inbox files)',
+                 why="the URL's host name"),
+    "at": FetchTimes(default=list(DEFAULT_FETCH_AT),
+                     why="a listing grows over its day; 06:00 sees it whole"),
+    "timezone": Zone(default=DEFAULT_TIMEZONE, why="as for subscribers"),
+    "headers": Headers(default={}, why="none: most listings need no extra header"),
+    "contact": Email(ascii_only=True, why="the address of [smtp] from"),
+    "timeout": _timeout(DEFAULT_FETCH_TIMEOUT, "seconds to connect or to wait for the next bytes"),
+    "attempts": Number(default=DEFAULT_FETCH_ATTEMPTS, low=1, high=10, whole=True,
+                       why="a 5xx or a dropped connection: two more tries"),
+    "retry_seconds": Number(default=DEFAULT_FETCH_RETRY_SECONDS, low=0, high=MAX_RETRY_SECONDS,
+                            unit="seconds", why="first backoff; doubles per attempt"),
+    "max_bytes": Number(default=DEFAULT_FETCH_MAX_BYTES, low=1, high=MAX_FETCH_BYTES, whole=True,
+                        why="a day's listing is well under 5 MB; stops a runaway answer"),
+    "lookback_days": Number(default=DEFAULT_FETCH_LOOKBACK_DAYS, low=0, high=7, whole=True,
+                            why="with {date}: yesterday's listing again, for late additions"),
+}
+
 DEFAULTABLE_KEYS = {k: v for k, v in SUBSCRIBER_KEYS.items() if k not in ("email", "name")}
 
-TOP_KEYS = ("digest", "smtp", "ranking", "defaults", "subscribers", "imap", "maildir")
+TOP_KEYS = ("digest", "smtp", "ranking", "defaults", "subscribers", "imap", "maildir", "sources")
 
 
 class _Reader:
@@ -813,7 +960,8 @@ class _Reader:
             return spec.check(self.table[name], self.base)
         except _Bad as exc:
             index = "" if exc.index is None else f"[{exc.index}]"  # subscribers[0].days[1]
-            raise ConfigError(self.file, self.key(name) + index, str(exc)) from None
+            sub = "" if exc.subkey is None else "." + _key_text(exc.subkey)
+            raise ConfigError(self.file, self.key(name) + index + sub, str(exc)) from None
 
     def values(self) -> dict[str, Any]:
         """Every key's checked value, by the field it fills."""
@@ -897,6 +1045,7 @@ def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> 
         imap=_parse_imap(file, table("imap"), base) if "imap" in data else None,
         maildir=(MaildirConfig(**_Reader(file, table("maildir"), "maildir", MAILDIR_KEYS,
                                          base).values()) if "maildir" in data else None),
+        sources=_sources(file, data.get("sources", []), base),
         **settings,
     )
 
@@ -975,3 +1124,29 @@ def _parse_subscribers(
         seen[key] = i
         subscribers.append(Subscriber(**values))
     return tuple(subscribers)
+
+
+def _sources(file: str, items: Any, base: Path) -> tuple[SourceConfig, ...]:
+    """The ``[[sources]]`` tables, checked; names are unique (they name the inbox files)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(items, list):
+        raise ConfigError(file, "sources", f"expected a list of [[sources]] tables, got "
+                          f"{_typed(items)}")
+    sources: list[SourceConfig] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        path = f"sources[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(file, path, f"expected a table ([[sources]]), got {_typed(item)}")
+        values = _Reader(file, item, path, SOURCE_KEYS, base).values()
+        host = urlsplit(values["url"].replace("{date}", "2026-01-01")).hostname or "source"
+        values["name"] = values["name"] or host
+        key = values["name"].lower()
+        if key in seen:
+            raise ConfigError(file, f"{path}.name",
+                              f'duplicate source name "{values["name"]}" (also '
+                              f"sources[{seen[key]}]); give each source its own name")
+        seen[key] = i
+        sources.append(SourceConfig(**values))
+    return tuple(sources)

@@ -54,3 +54,21 @@ class SendError(DigestError, ConnectionError):
 
 class UnknownSubscriber(DigestError):
     """A command named a subscriber that is not in the config."""
+
+
+class FetchError(DigestError):
+    """A listing could not be fetched from a ``[[sources]]`` URL; the reason says why.
+
+    ``transient`` failures (a 5xx, a 429, a timeout, a dropped connection) are
+    tried again sooner than the next scheduled fetch; ``retry_after`` (seconds)
+    is the server's Retry-After, when it gave one.
+    """
+
+    def __init__(self, url: str, message: str, *, transient: bool,
+                 status: int | None = None, retry_after: float | None = None):
+        self.url = url
+        self.reason = message
+        self.transient = transient
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(f"{url}: {message}")

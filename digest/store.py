@@ -132,6 +132,31 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE papers ADD COLUMN source TEXT;
     ALTER TABLE papers ADD COLUMN abstract_is_summary INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: [[sources]]: what each listing URL last answered (for conditional GET) and each
+    # source's last fetch (for its schedule and ``digest status``).
+    """
+    CREATE TABLE fetched_urls (
+        source        TEXT NOT NULL,            -- the [[sources]] name
+        url           TEXT NOT NULL,            -- {date} filled in
+        etag          TEXT,                     -- sent back as If-None-Match
+        last_modified TEXT,                     -- sent back as If-Modified-Since
+        sha256        TEXT,                     -- of the body last written: the same is not rewritten
+        file          TEXT,                     -- the inbox file it was written to
+        bytes         INTEGER,
+        fetched_at    TEXT NOT NULL,            -- the last 200 or 304
+        PRIMARY KEY (source, url)
+    );
+    CREATE TABLE source_runs (
+        source        TEXT PRIMARY KEY,
+        started_at    TEXT NOT NULL,            -- the last fetch, scheduled or by hand
+        outcome       TEXT NOT NULL CHECK (outcome IN ('ok', 'failed')),
+        detail        TEXT NOT NULL DEFAULT '',
+        failures      INTEGER NOT NULL DEFAULT 0,  -- failed fetches in a row
+        last_ok_at    TEXT,
+        retry_at      TEXT,                     -- a failed fetch is tried again from then on
+        not_before    TEXT                      -- the server's Retry-After: not asked before
+    );
+    """,
 )
 
 
@@ -716,6 +741,59 @@ class Store:
         )
         return [FeedbackEntry(*row) for row in rows]
 
+    # --- sources fetched by the daemon ----------------------------------------------
+
+    def fetched_url(self, source: str, url: str) -> FetchedUrl | None:
+        row = self._db.execute("SELECT * FROM fetched_urls WHERE source = ? AND url = ?",
+                               (source, url)).fetchone()
+        return FetchedUrl(**dict(row)) if row else None
+
+    def record_fetched_url(self, row: FetchedUrl) -> None:
+        """Remember what ``row.url`` answered (a 200 or a 304), replacing what was there."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO fetched_urls (source, url, etag, last_modified, sha256,"
+                " file, bytes, fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.source, row.url, row.etag, row.last_modified, row.sha256, row.file,
+                 row.bytes, row.fetched_at),
+            )
+
+    def source_run(self, source: str) -> SourceRun | None:
+        row = self._db.execute("SELECT * FROM source_runs WHERE source = ?",
+                               (source,)).fetchone()
+        return SourceRun(**dict(row)) if row else None
+
+    def record_source_run(
+        self,
+        source: str,
+        *,
+        started_at: datetime,
+        ok: bool,
+        detail: str = "",
+        retry_at: datetime | None = None,
+        not_before: datetime | None = None,
+    ) -> SourceRun:
+        """Record a source's fetch: failures in a row are counted, a success resets them."""
+        started = _iso(started_at)
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO source_runs (source, started_at, outcome, detail, failures,"
+                " last_ok_at, retry_at, not_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(source) DO UPDATE SET started_at = excluded.started_at,"
+                " outcome = excluded.outcome, detail = excluded.detail,"
+                " failures = CASE WHEN excluded.outcome = 'ok' THEN 0"
+                "   ELSE source_runs.failures + 1 END,"
+                " last_ok_at = COALESCE(excluded.last_ok_at, source_runs.last_ok_at),"
+                " retry_at = excluded.retry_at, not_before = excluded.not_before",
+                (source, started, "ok" if ok else "failed", detail, 0 if ok else 1,
+                 started if ok else None,
+                 _iso(retry_at) if retry_at else None, _iso(not_before) if not_before else None),
+            )
+        run = self.source_run(source)
+        if run is None:  # pragma: no cover - written just above
+            raise StoreError(f"{self.path}: the fetch of source {source} was not recorded")
+        return run
+
     def queue_confirmation(
         self,
         subscriber: str,
@@ -766,6 +844,34 @@ class Store:
                 " sent_at = ? WHERE id = ?",
                 (status, error, _iso(utc_now()) if sent else None, confirmation_id),
             )
+
+
+@dataclass(frozen=True)
+class FetchedUrl:
+    """What a listing URL answered last: its validators and the body written from it."""
+
+    source: str
+    url: str
+    etag: str | None
+    last_modified: str | None
+    sha256: str | None
+    file: str | None
+    bytes: int | None
+    fetched_at: str
+
+
+@dataclass(frozen=True)
+class SourceRun:
+    """A source's last fetch (times are ISO 8601 UTC strings)."""
+
+    source: str
+    started_at: str
+    outcome: str  # ok | failed
+    detail: str
+    failures: int
+    last_ok_at: str | None
+    retry_at: str | None
+    not_before: str | None
 
 
 @dataclass(frozen=True)

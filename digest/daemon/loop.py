@@ -19,6 +19,7 @@ from typing import Any
 from ..config import DEFAULT_REPLY_POLL_SECONDS, Config, load_config
 from ..errors import DigestError
 from ..mailer import LocalSink
+from ..sources import FETCH_TICK_SECONDS, download, plan_fetches, record_results
 from ..store import Store, utc_now
 from .jobs import FATAL_ERRORS, Runtime, dispatch, scan
 from .status import subscriber_status
@@ -86,6 +87,7 @@ class Daemon:
             self._report_claimed()
             await self._kick("scan")
             await self._kick("dispatch")
+            await self._kick("fetch")
             scheduler.start()
             self._start_replies()
             await self.stop.wait()
@@ -103,7 +105,8 @@ class Daemon:
 
     @staticmethod
     def _intervals(config: Config) -> dict[str, float]:
-        return {"scan": config.scan_seconds, "dispatch": config.dispatch_seconds}
+        return {"scan": config.scan_seconds, "dispatch": config.dispatch_seconds,
+                "fetch": FETCH_TICK_SECONDS}
 
     async def _kick(self, name: str) -> None:
         """Start job ``name`` unless it is already waiting or running (ticks coalesce)."""
@@ -113,6 +116,9 @@ class Daemon:
         self._tasks[name] = asyncio.create_task(self._job(name), name=f"digest-{name}")
 
     async def _job(self, name: str) -> None:
+        if name == "fetch":
+            await self._fetch()
+            return
         async with self._busy:
             if self.stop.is_set():
                 return
@@ -129,6 +135,20 @@ class Daemon:
             except Exception as exc:
                 log.exception("daemon: %s failed unexpectedly", name)
                 self._fail(f"{name}: {type(exc).__name__}: {exc}")
+
+    async def _fetch(self) -> None:
+        """Fetch the due [[sources]] into the inbox; the store lock is not held over HTTP."""
+        try:
+            async with self._busy:
+                plans = plan_fetches(self.runtime.config, self.runtime.store, utc_now())
+            if plans and not self.stop.is_set():
+                results = await download(plans, stop=self.stop)
+                async with self._busy:
+                    record_results(self.runtime.store, results)
+        except FATAL_ERRORS as exc:
+            self._fail(f"fetch: the state database failed: {exc}")
+        except Exception:  # each source is its own unit inside; this is a bug, not a source
+            log.exception("fetch: this run failed unexpectedly; trying again at the next tick")
 
     def _log_schedule(self) -> None:
         """After the first dispatch, one line per subscriber: when their next digest goes."""

@@ -10,6 +10,7 @@ from typing import Any
 from ..config import WEEKDAYS, Config, Subscriber
 from ..errors import DigestError
 from ..ingest import FAILED_DIR
+from ..sources import source_status
 from ..store import Store, utc_now
 from .jobs import Runtime
 from .schedule import due, effective_subscriber, is_paused, local_now, next_send_time
@@ -94,6 +95,7 @@ def status_report(config: Config, store: Store, now: datetime | None = None) -> 
         "papers": store.paper_count(),
         "failed_dumps": failed,
         "replies_waiting": replies_waiting(config),
+        "sources": [source_status(source, store, now) for source in config.sources],
     }
 
 
@@ -171,4 +173,28 @@ def format_status(report: dict[str, Any]) -> str:
         count = "unknown" if replies["count"] is None else replies["count"]
         why = f": {replies['error']}" if replies.get("error") else ""
         lines.append(f"replies waiting: {count} ({replies['source']} {replies['path']}){why}")
+    lines.extend(_source_lines(report["sources"]))
     return "\n".join(lines)
+
+
+def _source_lines(sources: list[dict[str, Any]]) -> list[str]:
+    """``[[sources]]``: each one's last fetch (and why it failed) and its next."""
+    lines = ["sources:" if sources else "sources: none (listings are dropped into the inbox)"]
+    for source in sources:
+        last = source["last_fetch"]
+        if last is None:
+            lines.append(f"- {source['name']}: never fetched ({source['url']})")
+        elif last["outcome"] == "ok":
+            lines.append(f"- {source['name']}: ok, fetched {last['started_at']} "
+                         f"({last['detail']})")
+        else:
+            since = (f"; last ok {last['last_ok_at']}" if last["last_ok_at"]
+                     else "; never fetched successfully")
+            lines.append(f"- {source['name']}: FAILED {last['failures_in_a_row']} time(s) in a "
+                         f"row, last {last['started_at']}: {last['detail']}{since}")
+        local = datetime.fromisoformat(source["next_fetch_local"])
+        when = "due now" if source["due"] else f"{local:%a %Y-%m-%d %H:%M} {source['timezone']}"
+        wait = (f" (the server asked to wait until {source['not_before']})"
+                if source["not_before"] else "")
+        lines.append(f"    next fetch {when}{wait}")
+    return lines
