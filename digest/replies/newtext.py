@@ -111,7 +111,7 @@ _FROM_FIELD = re.compile(r"^[*\s]*(?:from|von|de|da|van|od|от|发件人|寄件
 # What mobile and webmail clients append: "Sent from my iPhone" and its kin.
 _SENT_FROM = re.compile(
     r"^(?:sent\s+(?:from|with|via)\b|get\s+outlook\s+for\b|von\s+meinem\b.*\bgesendet$"
-    r"|gesendet\s+von\b|envoy[ée]\s+(?:de|depuis)\b|enviado\s+(?:desde|de)\b|inviato\s+da\b"
+    r"|gesendet\s+von\b|envoy[ée]\s+(?:de|depuis)\b|enviado\s+(?:desde|de|do)\b|inviato\s+da\b"
     r"|verzonden\s+(?:vanaf|met)\b|verstuurd\s+vanaf\b|wys[łl]ane\s+z\b|wys[łl]ano\s+z\b"
     r"|отправлено\s+(?:с|из)\b|发自我的|從我的|从我的|.{0,30}から送信$|.{0,30}에서\s*보냄$"
     r"|skickat\s+fr[åa]n\b|sendt\s+fra\b|odesl[áa]no\s+z\b)",
@@ -197,6 +197,15 @@ class SentText:
         needle = " " + found + " "
         return any(needle in stream for stream in self.streams)
 
+    def continues(self, previous: str, line: str) -> bool:
+        """True when ``line`` goes on where ``previous`` (a line of the digest) stopped: a
+        short piece of a paragraph re-wrapped at a narrow width."""
+        found, before = words(line), words(previous)
+        if not found or not before:
+            return False
+        needle = " " + before + " " + found + " "
+        return any(needle in stream for stream in self.streams)
+
     def ends_with(self, line: str) -> bool:
         """True when ``line`` ends the digest (its last line, or the end of a re-wrapping)."""
         found = words(line)
@@ -227,9 +236,10 @@ def read_new_text(text: str, sent: SentText | None = None,
     line is kept even when its words also occur inside a sentence of the digest.
     """
     sent = sent or SentText()
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")[:MAX_LINES]
+    lines = text.splitlines()[:MAX_LINES]  # every line break Python knows, as parse_text
     result = NewText()
     unmarked_original = False  # inside an original that a client put without quote marks
+    previous_quoted = ""  # the line before, when it was a line of the digest
     signature = False
     i = 0
     while i < len(lines):
@@ -274,10 +284,13 @@ def read_new_text(text: str, sent: SentText | None = None,
             result.quoted += 1
             i += 1
             continue
-        if sent and not is_command(line) and sent.holds(line):
+        if sent and not is_command(line) and (
+                sent.holds(line) or (previous_quoted and sent.continues(previous_quoted, line))):
             result.quoted += 1
+            previous_quoted = line
             i += 1
             continue
+        previous_quoted = ""
         result.lines.append(raw)
         i += 1
     return result

@@ -67,6 +67,7 @@ _HHMM = re.compile(r"^([01]?\d|2[0-3])(?:[:.h]([0-5]\d))?$")
 _DURATION = re.compile(r"^(?:for\s+)?(\d{1,3})\s*(d|days?|w|wks?|weeks?)?$")
 _TOKEN_IN_ADDRESS = re.compile(r"\+([a-z0-9]{6,64})@", re.IGNORECASE)
 _TOKEN_IN_MESSAGE_ID = re.compile(r"<digest\.([a-z0-9]{6,64})@[^>\s]+>", re.IGNORECASE)
+_HAS_WORD = re.compile(r"\w")
 _POLITE = {"", "me", "please", "me please", "please me", "now", "thanks", "thank you"}
 
 
@@ -399,8 +400,8 @@ def parse_text(text: str) -> ParsedReply:
     parsed = ParsedReply()
     for raw_line in text.splitlines():
         line = command_line(raw_line)
-        if not line:
-            continue
+        if not line or not _HAS_WORD.search(line):
+            continue  # a rule, a lone mark: nothing written
         commands, problems = _parse_line(line)
         parsed.commands += commands
         if problems and not commands and _is_prose(line, problems):
