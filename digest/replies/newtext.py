@@ -308,7 +308,9 @@ def quote_header_lines(lines: list[str], start: int) -> int:
         joined = f"{joined} {piece}".strip() if joined else piece
         if len(joined) > MAX_HEADER_CHARS:
             break
-        if is_quote_header(joined):
+        # Every header form ends with a colon ("wrote" alone in old Apple Mail): a cheap test
+        # first, so a reply of many lines costs little.
+        if joined.endswith((":", "：", "wrote")) and is_quote_header(joined):
             return count
     return 0
 

@@ -23,14 +23,18 @@ from email.parser import BytesParser
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.utils import getaddresses
+from functools import lru_cache
 from html.parser import HTMLParser
 
+from ..errors import DigestError
 from .newtext import SentText, clean_line, is_header_field, is_quote_header, read_new_text
 
 MAX_PAUSE_DAYS = 366  # a longer pause is an unsubscribe in disguise
 MAX_SIZE = 100  # as the config's max_papers
 MAX_REPORTED_LINES = 8  # lines "not understood" listed in a confirmation; the rest are counted
 MAX_LINE_CHARS = 80  # a reported line is cut to this length
+MAX_MIME_PARTS = 100  # multipart boundaries in a reply read at most (clients write 2 to 5)
+MAX_READ_LINES = 1_000  # lines of new text read for commands; no one writes more in a reply
 MAX_BODY_CHARS = 2_000_000  # a reply's text read at most; commands are never that far down
 
 # Every word that starts a command, mapped to the command it means.
@@ -107,7 +111,17 @@ class ParsedReply:
 # --- the message --------------------------------------------------------------
 
 
+class UnreadableReply(DigestError):
+    """A reply too deeply nested to read (the reason says how deep)."""
+
+
 def parse_message(raw: bytes) -> EmailMessage:
+    """The message of a raw reply. Raises :class:`UnreadableReply` for MIME nested deeper
+    than :data:`MAX_MIME_PARTS` boundaries (no client writes that; parsing it costs seconds)."""
+    boundaries = raw.count(b"boundary=")
+    if boundaries > MAX_MIME_PARTS:
+        raise UnreadableReply(f"a message with {boundaries} MIME boundaries (at most "
+                              f"{MAX_MIME_PARTS} are read)")
     message = BytesParser(policy=policy.default).parsebytes(raw)
     assert isinstance(message, EmailMessage)  # policy.default parses to EmailMessage
     return message
@@ -398,10 +412,18 @@ def parse_text(text: str) -> ParsedReply:
     line, a command word with a number), else prose.
     """
     parsed = ParsedReply()
-    for raw_line in text.splitlines():
+    read = 0
+    lines = text.splitlines()
+    for number, raw_line in enumerate(lines):
         line = command_line(raw_line)
         if not line or not _HAS_WORD.search(line):
             continue  # a rule, a lone mark: nothing written
+        read += 1
+        if read > MAX_READ_LINES:
+            rest = sum(1 for x in lines[number:] if x.strip())
+            parsed.problems.append(Problem(f"({rest} more lines)", f"not read: a reply is read "
+                                           f"up to {MAX_READ_LINES:,} lines of new text"))
+            break
         commands, problems = _parse_line(line)
         parsed.commands += commands
         if problems and not commands and _is_prose(line, problems):
@@ -426,10 +448,18 @@ def command_line(raw_line: str) -> str:
 def is_command_line(raw_line: str) -> bool:
     """True when the line holds commands and nothing it could not read."""
     line = command_line(raw_line)
-    if not line:
-        return False
+    first = line.split(" ", 1)[0].lower()
+    if not line or (first not in COMMANDS and not _SHORTHAND.match(first)):
+        return False  # the common case, decided without parsing
     commands, problems = _parse_line(line)
     return bool(commands) and not problems
+
+
+@lru_cache(maxsize=4096)
+def _close_command(word: str) -> str | None:
+    """The command word ``word`` is a near miss of (difflib ratio 0.75 or more), else None."""
+    close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _is_prose(line: str, problems: list[Problem]) -> bool:
@@ -437,7 +467,7 @@ def _is_prose(line: str, problems: list[Problem]) -> bool:
     word = line.partition(" ")[0].lower()
     if word in COMMANDS or _COMMAND_NEAR_NUMBER.search(line):
         return False
-    if difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.75):
+    if _close_command(word) is not None:
         return False
     return all(p.message.startswith("not a command") for p in problems)
 
@@ -595,9 +625,9 @@ def _shown(line: str) -> str:
 def _not_a_command(line: str, segments: list[str]) -> Problem:
     shown = _shown(line)
     word, _, rest = line.partition(" ")
-    close = difflib.get_close_matches(word.lower(), COMMANDS, n=1, cutoff=0.75)
-    if close:
-        suggestion = f"{close[0]} {rest}".strip()
+    close = _close_command(word.lower())
+    if close is not None:
+        suggestion = f"{close} {rest}".strip()
         # Never suggest what was typed (a hint that repeats the line helps no one).
         if suggestion.casefold() != line.casefold():
             return Problem(shown, f"did you mean “{suggestion}”?")
