@@ -247,7 +247,7 @@ AUTO_REPLY_SUBJECT = re.compile(
     r"^\s*(?:auto(?:matic|matische?|matisch)?[\s-]*(?:reply|response|antwort|answer|antwoord)\b"
     r"|autoreply\b|auto-reply\b|out\s+of\s+(?:the\s+)?office\b|vacation\s+(?:reply|notice)\b"
     r"|away\s+from\s+(?:the\s+)?office\b"
-    r"|abwesenheitsnotiz\b|abwesenheit\b|automatische\s+antwort\b|nicht\s+im\s+b[üu]ro\b"
+    r"|abwesenheitsnotiz\b|abwesenheit\b|abwesend\b|automatische\s+antwort\b|nicht\s+im\s+b[üu]ro\b"
     r"|r[ée]ponse\s+automatique\b|absence\s+du\s+bureau\b|message\s+d['’]absence\b|absent\b"
     r"|respuesta\s+autom[áa]tica\b|fuera\s+de\s+la\s+oficina\b"
     r"|risposta\s+automatica\b|fuori\s+(?:sede|ufficio)\b"
