@@ -116,7 +116,8 @@ def _run(workdir: Path, quick: bool, result: AreaResult, sink: LocalSink) -> Non
         try:
             asyncio.run(process_replies(config, store))
             again = asyncio.run(process_replies(config, store))
-        except Exception as exc:  # noqa: BLE001 - the campaign counts what escaped, by design
+        except Exception as exc:  # the campaign counts what escaped, by design
+            log.debug("replies area: the run raised", exc_info=True)
             result.crashes += 1
             result.notes.append(f"process_replies raised {type(exc).__name__}: {exc}"[:300])
             return
@@ -131,7 +132,8 @@ def _run(workdir: Path, quick: bool, result: AreaResult, sink: LocalSink) -> Non
             try:  # the headers are enough for the key (and cheap for a nested message)
                 headers = BytesParser(policy=policy.default).parsebytes(case.raw, headersonly=True)
                 key = readable(reply_key(headers, case.raw))
-            except Exception:  # noqa: BLE001 - what process does for an unreadable message
+            except (ValueError, TypeError, LookupError, UnicodeError, AttributeError):
+                # what process does for a message it cannot read
                 key = "sha256:" + hashlib.sha256(case.raw).hexdigest()
             record = store.reply_record(key) or store.reply_record(
                 "sha256:" + hashlib.sha256(case.raw).hexdigest())
@@ -265,7 +267,7 @@ def _reply(sender: str, token: str | None, body: str, *, subject: str = "Re: Pap
     head = [f"From: {sender}",
             f"To: digest+{token}@{DOMAIN}" if token else f"To: digest@{DOMAIN}",
             f"Subject: {_encoded(subject)}", f"Date: {format_datetime(utc_now())}",
-            f"Message-ID: {message_id or '<' + hashlib.sha1((sender + body[:200] + subject).encode()).hexdigest() + '@example.org>'}",  # noqa: E501
+            f"Message-ID: {message_id or '<' + hashlib.sha1((sender + body[:200] + subject).encode()).hexdigest() + '@example.org>'}",
             "MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8",
             "Content-Transfer-Encoding: 8bit"]
     if token:

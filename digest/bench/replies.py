@@ -481,7 +481,7 @@ def load_corpus(folder: Path) -> list[CorpusCase]:
                 raise DigestError(f"{path.name}: case {name!r}: needs layout and language "
                                   f"(unknown keys: {', '.join(sorted(unknown)) or 'none'})")
 
-            def listed(key: str) -> tuple[str, ...]:
+            def listed(key: str, fields: dict[str, str] = fields) -> tuple[str, ...]:
                 return tuple(v.strip() for v in fields.get(key, "").split(" | ") if v.strip())
 
             cases.append(CorpusCase(
@@ -640,8 +640,8 @@ def run_corpus(folder: Path | None = None) -> dict[str, Any]:
                  "expected": list(r.case.commands), "got": list(r.commands),
                  "expected_not_understood": list(r.case.not_understood),
                  "got_not_understood": list(r.not_understood)} for r in results if not r.ok]
-    lines = [f"{'cases':>6}{'exact commands':>16}{'no spurious lines':>19}{'both':>7}"
-             f"{'languages':>11}{'both, digest unknown':>22}",
+    lines = [(f"{'cases':>6}{'exact commands':>16}{'no spurious lines':>19}{'both':>7}"
+              f"{'languages':>11}{'both, digest unknown':>22}"),
              f"{len(results):>6}{exact:>16}{clean:>19}{ok:>7}{len(languages):>11}{blind:>22}",
              "languages: " + " ".join(languages),
              "(both, digest unknown: the same reader without the sent digest's lines)"]

@@ -80,13 +80,13 @@ _WROTE_HEADERS = tuple(re.compile(p, re.IGNORECASE) for p in (
 ))
 # Separators after which a client puts the original without quote marks.
 _SEPARATORS = tuple(re.compile(p, re.IGNORECASE) for p in (
-    r"^[*_\s]*-{2,}\s*(?:original\s+message|ursprüngliche\s+nachricht|originalnachricht"
+    (r"^[*_\s]*-{2,}\s*(?:original\s+message|ursprüngliche\s+nachricht|originalnachricht"
     r"|message\s+d['’]origine|mensaje\s+original|messaggio\s+originale|oorspronkelijk\s+bericht"
     r"|wiadomo[śs][ćc]\s+oryginalna|исходное\s+сообщение|mensagem\s+original|原始邮件|原始郵件"
     r"|元のメッセージ|원본\s*메시지|forwarded\s+message|weitergeleitete\s+nachricht"
-    r"|message\s+transf[ée]r[ée]|mensaje\s+reenviado|messaggio\s+inoltrato)\s*-{2,}[*_\s]*$",
-    r"^\s*(?:begin\s+forwarded\s+message|anfang\s+der\s+weitergeleiteten\s+nachricht"
-    r"|d[ée]but\s+du\s+message\s+r[ée]exp[ée]di[ée])\s*:\s*$",
+    r"|message\s+transf[ée]r[ée]|mensaje\s+reenviado|messaggio\s+inoltrato)\s*-{2,}[*_\s]*$"),
+    (r"^\s*(?:begin\s+forwarded\s+message|anfang\s+der\s+weitergeleiteten\s+nachricht"
+    r"|d[ée]but\s+du\s+message\s+r[ée]exp[ée]di[ée])\s*:\s*$"),
     r"^\s*_{20,}\s*$",                                     # Outlook on the web, Outlook mobile
 ))
 # Keys of a quoted message's header block (Outlook and forwards): en, de, fr, es, it, nl, pt,
@@ -347,9 +347,7 @@ def _separator_lines(lines: list[str], i: int) -> int:
     while end < len(lines):
         current = lines[end]
         if is_header_field(current) or (current[:1] in (" ", "\t") and current.strip()
-                                         and end > i + 1):
-            end += 1
-        elif not current.strip() and end + 1 < len(lines) and is_header_field(lines[end + 1]):
+                                         and end > i + 1) or not current.strip() and end + 1 < len(lines) and is_header_field(lines[end + 1]):
             end += 1
         else:
             break

@@ -18,16 +18,16 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from email import policy
-from email.message import EmailMessage, Message
-from email.parser import BytesParser
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
 from email.utils import getaddresses
 from functools import lru_cache
 from html.parser import HTMLParser
 
 from ..errors import DigestError
-from .newtext import SentText, clean_line, is_header_field, is_quote_header, read_new_text
+from .newtext import SentText, clean_line, read_new_text
 
 MAX_PAUSE_DAYS = 366  # a longer pause is an unsubscribe in disguise
 MAX_SIZE = 100  # as the config's max_papers
@@ -105,6 +105,7 @@ class ParsedReply:
     commands: list[Command] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     prose: list[str] = field(default_factory=list)
+    unread: list[Problem] = field(default_factory=list)  # problems and prose, as written
     from_subject: bool = False  # the commands came from the subject line (a mailto link)
 
 
@@ -423,13 +424,16 @@ def parse_text(text: str) -> ParsedReply:
             rest = sum(1 for x in lines[number:] if x.strip())
             parsed.problems.append(Problem(f"({rest} more lines)", f"not read: a reply is read "
                                            f"up to {MAX_READ_LINES:,} lines of new text"))
+            parsed.unread.append(parsed.problems[-1])
             break
         commands, problems = _parse_line(line)
         parsed.commands += commands
         if problems and not commands and _is_prose(line, problems):
             parsed.prose.append(_shown(clean_line(raw_line)))
+            parsed.unread.append(Problem(parsed.prose[-1], ""))
         else:
             parsed.problems += problems
+            parsed.unread += problems
     return parsed
 
 

@@ -46,6 +46,7 @@ from ..mailer import Mailer
 from ..render import EMAIL_POLICY, defuse_command_lines, one_line, reply_address, template_root
 from ..store import DigestRow, ItemRow, Store, SubscriberState, utc_now
 from .mailboxes import FETCH_BATCH, ImapMailbox, MailboxError, MaildirMailbox, open_mailbox
+from .newtext import SentText
 from .parse import (
     Command,
     ParsedReply,
@@ -63,7 +64,6 @@ from .parse import (
     sent_text,
     subject_of,
 )
-from .newtext import SentText
 
 log = logging.getLogger("digest.replies")
 
@@ -256,10 +256,11 @@ async def send_confirmations(config: Config, store: Store) -> tuple[int, int]:
                 if not exc.permanent:
                     break  # the server is unwell: the rest waits for the next run
                 continue
-            except Exception as exc:  # noqa: BLE001 - one confirmation's failure is its own
+            except Exception as exc:  # one confirmation's failure is its own
                 reason = readable(f"cannot be sent: {type(exc).__name__}: {exc}")
                 store.mark_confirmation(row.id, sent=False, error=reason, give_up=True)
                 log.error("subscriber %s: confirmation given up: %s", row.subscriber, reason)
+                log.debug("confirmation %s: the failure in full", row.id, exc_info=True)
                 continue
             store.mark_confirmation(row.id, sent=True)
             sent += 1
@@ -316,7 +317,7 @@ class _Processor:
             return self._handle(message, raw, key, sender)
         except StoreError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a reply's failure stays in that reply
+        except Exception as exc:  # a reply's failure stays in that reply
             detail = readable(f"cannot be processed: {type(exc).__name__}: {exc}")
             key = readable(key) if key else "sha256:" + hashlib.sha256(raw).hexdigest()
             sender = readable(sender)
@@ -554,7 +555,7 @@ class _Processor:
         try:
             confirmation = build_confirmation(self.config, message, sender, digest, parsed,
                                               applied, now=self.now).as_bytes()
-        except Exception as exc:  # noqa: BLE001 - the confirmation's failure is its own
+        except Exception as exc:  # the confirmation's failure is its own
             log.error("subscriber %s: confirmation of reply %s cannot be written: %s", sender,
                       key, readable(f"{type(exc).__name__}: {exc}"))
             log.debug("confirmation of %s: the failure in full", key, exc_info=True)
@@ -667,9 +668,8 @@ def build_confirmation(config: Config, reply: EmailMessage, sender: str, digest:
     sub = config.subscriber(sender)
     shown_problems = parsed.problems[:8]
     nothing = not parsed.commands
-    unread = ([{"text": escaped(p.text), "hint": p.message} for p in parsed.problems]
-              + [{"text": escaped(line), "hint": ""} for line in parsed.prose]
-              )[:MAX_UNREAD_SHOWN] if nothing else []
+    unread = [{"text": escaped(p.text), "hint": p.message}
+              for p in parsed.unread[:MAX_UNREAD_SHOWN]] if nothing else []
     text = _environment().get_template(CONFIRMATION_TEMPLATE).render(
         name=escaped(sub.name) if sub else sender.split("@")[0],
         day=f"{digest.local_date:%a %d %b %Y}",
