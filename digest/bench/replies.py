@@ -289,6 +289,8 @@ def seed_digests(store: Store, subscribers: int, *, day: date | None = None) -> 
                     listing_rank=i)
               for i in range(ITEMS_PER_DIGEST * 3)]
     store.add_dump(f"bench-{day}", "bench", "bench", papers)
+    # A real rendered digest as the frozen message, so replies are read against its text.
+    frozen = corpus_digest().as_bytes()
     sent = []
     for n in range(subscribers):
         email = f"reader{n}@example.org"
@@ -296,7 +298,7 @@ def seed_digests(store: Store, subscribers: int, *, day: date | None = None) -> 
         row = store.claim_digest(
             subscriber=email, local_date=day, token=token,
             message_id=message_id_for(token, f"digest@{DOMAIN}"), considered=len(papers),
-            corpus_seq=store.corpus_seq(), message=b"(bench)",
+            corpus_seq=store.corpus_seq(), message=frozen,
             items=[ItemRow(i + 1, papers[(n + i) % len(papers)].id, 1.0 - i / 10, "bench", False)
                    for i in range(ITEMS_PER_DIGEST)])
         assert row is not None  # a fresh store has no digest for the day
