@@ -163,3 +163,36 @@ def test_an_empty_sent_text_matches_nothing() -> None:
     assert not SentText()
     assert not SentText().holds("Hello Alice,")
     assert SENT.holds("Hello Alice,") and SENT.holds("> Hello   Alice")
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.binary(max_size=600), st.text(max_size=120))
+def test_any_message_bytes_are_read_or_refused_with_our_error(raw: bytes, from_value: str) -> None:
+    """The parsers of outside input: for any bytes (and any From text), reading the reply's
+    sender, tokens, automatic marks and new text returns or raises DigestError only."""
+    from digest.errors import DigestError
+    from digest.replies.parse import (
+        automatic_reason,
+        digest_tokens,
+        forgery_reason,
+        parse_message,
+        sender_address,
+    )
+
+    header = ("From: " + " ".join(from_value.split())).encode("utf-8", "surrogateescape")
+    for data in (raw, header + b"\r\n\r\n" + raw):
+        try:
+            message = parse_message(data)
+        except DigestError:
+            continue
+        sender_address(message)
+        forgery_reason(message)
+        automatic_reason(message)
+        digest_tokens(message)
+        parse_text(new_text(message, SENT))
+
+
+def test_many_quote_headers_cost_one_pass() -> None:
+    text = "\n".join(["On Thu, Paper Digest wrote:", "unmarked line"] * 5_000)
+    kept = read_new_text(text, SENT, is_command_line)
+    assert kept.lines == []  # each header starts an unmarked original that runs to the end

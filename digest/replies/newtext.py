@@ -240,6 +240,7 @@ def read_new_text(text: str, sent: SentText | None = None,
     result = NewText()
     unmarked_original = False  # inside an original that a client put without quote marks
     previous_quoted = ""  # the line before, when it was a line of the digest
+    ends_below: list[bool] | None = None  # per line: the digest's last line is at or below it
     signature = False
     i = 0
     while i < len(lines):
@@ -268,8 +269,10 @@ def read_new_text(text: str, sent: SentText | None = None,
                 # The original follows without marks: all of it is quoted, up to the digest's
                 # end when the digest is known; or, when it is the known digest and ends
                 # below, line by line (an answer typed between its lines is then read).
-                unmarked_original = not (sent and sent.holds(following) and
-                                         _digest_ends_before_text(lines, i + span, sent))
+                if sent and ends_below is None:
+                    ends_below = _digest_ends_below(lines, sent)
+                unmarked_original = not (sent and sent.holds(following) and ends_below is not None
+                                         and ends_below[i + span])
             i += span
             continue
         if is_header_field(line) and _near_header_field(lines, i):
@@ -369,6 +372,10 @@ def _next_text_line(lines: list[str], start: int) -> str | None:
     return None
 
 
-def _digest_ends_before_text(lines: list[str], start: int, sent: SentText) -> bool:
-    """After a header, the unmarked digest ends somewhere below (so a bottom-post can follow)."""
-    return any(sent.ends_with(line) for line in lines[start:])
+def _digest_ends_below(lines: list[str], sent: SentText) -> list[bool]:
+    """Per line index (and one past the end): does a line ending the digest come at or after
+    it? Computed once per reply, so a reply of many headers costs one pass."""
+    below = [False] * (len(lines) + 1)
+    for index in range(len(lines) - 1, -1, -1):
+        below[index] = below[index + 1] or sent.ends_with(lines[index])
+    return below
