@@ -536,10 +536,11 @@ def corpus_reply(case: CorpusCase, digest: EmailMessage) -> EmailMessage:
     def fill(match: re.Match[str]) -> str:
         kind, arg = match.group(1), match.group(2)
         lines = plain.rstrip("\n").split("\n")
-        if arg and "-" in arg and kind.startswith("quote_lines"):
+        if arg and "-" in arg and kind in ("quote_lines", "digest_lines"):
             first, _, last = arg.partition("-")
             high = len(lines) if last == "end" else int(last)
-            return "\n".join(("> " + line).rstrip() for line in lines[int(first) - 1:high])
+            mark = "> " if kind == "quote_lines" else ""
+            return "\n".join((mark + line).rstrip() for line in lines[int(first) - 1:high])
         width = int(arg) if arg and arg.isdigit() else 0
         if width:
             lines = _rewrap(lines, width)
