@@ -5,18 +5,24 @@ For each waiting message, in this order:
 1. already recorded (same Message-ID, or same bytes without one)? Nothing
    changes; the message is only marked processed.
 2. an auto-reply, a bounce or list mail? Recorded as ignored, never answered.
-3. the sender must own a digest token the reply names (plus-addressed To, or
+3. a forged sender (a display name that is another address, two From
+   addresses)? Recorded as rejected and logged with the reason, never answered.
+4. the sender must own a digest token the reply names (plus-addressed To, or
    In-Reply-To / References), and that digest must have been sent to them;
    else recorded as rejected and logged, nothing changes.
-4. the commands of the new text are applied to the digest's frozen items, the
-   reply is recorded and its confirmation queued, all in one transaction.
-5. only then is the message marked processed in the mailbox (``\\Seen`` or
+5. the commands of the new text (read against the digest's own text) are
+   applied to the digest's frozen items, the reply is recorded and its
+   confirmation queued, all in one transaction. Every reply from its owner is
+   answered, a reply without a command too.
+6. only then is the message marked processed in the mailbox (``\\Seen`` or
    ``cur/``); a crash before that leaves it waiting and step 1 makes the next
    run harmless. Confirmations queued in the store are sent after, and a
    confirmation that could not be sent is tried again on the next run.
 
-A reply that cannot be read (broken MIME, bad charset, ...) is logged, recorded
-with the outcome ``error``, and the run goes on.
+Each reply is one unit: whatever it raises (broken MIME, bad charset, nesting,
+...) is logged on one line, recorded with the outcome ``error`` and a readable
+reason, and the run goes on. A confirmation that cannot be written or sent is
+that confirmation's failure; the reply's commands stay applied.
 """
 
 from __future__ import annotations
