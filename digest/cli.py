@@ -407,6 +407,14 @@ def cmd_bench_replies(args: argparse.Namespace) -> int:
     from .bench.replies import run_replies_bench
 
     logging.getLogger("digest").setLevel(logging.WARNING)  # a line per reply drowns the table
+    if args.corpus is not None:
+        from .bench.replies import corpus_folder, run_corpus
+
+        result = run_corpus(Path(args.corpus) if args.corpus else corpus_folder())
+        if not args.json:
+            print(result["table"])
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, sort_keys=True))
+        return EXIT_OK if result["ok"] == result["cases"] else EXIT_ERROR
     result = run_replies_bench(count=args.count, runs=args.runs, backend=args.backend,
                                subscribers=args.subscribers)
     if not args.json:
@@ -615,6 +623,10 @@ def _add_reply_commands(commands: argparse._SubParsersAction,  # type: ignore[ty
     p.add_argument("--backend", choices=("auto", "imap", "maildir"), default="auto",
                    help="auto: Dovecot IMAP when installed, else Maildir")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
+    p.add_argument("--corpus", nargs="?", const="", metavar="FOLDER", default=None,
+                   help="instead of timing, read the reply-layout corpus (default "
+                        "tests/replies_corpus of the checkout) and count the cases that give "
+                        "exactly the expected commands and no spurious lines")
 
 
 def _bench_help(args: argparse.Namespace) -> int:  # pragma: no cover - argparse requires a BENCH

@@ -143,9 +143,9 @@ ORIGINAL = render_text(make_content())
     ("apple", "like 2\nskip 3\n\n> On 12 Mar 2026, at 08:00, Paper Digest "
               "<digest@papers.example.org> wrote:\n> \n" + QUOTED_DIGEST + "\n> like 9\n"),
     ("german", "like 2\nskip 3\n\nViele Grüße\nAlice\n\nAm Do., 12. März 2026 um 08:00 Uhr schrieb "
-               "Paper Digest <digest@papers.example.org>:\n" + QUOTED_DIGEST + "\nlike 9\n"),
+               "Paper Digest <digest@papers.example.org>:\n" + QUOTED_DIGEST + "\n> like 9\n"),
     ("french", "like 2\nskip 3\n\nCordialement,\nAlice\n\nLe jeu. 12 mars 2026 à 08:00, Paper "
-               "Digest <digest@papers.example.org> a écrit :\n" + QUOTED_DIGEST + "\nlike 9\n"),
+               "Digest <digest@papers.example.org> a écrit :\n" + QUOTED_DIGEST + "\n> like 9\n"),
     ("signature", "like 2\nskip 3\n-- \nDr. Alice Example\nStop by room 3\nMore 2 come\n"),
     ("mobile", "like 2\nskip 3\n\nSent from my iPhone\n\n" + QUOTED_DIGEST),
 ])
@@ -168,8 +168,11 @@ def test_html_only_reply_is_read_without_its_quote() -> None:
 
 
 def test_a_reply_that_is_all_quote_has_no_new_text() -> None:
-    body = "On Thu, Mar 12, 2026 at 8:00 AM Paper Digest <d@x.org> wrote:\n> like 9\nlike 9\n"
+    body = "On Thu, Mar 12, 2026 at 8:00 AM Paper Digest <d@x.org> wrote:\n> like 9\n>\n> skip 2\n"
     assert parse_text(new_text(reply_message(body))).commands == []
+    # The same with a line written below the quote: a bottom-post, read.
+    below = parse_text(new_text(reply_message(body + "\nunsubscribe\n"))).commands
+    assert [c.name for c in below] == ["unsubscribe"]
 
 
 def test_tokens_sender_and_automatic_mail() -> None:

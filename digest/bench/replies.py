@@ -18,6 +18,7 @@ import getpass
 import grp
 import os
 import pwd
+import re
 import shutil
 import socket
 import statistics
@@ -288,6 +289,8 @@ def seed_digests(store: Store, subscribers: int, *, day: date | None = None) -> 
                     listing_rank=i)
               for i in range(ITEMS_PER_DIGEST * 3)]
     store.add_dump(f"bench-{day}", "bench", "bench", papers)
+    # A real rendered digest as the frozen message, so replies are read against its text.
+    frozen = corpus_digest().as_bytes()
     sent = []
     for n in range(subscribers):
         email = f"reader{n}@example.org"
@@ -295,7 +298,7 @@ def seed_digests(store: Store, subscribers: int, *, day: date | None = None) -> 
         row = store.claim_digest(
             subscriber=email, local_date=day, token=token,
             message_id=message_id_for(token, f"digest@{DOMAIN}"), considered=len(papers),
-            corpus_seq=store.corpus_seq(), message=b"(bench)",
+            corpus_seq=store.corpus_seq(), message=frozen,
             items=[ItemRow(i + 1, papers[(n + i) % len(papers)].id, 1.0 - i / 10, "bench", False)
                    for i in range(ITEMS_PER_DIGEST)])
         assert row is not None  # a fresh store has no digest for the day
@@ -402,3 +405,253 @@ def run_replies_bench(*, count: int = 1000, runs: int = 1, backend: str = "auto"
          f" (median of {len(timings)} run{'s' if len(timings) != 1 else ''})"),
     ])
     return result
+
+
+# --- the reply-layout corpus ------------------------------------------------------
+#
+# ``digest bench replies --corpus`` reads every case of ``tests/replies_corpus``: a
+# reply written as a given mail client writes it, in a given language, with the exact
+# commands and the exact "not understood" lines expected. Each case goes through the
+# same reading as a real reply (``parse_reply(new_text(message, sent_text(digest)))``)
+# against a digest rendered by the real templates.
+
+CORPUS_TOKEN = "k7m2q9x4w8r3t6y5"
+CORPUS_SENDER = f"Paper Digest <digest@{DOMAIN}>"
+CORPUS_REPLY_TO = f"digest+{CORPUS_TOKEN}@{DOMAIN}"
+_PLACEHOLDER = re.compile(r"\{\{(\w+)(?::([\w-]+))?\}\}")
+
+
+@dataclass(frozen=True)
+class CorpusCase:
+    """One reply layout of the corpus, as read from its file."""
+
+    name: str
+    layout: str
+    language: str
+    body: str  # with placeholders for the digest ({{quote}}, {{digest}}, ...)
+    content_type: str  # plain | html | both
+    commands: tuple[str, ...]  # exactly these, in this order (see :func:`command_key`)
+    not_understood: tuple[str, ...]  # exactly these "not understood" lines
+    source: str  # file name
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: CorpusCase
+    commands: tuple[str, ...]
+    not_understood: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return (self.commands == self.case.commands
+                and self.not_understood == self.case.not_understood)
+
+
+def corpus_folder() -> Path:
+    """``tests/replies_corpus`` of the checkout this package runs from."""
+    return Path(__file__).resolve().parents[2] / "tests" / "replies_corpus"
+
+
+def load_corpus(folder: Path) -> list[CorpusCase]:
+    """Every case of every ``*.txt`` file of ``folder``.
+
+    A file holds cases, each starting with ``=== NAME``, then ``key: value``
+    lines (layout, language, type, commands, not understood; list values
+    separated by `` | ``), a ``---`` line and the body. Raises
+    :class:`DigestError` naming the file and case for a malformed one.
+    """
+    cases: list[CorpusCase] = []
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise DigestError(f"{folder}: no corpus files (*.txt) here")
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        for chunk in text.split("\n=== ")[1:] if not text.startswith("=== ") else \
+                ("\n" + text).split("\n=== ")[1:]:
+            name, _, rest = chunk.partition("\n")
+            head, sep, body = rest.partition("\n---\n")
+            if not sep:
+                raise DigestError(f"{path.name}: case {name!r} has no '---' line before its body")
+            fields: dict[str, str] = {}
+            for line in head.splitlines():
+                key, colon, value = line.partition(":")
+                if not colon:
+                    raise DigestError(f"{path.name}: case {name!r}: {line!r} is not 'key: value'")
+                fields[key.strip().lower()] = value.strip()
+            unknown = set(fields) - {"layout", "language", "type", "commands", "not understood"}
+            if unknown or "layout" not in fields or "language" not in fields:
+                raise DigestError(f"{path.name}: case {name!r}: needs layout and language "
+                                  f"(unknown keys: {', '.join(sorted(unknown)) or 'none'})")
+
+            def listed(key: str, fields: dict[str, str] = fields) -> tuple[str, ...]:
+                return tuple(v.strip() for v in fields.get(key, "").split(" | ") if v.strip())
+
+            cases.append(CorpusCase(
+                name=name.strip(), layout=fields["layout"], language=fields["language"],
+                body=body.rstrip("\n") + "\n", content_type=fields.get("type", "plain"),
+                commands=listed("commands"), not_understood=listed("not understood"),
+                source=path.name))
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        raise DigestError("corpus: case names repeat: "
+                          + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    return cases
+
+
+def corpus_digest() -> EmailMessage:
+    """The digest every corpus case answers: ten papers, rendered by the real templates."""
+    from ..render import DigestContent, DigestItem, render_digest
+
+    topics = ["sparse attention for long documents", "diffusion models that plan robot grasps",
+              "a benchmark of multilingual reasoning", "graph neural networks for molecules",
+              "retrieval-augmented code generation", "speech tokenisers at low bit rates",
+              "vision transformers without positional encodings",
+              "reinforcement learning from human preferences at scale",
+              "protein structure from single sequences", "tabular foundation models"]
+    areas = ["long context", "robotics", "evaluation", "chemistry", "code", "audio", "vision",
+             "alignment", "biology", "tables"]
+    items = tuple(DigestItem(
+        n, Paper(id=f"2603.{n:05d}", title=f"Towards {topic}: a study", arxiv_id=f"2603.{n:05d}",
+                 abstract=(f"We study {topic}. Our method improves on strong baselines while "
+                           f"using less compute, and we release code and data."),
+                 listed_on=date(2026, 3, 12), code_links=(f"https://github.com/lab{n}/repo",)),
+        1.0 - n / 20, f"close to papers you liked on {area}", n == 7)
+        for n, (topic, area) in enumerate(zip(topics, areas, strict=True), start=1))
+    content = DigestContent(subscriber=Subscriber("alice@example.org", "Alice"),
+                            token=CORPUS_TOKEN, local_date=date(2026, 3, 12), considered=412,
+                            items=items, personalised=True)
+    smtp = replace(SmtpConfig(), sender=CORPUS_SENDER, reply_to=f"digest+{{token}}@{DOMAIN}")
+    from datetime import UTC, datetime
+
+    return render_digest(content, smtp, now=datetime(2026, 3, 12, 7, 0, tzinfo=UTC))
+
+
+def corpus_reply(case: CorpusCase, digest: EmailMessage) -> EmailMessage:
+    """The reply of ``case`` as a client sends it: placeholders filled from ``digest``."""
+    plain = _part_text(digest, "plain")
+    html = _part_text(digest, "html")
+    body_html = html[html.find(">", html.find("<body")) + 1: html.rfind("</body>")] \
+        if "<body" in html else html
+
+    def fill(match: re.Match[str]) -> str:
+        kind, arg = match.group(1), match.group(2)
+        lines = plain.rstrip("\n").split("\n")
+        if arg and "-" in arg and kind in ("quote_lines", "digest_lines"):
+            first, _, last = arg.partition("-")
+            high = len(lines) if last == "end" else int(last)
+            mark = "> " if kind == "quote_lines" else ""
+            return "\n".join((mark + line).rstrip() for line in lines[int(first) - 1:high])
+        width = int(arg) if arg and arg.isdigit() else 0
+        if width:
+            lines = _rewrap(lines, width)
+        if kind in ("quote", "quote_wrapped"):
+            return "\n".join(("> " + line).rstrip() for line in lines)
+        if kind == "quote_nbsp":
+            return "\n".join(">\xa0" + line for line in lines)
+        if kind == "quote_nested":
+            return "\n".join(("> > " + line).rstrip() for line in lines)
+        if kind in ("digest", "digest_wrapped"):
+            return "\n".join(lines)
+        if kind == "html_digest":
+            return body_html
+        if kind == "address":
+            return CORPUS_REPLY_TO
+        if kind == "token":
+            return CORPUS_TOKEN
+        raise DigestError(f"corpus case {case.name!r}: unknown placeholder {match.group(0)}")
+
+    body = _PLACEHOLDER.sub(fill, case.body)
+    message = EmailMessage()
+    message["From"] = "Alice Example <alice@example.org>"
+    message["To"] = CORPUS_REPLY_TO
+    message["Subject"] = f"Re: {digest['Subject']}"
+    message["Message-ID"] = f"<corpus.{case.name}@example.org>"
+    message["In-Reply-To"] = str(digest["Message-ID"])
+    if case.content_type == "html":
+        message.set_content(body, subtype="html")
+    else:
+        message.set_content(body)
+    return message
+
+
+def _part_text(message: EmailMessage, subtype: str) -> str:
+    part = message.get_body(preferencelist=(subtype,))
+    return str(part.get_content()) if part is not None else ""
+
+
+def _rewrap(lines: list[str], width: int) -> list[str]:
+    """The digest as a client re-wraps it: paragraphs refilled at ``width`` columns."""
+    import textwrap
+
+    out: list[str] = []
+    paragraph: list[str] = []
+    for line in [*lines, ""]:
+        if line.strip():
+            paragraph.append(line.strip())
+            continue
+        if paragraph:
+            out += textwrap.wrap(" ".join(paragraph), width) or [""]
+            paragraph = []
+        out.append("")
+    return out[:-1]
+
+
+def command_key(command: Any) -> str:
+    """A command as the corpus writes it: ``like 2 5``, ``skip rest``, ``pause 7``, ..."""
+    name: str = command.name
+    if name in ("like", "skip", "why"):
+        parts = [name, *(str(n) for n in command.items)]
+        parts += ["all"] if command.every else []
+        parts += ["rest"] if command.rest else []
+        return " ".join(parts)
+    if name == "pause":
+        return f"pause {command.days}" if command.days else "pause"
+    if name == "time":
+        return f"time {command.value}"
+    if name == "size":
+        return f"size {command.number}"
+    if name.startswith("interest-"):
+        return f"{name} {command.value}"
+    return name
+
+
+def run_corpus_case(case: CorpusCase, digest: EmailMessage, sent: Any) -> CaseResult:
+    """Read one case's reply exactly as a real reply is read."""
+    from ..replies.parse import new_text, parse_reply, subject_of
+
+    message = corpus_reply(case, digest)
+    parsed = parse_reply(new_text(message, sent), subject_of(message))
+    return CaseResult(case, tuple(command_key(c) for c in parsed.commands),
+                      tuple(p.text for p in parsed.problems))
+
+
+def run_corpus(folder: Path | None = None) -> dict[str, Any]:
+    """Every corpus case; how many give exactly the expected commands and no spurious lines."""
+    from ..replies.parse import sent_text
+
+    cases = load_corpus(folder or corpus_folder())
+    digest = corpus_digest()
+    sent = sent_text(digest.as_bytes())
+    results = [run_corpus_case(case, digest, sent) for case in cases]
+    # Baseline, same run: the same reader without the sent digest (marks and headers only).
+    blind = sum(run_corpus_case(case, digest, None).ok for case in cases)
+    exact = sum(r.commands == r.case.commands for r in results)
+    clean = sum(r.not_understood == r.case.not_understood for r in results)
+    ok = sum(r.ok for r in results)
+    languages = sorted({r.case.language for r in results})
+    failures = [{"case": r.case.name, "file": r.case.source,
+                 "expected": list(r.case.commands), "got": list(r.commands),
+                 "expected_not_understood": list(r.case.not_understood),
+                 "got_not_understood": list(r.not_understood)} for r in results if not r.ok]
+    lines = [(f"{'cases':>6}{'exact commands':>16}{'no spurious lines':>19}{'both':>7}"
+              f"{'languages':>11}{'both, digest unknown':>22}"),
+             f"{len(results):>6}{exact:>16}{clean:>19}{ok:>7}{len(languages):>11}{blind:>22}",
+             "languages: " + " ".join(languages),
+             "(both, digest unknown: the same reader without the sent digest's lines)"]
+    lines += [f"  FAILED {f['case']} ({f['file']}): commands {f['got']} (expected "
+              f"{f['expected']}), not understood {f['got_not_understood']} (expected "
+              f"{f['expected_not_understood']})" for f in failures]
+    return {"bench": "replies-corpus", "cases": len(results), "exact_commands": exact,
+            "no_spurious_lines": clean, "ok": ok, "ok_digest_unknown": blind,
+            "languages": languages,
+            "failures": failures, "table": "\n".join(lines)}

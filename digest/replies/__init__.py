@@ -8,6 +8,7 @@ and confirms by email. What it hands on is in the store: the ranking of the
 next digest reads the feedback, the dispatch reads the subscription state.
 
 - :mod:`.parse`: one raw reply to sender, digest tokens and commands;
+- :mod:`.newtext`: which lines of a reply the subscriber wrote;
 - :mod:`.mailboxes`: IMAP (imapclient, IDLE) and Maildir;
 - :mod:`.process`: the run: check, apply, record, confirm.
 """

@@ -3,12 +3,12 @@
 Nothing here touches the store or the network: a raw message goes in, a
 :class:`ParsedReply` (or the facts needed to refuse it) comes out.
 
-Only the new text counts. The text/plain part (or the HTML part read as text,
-quoted blocks dropped) goes through mail-parser-reply with every language it
-knows, which cuts the quoted original at the "On ... wrote:", "Am ... schrieb",
-"Le ... a écrit", "-----Original Message-----" lines and drops signatures;
-then any line still starting with ``>`` goes too. Commands are read only at
-the start of a line, so a sentence that mentions "like 3" commands nothing.
+Only the new text counts: :mod:`.newtext` keeps the lines the subscriber wrote
+(above, below or between quoted parts; lines of the sent digest, quote headers,
+separators and signatures left out). Commands are read only at the start of a
+line, so a sentence that mentions "like 3" commands nothing. A line that is
+not a command is either a near-command (reported with a hint) or prose
+(acknowledged once, never listed as an error).
 """
 
 from __future__ import annotations
@@ -18,18 +18,24 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from email import policy
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import getaddresses
+from functools import lru_cache
 from html.parser import HTMLParser
 
-from mailparser_reply.constants import MAIL_LANGUAGES
-from mailparser_reply.parser import EmailMessage as ReplyText
+from ..errors import DigestError
+from .newtext import SentText, clean_line, read_new_text
 
 MAX_PAUSE_DAYS = 366  # a longer pause is an unsubscribe in disguise
 MAX_SIZE = 100  # as the config's max_papers
 MAX_REPORTED_LINES = 8  # lines "not understood" listed in a confirmation; the rest are counted
 MAX_LINE_CHARS = 80  # a reported line is cut to this length
+MAX_MIME_PARTS = 100  # multipart boundaries in a reply read at most (clients write 2 to 5)
+MAX_READ_LINES = 1_000  # lines of new text read for commands; no one writes more in a reply
+MAX_BODY_CHARS = 2_000_000  # a reply's text read at most; commands are never that far down
 
 # Every word that starts a command, mapped to the command it means.
 COMMANDS: dict[str, str] = {
@@ -47,7 +53,15 @@ COMMANDS: dict[str, str] = {
 _REPLY_PREFIX = re.compile(r"^\s*(re|aw|sv|antw|antwort|réf|ref|rif|fw|fwd|wg|tr)\s*(\[\d+\])?\s*:",
                            re.IGNORECASE)
 # Decoration a client or a person puts around a line: bullets, emphasis, quotes.
-_DECORATION = " \t*_•·\"'`“”„«»‘’"
+_DECORATION = " \t*_•·◦▪‣\"'`“”„«»‘’"
+# A list bullet before a command: "- like 2", "* like 2", "• like 2" ("-3" is no bullet).
+_BULLET = re.compile(r"^(?:[-–—•·◦▪‣*+]|\d{1,2}[.)])\s+")
+# A chat-style command ("/like 2") or a command word with a colon ("like: 2").
+_SLASH = re.compile(r"^/(?=[a-z])", re.IGNORECASE)
+_WORD_COLON = re.compile(r"^([a-z]+)\s*:\s*", re.IGNORECASE)
+# A command word followed, within three words, by a number: "I like paper 2 a lot".
+_COMMAND_NEAR_NUMBER = re.compile(
+    r"\b(?:like|more|skip|less|why|size|pause)\b(?:\W+\w+){0,3}?\W+#?\d", re.IGNORECASE)
 _TRAILING = " \t.!?)"
 _NUMBER = re.compile(r"^#?(\d{1,3})$")
 _RANGE = re.compile(r"^#?(\d{1,3})-#?(\d{1,3})$")
@@ -57,6 +71,7 @@ _HHMM = re.compile(r"^([01]?\d|2[0-3])(?:[:.h]([0-5]\d))?$")
 _DURATION = re.compile(r"^(?:for\s+)?(\d{1,3})\s*(d|days?|w|wks?|weeks?)?$")
 _TOKEN_IN_ADDRESS = re.compile(r"\+([a-z0-9]{6,64})@", re.IGNORECASE)
 _TOKEN_IN_MESSAGE_ID = re.compile(r"<digest\.([a-z0-9]{6,64})@[^>\s]+>", re.IGNORECASE)
+_HAS_WORD = re.compile(r"\w")
 _POLITE = {"", "me", "please", "me please", "please me", "now", "thanks", "thank you"}
 
 
@@ -84,15 +99,30 @@ class Problem:
 
 @dataclass
 class ParsedReply:
+    """The commands of a reply in the order written, the near-commands it could not read
+    (each with a hint), and its prose (lines that are no attempt at a command)."""
+
     commands: list[Command] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    prose: list[str] = field(default_factory=list)
+    unread: list[Problem] = field(default_factory=list)  # problems and prose, as written
     from_subject: bool = False  # the commands came from the subject line (a mailto link)
 
 
 # --- the message --------------------------------------------------------------
 
 
+class UnreadableReply(DigestError):
+    """A reply too deeply nested to read (the reason says how deep)."""
+
+
 def parse_message(raw: bytes) -> EmailMessage:
+    """The message of a raw reply. Raises :class:`UnreadableReply` for MIME nested deeper
+    than :data:`MAX_MIME_PARTS` boundaries (no client writes that; parsing it costs seconds)."""
+    boundaries = raw.count(b"boundary=")
+    if boundaries > MAX_MIME_PARTS:
+        raise UnreadableReply(f"a message with {boundaries} MIME boundaries (at most "
+                              f"{MAX_MIME_PARTS} are read)")
     message = BytesParser(policy=policy.default).parsebytes(raw)
     assert isinstance(message, EmailMessage)  # policy.default parses to EmailMessage
     return message
@@ -124,12 +154,79 @@ def reply_key(message: Message, raw: bytes) -> str:
 
 
 def sender_address(message: Message) -> str:
-    """The From address, lower-cased ('' when there is none)."""
-    values = headers(message, "From")
-    if not values:
-        return ""
-    addresses = [address for _, address in getaddresses(values) if "@" in address]
-    return addresses[0].strip().lower() if addresses else ""
+    """The From address, lower-cased ('' when there is none).
+
+    Read from the raw header: ``alice@example.org <evil@example.net>`` is the
+    address evil@example.net (the part in angle brackets), whatever the display
+    name says. :func:`forgery_reason` tells whether such a name is a warning.
+    """
+    found = _from_mailboxes(message)
+    return found[0][1] if found else ""
+
+
+def forgery_reason(message: Message) -> str | None:
+    """Why the From header looks forged, else None.
+
+    Signals: more than one From header or address (a reply comes from one
+    person), and a display name that is itself an address other than the one
+    the mail is from (``alice@example.org <evil@example.net>``: a reader's
+    client shows "alice@example.org").
+    """
+    raw = _raw_headers(message, "From")
+    if len(raw) > 1:
+        return f"{len(raw)} From headers"
+    found = _from_mailboxes(message)
+    if len(found) > 1:
+        return f"{len(found)} addresses in From"
+    if not found:
+        return None
+    name, address = found[0]
+    for shown in _ADDRESS_IN_NAME.findall(name):
+        if shown.lower().strip("<>") != address:
+            return f"the display name is the address {shown.lower()} but the mail is from {address}"
+    return None
+
+
+_ANGLE_ADDRESS = re.compile(r"^(?P<name>.*)<(?P<address>[^<>\s]+@[^<>\s]+)>\s*$", re.DOTALL)
+_ADDRESS_IN_NAME = re.compile(r"[^\s<>\"'(),;:@]+@[^\s<>\"'(),;:@]+\.[^\s<>\"'(),;:@]+")
+
+
+def _raw_headers(message: Message, name: str) -> list[str]:
+    """A header's values as written (unfolded, RFC 2047 words decoded), not as re-parsed."""
+    values = []
+    for key, value in message.raw_items():
+        if key.lower() != name.lower():
+            continue
+        text = " ".join(str(value).split())
+        try:
+            text = str(make_header(decode_header(text)))
+        except (ValueError, LookupError, UnicodeError, HeaderParseError):
+            pass  # not valid encoded words: keep the text as written
+        values.append(text)
+    return values
+
+
+def _from_mailboxes(message: Message) -> list[tuple[str, str]]:
+    """(display name, lower-cased address) of each From mailbox, read from the raw header."""
+    found: list[tuple[str, str]] = []
+    for value in _raw_headers(message, "From"):
+        match = _ANGLE_ADDRESS.match(value)
+        if match and "<" not in match.group("name") and not _LIST_SEPARATOR.search(
+                _unquoted(match.group("name"))):
+            found.append((match.group("name").strip().strip('"').strip(),
+                          match.group("address").strip().lower()))
+            continue
+        found += [(name, address.strip().lower())
+                  for name, address in getaddresses([value]) if "@" in address]
+    return found
+
+
+_LIST_SEPARATOR = re.compile(r"[,;]")
+
+
+def _unquoted(text: str) -> str:
+    """``text`` with its double-quoted parts removed (commas inside quotes separate nothing)."""
+    return re.sub(r'"[^"]*"', "", text)
 
 
 def digest_tokens(message: Message) -> list[str]:
@@ -144,6 +241,30 @@ def digest_tokens(message: Message) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+# Subjects of out-of-office and other auto-replies sent without Auto-Submitted or Precedence.
+# Languages: English, German, French, Spanish, Italian, Dutch, Portuguese, Polish, Swedish,
+# Danish/Norwegian, Finnish, Czech, Turkish, Russian, Chinese, Japanese, Korean.
+AUTO_REPLY_SUBJECT = re.compile(
+    r"^\s*(?:auto(?:matic|matische?|matisch)?[\s-]*(?:reply|response|antwort|answer|antwoord)\b"
+    r"|autoreply\b|auto-reply\b|out\s+of\s+(?:the\s+)?office\b|vacation\s+(?:reply|notice)\b"
+    r"|away\s+from\s+(?:the\s+)?office\b"
+    r"|abwesenheitsnotiz\b|abwesenheit\b|abwesend\b|automatische\s+antwort\b|nicht\s+im\s+b[üu]ro\b"
+    r"|r[ée]ponse\s+automatique\b|absence\s+du\s+bureau\b|message\s+d['’]absence\b|absent\b"
+    r"|respuesta\s+autom[áa]tica\b|fuera\s+de\s+la\s+oficina\b"
+    r"|risposta\s+automatica\b|fuori\s+(?:sede|ufficio)\b"
+    r"|automatisch\s+antwoord\b|afwezig\b|niet\s+aanwezig\b"
+    r"|resposta\s+autom[áa]tica\b|aus[êe]ncia\b|fora\s+do\s+escrit[óo]rio\b"
+    r"|automatyczna\s+odpowied[źz]\b|poza\s+biurem\b|nieobecno[śs][ćc]\b"
+    r"|automatiskt\s+svar\b|fr[åa]nvaro\w*\b|automatisk\s+svar\b|frav[æa]r\w*\b|autosvar\b"
+    r"|automaattinen\s+vastaus\b|poissa\b"
+    r"|automatick[áa]\s+odpov[ěe][ďd]\b|mimo\s+kancel[áa][řr]\b"
+    r"|otomatik\s+(?:yan[ıi]t|cevap)\b|ofis\s+d[ıi][şs][ıi]nda\b"
+    r"|автоответ|автоматический\s+ответ|нет\s+на\s+месте|вне\s+офиса"
+    r"|自动回复|自動回覆|自動回复|自动答复|自動応答|自動返信|不在通知|不在のお知らせ|外出"
+    r"|자동\s*(?:회신|응답)|부재\s*중)",
+    re.IGNORECASE)
+
+
 def automatic_reason(message: Message) -> str | None:
     """Why the message is an auto-reply, a bounce or list mail (never answered), else None."""
     auto = header(message, "Auto-Submitted").lower()
@@ -152,9 +273,13 @@ def automatic_reason(message: Message) -> str | None:
     precedence = header(message, "Precedence").lower()
     if precedence in ("bulk", "junk", "list", "auto_reply"):
         return f"Precedence: {precedence}"
-    for name in ("X-Autoreply", "X-Autorespond", "X-Auto-Reply"):
+    for name in ("X-Autoreply", "X-Autorespond", "X-Auto-Reply", "X-Auto-Response-Suppress",
+                 "X-Autogenerated", "X-AutoReply-From", "X-Mail-Autoreply"):
         if header(message, name):
             return f"{name} header"
+    subject = AUTO_REPLY_SUBJECT.search(subject_of(message))
+    if subject is not None:
+        return f"an auto-reply subject (“{subject.group(0).strip()}”)"
     if header(message, "List-Id") or header(message, "List-Post"):
         return "mailing-list mail"
     return_path = headers(message, "Return-Path")
@@ -179,9 +304,18 @@ def is_reply_subject(subject: str) -> bool:
 # --- the new text -------------------------------------------------------------
 
 
-def new_text(message: EmailMessage) -> str:
-    """The text the subscriber wrote in this reply: no quoted original, no signature."""
-    return strip_quoted(body_text(message))
+def new_text(message: EmailMessage, sent: SentText | None = None) -> str:
+    """The text the subscriber wrote in this reply: no quoted original, no signature.
+
+    ``sent`` is the text of the digest answered (:meth:`SentText.from_message`);
+    without it only quote marks, quote headers and separators tell quoted text.
+    """
+    return read_new_text(body_text(message), sent, is_command_line).text
+
+
+def sent_text(digest_message: bytes) -> SentText:
+    """What a digest said, from its frozen message as stored (text and HTML parts)."""
+    return SentText.from_message(digest_message, html_to_text)
 
 
 def body_text(message: EmailMessage) -> str:
@@ -196,26 +330,10 @@ def body_text(message: EmailMessage) -> str:
         content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
     if not isinstance(content, str):
         return ""
+    content = content[:MAX_BODY_CHARS]
     if part.get_content_type() == "text/html":
         return html_to_text(content)
     return content
-
-
-def strip_quoted(text: str) -> str:
-    """Cut quoted text and signatures (mail-parser-reply, every language), then ``>`` lines."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    # keep_hyphen_lists: a line starting with "-" ("-5": skip 5) is not a signature.
-    parsed = ReplyText(text=text, languages=list(_LANGUAGES), keep_hyphen_lists=True).read()
-    if not parsed.replies:
-        return ""
-    first = parsed.replies[0]
-    # A reply that starts with the quote header ("On ... wrote:") has no new text above it.
-    latest = "" if first.headers else first.body
-    return "\n".join(line for line in latest.split("\n") if not line.lstrip().startswith(">"))
-
-
-# Every language mail-parser-reply knows ("david" is a test fixture of the library, not one).
-_LANGUAGES = tuple(lang for lang in MAIL_LANGUAGES if lang != "david")
 
 
 class _HtmlText(HTMLParser):
@@ -286,16 +404,76 @@ def parse_reply(body: str, subject: str = "") -> ParsedReply:
 
 
 def parse_text(text: str) -> ParsedReply:
-    """Commands at the start of lines; several per line separated by commas or semicolons."""
+    """Commands at the start of lines; several per line separated by commas or semicolons.
+
+    Lines are read as a person reads them (:func:`command_line`): Unicode and
+    full-width forms, list bullets, a leading ``/``, a trailing period. A line
+    that commands nothing is a :class:`Problem` when it looks like an attempt
+    at a command (a command word, a near miss of one, a command later in the
+    line, a command word with a number), else prose.
+    """
     parsed = ParsedReply()
-    for raw_line in text.splitlines():
-        line = raw_line.strip().strip(_DECORATION).rstrip(_TRAILING).strip(_DECORATION)
-        if not line:
-            continue
+    read = 0
+    lines = text.splitlines()
+    for number, raw_line in enumerate(lines):
+        line = command_line(raw_line)
+        if not line or not _HAS_WORD.search(line):
+            continue  # a rule, a lone mark: nothing written
+        read += 1
+        if read > MAX_READ_LINES:
+            rest = sum(1 for x in lines[number:] if x.strip())
+            parsed.problems.append(Problem(f"({rest} more lines)", f"not read: a reply is read "
+                                           f"up to {MAX_READ_LINES:,} lines of new text"))
+            parsed.unread.append(parsed.problems[-1])
+            break
         commands, problems = _parse_line(line)
         parsed.commands += commands
-        parsed.problems += problems
+        if problems and not commands and _is_prose(line, problems):
+            parsed.prose.append(_shown(clean_line(raw_line)))
+            parsed.unread.append(Problem(parsed.prose[-1], ""))
+        else:
+            parsed.problems += problems
+            parsed.unread += problems
     return parsed
+
+
+def command_line(raw_line: str) -> str:
+    """A line made ready for reading commands: cleaned (NFKC, spaces), bullets, a leading
+    ``/``, decoration and trailing punctuation removed. '' for a line with nothing left."""
+    line = clean_line(raw_line).strip(_DECORATION)
+    while (bullet := _BULLET.match(line)) is not None:
+        line = line[bullet.end():].strip(_DECORATION)
+    line = _SLASH.sub("", line)
+    if (colon := _WORD_COLON.match(line)) is not None and colon.group(1).lower() in COMMANDS:
+        line = f"{colon.group(1)} {line[colon.end():]}"
+    return line.rstrip(_TRAILING).strip(_DECORATION)
+
+
+def is_command_line(raw_line: str) -> bool:
+    """True when the line holds commands and nothing it could not read."""
+    line = command_line(raw_line)
+    first = line.split(" ", 1)[0].lower()
+    if not line or (first not in COMMANDS and not _SHORTHAND.match(first)):
+        return False  # the common case, decided without parsing
+    commands, problems = _parse_line(line)
+    return bool(commands) and not problems
+
+
+@lru_cache(maxsize=4096)
+def _close_command(word: str) -> str | None:
+    """The command word ``word`` is a near miss of (difflib ratio 0.75 or more), else None."""
+    close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _is_prose(line: str, problems: list[Problem]) -> bool:
+    """A line that commands nothing and does not look like an attempt at a command."""
+    word = line.partition(" ")[0].lower()
+    if word in COMMANDS or _COMMAND_NEAR_NUMBER.search(line):
+        return False
+    if _close_command(word) is not None:
+        return False
+    return all(p.message.startswith("not a command") for p in problems)
 
 
 def _parse_line(line: str) -> tuple[list[Command], list[Problem]]:
@@ -444,13 +622,19 @@ def _extend(current: Command, segment: str) -> list[Command] | None:
     return None
 
 
+def _shown(line: str) -> str:
+    return line if len(line) <= MAX_LINE_CHARS else line[: MAX_LINE_CHARS - 1] + "…"
+
+
 def _not_a_command(line: str, segments: list[str]) -> Problem:
-    shown = line if len(line) <= MAX_LINE_CHARS else line[: MAX_LINE_CHARS - 1] + "…"
+    shown = _shown(line)
     word, _, rest = line.partition(" ")
-    close = difflib.get_close_matches(word.lower(), COMMANDS, n=1, cutoff=0.75)
-    if close:
-        suggestion = f"{close[0]} {rest}".strip()
-        return Problem(shown, f"did you mean “{suggestion}”?")
+    close = _close_command(word.lower())
+    if close is not None:
+        suggestion = f"{close} {rest}".strip()
+        # Never suggest what was typed (a hint that repeats the line helps no one).
+        if suggestion.casefold() != line.casefold():
+            return Problem(shown, f"did you mean “{suggestion}”?")
     if any(isinstance(_parse_segment(s), list) for s in segments[1:]):
         return Problem(shown, "not read: put each command at the start of a line")
     return Problem(shown, "not a command (reply with “help” for the list)")

@@ -5,18 +5,24 @@ For each waiting message, in this order:
 1. already recorded (same Message-ID, or same bytes without one)? Nothing
    changes; the message is only marked processed.
 2. an auto-reply, a bounce or list mail? Recorded as ignored, never answered.
-3. the sender must own a digest token the reply names (plus-addressed To, or
+3. a forged sender (a display name that is another address, two From
+   addresses)? Recorded as rejected and logged with the reason, never answered.
+4. the sender must own a digest token the reply names (plus-addressed To, or
    In-Reply-To / References), and that digest must have been sent to them;
    else recorded as rejected and logged, nothing changes.
-4. the commands of the new text are applied to the digest's frozen items, the
-   reply is recorded and its confirmation queued, all in one transaction.
-5. only then is the message marked processed in the mailbox (``\\Seen`` or
+5. the commands of the new text (read against the digest's own text) are
+   applied to the digest's frozen items, the reply is recorded and its
+   confirmation queued, all in one transaction. Every reply from its owner is
+   answered, a reply without a command too.
+6. only then is the message marked processed in the mailbox (``\\Seen`` or
    ``cur/``); a crash before that leaves it waiting and step 1 makes the next
    run harmless. Confirmations queued in the store are sent after, and a
    confirmation that could not be sent is tried again on the next run.
 
-A reply that cannot be read (broken MIME, bad charset, ...) is logged, recorded
-with the outcome ``error``, and the run goes on.
+Each reply is one unit: whatever it raises (broken MIME, bad charset, nesting,
+...) is logged on one line, recorded with the outcome ``error`` and a readable
+reason, and the run goes on. A confirmation that cannot be written or sent is
+that confirmation's failure; the reply's commands stay applied.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hashlib
 import logging
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -45,12 +52,14 @@ from ..mailer import Mailer
 from ..render import EMAIL_POLICY, defuse_command_lines, one_line, reply_address, template_root
 from ..store import DigestRow, ItemRow, Store, SubscriberState, utc_now
 from .mailboxes import FETCH_BATCH, ImapMailbox, MailboxError, MaildirMailbox, open_mailbox
+from .newtext import SentText
 from .parse import (
     Command,
     ParsedReply,
     Problem,
     automatic_reason,
     digest_tokens,
+    forgery_reason,
     header,
     headers,
     new_text,
@@ -58,6 +67,7 @@ from .parse import (
     parse_reply,
     reply_key,
     sender_address,
+    sent_text,
     subject_of,
 )
 
@@ -68,6 +78,8 @@ HELP_TEMPLATE = "help.txt.j2"
 NEAREST_LIKED = 3  # liked papers shown under "why N"
 MAX_REFERENCES = 10  # message ids kept in a confirmation's References header
 CONFIRMATION_ATTEMPTS = 5  # runs a confirmation is tried on before it is given up
+MAX_UNREAD_SHOWN = 3  # lines quoted back in a confirmation of a reply with no command
+MAX_DETAIL_CHARS = 500  # a recorded reason is cut to this length
 
 
 @dataclass(frozen=True)
@@ -239,8 +251,8 @@ async def send_confirmations(config: Config, store: Store) -> tuple[int, int]:
     async with Mailer(smtp, attempts=min(smtp.attempts, 2),
                       base_delay=smtp.retry_seconds) as mailer:
         for row in pending:
-            message = message_from_bytes(row.message, policy=EMAIL_POLICY)
             try:
+                message = message_from_bytes(row.message, policy=EMAIL_POLICY)
                 await mailer.send(message)
             except SendError as exc:
                 give_up = exc.permanent or row.attempts + 1 >= CONFIRMATION_ATTEMPTS
@@ -249,6 +261,12 @@ async def send_confirmations(config: Config, store: Store) -> tuple[int, int]:
                             "given up" if give_up else "not sent yet", exc)
                 if not exc.permanent:
                     break  # the server is unwell: the rest waits for the next run
+                continue
+            except Exception as exc:  # one confirmation's failure is its own
+                reason = readable(f"cannot be sent: {type(exc).__name__}: {exc}")
+                store.mark_confirmation(row.id, sent=False, error=reason, give_up=True)
+                log.error("subscriber %s: confirmation given up: %s", row.subscriber, reason)
+                log.debug("confirmation %s: the failure in full", row.id, exc_info=True)
                 continue
             store.mark_confirmation(row.id, sent=True)
             sent += 1
@@ -259,9 +277,20 @@ async def send_confirmations(config: Config, store: Store) -> tuple[int, int]:
 
 
 @dataclass
+class _Step:
+    """One command of a reply as written, and what it did (for the confirmation)."""
+
+    written: str
+    done: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # understood but not applied: why
+    whys: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class _Applied:
     """What applying a reply's commands did, for the record and the confirmation."""
 
+    steps: list[_Step] = field(default_factory=list)  # in the order written
     done: list[str] = field(default_factory=list)  # lines for "Done:"
     refused: list[Problem] = field(default_factory=list)  # commands understood but not applied
     whys: list[dict[str, Any]] = field(default_factory=list)
@@ -281,21 +310,25 @@ class _Processor:
         self.now = now
         self.corpus = corpus
         self._explainer: _Explainer | None = None
+        self._sent: dict[int, SentText] = {}
 
     def handle(self, raw: bytes) -> ReplyOutcome:
+        """One reply, one unit: whatever it raises is recorded as its failure, never raised
+        (except a :class:`StoreError`: the database itself is broken, which stops the run)."""
         key = sender = ""
         try:
             message = parse_message(raw)
-            key = reply_key(message, raw)
-            sender = sender_address(message)
+            key = readable(reply_key(message, raw))
+            sender = readable(sender_address(message))
             return self._handle(message, raw, key, sender)
         except StoreError:
-            raise  # the database itself is broken: that stops the run
-        except Exception as exc:
-            log.exception("reply %s from %s: cannot be processed", key or "(unreadable)",
-                          sender or "(unknown sender)")
-            key = key or "sha256:" + hashlib.sha256(raw).hexdigest()
-            detail = f"{type(exc).__name__}: {exc}"[:500]
+            raise
+        except Exception as exc:  # a reply's failure stays in that reply
+            detail = readable(f"cannot be processed: {type(exc).__name__}: {exc}")
+            key = readable(key) if key else "sha256:" + hashlib.sha256(raw).hexdigest()
+            sender = readable(sender)
+            log.error("reply %s from %s: %s", key, sender or "(unknown sender)", detail)
+            log.debug("reply %s: the failure in full", key, exc_info=True)
             if self.store.reply_record(key) is None:
                 self.store.record_reply(key, sender=sender, outcome="error", detail=detail,
                                         at=self.now)
@@ -308,11 +341,16 @@ class _Processor:
         automatic = automatic_reason(message)
         if automatic is not None:
             return self._record(key, sender, "ignored", f"not answered: {automatic}")
+        forged = forgery_reason(message)
+        if forged is not None:
+            log.warning("reply %s from %s: rejected, a forged sender: %s", key,
+                        sender or "(no sender)", forged)
+            return self._record(key, sender, "rejected", f"forged sender: {forged}")
         digest, why_not = self._digest_for(message, sender)
         if digest is None:
             log.warning("reply %s from %s: rejected: %s", key, sender or "(no sender)", why_not)
             return self._record(key, sender, "rejected", why_not)
-        parsed = parse_reply(new_text(message), subject_of(message))
+        parsed = parse_reply(new_text(message, self._sent_text(digest)), subject_of(message))
         items = self.store.digest_items(digest.id)
         with self.store.transaction() as db:
             if self.store.reply_record(key) is not None:  # another process was quicker
@@ -328,6 +366,12 @@ class _Processor:
         log.info("subscriber %s: reply %s to the digest of %s: %s", sender, key,
                  digest.local_date, ", ".join(applied.commands) or "no command")
         return ReplyOutcome(key, sender, outcome, detail, tuple(applied.commands), confirmation)
+
+    def _sent_text(self, digest: DigestRow) -> SentText:
+        """What the answered digest said (read once per digest and run)."""
+        if digest.id not in self._sent:
+            self._sent[digest.id] = sent_text(digest.message)
+        return self._sent[digest.id]
 
     def _record(self, key: str, sender: str, outcome: str, detail: str) -> ReplyOutcome:
         if not self.store.record_reply(key, sender=sender, outcome=outcome, detail=detail,
@@ -374,33 +418,51 @@ class _Processor:
         for command in parsed.commands:
             if not (command.name == "unsubscribe" and state.unsubscribed):
                 only_repeat_unsubscribe = False
-            if command.name in ("like", "skip"):
-                positions, refused = _positions(command, by_position, signals)
-                applied.refused += refused
-                for position in positions:
-                    item = by_position[position]
-                    store.add_feedback(sub, item.paper_id, command.name, source="reply",
-                                       digest_id=digest.id, db=db)
-                    signals[item.paper_id] = command.name
-                if positions:
-                    verb = "Liked" if command.name == "like" else "Skipped"
-                    applied.done += [f"{verb} paper {p}: {_short(titles.get(by_position[p].paper_id, ''))}"
-                                     for p in positions]
-                    applied.commands.append(f"{command.name} {_numbers(positions)}")
-            elif command.name == "why":
-                applied.commands.append(f"why {_numbers(command.items)}")
-            elif command.name == "help":
-                applied.help = True
-                applied.commands.append("help")
-            else:
-                state = self._apply_state(db, state, command, applied)
+            done_mark, refused_mark = len(applied.done), len(applied.refused)
+            step = _Step(command.text)
+            applied.steps.append(step)
+            state = self._apply_one(db, digest, command, state, by_position, signals, titles,
+                                    applied)
+            step.done = applied.done[done_mark:]
+            step.refused = [p.message for p in applied.refused[refused_mark:]]
         # "why" answers after the likes of the same reply (read inside this transaction).
-        applied.whys = [self._why(digest, items, command) for command in parsed.commands
-                        if command.name == "why"]
+        for step, command in zip(applied.steps, parsed.commands, strict=True):
+            if command.name == "why":
+                answer = self._why(digest, items, command)
+                step.whys = answer["answers"]
+                applied.whys.append(answer)
         if state.bouncing:  # a reply from the address proves it receives mail
             store.update_subscriber_state(sub, bouncing_since=None, bounce_reason=None, db=db)
         applied.quiet = bool(parsed.commands) and only_repeat_unsubscribe
         return applied
+
+    def _apply_one(self, db: Any, digest: DigestRow, command: Command, state: SubscriberState,
+                   by_position: dict[int, ItemRow], signals: dict[str, str],
+                   titles: dict[str, str], applied: _Applied) -> SubscriberState:
+        """Apply one command; its effects go to ``applied``; returns the state after it."""
+        store, sub = self.store, digest.subscriber
+        if command.name in ("like", "skip"):
+            positions, refused = _positions(command, by_position, signals)
+            applied.refused += refused
+            for position in positions:
+                item = by_position[position]
+                store.add_feedback(sub, item.paper_id, command.name, source="reply",
+                                   digest_id=digest.id, db=db)
+                signals[item.paper_id] = command.name
+            if positions:
+                verb = "Liked" if command.name == "like" else "Skipped"
+                applied.done += [f"{verb} paper {p}: {_short(titles.get(by_position[p].paper_id, ''))}"
+                                 for p in positions]
+                applied.commands.append(f"{command.name} {_numbers(positions)}")
+        elif command.name == "why":
+            applied.commands.append(f"why {_numbers(command.items)}")
+        elif command.name == "help":
+            applied.help = True
+            applied.done.append("The list of commands is at the end of this email.")
+            applied.commands.append("help")
+        else:
+            state = self._apply_state(db, state, command, applied)
+        return state
 
     def _apply_state(self, db: Any, state: SubscriberState, command: Command,
                      applied: _Applied) -> SubscriberState:
@@ -488,17 +550,23 @@ class _Processor:
 
     def _queue_confirmation(self, db: Any, message: EmailMessage, key: str, sender: str,
                             digest: DigestRow, parsed: ParsedReply, applied: _Applied) -> str:
-        if applied.quiet or (not parsed.commands and not parsed.problems):
-            return "none"
+        if applied.quiet:
+            return "none"  # a repeated unsubscribe: they were told once
         limit = self._confirmations_per_hour()
         hour_ago = self.now - timedelta(hours=1)
         if not applied.unsubscribed and self.store.confirmations_since(sender, hour_ago) >= limit:
             log.info("subscriber %s: confirmation of %s held back (%d per hour at most)",
                      sender, key, limit)
             return "rate-limited"
-        confirmation = build_confirmation(self.config, message, sender, digest, parsed, applied,
-                                          now=self.now)
-        self.store.queue_confirmation(sender, key, confirmation.as_bytes(), at=self.now, db=db)
+        try:
+            confirmation = build_confirmation(self.config, message, sender, digest, parsed,
+                                              applied, now=self.now).as_bytes()
+        except Exception as exc:  # the confirmation's failure is its own
+            log.error("subscriber %s: confirmation of reply %s cannot be written: %s", sender,
+                      key, readable(f"{type(exc).__name__}: {exc}"))
+            log.debug("confirmation of %s: the failure in full", key, exc_info=True)
+            return "failed"
+        self.store.queue_confirmation(sender, key, confirmation, at=self.now, db=db)
         return "queued"
 
     def _confirmations_per_hour(self) -> int:
@@ -599,23 +667,29 @@ class _Explainer:
 
 def build_confirmation(config: Config, reply: EmailMessage, sender: str, digest: DigestRow,
                        parsed: ParsedReply, applied: _Applied, *, now: datetime) -> EmailMessage:
-    """A threaded answer to the reply: what was applied, what was not understood."""
+    """A threaded answer to the reply: each command in the order written with what it did,
+    then what was not understood; a reply with no command is told so, with at most
+    :data:`MAX_UNREAD_SHOWN` of its lines quoted back (escaped) and a pointer to help."""
     smtp = config.smtp
     sub = config.subscriber(sender)
-    problems = applied.refused + parsed.problems
-    shown_problems = problems[:8]
+    shown_problems = parsed.problems[:8]
+    nothing = not parsed.commands
+    unread = [{"text": escaped(p.text), "hint": p.message}
+              for p in parsed.unread[:MAX_UNREAD_SHOWN]] if nothing else []
     text = _environment().get_template(CONFIRMATION_TEMPLATE).render(
-        name=one_line(sub.name) if sub else sender.split("@")[0],
+        name=escaped(sub.name) if sub else sender.split("@")[0],
         day=f"{digest.local_date:%a %d %b %Y}",
-        done=applied.done,
-        problems=shown_problems,
-        more_problems=len(problems) - len(shown_problems),
-        whys=[a for w in applied.whys for a in w["answers"]],
+        steps=[{"written": escaped(step.written), "done": step.done, "refused": step.refused,
+                "whys": step.whys} for step in applied.steps],
+        problems=[Problem(escaped(p.text), p.message) for p in shown_problems],
+        more_problems=len(parsed.problems) - len(shown_problems),
+        prose=bool(parsed.prose),
+        unread=unread,
         help=applied.help,
         help_text=help_text() if applied.help else "",
         unsubscribed=applied.unsubscribed,
         from_subject=parsed.from_subject,
-        nothing=not applied.done and not applied.whys and not applied.help,
+        nothing=nothing,
     )
     message = EmailMessage(policy=EMAIL_POLICY)
     subject = subject_of(reply) or "your paper digest"
@@ -640,6 +714,21 @@ def build_confirmation(config: Config, reply: EmailMessage, sender: str, digest:
     message["X-Auto-Response-Suppress"] = "All"
     message.set_content(defuse_command_lines(text))
     return message
+
+
+def escaped(text: str, limit: int = 80) -> str:
+    """A subscriber's text made safe to show in a line of ours: one line, no control or
+    bidirectional-override characters (shown as ``\\uXXXX``), at most ``limit`` characters."""
+    shown = "".join(ch if ch.isprintable() and unicodedata.category(ch) != "Cf" else
+                    f"\\u{ord(ch):04x}" for ch in one_line(text))
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def readable(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """Text fit for a log line and the database: one line, no lone surrogates, bounded."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = " ".join(text.replace("\x00", "\\x00").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def help_text() -> str:
