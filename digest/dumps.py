@@ -576,7 +576,9 @@ def _arxiv_api_error(entry: Any, name: str) -> None:
 def _feed_entry(entry: Any, index: int, name: str, where: str, reference: date | None,
                 warnings: list[str]) -> tuple[str | None, Paper]:
     """One entry: its announce type (None when the feed has none) and the paper."""
-    summary = str(entry.get("summary", ""))
+    # Cut before the HTML pass: the abstract is cut at ABSTRACT_MAX_CHARS anyway, and
+    # markup rarely takes more room than the text it wraps.
+    summary = str(entry.get("summary", ""))[: 8 * ABSTRACT_MAX_CHARS]
     detail = entry.get("summary_detail") or {}
     if "html" in str(detail.get("type", "")):
         summary = _html_text(summary)

@@ -19,6 +19,7 @@ own failure, and the file stays in the inbox for when the database is back.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ FAILED_DIR = "failed"
 REASON_SUFFIX = ".reason"
 # A reason longer than this is cut: it is read by a person, in a log line and a file.
 REASON_MAX_CHARS = 2_000
+# A name in failed/ is cut to this many bytes: file systems allow 255, and the
+# ".reason" file beside it and a ".NNN" counter need room.
+FAILED_NAME_MAX_BYTES = 230
 
 
 @dataclass(frozen=True)
@@ -138,10 +142,11 @@ def move_to_failed(path: Path, reason: str) -> Path:
     """
     failed = path.parent / FAILED_DIR
     failed.mkdir(exist_ok=True)
-    target = failed / path.name
+    name = _short_name(path.name)
+    target = failed / name
     counter = 1
     while target.exists() or _reason_path(target).exists():
-        target = failed / f"{path.stem}.{counter}{path.suffix}"
+        target = failed / f"{Path(name).stem}.{counter}{Path(name).suffix}"
         counter += 1
     reason_file = _reason_path(target)
     reason_file.write_text(_one_line(reason) + "\n", encoding="utf-8")
@@ -151,6 +156,15 @@ def move_to_failed(path: Path, reason: str) -> Path:
         reason_file.unlink(missing_ok=True)
         raise
     return target
+
+
+def _short_name(name: str) -> str:
+    """``name``, cut so that ``NAME.N.reason`` still fits the file system's 255 bytes."""
+    raw = os.fsencode(name)
+    if len(raw) <= FAILED_NAME_MAX_BYTES:
+        return name
+    suffix = os.fsencode(Path(name).suffix)[:16]
+    return os.fsdecode(raw[: FAILED_NAME_MAX_BYTES - len(suffix)] + suffix)
 
 
 def _reason_path(target: Path) -> Path:

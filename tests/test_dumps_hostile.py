@@ -310,6 +310,19 @@ def test_a_file_that_cannot_be_moved_aside_stays_and_says_so(
     assert "cannot be moved to failed/" in caplog.text and "next scan" in caplog.text
 
 
+def test_a_long_name_fits_failed_with_its_reason(store: Store, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    name = "\u00e9" * 125 + ".txt"  # 254 bytes: the longest name a file system allows
+    drop(inbox, name, "junk")
+    drop(inbox, "e" * 250 + ".txt", "more junk")
+    assert sorted(scan(store, inbox).values()) == ["failed", "failed"]
+    kept = sorted(p for p in (inbox / FAILED_DIR).iterdir() if p.suffix == ".txt")
+    assert sorted(p.read_text() for p in kept) == ["junk", "more junk"]
+    for path in kept:
+        assert path.with_name(path.name + ".reason").read_text(encoding="utf-8").strip()
+    assert not list(inbox.glob("*.txt"))
+
+
 def test_an_unreadable_named_file_is_a_dump_error(store: Store, tmp_path: Path) -> None:
     with pytest.raises(DumpError, match="missing.txt: cannot read: No such file"):
         ingest_file(store, tmp_path / "missing.txt")
