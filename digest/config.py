@@ -71,6 +71,7 @@ class SmtpConfig:
     reply_to: str = "digest+{token}@localhost"
     timeout: float = DEFAULT_SMTP_TIMEOUT
     verify_tls: bool = True
+    ca_file: Path | None = None  # PEM CA file to trust (self-signed or private CA)
     sink: Path | None = None  # folder the embedded aiosmtpd sink writes .eml/.html to
     attempts: int = DEFAULT_SMTP_ATTEMPTS
     retry_seconds: float = DEFAULT_SMTP_RETRY_SECONDS
@@ -96,6 +97,7 @@ class ImapConfig:
     idle: bool = True  # use IMAP IDLE where the server offers it
     timeout: float = DEFAULT_IMAP_TIMEOUT
     verify_tls: bool = True
+    ca_file: Path | None = None  # PEM CA file to trust (self-signed or private CA)
     confirmations_per_hour: int = DEFAULT_CONFIRMATIONS_PER_HOUR
 
     def password(self) -> str | None:
@@ -299,7 +301,7 @@ def _parse_imap(file: str, table: dict[str, Any], base: Path) -> ImapConfig:
     r = _Reader(file, table, "imap",
                 {"host", "port", "security", "username", "password_env", "password_file",
                  "mailbox", "processed_mailbox", "poll_seconds", "idle", "timeout",
-                 "verify_tls", "confirmations_per_hour"})
+                 "verify_tls", "ca_file", "confirmations_per_hour"})
     host = r.required("host", str).strip()
     if not host:
         raise r.error("host", "expected a host name, got an empty string")
@@ -334,6 +336,7 @@ def _parse_imap(file: str, table: dict[str, Any], base: Path) -> ImapConfig:
         idle=r.get("idle", bool, True),
         timeout=r.positive("timeout", DEFAULT_IMAP_TIMEOUT),
         verify_tls=r.get("verify_tls", bool, True),
+        ca_file=r.path_value("ca_file", base),
         confirmations_per_hour=_confirmations(r),
     )
 
@@ -361,7 +364,7 @@ def _confirmations(r: _Reader) -> int:
 def _parse_smtp(file: str, table: dict[str, Any], base: Path) -> SmtpConfig:
     r = _Reader(file, table, "smtp",
                 {"host", "port", "security", "username", "password_env", "password_file",
-                 "from", "reply_to", "timeout", "verify_tls", "sink", "attempts",
+                 "from", "reply_to", "timeout", "verify_tls", "ca_file", "sink", "attempts",
                  "retry_seconds"})
     sink = r.path_value("sink", base)
     security = r.get("security", str, "none" if sink else "starttls")
@@ -393,6 +396,7 @@ def _parse_smtp(file: str, table: dict[str, Any], base: Path) -> SmtpConfig:
         reply_to=reply_to,
         timeout=r.positive("timeout", DEFAULT_SMTP_TIMEOUT),
         verify_tls=r.get("verify_tls", bool, True),
+        ca_file=r.path_value("ca_file", base),
         sink=sink,
         attempts=int(r.positive("attempts", DEFAULT_SMTP_ATTEMPTS)),
         retry_seconds=float(r.get("retry_seconds", (int, float), DEFAULT_SMTP_RETRY_SECONDS)),
