@@ -457,7 +457,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return f"{exc.code} {exc.message}"
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, (TimeoutError, aiosmtplib.SMTPTimeoutError)) and "time" not in text:
+    if isinstance(exc, (TimeoutError, aiosmtplib.SMTPTimeoutError)) and "time" not in text.lower():
         text = f"timed out ({text})"
     return text
 
