@@ -176,8 +176,10 @@ def kill_campaign(folder: Path, *, subscribers: int, kills: int,
             before = len(server.received)
             daemon = _Daemon(config, folder / f"daemon-{n}.log")
             # Until this daemon is sending (or has nothing left), then a random moment.
-            started = _wait(lambda: len(server.received) > before or daemon.proc.poll()
-                            is not None, START_TIMEOUT)
+            def sending(before: int = before, daemon: _Daemon = daemon) -> bool:
+                return len(server.received) > before or daemon.proc.poll() is not None
+
+            started = _wait(sending, START_TIMEOUT)
             if daemon.proc.poll() is not None:
                 report.crashes += 1
                 report.notes.append(f"kill {n}: the daemon exited {daemon.proc.returncode} "
