@@ -113,7 +113,7 @@ class RecordingServer:
             context.load_cert_chain(str(starttls[0]), str(starttls[1]))
             options.update(tls_context=context, require_starttls=True)
         self._controller = Controller(handler, hostname="127.0.0.1", port=self.port,
-                                      server_kwargs=options)
+                                      **options)
         self._controller.start()
 
     def copies(self) -> Counter[tuple[str, str]]:
