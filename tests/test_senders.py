@@ -86,8 +86,8 @@ def test_a_second_daemon_exits_at_once_and_send_refuses_while_one_dispatches(
     assert (second.returncode, second.stderr) == (
         1, f"Error: another digest daemon (pid {pid}) holds {state}\n")
     assert (send.returncode, send.stderr) == (
-        1, f"Error: a digest daemon (pid {pid}) holds {state} and sends the due digests "
-        "itself; nothing was sent (stop the daemon first to send by hand)\n")
+        1, (f"Error: a digest daemon (pid {pid}) holds {state} and sends the due digests "
+            "itself; nothing was sent (stop the daemon first to send by hand)\n"))
     counts = Counter(recipient(m.message) for m in server.messages)
     assert counts == {f"reader{n:02d}@example.org": 1 for n in range(30)}
 
@@ -115,15 +115,17 @@ def test_fault_area_smtp_quick_is_clean(tmp_path: Path) -> None:
     assert result.cases == 10 and result.clean, result.notes
 
 
-def _limit_file_size(limit: int) -> Any:
-    """For a child: files may not grow past ``limit`` bytes, as on a full disk (EFBIG).
+def on_a_full_disk(config: Path, *args: str, limit: int = 40_960) -> list[str]:
+    """``digest`` whose files may not grow past ``limit`` bytes, as on a full disk.
 
-    40 KiB lets SQLite open (its -shm index is 32 KiB) and fails the WAL a few pages on.
+    RLIMIT_FSIZE makes a write past it fail with EFBIG (Python ignores SIGXFSZ, so
+    the process is not killed). 40 KiB lets SQLite open (its -shm index is 32 KiB)
+    and fails the WAL a few pages on. The soft limit only: ``prlimit`` lifts it later.
     """
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-    return apply
+    code = ("import resource, runpy, sys; "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY)); "
+            "sys.argv = ['digest', *sys.argv[1:]]; runpy.run_module('digest', run_name='__main__')")
+    return [sys.executable, "-c", code, "--config", str(config), *args]
 
 
 def _consistent(state: Path) -> list[tuple[str, str, int]]:
@@ -145,7 +147,8 @@ def test_send_on_a_full_disk_says_one_error_line_and_half_writes_nothing(
     state = tmp_path / "var" / "state.sqlite3"
     digest_cli(config, "status")  # checkpoints nothing new; the WAL is what grows next
 
-    full = digest_cli(config, "send", "--force", preexec_fn=_limit_file_size(40_960))
+    full = subprocess.run(on_a_full_disk(config, "send", "--force"), capture_output=True,
+                          text=True, timeout=120, check=False, cwd=ROOT)
 
     assert full.returncode == 1
     errors = [line for line in full.stderr.splitlines() if line.startswith("Error:")]
@@ -171,9 +174,8 @@ def test_the_daemon_on_a_full_disk_logs_and_tries_again(
     assert digest_cli(config, "ingest").returncode == 0
     log = tmp_path / "daemon.log"
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "digest", "--config", str(config), "run"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                preexec_fn=_limit_file_size(40_960))
+        proc = subprocess.Popen(on_a_full_disk(config, "run"), stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         wait_until(lambda: "cannot write the state database" in log.read_text(), timeout=60,
                    what="the write failure in the log")
