@@ -105,3 +105,39 @@ def test_scans_go_on_while_a_dispatch_waits_on_a_silent_server(tmp_path: Path) -
     finally:
         silent.stop()
     assert added > 0 and while_waiting
+
+
+def test_each_queued_confirmation_is_its_own_unit(tmp_path: Path,
+                                                  smtp_server: StartServer) -> None:
+    """A confirmation that cannot go (no address, a refused one) is given up alone."""
+    from email.message import EmailMessage
+
+    server = smtp_server(reject=["gone@example.org"])
+    path = write_daemon_config(tmp_path, port=server.port, subscribers=readers("ann"),
+                               digest={"max_late_hours": 24})
+    config = load_config(path)
+
+    def confirmation(to: str | None) -> bytes:
+        message = EmailMessage()
+        message["From"] = "Paper Digest <digest@papers.example.org>"
+        if to is not None:
+            message["To"] = to
+        message["Subject"] = "Re: your digest"
+        message.set_content("Done: like 2.\n")
+        return message.as_bytes()
+
+    with Store(config.state) as store:
+        for n, to in enumerate(["ann@example.org", None, "gone@example.org", "bob@example.org"]):
+            store.record_reply(f"<reply{n}@example.org>", sender=to or "", outcome="applied")
+            store.queue_confirmation(to or "", f"<reply{n}@example.org>", confirmation(to))
+        outcomes = asyncio.run(dispatch(Runtime(config, store)))
+        left = store.pending_confirmations()
+
+    confirmations = [(o.subscriber, o.status) for o in outcomes if "confirmation" in o.status]
+    assert confirmations == [("ann@example.org", "confirmation-sent"),
+                             ("", "confirmation-failed"),
+                             ("gone@example.org", "confirmation-failed"),
+                             ("bob@example.org", "confirmation-sent")]
+    assert left == []  # the two that failed for good are not tried again
+    assert sorted(recipient(m.message) for m in server.messages if "Re:" in
+                  str(m.message["Subject"])) == ["ann@example.org", "bob@example.org"]
