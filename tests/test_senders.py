@@ -95,7 +95,7 @@ def test_a_second_daemon_exits_at_once_and_send_refuses_while_one_dispatches(
 def test_kill_9_at_random_points_of_a_dispatch_then_restart(tmp_path: Path) -> None:
     """20 kills of a 50-subscriber dispatch: nobody without a digest, duplicates only from
     the window between the server's 250 and the commit (counted and printed)."""
-    report = faults_senders.kill_campaign(tmp_path, subscribers=50, kills=20)
+    report = faults_senders.kill_campaign(tmp_path / "kills", subscribers=50, kills=20)
     print(f"kill -9 x{report.kills}: {report.in_window} kills between a 250 and its commit, "
           f"{report.window_duplicates} duplicates from that window, {report.duplicates} "
           f"other duplicates, {report.lost} subscribers without a digest")
