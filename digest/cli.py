@@ -343,8 +343,12 @@ def cmd_replies(args: argparse.Namespace) -> int:
         sink = LocalSink.from_config(config.smtp)
         sink.start()
         config = replace(config, smtp=sink.smtp_config())
+    from .daemon.lock import StateLock
+
     try:
-        with Store(config.state) as store:
+        # Confirmations are mail too: one sender per state, so none goes out twice.
+        with StateLock(config.state) as lock, Store(config.state) as store:
+            lock.acquire("replies")
             report = asyncio.run(process_replies(config, store))
     finally:
         if sink is not None:

@@ -55,6 +55,8 @@ def test_the_lock_is_one_per_state_and_names_its_holder(tmp_path: Path) -> None:
         assert str(caught.value) == f"another digest daemon (pid {caught.value.pid}) holds {state}"
         with pytest.raises(StateLocked, match="sends the due digests itself"):
             StateLock(state).acquire("send")
+        with pytest.raises(StateLocked, match="reads the replies itself; nothing was read"):
+            StateLock(state).acquire("replies")
     finally:
         first.release()
     second = StateLock(state)

@@ -38,7 +38,7 @@ class StateLock:
     """The exclusive sender lock of one state database.
 
     ``acquire(role)`` takes it at once or raises ``StateLocked`` naming the
-    holder (``role`` is "daemon" or "send"); ``release`` gives it back.
+    holder (``role`` is "daemon", "send" or "replies"); ``release`` gives it back.
     """
 
     def __init__(self, state: Path) -> None:
@@ -94,6 +94,10 @@ class StateLock:
         if holder_role == "daemon":
             if role == "daemon":
                 return StateLocked(f"another digest daemon ({who}) holds {self.state}", pid)
+            if role == "replies":
+                return StateLocked(
+                    f"a digest daemon ({who}) holds {self.state} and reads the replies itself; "
+                    "nothing was read (stop the daemon first to read them by hand)", pid)
             return StateLocked(
                 f"a digest daemon ({who}) holds {self.state} and sends the due digests itself; "
                 "nothing was sent (stop the daemon first to send by hand)", pid)
