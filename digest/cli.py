@@ -22,7 +22,7 @@ from . import __version__
 from .errors import DigestError
 
 if TYPE_CHECKING:  # the commands import their stages late, to keep --help fast
-    from .config import ImapConfig, SmtpConfig, Subscriber
+    from .config import Config, ImapConfig, SmtpConfig, Subscriber
     from .rank import Explanation
     from .sources import UrlResult
     from .store import Store
@@ -92,14 +92,72 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for source in config.sources:
         times = ", ".join(f"{at:%H:%M}" for at in source.at)
         print(f"  source {source.name}: {source.url} at {times} {source.timezone.key}")
+    if args.connect:
+        return _check_connections(config)
     return EXIT_OK
-
 
 def _secret_source(server: SmtpConfig | ImapConfig) -> str:
     """Where the password was read from, never the password."""
     if server.password_file is not None:
         return f"password from {server.password_file}"
     return f"password from ${server.password_env}" if server.password_env else "no password"
+
+
+def _check_connections(config: Config) -> int:
+    """``check-config --connect``: log in to the SMTP server (and IMAP), say how it went."""
+    from .errors import SendError
+    from .mailer import Mailer, port_hint
+    from .replies.mailboxes import ImapMailbox
+
+    failed = False
+    smtp = config.smtp
+    if smtp.sink is not None:
+        print("  smtp   the embedded local sink: nothing to connect to")
+    else:
+        try:
+            offered = asyncio.run(Mailer(smtp, attempts=1).check_login())
+        except SendError as exc:
+            failed = True
+            print(f"  smtp   FAILED: {exc}")
+        else:
+            login = f"logged in as {smtp.username}" if smtp.username else "no login configured"
+            hint = port_hint(smtp.port, smtp.security)
+            print(f"  smtp   {smtp.host}:{smtp.port}: connected, {login}; {offered}"
+                  + (f" (note: {hint})" if hint else ""))
+    if config.imap is not None:
+        mailbox = ImapMailbox(config.imap)
+        try:
+            mailbox.open()
+            waiting = len(mailbox.waiting_ids())
+        except DigestError as exc:
+            failed = True
+            print(f"  imap   FAILED: {exc}{_imap_hint(config, str(exc))}")
+        else:
+            print(f"  imap   {mailbox.where}: logged in, {waiting} replies waiting")
+        finally:
+            mailbox.close()
+    elif config.maildir is not None:
+        print(f"  maildir {config.maildir.path}: a folder, nothing to connect to")
+    if failed:
+        raise DigestError(f"{config.path}: a connection check failed (see above)")
+    return EXIT_OK
+
+
+def _imap_hint(config: Config, error: str) -> str:
+    """The usual fix for an IMAP failure a new user meets."""
+    imap = config.imap
+    if imap is None:
+        return ""
+    if "CERTIFICATE_VERIFY_FAILED" in error:
+        return ('; for a self-signed or private-CA certificate set ca_file = "/path/to/ca.pem" '
+                "under [imap] (or verify_tls = false, which trusts anyone)")
+    if imap.port == 993 and imap.security != "tls":
+        return '; port 993 usually means security = "tls"'
+    if imap.port == 143 and imap.security == "tls":
+        return '; port 143 usually means security = "starttls"'
+    if "AUTHENTICATIONFAILED" in error.upper() or "LOGIN" in error.upper():
+        return "; wrong password? many providers need an app password"
+    return ""
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -172,13 +230,16 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"{outcome.subscriber}: {verb} {outcome.shown} of {outcome.considered} papers"
                   + (f": {outcome.detail}" if outcome.detail else ""))
         else:
-            failed += outcome.status in ("failed", "retry")
+            failed += outcome.status in _FAILED
             print(f"{outcome.subscriber}: {_STATUS_TEXT.get(outcome.status, outcome.status)}"
                   + (f": {outcome.detail}" if outcome.detail else ""))
     if sink is not None:
         print(f"messages are in {sink.folder}")
     return EXIT_ERROR if failed else EXIT_OK
 
+
+# Outcomes that make ``digest send`` exit 1: something that should have gone did not.
+_FAILED = ("failed", "retry", "deferred", "held", "confirmation-failed")
 
 _STATUS_TEXT = {
     "unsubscribed": "unsubscribed by reply; nothing sent",
@@ -189,6 +250,10 @@ _STATUS_TEXT = {
     "empty": "no new papers; nothing sent",
     "failed": "FAILED",
     "retry": "delivery failed for now; will retry",
+    "deferred": "not tried: the mail server cannot be used now; waits for the next run",
+    "held": "nothing sent: sending is held after a configuration error",
+    "confirmation-sent": "reply confirmation sent",
+    "confirmation-failed": "reply confirmation FAILED",
 }
 
 
@@ -326,7 +391,9 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 def cmd_bench_faults(args: argparse.Namespace) -> int:
     from .bench.faults import format_table, result_json, run_faults
 
-    logging.getLogger("digest").setLevel(logging.CRITICAL)  # the cases fail on purpose
+    # The cases fail on purpose: neither our log nor the test servers' (mail.log) is news.
+    for name in ("digest", "mail.log"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     results = run_faults(args.area or None, quick=args.quick)
     if not args.json:
         print(format_table(results))
@@ -351,8 +418,12 @@ def cmd_replies(args: argparse.Namespace) -> int:
         sink = LocalSink.from_config(config.smtp)
         sink.start()
         config = replace(config, smtp=sink.smtp_config())
+    from .daemon.lock import StateLock
+
     try:
-        with Store(config.state) as store:
+        # Confirmations are mail too: one sender per state, so none goes out twice.
+        with StateLock(config.state) as lock, Store(config.state) as store:
+            lock.acquire("replies")
             report = asyncio.run(process_replies(config, store))
     finally:
         if sink is not None:
@@ -523,7 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    add("check-config", cmd_check_config, "Check the config file and print what it sets up.")
+    p = add("check-config", cmd_check_config, "Check the config file and print what it sets up.")
+    p.add_argument("--connect", action="store_true",
+                   help="also log in to the SMTP server (and the IMAP server, when configured) "
+                   "and report the result")
 
     p = add("ingest", cmd_ingest, "Ingest dump files (default: scan the configured inbox folder).")
     p.add_argument("files", nargs="*", metavar="FILE", help="dump files to ingest")

@@ -136,6 +136,7 @@ class SmtpConfig:
     reply_to: str = "digest+{token}@localhost"
     timeout: float = DEFAULT_SMTP_TIMEOUT
     verify_tls: bool = True
+    ca_file: Path | None = None  # PEM CA file to trust (self-signed or private CA)
     sink: Path | None = None  # folder the embedded aiosmtpd sink writes .eml/.html to
     attempts: int = DEFAULT_SMTP_ATTEMPTS
     retry_seconds: float = DEFAULT_SMTP_RETRY_SECONDS
@@ -163,6 +164,7 @@ class ImapConfig:
     idle: bool = True  # use IMAP IDLE where the server offers it
     timeout: float = DEFAULT_IMAP_TIMEOUT
     verify_tls: bool = True
+    ca_file: Path | None = None  # PEM CA file to trust (self-signed or private CA)
     confirmations_per_hour: int = DEFAULT_CONFIRMATIONS_PER_HOUR
     config_file: str = field(default="", compare=False, repr=False)  # named in secret errors
 
@@ -842,6 +844,7 @@ SMTP_KEYS: dict[str, Spec] = {
     "timeout": _timeout(DEFAULT_SMTP_TIMEOUT, "long enough for a slow relay, short enough to "
                         "notice"),
     "verify_tls": Flag(default=True, why="a certificate is checked unless you say otherwise"),
+    "ca_file": PathValue(why="none: the system's CA store"),
     "sink": PathValue(why="none: a real server"),
     "attempts": Number(default=DEFAULT_SMTP_ATTEMPTS, low=1, high=MAX_SMTP_ATTEMPTS, whole=True,
                        why="a 4xx or a dropped connection: try again, a few times"),
@@ -872,6 +875,7 @@ IMAP_KEYS: dict[str, Spec] = {
     "idle": Flag(default=True, why="IDLE reads a reply within seconds where offered"),
     "timeout": _timeout(DEFAULT_IMAP_TIMEOUT, "as for SMTP"),
     "verify_tls": Flag(default=True, why="as for SMTP"),
+    "ca_file": PathValue(why="as for SMTP"),
     "confirmations_per_hour": _CONFIRMATIONS,
 }
 

@@ -43,13 +43,54 @@ class StoreError(DigestError):
     """The SQLite state cannot be opened, migrated or written."""
 
 
-class SendError(DigestError, ConnectionError):
-    """A message could not be delivered over SMTP."""
+class StoreWriteError(StoreError):
+    """A write to the state database failed for want of room or permission (disk full,
+    read-only file or folder); the transaction was rolled back, so nothing is half-written.
+    The daemon logs it and tries again on its next tick."""
 
-    def __init__(self, recipient: str, message: str, permanent: bool):
+
+class SendError(DigestError, ConnectionError):
+    """A message could not be delivered over SMTP.
+
+    ``kind`` says whose problem it is, from the server's answer:
+
+    - ``recipient``: 5xx at RCPT, the address is refused for good (it bounces);
+    - ``message``: 5xx after DATA (552, 554), this message only, not the address;
+    - ``deferred``: 4xx answers until the attempts ran out; tried again later;
+    - ``server``: the server cannot be reached, is silent or drops the connection;
+      the rest of the dispatch waits for the next tick;
+    - ``config``: login refused (535, 534), TLS or greeting failure, sender refused:
+      the settings must change; the message names the fix.
+
+    ``permanent`` (the digest is given up at once) is true for ``recipient`` and
+    ``message``; ``recipient`` is then the address, else the server (``host:port``).
+    """
+
+    KINDS = ("recipient", "message", "deferred", "server", "config")
+
+    def __init__(self, recipient: str, message: str, permanent: bool | None = None,
+                 *, kind: str | None = None):
+        if kind is None:
+            kind = "recipient" if permanent else "deferred"
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown send error kind {kind!r}")
         self.recipient = recipient
-        self.permanent = permanent
+        self.kind = kind
+        self.permanent = kind in ("recipient", "message")
         super().__init__(f"{recipient}: {message}")
+
+    @property
+    def session(self) -> bool:
+        """True when the failure is the server's or the settings', not this message's."""
+        return self.kind in ("server", "config")
+
+
+class StateLocked(DigestError):
+    """Another process sends from the same state (it holds the lock beside the database)."""
+
+    def __init__(self, message: str, pid: int | None):
+        self.pid = pid
+        super().__init__(message)
 
 
 class UnknownSubscriber(DigestError):

@@ -4,15 +4,22 @@ Runs after render, once per dispatch run: the caller opens one ``Mailer``,
 hands it each rendered ``EmailMessage`` and learns, per message, which
 recipients did not get it. It knows nothing of ranking or the database.
 
-What is retried and what is not:
+What each answer means (``SendError.kind``):
 
-* a 4xx reply, a dropped connection or a timeout is retried on a fresh or the
-  same connection, with exponential backoff;
-* a 5xx reply to the mail transaction (MAIL, RCPT, DATA) is final for the
-  recipients it concerns: ``SendError(permanent=True)``, the address bounces;
-* a failure of the session itself that waiting cannot heal (a 5xx greeting,
-  login refused, a certificate that does not verify) is not retried either, but
-  is reported with ``permanent=False``: it says nothing about the recipient.
+* a 4xx reply is retried on the same connection with exponential backoff,
+  then reported ``deferred``;
+* a 5xx reply at RCPT is final for that recipient (``recipient``: the address
+  bounces); a 5xx reply after DATA (552, 554) is final for that message only
+  (``message``: the address is fine);
+* a server that cannot be reached, stays silent until the timeout or drops the
+  connection twice in a row (once is retried at once) is ``server``: the mailer stops trying, and every
+  later ``send`` of the run raises the same error at once, so a hanging server
+  costs one timeout per run, not one per message;
+* login refused (535, 534), a TLS or greeting failure, or the sender address
+  refused are ``config``: the settings must change, and the error says what to
+  change (``port 465 usually means security = "tls"``, ``ca_file`` for a
+  self-signed certificate, an app password for 535). Later sends raise it at
+  once too: a provider locks an account after repeated bad logins.
 
 ``LocalSink`` is the demo's embedded mail server: it stores what it receives as
 files, and the demo sends to it through the same ``Mailer`` as real mail.
@@ -61,6 +68,7 @@ class _Attempt:
     retry: list[str] = field(default_factory=list)  # recipients worth another try
     refused: dict[str, SendError] = field(default_factory=dict)  # recipients refused for good
     problem: str = ""  # why ``retry`` is not empty, for the log and the final error
+    at_once: bool = False  # retry without waiting (a reused connection the server had closed)
 
 
 class Mailer:
@@ -70,6 +78,8 @@ class Mailer:
     connection is opened on the first ``send`` and opened again when the server
     has dropped it; ``close`` (or leaving the ``async with``) says QUIT.
     Sends are serialised: one connection carries one transaction at a time.
+    After a ``server`` or ``config`` failure, ``unavailable`` holds the error
+    and every later ``send`` raises it without touching the network.
     """
 
     def __init__(
@@ -88,9 +98,15 @@ class Mailer:
         self.attempts = attempts
         self.base_delay = base_delay
         self.connections = 0  # how many connections this mailer has opened
+        self.unavailable: SendError | None = None  # the session failure that ended this run
         self._password = password
         self._client: aiosmtplib.SMTP | None = None
+        self._just_dropped = False  # the last try lost its connection: a second loss is final
         self._lock = asyncio.Lock()
+
+    @property
+    def where(self) -> str:
+        return f"{self.smtp.host}:{self.smtp.port}"
 
     async def __aenter__(self) -> Self:
         return self
@@ -108,17 +124,36 @@ class Mailer:
 
         Returns the recipients that did not get it while others did (empty when
         all did), so a caller never resends to those who have it. Raises
-        ``SendError`` when no recipient got it.
+        ``SendError`` when no recipient got it; its ``kind`` says why (see the
+        module docstring).
         """
         recipients = envelope_recipients(message)
         if not recipients:
             raise SendError("(no recipient)", "the message has no To, Cc or Bcc address",
-                            permanent=True)
+                            kind="message")
         async with self._lock:
+            if self.unavailable is not None:
+                raise self.unavailable
             refused = await self._deliver(message, recipients)
         if len(refused) == len(recipients):
             raise _combined(refused)
         return refused
+
+    async def check_login(self) -> str:
+        """Connect, say EHLO, STARTTLS and log in as configured, then QUIT.
+
+        Returns what the server offered (for ``check-config --connect``);
+        raises ``SendError`` (kind ``server`` or ``config``, naming the fix).
+        """
+        async with self._lock:
+            try:
+                client = await self._connection()
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                raise self._session_failure(exc) from exc
+            offered = " ".join(sorted(client.esmtp_extensions)) or "no extensions"
+            tls = "TLS" if client.get_transport_info("sslcontext") is not None else "no TLS"
+        await self.close()
+        return f"{tls}; offers {offered}"
 
     async def close(self) -> None:
         """Say QUIT and close the connection, if one is open."""
@@ -129,7 +164,7 @@ class Mailer:
             try:
                 await client.quit()
             except (aiosmtplib.SMTPException, OSError) as exc:
-                log.debug("smtp %s:%d: QUIT failed: %s", self.smtp.host, self.smtp.port, exc)
+                log.debug("smtp %s: QUIT failed: %s", self.where, exc)
         client.close()
 
     async def _deliver(
@@ -138,56 +173,80 @@ class Mailer:
         """Try, and retry with backoff, until every recipient is delivered or refused."""
         refused: dict[str, SendError] = {}
         pending = recipients
-        for attempt in range(1, self.attempts + 1):
+        attempt = 0
+        while pending:
+            attempt += 1
             outcome = await self._try_once(message, pending)
             refused.update(outcome.refused)
             pending = outcome.retry
             if not pending:
                 break
-            if attempt == self.attempts:
+            if attempt >= self.attempts:
                 for recipient in pending:
                     refused[recipient] = SendError(
                         recipient, f"gave up after {attempt} attempts: {outcome.problem}",
-                        permanent=False,
-                    )
+                        kind="deferred")
                 break
+            if outcome.at_once:
+                continue
             delay = self.base_delay * 2 ** (attempt - 1)
-            log.warning("smtp %s:%d: %s (attempt %d of %d); retrying in %.3g s",
-                        self.smtp.host, self.smtp.port, outcome.problem, attempt,
-                        self.attempts, delay)
+            log.warning("smtp %s: %s (attempt %d of %d); retrying in %.3g s", self.where,
+                        outcome.problem, attempt, self.attempts, delay)
             await asyncio.sleep(delay)
         for recipient, error in refused.items():
-            log.warning("smtp %s:%d: not delivered to %s: %s", self.smtp.host, self.smtp.port,
-                        recipient, _reason(error))
+            log.warning("smtp %s: not delivered to %s: %s", self.where, recipient,
+                        _reason(error))
         delivered = [r for r in recipients if r not in refused]
         if delivered:
-            log.info("smtp %s:%d: delivered %s to %s", self.smtp.host, self.smtp.port,
+            log.info("smtp %s: delivered %s to %s", self.where,
                      message.get("Message-ID", "(no Message-ID)"), ", ".join(delivered))
         return refused
 
     async def _try_once(self, message: EmailMessage | Message, recipients: list[str]) -> _Attempt:
-        """One try: connect if needed, run one mail transaction, sort out the replies."""
+        """One try: connect if needed, run one mail transaction, sort out the replies.
+
+        Raises the session's ``SendError`` (and keeps it in ``unavailable``)
+        when the server cannot be used at all.
+        """
         try:
             client = await self._connection()
         except (aiosmtplib.SMTPException, OSError) as exc:
-            if _is_transient(exc):
-                return _Attempt(retry=list(recipients), problem=_describe(exc))
-            # Not the recipient's fault, and no retry will fix it: give up, not permanent.
-            problem = (f"cannot open an SMTP session with {self.smtp.host}:{self.smtp.port}: "
-                       f"{_describe(exc)}")
-            return _Attempt(refused=_refuse_all(recipients, problem, permanent=False, cause=exc))
+            raise self._session_failure(exc) from exc
         try:
             errors = await self._transaction(client, message, recipients)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             errors = {e.recipient: aiosmtplib.SMTPResponse(e.code, e.message)
                       for e in exc.recipients}
-        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-            if not _is_transient(exc):
-                return _Attempt(refused=_refuse_all(recipients, _describe(exc), permanent=True,
-                                                    cause=exc))
-            if not isinstance(exc, aiosmtplib.SMTPResponseException) or exc.code == 421:
-                self._drop()  # the connection is gone or in an unknown state
-            return _Attempt(retry=list(recipients), problem=_describe(exc))
+        except aiosmtplib.SMTPSenderRefused as exc:
+            if 400 <= exc.code < 500:
+                return _Attempt(retry=list(recipients), problem=_describe(exc))
+            raise self._hold(SendError(
+                self.where, f"the server refuses the sender {exc.sender} ({_describe(exc)}): "
+                "[smtp] from must be an address this account may send as", kind="config")
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            if 400 <= exc.code < 500:
+                if exc.code == 421:
+                    self._drop()  # the server is closing this connection
+                return _Attempt(retry=list(recipients), problem=_describe(exc))
+            # 5xx after DATA (552 too big, 554 rejected) or to RSET: this message, not the
+            # address, and not the others.
+            return _Attempt(refused=_refuse_all(
+                recipients, f"the server rejected the message ({_describe(exc)})",
+                kind="message", cause=exc))
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            self._drop()
+            if not self._just_dropped:  # an idle connection closed, a restart: once, at once
+                self._just_dropped = True
+                return _Attempt(retry=list(recipients), problem=_describe(exc), at_once=True)
+            raise self._session_failure(exc) from exc
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
+            self._drop()
+            raise self._session_failure(exc) from exc
+        except (aiosmtplib.SMTPException, ValueError) as exc:  # no SMTPUTF8, no From address
+            return _Attempt(refused=_refuse_all(recipients, _describe(exc), kind="message",
+                                                cause=exc))
+        self._just_dropped = False
         return _sort_refusals(errors)
 
     async def _transaction(
@@ -223,6 +282,7 @@ class Mailer:
             use_tls=smtp.security == "tls",
             start_tls=smtp.security == "starttls",
             validate_certs=smtp.verify_tls,
+            cert_bundle=str(smtp.ca_file) if smtp.ca_file is not None else None,
             timeout=smtp.timeout,
             username=username,
             password=password,
@@ -230,7 +290,7 @@ class Mailer:
         await client.connect()
         self._client = client
         self.connections += 1
-        log.info("smtp %s:%d: connected (%s%s)", smtp.host, smtp.port, smtp.security,
+        log.info("smtp %s: connected (%s%s)", self.where, smtp.security,
                  f", as {username}" if username else "")
         return client
 
@@ -245,11 +305,71 @@ class Mailer:
                               "password_file)")
         return password
 
+    def _session_failure(self, exc: BaseException) -> SendError:
+        """The session cannot be used: say why and how to fix it, and stop this run's sends."""
+        kind, problem = session_problem(self.smtp, exc)
+        return self._hold(SendError(self.where, problem, kind=kind))
+
+    def _hold(self, error: SendError) -> SendError:
+        self._drop()
+        self.unavailable = error
+        log.error("smtp %s: %s", self.where, _reason(error))
+        return error
+
     def _drop(self) -> None:
         """Forget the connection without a QUIT: it is already broken."""
         client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+def session_problem(smtp: SmtpConfig, exc: BaseException) -> tuple[str, str]:
+    """(kind, message) for a failure to open or keep an SMTP session, naming the fix.
+
+    ``kind`` is ``config`` when the settings must change (login, TLS, greeting,
+    a port that does not match ``security``), else ``server`` (unreachable,
+    silent, dropping: worth another try at the next dispatch).
+    """
+    hint = port_hint(smtp.port, smtp.security)
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code in (534, 535) or \
+            isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        code = getattr(exc, "code", 535)
+        fix = ("wrong password; many providers need an app password" if code != 534 else
+               "the provider wants an app password, or the sign-in confirmed in its web page")
+        return "config", (f"login as {smtp.username} refused ({_describe(exc)}): {fix} "
+                          "(check [smtp] username and password_env or password_file)")
+    if _caused_by(exc, ssl.SSLCertVerificationError):
+        cert = _find(exc, ssl.SSLCertVerificationError)
+        reason = getattr(cert, "verify_message", "") or str(cert)
+        return "config", (f"the server's certificate does not verify ({reason}): for a "
+                          'self-signed or private-CA certificate set ca_file = "/path/to/ca.pem" '
+                          "under [smtp] (or verify_tls = false, which trusts anyone)")
+    if _caused_by(exc, ssl.SSLError):
+        return "config", (f"TLS failed ({_describe(exc)}): "
+                          + (hint or f'check that security = "{smtp.security}" is what port '
+                                     f"{smtp.port} speaks"))
+    if isinstance(exc, aiosmtplib.SMTPConnectResponseError) or (
+            isinstance(exc, aiosmtplib.SMTPResponseException) and 500 <= exc.code < 600):
+        if 400 <= getattr(exc, "code", 0) < 500:
+            return "server", f"the server is not taking mail now ({_describe(exc)})"
+        return "config", (f"the server refused the session ({_describe(exc)}): check [smtp] "
+                          "host and port" + (f"; {hint}" if hint else ""))
+    if isinstance(exc, aiosmtplib.SMTPException) and "STARTTLS" in str(exc).upper():
+        return "config", (f"{_describe(exc)}: " + (hint or 'the server offers no STARTTLS; '
+                          'use security = "tls" on its TLS port (usually 465)'))
+    if hint:  # a silent or garbled greeting on a port that speaks the other kind of TLS
+        return "config", f"cannot start the session ({_describe(exc)}): {hint}"
+    return "server", (f"cannot reach the server or it stopped answering ({_describe(exc)}); "
+                      "the rest waits for the next dispatch")
+
+
+def port_hint(port: int, security: str) -> str:
+    """The usual fix when the port and ``security`` do not match (465 is TLS from the start)."""
+    if port == 465 and security != "tls":
+        return 'port 465 usually means security = "tls"'
+    if port in (587, 25) and security == "tls":
+        return f'port {port} usually means security = "starttls"'
+    return ""
 
 
 def envelope_recipients(message: EmailMessage | Message) -> list[str]:
@@ -294,7 +414,6 @@ def wire_format(message: EmailMessage | Message, *, utf8: bool, eight_bit: bool)
     BytesGenerator(buffer, policy=policy).flatten(outgoing)
     return buffer.getvalue()
 
-
 def _sort_refusals(errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
     """Split per-recipient refusals into final ones (5xx) and ones worth a retry."""
     outcome = _Attempt()
@@ -304,54 +423,54 @@ def _sort_refusals(errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
             outcome.retry.append(recipient)
             outcome.problem = f"{recipient} deferred: {problem}"
         else:
-            outcome.refused[recipient] = SendError(recipient, problem, permanent=True)
+            outcome.refused[recipient] = SendError(recipient, f"address refused ({problem})",
+                                                   kind="recipient")
     return outcome
 
 
-def _refuse_all(recipients: list[str], problem: str, *, permanent: bool,
+def _refuse_all(recipients: list[str], problem: str, *, kind: str,
                 cause: BaseException) -> dict[str, SendError]:
     refused = {}
     for recipient in recipients:
-        error = SendError(recipient, problem, permanent=permanent)
+        error = SendError(recipient, problem, kind=kind)
         error.__cause__ = cause  # as ``raise ... from cause`` would, for the traceback
         refused[recipient] = error
     return refused
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """Whether the same thing may work in a few seconds."""
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return not 500 <= exc.code < 600  # 4xx, or a reply that makes no sense: try again
-    if _caused_by(exc, ssl.SSLCertVerificationError):
-        return False
-    return isinstance(exc, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError,
-                            aiosmtplib.SMTPTimeoutError, ConnectionError, TimeoutError))
-
-
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         if isinstance(current, kind):
-            return True
+            return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return False
+    return None
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    return _find(exc, kind) is not None
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return f"{exc.code} {exc.message}"
-    return str(exc) or type(exc).__name__
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, (TimeoutError, aiosmtplib.SMTPTimeoutError)) and "time" not in text.lower():
+        text = f"timed out ({text})"
+    return text
 
 
 def _combined(refused: dict[str, SendError]) -> SendError:
-    """One error for a message no recipient got; permanent only if every refusal was."""
+    """One error for a message no recipient got: the kind of the most telling refusal."""
     if len(refused) == 1:
         return next(iter(refused.values()))
     reasons = sorted({_reason(error) for error in refused.values()})
-    return SendError(", ".join(refused), "; ".join(reasons),
-                     permanent=all(error.permanent for error in refused.values()))
+    kinds = {error.kind for error in refused.values()}
+    # Mixed answers: worth another try if any was 4xx; never mark an address for another's 5xx.
+    kind = kinds.pop() if len(kinds) == 1 else "deferred" if "deferred" in kinds else "message"
+    return SendError(", ".join(refused), "; ".join(reasons), kind=kind)
 
 
 def _reason(error: SendError) -> str:

@@ -18,7 +18,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Self
 
-from .errors import StoreError
+from .errors import StoreError, StoreWriteError
 from .paper import Paper, normalise_title
 
 # Each entry upgrades the schema by one version; never edit one that has shipped.
@@ -157,7 +157,27 @@ MIGRATIONS: tuple[str, ...] = (
         not_before    TEXT                      -- the server's Retry-After: not asked before
     );
     """,
+    # 6: who claimed a digest ("host:pid" of the sending process): a claimed digest is
+    # resent only by its owner, or by a sender holding the state lock once the owner is dead.
+    """
+    ALTER TABLE digests ADD COLUMN owner TEXT;
+    """,
 )
+
+# SQLite's answers that mean "no room or no permission to write", not a broken database:
+# https://www.sqlite.org/rescode.html (SQLITE_FULL, SQLITE_READONLY*, SQLITE_IOERR*,
+# SQLITE_CANTOPEN for a journal file the folder does not let us create).
+_WRITE_ERRORS = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """Whether a sqlite3 error means the disk is full or read-only (see ``_WRITE_ERRORS``)."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    if name.startswith(_WRITE_ERRORS):
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in ("database or disk is full", "readonly database",
+                                           "disk i/o error"))
 
 
 def utc_now() -> datetime:
@@ -202,6 +222,7 @@ class DigestRow:
     error: str | None
     claimed_at: str
     sent_at: str | None
+    owner: str | None = None  # "host:pid" of the process that claimed it (None: before v5)
 
 
 @dataclass(frozen=True)
@@ -278,15 +299,48 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT: one writer at a time, all or nothing."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """BEGIN IMMEDIATE ... COMMIT: one writer at a time, all or nothing.
+
+        Raises ``StoreWriteError`` (after rolling back) when the disk is full or
+        the file or folder is read-only, at any statement or at the commit.
+        """
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            if is_write_failure(exc):
+                raise StoreWriteError(
+                    f"{self.path}: cannot write the state database ({exc}): free some disk "
+                    f"space or make the file and its folder writable; nothing was half-written"
+                ) from exc
             raise
-        else:
-            self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            # SQLite rolls back by itself after some errors (SQLITE_FULL at commit);
+            # "no transaction is active" then only confirms it.
+            if self._db.in_transaction:
+                raise
+
+    def probe(self) -> None:
+        """Raise ``StoreError`` unless the database can still be read (one row, a few pages).
+
+        Tells a failure of one row or one subscriber's data (the probe passes) from a
+        database that is unusable (gone, corrupt, closed), which stops the daemon.
+        """
+        try:
+            self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            self._db.execute("SELECT COUNT(*) FROM digests WHERE status = 'claimed'").fetchone()
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"{self.path}: the state database is unusable: {exc}") from exc
 
     def _migrate(self) -> None:
         self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -531,19 +585,22 @@ class Store:
         corpus_seq: int,
         message: bytes,
         items: Sequence[ItemRow],
+        owner: str | None = None,
     ) -> DigestRow | None:
         """Claim the subscriber's digest for ``local_date`` with its frozen items.
 
         Returns None when a digest for that date already exists: whoever
-        claimed it first sends it, so a day is never sent twice.
+        claimed it first sends it, so a day is never sent twice. ``owner``
+        ("host:pid") is recorded: only that process resends the digest while
+        it lives (see ``take_over_claim``).
         """
         with self.transaction() as db:
             cursor = db.execute(
                 "INSERT OR IGNORE INTO digests (subscriber, local_date, token, message_id, status,"
-                " considered, corpus_seq, message, claimed_at)"
-                " VALUES (?, ?, ?, ?, 'claimed', ?, ?, ?, ?)",
+                " considered, corpus_seq, message, claimed_at, owner)"
+                " VALUES (?, ?, ?, ?, 'claimed', ?, ?, ?, ?, ?)",
                 (subscriber.lower(), local_date.isoformat(), token, message_id, considered,
-                 corpus_seq, message, _iso(utc_now())),
+                 corpus_seq, message, _iso(utc_now()), owner),
             )
             if cursor.rowcount == 0:
                 return None
@@ -556,6 +613,19 @@ class Store:
             )
         row = db.execute("SELECT * FROM digests WHERE id = ?", (digest_id,)).fetchone()
         return _digest(row)
+
+    def take_over_claim(self, digest_id: int, previous: str | None, owner: str) -> bool:
+        """Make ``owner`` the owner of a claimed digest still owned by ``previous``.
+
+        The caller must know ``previous`` dead (it holds the state lock, which
+        every sender holds while it sends). False when the row changed
+        meanwhile (sent, failed, or taken by someone else): then leave it alone.
+        """
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE digests SET owner = ? WHERE id = ? AND status = 'claimed'"
+                " AND owner IS ?", (owner, digest_id, previous))
+            return cursor.rowcount == 1
 
     def mark_sent(self, digest_id: int) -> None:
         with self.transaction() as db:

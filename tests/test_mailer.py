@@ -373,3 +373,143 @@ def test_helper_server_counts_each_starttls_connection_once(tmp_path: Path) -> N
         run(send_all(server.smtp_config(), note()))
         assert server.connections == 2
         assert [m.connection for m in server.messages] == [1, 2]
+
+
+# What each answer means (issue 8: SMTP answers mean what they say)
+
+
+def test_a_5xx_after_data_fails_that_message_only_as_a_message_problem(tmp_path: Path) -> None:
+    from digest.bench.smtp_servers import Behaviour, RecordingServer
+
+    server = RecordingServer(Behaviour(data_reply="554 5.6.0 Message rejected as spam"))
+    try:
+        config = SmtpConfig(host="127.0.0.1", port=server.port, security="none")
+
+        async def two() -> tuple[SendError, SendError, Mailer]:
+            async with Mailer(config, **QUICK) as mailer:  # type: ignore[arg-type]
+                errors = []
+                for to in ("ann@example.org", "bob@example.org"):
+                    with pytest.raises(SendError) as caught:
+                        await mailer.send(note(to=to))
+                    errors.append(caught.value)
+                return errors[0], errors[1], mailer
+
+        first, second, mailer = run(two())
+    finally:
+        server.stop()
+    for error, to in ((first, "ann@example.org"), (second, "bob@example.org")):
+        assert error.kind == "message" and error.permanent and not error.session
+        assert str(error) == f"{to}: the server rejected the message (554 5.6.0 Message " \
+            "rejected as spam)"
+    assert mailer.unavailable is None and mailer.connections == 1  # the next one still went
+
+
+def test_a_refused_login_names_the_fix_and_is_not_tried_again_in_the_run(
+        smtp_server: StartServer) -> None:
+    server = smtp_server(tls="starttls", auth=("ann", "s3cret"))
+    config = server.smtp_config(username="ann")
+
+    async def twice() -> tuple[SendError, SendError]:
+        async with Mailer(config, password="wrong", **QUICK) as mailer:  # type: ignore[arg-type]
+            with pytest.raises(SendError) as first:
+                await mailer.send(note())
+            with pytest.raises(SendError) as second:
+                await mailer.send(note(to="carl@example.org"))
+            return first.value, second.value
+
+    first, second = run(twice())
+    assert first.kind == "config" and first.session and not first.permanent
+    assert str(first).startswith(f"127.0.0.1:{server.port}: login as ann refused (535 ")
+    assert "wrong password; many providers need an app password" in str(first)
+    assert second is first  # no second login: a provider locks an account after many
+    assert server.connections == 1
+
+
+def test_a_silent_server_costs_one_timeout_for_the_whole_run() -> None:
+    from digest.bench.smtp_servers import RawServer
+
+    server = RawServer("hang")
+    config = SmtpConfig(host="127.0.0.1", port=server.port, security="none", timeout=0.5)
+
+    async def three() -> list[SendError]:
+        errors = []
+        async with Mailer(config, **QUICK) as mailer:  # type: ignore[arg-type]
+            for to in ("a@example.org", "b@example.org", "c@example.org"):
+                with pytest.raises(SendError) as caught:
+                    await mailer.send(note(to=to))
+                errors.append(caught.value)
+        return errors
+
+    try:
+        errors = run(three())
+    finally:
+        server.stop()
+    assert server.connections == 1
+    assert {e.kind for e in errors} == {"server"}
+    assert "the rest waits for the next dispatch" in str(errors[0])
+
+
+def test_a_dropping_server_is_tried_once_more_then_given_up_for_the_run() -> None:
+    from digest.bench.smtp_servers import RawServer
+
+    server = RawServer("drop-after-ehlo")
+    config = SmtpConfig(host="127.0.0.1", port=server.port, security="none", timeout=5)
+    try:
+        with pytest.raises(SendError) as caught:
+            run(send_all(config, note(), note(to="b@example.org"), **QUICK))
+    finally:
+        server.stop()
+    assert caught.value.kind == "server"
+    assert server.connections == 2
+
+
+def test_a_greeting_5xx_is_a_configuration_error() -> None:
+    from digest.bench.smtp_servers import RawServer
+
+    server = RawServer("greet-554")
+    config = SmtpConfig(host="127.0.0.1", port=server.port, security="none", timeout=5)
+    try:
+        with pytest.raises(SendError) as caught:
+            run(send_all(config, note(), **QUICK))
+    finally:
+        server.stop()
+    assert caught.value.kind == "config"
+    assert "the server refused the session (554 5.3.2 No service for you): check [smtp] host " \
+        "and port" in str(caught.value)
+
+
+@pytest.mark.parametrize(("port", "security", "hint"), [
+    (465, "starttls", 'port 465 usually means security = "tls"'),
+    (465, "none", 'port 465 usually means security = "tls"'),
+    (587, "tls", 'port 587 usually means security = "starttls"'),
+])
+def test_a_port_that_does_not_match_security_is_named(port: int, security: str,
+                                                      hint: str) -> None:
+    from digest.mailer import session_problem
+
+    smtp = SmtpConfig(host="mail.example.org", port=port, security=security)
+    for problem in (TimeoutError("timed out"), ConnectionResetError("reset by peer")):
+        kind, text = session_problem(smtp, problem)
+        assert kind == "config" and text.endswith(hint)
+
+
+def test_a_self_signed_certificate_is_trusted_through_ca_file(smtp_server: StartServer) -> None:
+    server = smtp_server(tls="starttls")
+    assert server.cert is not None
+
+    with pytest.raises(SendError) as caught:
+        run(send_all(server.smtp_config(verify_tls=True), note(), **QUICK))
+    assert caught.value.kind == "config"
+    assert 'set ca_file = "/path/to/ca.pem" under [smtp]' in str(caught.value)
+
+    run(send_all(server.smtp_config(verify_tls=True, ca_file=server.cert), note(), **QUICK))
+    assert [m.tls for m in server.messages] == [True]
+
+
+def test_check_login_reports_what_the_server_offers(smtp_server: StartServer) -> None:
+    server = smtp_server(tls="starttls", auth=("ann", "s3cret"))
+
+    offered = run(Mailer(server.smtp_config(username="ann"), password="s3cret").check_login())
+    assert offered.startswith("TLS; offers ") and "auth" in offered.lower()
+    with pytest.raises(SendError, match="app password"):
+        run(Mailer(server.smtp_config(username="ann"), password="nope").check_login())

@@ -72,3 +72,56 @@ def test_the_readme_shows_the_install_steps() -> None:
         assert "useradd --system" in text
         assert "systemctl enable --now paper-digest" in text
         assert "systemctl reload paper-digest" in text
+
+
+def test_the_unit_is_notify_with_a_watchdog() -> None:
+    unit = directives(UNIT.read_text(encoding="utf-8"))
+    assert unit["Type"] == ["notify"] and unit["NotifyAccess"] == ["main"]
+    assert unit["WatchdogSec"] == ["2min"]
+
+
+def test_a_real_daemon_says_ready_feeds_the_watchdog_and_reports_its_last_dispatch(
+        tmp_path: Path) -> None:
+    """NOTIFY_SOCKET is a real unix datagram socket, as systemd makes it."""
+    import socket
+    import time
+
+    from digest.bench.smtp_servers import RecordingServer, campaign_state
+
+    from .daemon_helpers import daemon_process
+
+    server = RecordingServer()
+    config = campaign_state(tmp_path, port=server.port, subscribers=2)
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(1)
+    got: list[str] = []
+    try:
+        with daemon_process(config, tmp_path / "daemon.log",
+                            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}) as daemon:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    got.append(listener.recv(4096).decode())
+                except TimeoutError:
+                    continue
+                watchdogs = sum(m == "WATCHDOG=1" for m in got)
+                if watchdogs >= 3 and any("last dispatch" in m for m in got):
+                    break
+            assert daemon.stop() == 0
+        try:  # what it says on the way out
+            while True:
+                got.append(listener.recv(4096).decode())
+        except TimeoutError:
+            pass
+    finally:
+        listener.close()
+        server.stop()
+    ready = [m for m in got if m.startswith("READY=1")]
+    assert ready and f"MAINPID={daemon.proc.pid}" in ready[0]
+    assert "STATUS=started; 2 subscribers" in ready[0]
+    assert got.index(ready[0]) < got.index("WATCHDOG=1")  # ready first, then alive
+    assert sum(m == "WATCHDOG=1" for m in got) >= 3
+    assert any(m.startswith("STATUS=last dispatch ") and "2 sent" in m for m in got), got
+    assert any(m.startswith("STOPPING=1") for m in got)

@@ -4,8 +4,19 @@
 Plain functions that both the daemon's scheduler and the one-shot CLI commands
 call, so ``digest send --dry-run`` runs exactly what the daemon's dispatch
 runs, minus the SMTP conversation. Exactly once: a digest is claimed in the
-store (with its rendered message) before the SMTP conversation and marked sent
-after it; one left claimed is resent byte for byte, same Message-ID.
+store (with its rendered message and its owner) before the SMTP conversation
+and marked sent right after the server's 250; one left claimed is resent byte
+for byte, same Message-ID, by its owner or, once the owner is dead, by the
+process holding the state lock.
+
+Containment: one subscriber's digest and one queued confirmation are units.
+Whatever a unit raises is that unit's failure (logged with a readable reason,
+returned as an ``Outcome``) and the dispatch goes on; only an unusable
+database (``Store.probe`` fails) stops it, and a full or read-only disk
+(``StoreWriteError``) ends this dispatch, to be tried again on the next tick.
+A mail server that cannot be used ends the dispatch too: the rest waits for
+the next tick, and a configuration error (login refused, TLS) holds all
+sending back for a growing interval (``SmtpHold``).
 """
 
 from __future__ import annotations
@@ -13,19 +24,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 
-from ..config import Config, Subscriber
-from ..errors import DigestError, SendError, StoreError
+from ..config import Config, SmtpConfig, Subscriber
+from ..errors import ConfigError, DigestError, SendError, StoreError, StoreWriteError
 from ..ingest import IngestResult, scan_inbox
 from ..mailer import Mailer
 from ..rank import CorpusIndex, ModelCache, Profile, Ranked, is_personalised, rank
-from ..render import DigestContent, DigestItem, message_id_for, new_token, render_digest
+from ..render import (
+    EMAIL_POLICY,
+    DigestContent,
+    DigestItem,
+    message_id_for,
+    new_token,
+    render_digest,
+)
+from ..replies.process import CONFIRMATION_ATTEMPTS
 from ..store import DigestRow, ItemRow, Store, utc_now
+from .lock import StateLock, process_owner
 from .schedule import SCHEDULE_LOOKBACK_DAYS, due, effective_subscriber, local_now
 
 log = logging.getLogger(__name__)
@@ -34,6 +54,26 @@ log = logging.getLogger(__name__)
 FIRST_DIGEST_WINDOW = timedelta(days=7)
 # Errors that mean the daemon itself is broken (the database is gone, not one subscriber).
 FATAL_ERRORS: tuple[type[BaseException], ...] = (StoreError, sqlite3.Error)
+# After a configuration error (login refused, TLS), sending waits this long, doubling up to
+# the maximum, or until the [smtp] settings change (a reload). 5 min .. 6 h means at most
+# ~10 bad logins in a day: a provider that locks an account after repeated failures
+# (commonly 10-20 in a short while) is not provoked, and a fixed password is used soon.
+SMTP_HOLD_FIRST = timedelta(minutes=5)
+SMTP_HOLD_MAX = timedelta(hours=6)
+MAX_REASON = 300  # characters of an exception kept as a unit's reason
+
+
+@dataclass
+class SmtpHold:
+    """Sending held back after a configuration error, for these [smtp] settings."""
+
+    smtp: SmtpConfig
+    reason: str
+    until: datetime
+    delay: timedelta
+
+    def active(self, smtp: SmtpConfig, now: datetime) -> bool:
+        return smtp == self.smtp and now < self.until
 
 
 @dataclass
@@ -50,6 +90,30 @@ class Runtime:
     empty_days: dict[tuple[str, date], int] = field(default_factory=dict)
     # (subscriber, local date, what) already logged: "late" is said once per day.
     _noted: set[tuple[str, date, str]] = field(default_factory=set)
+    owner: str = field(default_factory=process_owner)  # recorded in each claim
+    # The sender lock; the daemon holds it for its life, else dispatch takes it per run.
+    lock: StateLock | None = None
+    smtp_hold: SmtpHold | None = None
+    last_dispatch: str = ""  # one line about the last dispatch, for systemd's STATUS=
+
+    def sender_lock(self) -> StateLock:
+        if self.lock is None or self.lock.state != self.config.state:
+            self.lock = StateLock(self.config.state)
+        return self.lock
+
+    def hold_smtp(self, error: SendError | ConfigError, now: datetime) -> SmtpHold:
+        """Hold sending after a configuration error: 5 min, then doubling up to 6 h."""
+        smtp = self.config.smtp
+        previous = self.smtp_hold
+        delay = SMTP_HOLD_FIRST
+        if previous is not None and previous.smtp == smtp:
+            delay = min(previous.delay * 2, SMTP_HOLD_MAX)
+        self.smtp_hold = SmtpHold(smtp, str(error), now + delay, delay)
+        log.error("smtp: sending held until %s (next try in %s; the wait doubles up to %s; "
+                  "a config reload tries again at once): %s",
+                  self.smtp_hold.until.strftime("%H:%M:%S %Z"), _span(delay),
+                  _span(SMTP_HOLD_MAX), error)
+        return self.smtp_hold
 
     async def refresh_corpus_index(self) -> None:
         """Refit the corpus features in a worker thread when papers were added.
@@ -194,9 +258,13 @@ def claim(runtime: Runtime, prepared: Prepared) -> DigestRow | None:
 async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome:
     """Send a claimed digest and record the result; one subscriber's failure stays theirs.
 
-    A transient failure leaves the digest claimed, to be resent on the next
-    dispatch, until it has been claimed for longer than ``max_late``: then it
-    is marked failed (its papers stay candidates for the next digest).
+    Marked sent right after the server's 250 (the only window in which a crash
+    can make a second copy). What a failure does depends on its kind (see
+    ``SendError``): ``recipient`` fails the digest and marks the address
+    bouncing; ``message`` fails the digest only; ``deferred``, ``server`` and
+    ``config`` leave it claimed, to be resent on a later dispatch, until it has
+    been claimed for longer than ``max_late``: then it is marked failed (its
+    papers stay candidates for the next digest).
     """
     store = runtime.store
     message = message_from_bytes(row.message, policy=policy.default)
@@ -209,14 +277,17 @@ async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome:
         age = utc_now() - datetime.fromisoformat(row.claimed_at)
         give_up = exc.permanent or age > runtime.config.max_late
         store.mark_failed(row.id, str(exc), permanent=give_up)
-        if exc.permanent:
+        if exc.kind == "recipient":
             store.update_subscriber_state(
                 row.subscriber, bouncing_since=row.claimed_at, bounce_reason=str(exc))
         status = "failed" if give_up else "retry"
-        if give_up:
+        if exc.kind == "message":
+            log.error("subscriber %s: the digest of %s was rejected as a message (the address "
+                      "is fine; not retried): %s", row.subscriber, row.local_date, exc)
+        elif give_up:
             log.error("subscriber %s: failed to send the digest of %s: %s", row.subscriber,
                       row.local_date, exc)
-        else:
+        elif not exc.session:  # a session failure is logged once, by the mailer
             log.warning("subscriber %s: digest of %s not sent yet, will retry: %s",
                         row.subscriber, row.local_date, exc)
         return Outcome(row.subscriber, status, str(exc), row.id, shown, row.considered)
@@ -250,39 +321,145 @@ async def dispatch(
 ) -> list[Outcome]:
     """Send every digest that is due (and resend any left claimed); return what happened.
 
+    Holds the state's sender lock while it runs (raises ``StateLocked`` when
+    another process holds it; a dry run claims nothing and needs no lock).
     ``stop`` set between messages ends the run after the message in flight.
     One subscriber's failure is logged and returned; the others still go.
+    When the mail server cannot be used, the subscribers not reached yet get
+    ``deferred`` and wait for the next dispatch. Raises ``StoreError`` only
+    when the database is unusable, ``StoreWriteError`` when it cannot be
+    written (disk full, read-only): nothing is half-written either way.
     """
     now = now or utc_now()
-    outcomes: list[Outcome] = []
     subscribers = select_subscribers(runtime.config, only)
+    if dry_run:
+        return await _dispatch(runtime, subscribers, now, force, dry_run, stop)
+    lock = runtime.sender_lock()
+    if lock.held:
+        return await _dispatch(runtime, subscribers, now, force, dry_run, stop)
+    lock.acquire("send")
+    try:
+        return await _dispatch(runtime, subscribers, now, force, dry_run, stop)
+    finally:
+        lock.release()
+
+
+async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: datetime,
+                    force: bool, dry_run: bool, stop: asyncio.Event | None) -> list[Outcome]:
+    outcomes: list[Outcome] = []
     smtp = runtime.config.smtp
+    hold = runtime.smtp_hold
+    if not dry_run and hold is not None and hold.active(smtp, now):
+        return [Outcome("(smtp)", "held", f"{hold.reason} (held until "
+                        f"{hold.until.strftime('%H:%M:%S %Z')})")]
+
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     async with Mailer(smtp, attempts=smtp.attempts, base_delay=smtp.retry_seconds) as mailer:
         if not dry_run:
             wanted = {s.email.lower() for s in subscribers}
             for row in runtime.store.unsent_digests():
-                if stop is not None and stop.is_set():
-                    return outcomes
+                if stopped() or mailer.unavailable is not None:
+                    break
                 if row.subscriber in wanted:
-                    outcomes.append(await _resend(runtime, mailer, row))
+                    outcome = await _unit(runtime, row.subscriber, _resend(runtime, mailer, row))
+                    if outcome is not None:
+                        outcomes.append(outcome)
         for sub in subscribers:
-            if stop is not None and stop.is_set():
+            if stopped():
                 break
-            try:
-                outcomes.append(await _dispatch_one(runtime, mailer, sub, now, force, dry_run))
-            except FATAL_ERRORS:
-                raise
-            except Exception as exc:  # a bug or bad data for one subscriber: theirs alone
-                log.exception("subscriber %s: the digest failed", sub.email)
-                outcomes.append(Outcome(sub.email, "failed", f"{type(exc).__name__}: {exc}"))
+            if mailer.unavailable is not None:
+                outcomes.append(Outcome(sub.email, "deferred", _reason(mailer.unavailable)))
+                continue
+            outcome = await _unit(runtime, sub.email,
+                                  _dispatch_one(runtime, mailer, sub, now, force, dry_run))
+            if outcome is not None:
+                outcomes.append(outcome)
+        if not dry_run and mailer.unavailable is None and not stopped() and only_all(
+                runtime, subscribers):
+            outcomes.extend(await send_confirmations(runtime, mailer, stop))
+    _after_dispatch(runtime, mailer, outcomes, now)
     return outcomes
 
 
-async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome:
-    """A digest claimed and not marked sent: resend the stored bytes (same Message-ID)."""
-    if runtime.store.subscriber_state(row.subscriber).unsubscribed:
-        runtime.store.mark_failed(row.id, "not sent: unsubscribed before delivery",
-                                  permanent=True)
+def only_all(runtime: Runtime, subscribers: Sequence[Subscriber]) -> bool:
+    """Whether this dispatch is for everyone (``--user`` sends one digest, nothing else)."""
+    return len(subscribers) == len(runtime.config.subscribers)
+
+
+def _after_dispatch(runtime: Runtime, mailer: Mailer, outcomes: list[Outcome],
+                    now: datetime) -> None:
+    """Hold sending after a configuration error; remember a line for STATUS=."""
+    error = mailer.unavailable
+    if error is not None and error.kind == "config":
+        runtime.hold_smtp(error, now)
+    elif any(o.status == "sent" for o in outcomes):
+        runtime.smtp_hold = None
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"
+    runtime.last_dispatch = f"last dispatch {now.strftime('%Y-%m-%d %H:%M UTC')}: {summary}"
+
+
+async def _unit(runtime: Runtime, who: str, work: Awaitable[Outcome | None]) -> Outcome | None:
+    """Run one unit (a subscriber's digest): whatever it raises is its own failure.
+
+    Re-raises only what is not the unit's: a full or read-only disk
+    (``StoreWriteError``: the dispatch stops and is tried again next tick) and
+    a database that fails ``Store.probe`` (unusable: the daemon stops).
+    """
+    try:
+        return await work
+    except StoreWriteError:
+        raise
+    except (StoreError, sqlite3.Error) as exc:
+        runtime.store.probe()  # unusable: StoreError, the daemon's own failure
+        reason = _exc_reason(exc)
+        log.error("subscriber %s: the digest failed on its data in the state database: %s",
+                  who, reason)
+        return Outcome(who, "failed", reason)
+    except ConfigError:
+        raise  # a missing password: the whole dispatch's problem, not this subscriber's
+    except Exception as exc:  # a bug or bad data for one subscriber: theirs alone
+        reason = _exc_reason(exc)
+        log.error("subscriber %s: the digest failed: %s", who, reason, exc_info=exc)
+        return Outcome(who, "failed", reason)
+
+
+def _exc_reason(exc: BaseException) -> str:
+    """A readable one-line reason: the exception's kind and message, escaped and bounded."""
+    text = str(exc) if not isinstance(exc, RecursionError) else "nesting too deep"
+    text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    if len(text) > MAX_REASON:
+        text = text[:MAX_REASON] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _reason(error: SendError) -> str:
+    return str(error).removeprefix(f"{error.recipient}: ")
+
+
+async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome | None:
+    """A digest claimed and not marked sent: resend the stored bytes (same Message-ID).
+
+    Only by its owner, or, when another process claimed it, once that owner is
+    known dead: this process holds the state lock, which every sender holds
+    while it sends, so the owner cannot be sending (None: left alone).
+    """
+    store = runtime.store
+    if row.owner != runtime.owner:
+        lock = runtime.lock
+        if lock is None or not lock.held:
+            return None
+        if not store.take_over_claim(row.id, row.owner, runtime.owner):
+            return None
+        log.info("subscriber %s: the digest of %s was claimed by %s, which has stopped; "
+                 "this process (%s) sends it", row.subscriber, row.local_date,
+                 row.owner or "an older version", runtime.owner)
+    if store.subscriber_state(row.subscriber).unsubscribed:
+        store.mark_failed(row.id, "not sent: unsubscribed before delivery", permanent=True)
         log.info("subscriber %s: unsubscribed; the pending digest of %s is dropped",
                  row.subscriber, row.local_date)
         return Outcome(row.subscriber, "unsubscribed", "", row.id)
@@ -331,6 +508,53 @@ async def _dispatch_one(
     if row is None:  # another process claimed the day between our check and now
         return Outcome(sub.email, "already-sent")
     return await deliver(runtime, mailer, row)
+
+
+# --- confirmations ------------------------------------------------------------
+
+
+async def send_confirmations(runtime: Runtime, mailer: Mailer,
+                             stop: asyncio.Event | None = None) -> list[Outcome]:
+    """Send the reply confirmations queued in the store, each its own unit.
+
+    A confirmation the server refuses (5xx) or that fails ``CONFIRMATION_ATTEMPTS``
+    times is given up; anything else it raises is recorded as its failure and
+    given up (it would fail the same way again); a server or configuration
+    failure leaves the rest queued for the next dispatch.
+    """
+    store = runtime.store
+    outcomes: list[Outcome] = []
+    for row in store.pending_confirmations():
+        if (stop is not None and stop.is_set()) or mailer.unavailable is not None:
+            break
+        try:
+            message = message_from_bytes(row.message, policy=EMAIL_POLICY)
+            await mailer.send(message)
+        except SendError as exc:
+            give_up = exc.permanent or (not exc.session
+                                        and row.attempts + 1 >= CONFIRMATION_ATTEMPTS)
+            store.mark_confirmation(row.id, sent=False, error=str(exc), give_up=give_up)
+            log.warning("subscriber %s: confirmation %d %s: %s", row.subscriber, row.id,
+                        "given up" if give_up else "not sent yet", exc)
+            outcomes.append(Outcome(row.subscriber, "confirmation-failed", str(exc)))
+            continue
+        except (StoreError, sqlite3.Error, ConfigError):
+            raise
+        except Exception as exc:  # a confirmation that cannot be read or sent: its own failure
+            reason = _exc_reason(exc)
+            log.error("subscriber %s: confirmation %d failed and is given up: %s",
+                      row.subscriber, row.id, reason, exc_info=exc)
+            store.mark_confirmation(row.id, sent=False, error=reason, give_up=True)
+            outcomes.append(Outcome(row.subscriber, "confirmation-failed", reason))
+            continue
+        store.mark_confirmation(row.id, sent=True)
+        outcomes.append(Outcome(row.subscriber, "confirmation-sent"))
+    return outcomes
+
+
+def _span(delta: timedelta) -> str:
+    minutes = delta.total_seconds() / 60
+    return f"{minutes:g} min" if minutes < 60 else f"{minutes / 60:g} h"
 
 
 def _when(moment: datetime | None) -> str:

@@ -2,7 +2,10 @@
 
 APScheduler is only the timer; who is due and what was sent live in the store.
 SIGHUP reloads the config, SIGTERM finishes the message in flight and exits 0,
-a second SIGTERM exits at once.
+a second SIGTERM exits at once. The daemon holds the state's sender lock for
+its whole life (a second ``digest run`` on the same state exits at once), and
+under systemd it says READY=1, feeds the watchdog from the event loop and
+keeps a STATUS= line with the last dispatch.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from datetime import datetime
 from typing import Any
 
 from ..config import DEFAULT_REPLY_POLL_SECONDS, Config, load_config
-from ..errors import DigestError
+from ..errors import DigestError, StoreWriteError
 from ..mailer import LocalSink
 from ..sources import FETCH_TICK_SECONDS, download, plan_fetches, record_results
 from ..store import Store, utc_now
 from .jobs import FATAL_ERRORS, Runtime, dispatch, scan
+from .lock import StateLock
+from .notify import Notifier
 from .status import subscriber_status
 
 log = logging.getLogger(__name__)
@@ -34,9 +39,11 @@ STOP_GRACE_SECONDS = 5.0
 class Daemon:
     """``digest run``: timer ticks for scan, dispatch and replies; signals for reload and stop.
 
-    Every job that writes to the store (scan, dispatch, a reply run, a reload)
-    runs on the event loop thread under one lock, so the single SQLite
-    connection has one writer at a time and a reload never lands mid-dispatch.
+    Every job runs on the event loop thread, and no store transaction spans
+    an ``await``, so the single SQLite connection has one writer at a time.
+    Scan and reply runs take ``_busy`` in turn; a dispatch takes
+    ``_dispatching`` instead, so scans and replies go on while it waits on a
+    mail server; a reload takes both, so it never lands mid-run.
     APScheduler's jobs only start those tasks: they are ours, so stopping the
     scheduler never cancels a message in flight.
     """
@@ -49,6 +56,9 @@ class Daemon:
         self.exit_code = 0
         self._runtime: Runtime | None = None
         self._busy = asyncio.Lock()
+        self._dispatching = asyncio.Lock()
+        self.lock: StateLock | None = None
+        self.notifier = Notifier()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._scheduler: Any = None
         self._reply_task: asyncio.Task[None] | None = None
@@ -64,13 +74,16 @@ class Daemon:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         self.config.check_secrets()  # a missing secret stops the start, not every send
-        config = self._start_sink(self.config)
+        self.lock = StateLock(self.config.state)
+        self.lock.acquire("daemon")  # StateLocked: another daemon or sender has this state
         try:
+            config = self._start_sink(self.config)
             store = Store(config.state)
         except BaseException:
             self._stop_sink()
+            self.lock.release()
             raise
-        self._runtime = Runtime(config, store)
+        self._runtime = Runtime(config, store, lock=self.lock)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._request_stop, signum)
@@ -83,6 +96,7 @@ class Daemon:
                  "%gs, dispatch every %gs%s", os.getpid(), config.inbox, config.state,
                  len(config.subscribers), config.scan_seconds, config.dispatch_seconds,
                  ", replies on" if _replies_configured(config) else "")
+        watchdog: asyncio.Task[None] | None = None
         try:
             self._report_claimed()
             await self._kick("scan")
@@ -90,16 +104,36 @@ class Daemon:
             await self._kick("fetch")
             scheduler.start()
             self._start_replies()
+            self.notifier.ready(f"started; {len(config.subscribers)} subscribers")
+            if self.notifier.watchdog_seconds is not None:
+                watchdog = asyncio.create_task(self._feed_watchdog(), name="digest-watchdog")
             await self.stop.wait()
         finally:
+            self.notifier.stopping("stopping")
             scheduler.shutdown(wait=False)
             await self._drain()
+            if watchdog is not None:
+                watchdog.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             self.runtime.store.close()
             self._stop_sink()
+            if self.lock is not None:
+                self.lock.release()
+            self.notifier.close()
             log.info("daemon: stopped (exit %d)", self.exit_code)
         return self.exit_code
+
+    async def _feed_watchdog(self) -> None:
+        """WATCHDOG=1 at half of WatchdogSec=, from the event loop itself.
+
+        A loop stuck in a call that never returns stops feeding it, and systemd
+        restarts the daemon (a digest it left claimed is resent on the next start).
+        """
+        interval = (self.notifier.watchdog_seconds or 0) / 2
+        while not self.stop.is_set():
+            self.notifier.watchdog()
+            await self._sleep(interval)
 
     # --- jobs ---
 
@@ -119,7 +153,7 @@ class Daemon:
         if name == "fetch":
             await self._fetch()
             return
-        async with self._busy:
+        async with self._dispatching if name == "dispatch" else self._busy:
             if self.stop.is_set():
                 return
             try:
@@ -127,14 +161,22 @@ class Daemon:
                     scan(self.runtime)
                 else:
                     await dispatch(self.runtime, stop=self.stop)
+                    self.notifier.status(self.runtime.last_dispatch)
                     if not self._said_schedule:
                         self._said_schedule = True
                         self._log_schedule()
+            except StoreWriteError as exc:  # disk full or read-only: nothing half-written
+                log.error("daemon: %s: %s; trying again on the next tick", name, exc)
+                self.notifier.status(f"{name} failed: {exc}")
             except FATAL_ERRORS as exc:
                 self._fail(f"{name}: the state database failed: {exc}")
-            except Exception as exc:
-                log.exception("daemon: %s failed unexpectedly", name)
-                self._fail(f"{name}: {type(exc).__name__}: {exc}")
+            except DigestError as exc:  # e.g. a password file gone since the start
+                log.error("daemon: %s: %s; trying again on the next tick", name, exc)
+                self.notifier.status(f"{name} failed: {exc}")
+            except Exception as exc:  # a bug outside any unit: said loudly, tried again
+                log.exception("daemon: %s failed unexpectedly; trying again on the next tick",
+                              name)
+                self.notifier.status(f"{name} failed: {type(exc).__name__}: {exc}")
 
     async def _fetch(self) -> None:
         """Fetch the due [[sources]] into the inbox; the store lock is not held over HTTP."""
@@ -201,8 +243,15 @@ class Daemon:
                         break
                     config, store = self.runtime.config, self.runtime.store
                     try:
-                        await replies.process_replies(config, store, stop=self.stop,
-                                                      corpus=self.runtime.corpus_index)
+                        report = await replies.process_replies(
+                            config, store, stop=self.stop, corpus=self.runtime.corpus_index,
+                            confirm=False)
+                        if report.confirmations_pending:
+                            await self._kick("dispatch")  # it sends the confirmations
+                    except StoreWriteError as exc:
+                        log.error("replies: %s; trying again in %gs", exc,
+                                  _reply_poll_seconds(config))
+                        failed = True
                     except FATAL_ERRORS as exc:
                         self._fail(f"replies: the state database failed: {exc}")
                         break
@@ -255,7 +304,7 @@ class Daemon:
         except DigestError as exc:
             log.error("daemon: config reload rejected, keeping the running config: %s", exc)
             return
-        async with self._busy:
+        async with self._dispatching, self._busy:
             if self.stop.is_set():
                 return
             try:
@@ -268,8 +317,15 @@ class Daemon:
         self._said_schedule = False  # the next dispatch says the new schedule
         old_raw, runtime = self.config, self.runtime
         store = runtime.store
+        lock = self.lock
         if new.state != runtime.config.state:
-            store = Store(new.state)  # a StoreError rejects the reload
+            lock = StateLock(new.state)
+            lock.acquire("daemon")  # StateLocked rejects the reload
+            try:
+                store = Store(new.state)  # a StoreError rejects the reload
+            except BaseException:
+                lock.release()
+                raise
         if new.smtp != old_raw.smtp:
             self._stop_sink()
             effective = self._start_sink(new)
@@ -277,9 +333,13 @@ class Daemon:
             effective = replace(new, smtp=runtime.config.smtp)
         if store is not runtime.store:
             runtime.store.close()
-            self._runtime = Runtime(effective, store)
+            if self.lock is not None:
+                self.lock.release()
+            self.lock = lock
+            self._runtime = Runtime(effective, store, lock=lock)
         else:
             runtime.config = effective
+            runtime.smtp_hold = None  # a reload (the password fixed?) tries again at once
         self.config = new
         if self._scheduler is not None:
             old_intervals = self._intervals(old_raw)

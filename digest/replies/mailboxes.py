@@ -70,7 +70,9 @@ class ImapMailbox:
     def open(self) -> None:
         cfg = self.config
         password = cfg.password()
-        context = ssl.create_default_context()
+        # ca_file: a self-signed or private-CA server certificate, trusted without turning
+        # verification off.
+        context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
         if not cfg.verify_tls:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE

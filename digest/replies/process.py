@@ -152,7 +152,8 @@ class ReplyReport:
 
 async def process_replies(config: Config, store: Store, *, now: datetime | None = None,
                           stop: asyncio.Event | None = None,
-                          corpus: Callable[[], rank.CorpusIndex] | None = None) -> ReplyReport:
+                          corpus: Callable[[], rank.CorpusIndex] | None = None,
+                          confirm: bool = True) -> ReplyReport:
     """Process every waiting reply once (IMAP or Maildir per config; neither: an empty report).
 
     Sends confirmations with ``Mailer(config.smtp)`` (which may point at the
@@ -161,6 +162,8 @@ async def process_replies(config: Config, store: Store, *, now: datetime | None 
     in flight (the replies done so far are marked processed; the rest wait).
     ``corpus`` gives a fitted corpus index for ``why`` (the daemon passes its
     cached one); without it one is fitted when a reply first asks why.
+    ``confirm=False`` leaves the confirmations queued for the caller to send
+    (the daemon sends them with its dispatch, under its one-sender lock).
     """
     started = time.perf_counter()
     now = now or utc_now()
@@ -189,7 +192,10 @@ async def process_replies(config: Config, store: Store, *, now: datetime | None 
                     break
         finally:
             await asyncio.to_thread(mailbox.close)
-    sent, pending = await send_confirmations(config, store)
+    if confirm:
+        sent, pending = await send_confirmations(config, store)
+    else:
+        sent, pending = 0, len(store.pending_confirmations())
     report.confirmations_sent, report.confirmations_pending = sent, pending
     report.seconds = time.perf_counter() - started
     if report.processed or sent:

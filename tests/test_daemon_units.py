@@ -1,0 +1,143 @@
+"""Containment in the daemon's dispatch: one subscriber's failure is theirs alone; a scan
+goes on while a dispatch waits on a silent mail server."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from digest.bench.smtp_servers import RawServer
+from digest.config import load_config
+from digest.daemon import Daemon, Runtime, dispatch
+from digest.ingest import scan_inbox
+from digest.store import Store
+
+from .daemon_helpers import fill_inbox, recipient, write_daemon_config
+from .helpers import sample_dumps
+from .smtp_helpers import (  # noqa: F401  (smtp_server_fixture provides the smtp_server fixture)
+    StartServer,
+    smtp_server_fixture,
+)
+
+DUE = {"send_at": "00:00", "timezone": "UTC", "max_papers": 3}
+
+
+def readers(*names: str) -> list[dict[str, str | int]]:
+    return [{"email": f"{name}@example.org", **DUE} for name in names]
+
+
+def test_one_subscribers_bad_row_or_refused_claim_fails_them_alone(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    server = smtp_server()
+    fill_inbox(tmp_path)
+    path = write_daemon_config(tmp_path, port=server.port, subscribers=readers("ann", "bob", "cat"),
+                               digest={"max_late_hours": 24})
+    config = load_config(path)
+    with Store(config.state) as store:
+        scan_inbox(store, config.inbox, stable_seconds=0)
+        store.update_subscriber_state("bob@example.org", send_at="00:00")
+    with sqlite3.connect(config.state) as db:  # damage written by hand, as a bad disk or bug would
+        db.execute("UPDATE subscriber_state SET interests_added = '[\"unfinished'"
+                   " WHERE subscriber = 'bob@example.org'")
+        db.execute("CREATE TRIGGER refuse_cat BEFORE INSERT ON digests"
+                   " WHEN NEW.subscriber = 'cat@example.org'"
+                   " BEGIN SELECT RAISE(ABORT, 'row refused'); END")
+
+    with Store(config.state) as store:
+        outcomes = {o.subscriber: o for o in asyncio.run(dispatch(Runtime(config, store)))}
+        assert store.digests_of("cat@example.org") == []  # nothing half-written
+
+    assert outcomes["ann@example.org"].status == "sent"
+    assert outcomes["bob@example.org"].status == "failed"
+    assert outcomes["bob@example.org"].detail.startswith("JSONDecodeError: Unterminated string")
+    assert (outcomes["cat@example.org"].status, outcomes["cat@example.org"].detail) == (
+        "failed", "IntegrityError: row refused")
+    assert [recipient(m.message) for m in server.messages] == ["ann@example.org"]
+
+
+def test_an_unusable_database_is_the_daemons_failure_not_a_subscribers(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    server = smtp_server()
+    fill_inbox(tmp_path)
+    path = write_daemon_config(tmp_path, port=server.port, subscribers=readers("ann"),
+                               digest={"max_late_hours": 24})
+    config = load_config(path)
+    store = Store(config.state)
+    scan_inbox(store, config.inbox, stable_seconds=0)
+    store.close()  # as good as a database gone: every statement fails
+
+    with pytest.raises(sqlite3.ProgrammingError):
+        asyncio.run(dispatch(Runtime(config, store)))
+    assert server.messages == []
+
+
+def test_scans_go_on_while_a_dispatch_waits_on_a_silent_server(tmp_path: Path) -> None:
+    silent = RawServer("hang")
+    fill_inbox(tmp_path, sample_dumps()[:1])
+    path = write_daemon_config(tmp_path, port=silent.port, subscribers=readers("ann", "bob"),
+                               digest={"max_late_hours": 24, "scan_seconds": 0.05,
+                                       "dispatch_seconds": 0.05})
+    path.write_text(path.read_text().replace("timeout = 10", "timeout = 4"))
+    daemon = Daemon(path)
+
+    async def scenario() -> tuple[int, bool]:
+        running = asyncio.create_task(daemon.run())
+        while silent.connections == 0:  # the dispatch is now waiting for a greeting
+            await asyncio.sleep(0.01)
+        before = daemon.runtime.store.paper_count()
+        fill_inbox(tmp_path, sample_dumps()[1:])  # a new dump arrives meanwhile
+        for _ in range(300):
+            if daemon.runtime.store.paper_count() > before:
+                break
+            await asyncio.sleep(0.01)
+        # Still inside that first dispatch (its one connection, its lock held):
+        scanned_while_waiting = silent.connections == 1 and daemon._dispatching.locked()
+        after = daemon.runtime.store.paper_count()
+        daemon.stop.set()
+        await running
+        return after - before, scanned_while_waiting
+
+    try:
+        added, while_waiting = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    finally:
+        silent.stop()
+    assert added > 0 and while_waiting
+
+
+def test_each_queued_confirmation_is_its_own_unit(tmp_path: Path,
+                                                  smtp_server: StartServer) -> None:
+    """A confirmation that cannot go (no address, a refused one) is given up alone."""
+    from email.message import EmailMessage
+
+    server = smtp_server(reject=["gone@example.org"])
+    path = write_daemon_config(tmp_path, port=server.port, subscribers=readers("ann"),
+                               digest={"max_late_hours": 24})
+    config = load_config(path)
+
+    def confirmation(to: str | None) -> bytes:
+        message = EmailMessage()
+        message["From"] = "Paper Digest <digest@papers.example.org>"
+        if to is not None:
+            message["To"] = to
+        message["Subject"] = "Re: your digest"
+        message.set_content("Done: like 2.\n")
+        return message.as_bytes()
+
+    with Store(config.state) as store:
+        for n, to in enumerate(["ann@example.org", None, "gone@example.org", "bob@example.org"]):
+            store.record_reply(f"<reply{n}@example.org>", sender=to or "", outcome="applied")
+            store.queue_confirmation(to or "", f"<reply{n}@example.org>", confirmation(to))
+        outcomes = asyncio.run(dispatch(Runtime(config, store)))
+        left = store.pending_confirmations()
+
+    confirmations = [(o.subscriber, o.status) for o in outcomes if "confirmation" in o.status]
+    assert confirmations == [("ann@example.org", "confirmation-sent"),
+                             ("", "confirmation-failed"),
+                             ("gone@example.org", "confirmation-failed"),
+                             ("bob@example.org", "confirmation-sent")]
+    assert left == []  # the two that failed for good are not tried again
+    assert sorted(recipient(m.message) for m in server.messages if "Re:" in
+                  str(m.message["Subject"])) == ["ann@example.org", "bob@example.org"]
