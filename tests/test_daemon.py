@@ -434,7 +434,7 @@ def test_run_with_an_unreadable_config_or_database_exits_1(
                                  digest={"state": "not-a-dir/state.sqlite3"})
     assert main(["--config", str(config), "run"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("Error: ") and "cannot open the state database" in err
+    assert err.startswith("Error: ") and "digest.state" in err and "not a folder" in err
     assert err.count("\n") == 1
 
 
