@@ -208,7 +208,6 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _config(args)  # a bad config or state path: one Error: line before the daemon starts
     from .daemon import run_daemon
 
     return run_daemon(args.config)
