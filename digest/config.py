@@ -707,7 +707,7 @@ SMTP_KEYS: dict[str, Spec] = {
     "security": Choice(options=("starttls", "tls", "none"),
                        why="starttls: what submission servers offer; none for the sink"),
     "username": Text(max_chars=MAX_TEXT_CHARS, shape="a user name on one line",
-                     why="none: a relay that needs no login"),
+                     empty_is_default=True, why="none: a relay that needs no login"),
     "password_env": _ENV_NAME,
     "password_file": PathValue(),
     "from": FromHeader(default="Paper Digest <digest@localhost>", attr="sender",
