@@ -329,7 +329,6 @@ def _listing_date(text: str) -> date:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _config(args)  # a bad config or state path: one Error: line before the daemon starts
     from .daemon import run_daemon
 
     return run_daemon(args.config)

@@ -111,10 +111,10 @@ def read_secret(table: str, password_file: Path | None, password_env: str | None
         env_value = os.environ.get(password_env)
         if env_value is None:
             raise ConfigError(config_file, key, f"environment variable {password_env} is not set")
-        value, where = env_value.strip(), f"environment variable {password_env}"
+        value, where = env_value, f"environment variable {password_env}"
     else:
         return None
-    if not value:
+    if not value.strip():
         raise ConfigError(config_file, key, f"{where} is empty")
     if _has_control(value):
         raise ConfigError(config_file, key, f"{where} holds a control character (a line break "
@@ -835,7 +835,7 @@ SMTP_KEYS: dict[str, Spec] = {
     "security": Choice(options=("starttls", "tls", "none"),
                        why="starttls: what submission servers offer; none for the sink"),
     "username": Text(max_chars=MAX_TEXT_CHARS, shape="a user name on one line",
-                     why="none: a relay that needs no login"),
+                     empty_is_default=True, why="none: a relay that needs no login"),
     "password_env": _ENV_NAME,
     "password_file": PathValue(),
     "from": FromHeader(default="Paper Digest <digest@localhost>", attr="sender",

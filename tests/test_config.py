@@ -309,4 +309,27 @@ def test_every_command_fails_in_one_line_on_a_bad_config_or_state_path(
                         + '[maildir]\npath = "md"\n')
     assert main(["--config", str(path), *command]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"Error: {path}: digest.state: ") and err.count("\n") == 1
+    assert err.count("\n") == 1, err
+    if command == ["run"]:  # the daemon names the database it cannot open
+        assert err.startswith(f"Error: {tmp_path / 'state' / 'digest.sqlite3'}: cannot open")
+    else:  # the others check the paths first and name the key
+        assert err.startswith(f"Error: {path}: digest.state: "), err
+
+
+@pytest.mark.parametrize("command", [["run"], ["send", "--force"], ["replies"], ["check-config"]],
+                         ids=" ".join)
+def test_a_missing_password_stops_the_commands_that_need_it(
+        tmp_path: Path, command: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from digest.cli import main
+
+    monkeypatch.delenv("DIGEST_TEST_NO_SUCH_VAR", raising=False)
+    path = write_config(tmp_path, MINIMAL + """
+    [imap]
+    host = "imap.example.org"
+    username = "digest"
+    password_env = "DIGEST_TEST_NO_SUCH_VAR"
+    """)
+    assert main(["--config", str(path), *command]) == 1
+    assert capsys.readouterr().err == (f"Error: {path}: imap.password_env: environment variable "
+                                       "DIGEST_TEST_NO_SUCH_VAR is not set\n")
