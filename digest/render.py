@@ -341,6 +341,14 @@ def _space_after(node: Any) -> str:
     return " " if getattr(node, "macro_post_space", "") else ""
 
 
+_FONT_SWITCHES = (
+    "it", "bf", "rm", "sc", "sf", "tt", "sl", "em", "bfseries", "itshape", "scshape", "mdseries",
+    "upshape", "slshape", "ttfamily", "rmfamily", "sffamily", "normalfont", "boldmath",
+    "tiny", "scriptsize", "footnotesize", "small", "normalsize", "large", "Large", "LARGE",
+    "huge", "Huge", "noindent", "centering", "xspace", "/",
+)
+
+
 @cache
 def _latex_converter() -> tuple[LatexNodes2Text, Any]:
     """pylatexenc set up for listing text: its defaults, plus the macros abstracts use that
@@ -363,6 +371,9 @@ def _latex_converter() -> tuple[LatexNodes2Text, Any]:
         MacroTextSpec("etal", simplify_repl=_words("et al.")),
         MacroTextSpec("etc", simplify_repl=_words("etc.")),
     ])
+    # Old-style font and size switches ({\\it x}) carry no words: drop them, not name them.
+    text_context.add_context_category("digest-switches", prepend=True, macros=[
+        MacroTextSpec(name, discard=True) for name in _FONT_SWITCHES])
     text_context.set_unknown_macro_spec(MacroTextSpec("", simplify_repl=_unknown_macro))
     converter = LatexNodes2Text(latex_context=text_context, math_mode="text",
                                 strict_latex_spaces=False)
@@ -434,15 +445,22 @@ def is_bare_command(line: str) -> bool:
     return bool(_BARE_COMMAND.match(line.strip(_DECORATION)))
 
 
+def starts_with_command(line: str) -> bool:
+    """True when a line opens with a command before its first comma or semicolon
+    (``skip 2, and then ...``): the reply parser reads such a line as that command."""
+    return is_bare_command(re.split(r"[,;]", line, maxsplit=1)[0])
+
+
 def defuse_command_lines(text: str) -> str:
-    """Join any line that is a bare command onto the text line before it.
+    """Join any line that is, or opens with, a command onto the text line before it.
 
     The templates never write one, but wrapped free text (an abstract ending
-    in "... we stop.") could; joining keeps the words and removes the risk.
+    in "... we stop.", or "... we skip 2, 3 ...") could; joining keeps the
+    words and removes the risk.
     """
     lines: list[str] = []
     for line in text.split("\n"):
-        if is_bare_command(line) and any(kept.strip() for kept in lines):
+        if starts_with_command(line) and any(kept.strip() for kept in lines):
             while not lines[-1].strip():
                 lines.pop()
             lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"

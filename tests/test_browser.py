@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -194,8 +194,8 @@ def pipeline_digest(folder: Path, smtp_server: StartServer) -> str:
                    (r"\textsc{Domain-Bridge}: $\alpha$-weighted domain adaptation \& alignment",
                     "We adapt models across domains with an $\\alpha$-weighted objective. "
                     "Experiments show gains of 5% on every benchmark. " * 4),
-                   ("Supercalifragilisticexpialidociouslylongidentifierthatneverbreaks for "
-                    "domain generalization",
+                   (("Supercalifragilisticexpialidociouslylongidentifierthatneverbreaks for "
+                    "domain generalization"),
                     "A title with one very long word must not widen the page on a phone. " * 5),
                ])]
     (inbox / "2026-03-11_daily.json").write_text(json.dumps(listing), encoding="utf-8")
@@ -249,7 +249,7 @@ def full_digest() -> str:
                             "abcdefghij234567", date(2026, 3, 12), 412, tuple(items),
                             personalised=False)
     message = render_digest(content, SmtpConfig(reply_to="digest+{token}@papers.example.org"),
-                            now=datetime(2026, 3, 12, 7, tzinfo=timezone.utc))
+                            now=datetime(2026, 3, 12, 7, tzinfo=UTC))
     html = message.get_body(("html",))
     assert html is not None
     return str(html.get_content())

@@ -16,12 +16,11 @@ import pytest
 
 from digest.config import SmtpConfig, Subscriber
 from digest.paper import Paper
-from digest.replies.parse import parse_text
 from digest.render import (
     ABSTRACT_CHARS,
-    cut_abstract,
     DigestContent,
     DigestItem,
+    cut_abstract,
     defuse_command_lines,
     is_bare_command,
     message_id_for,
@@ -33,6 +32,7 @@ from digest.render import (
     subject_for,
     template_root,
 )
+from digest.replies.parse import parse_text
 
 NOW = datetime(2026, 3, 12, 8, 0, tzinfo=timezone(timedelta(hours=1)))
 SMTP = SmtpConfig(
@@ -313,9 +313,9 @@ FOLLOW = "We follow J. Doe and compare both methods on many benchmarks of note."
 @pytest.mark.parametrize(("abstract", "expected"), [
     # Abbreviations and initials end no sentence: the cut goes to the last real one in reach.
     ("Prior work, e.g. Smith et al. Transformers, fails at scale because of memory. " * 2
-     + "Xy " * 100, "Prior work, e.g. Smith et al. Transformers, fails at scale because of "
-     "memory. Prior work, e.g. Smith et al. Transformers, fails at scale because of memory."),
-    (f"{FOLLOW} {FOLLOW} {FOLLOW} {FOLLOW} {FOLLOW}", f"{FOLLOW} {FOLLOW} {FOLLOW}"),
+     + "Xy " * 100, ("Prior work, e.g. Smith et al. Transformers, fails at scale because of "
+     "memory. Prior work, e.g. Smith et al. Transformers, fails at scale because of memory.")),
+    (f"{FOLLOW} {FOLLOW} {FOLLOW} {FOLLOW} {FOLLOW}", f"{FOLLOW} {FOLLOW} {FOLLOW} {FOLLOW}"),
     ("Short. " + "word " * 100, None),  # a first sentence too short to stand alone: word cut
 ])
 def test_cut_abstract_respects_abbreviations(abstract: str, expected: str | None) -> None:
