@@ -573,7 +573,7 @@ def paper_links(paper: Paper) -> tuple[_Link, ...]:
 
 def _item_view(item: DigestItem, reply: str) -> _ItemView:
     paper = item.paper
-    snippet = cut_abstract(plain_text(paper.abstract))
+    snippet = cut_abstract(plain_text(_opening(paper.abstract)))
     label = "Summary" if paper.abstract_is_summary and snippet else ""
     if not label and is_bare_command(snippet):
         label = "Abstract"
@@ -597,6 +597,17 @@ def _item_view(item: DigestItem, reply: str) -> _ItemView:
         like_link=mailto(reply, f"like {item.position}"),
         skip_link=mailto(reply, f"skip {item.position}"),
     )
+
+
+def _opening(abstract: str) -> str:
+    """The part of a raw abstract that can end up shown, ending at a space: converting
+    LaTeX costs time in proportion to length (tens of ms for a long abstract), and markup
+    only shrinks when converted, so three times ABSTRACT_CHARS always holds the cut."""
+    limit = ABSTRACT_CHARS * 3
+    if len(abstract) <= limit:
+        return abstract
+    head = abstract[:limit]
+    return head.rsplit(None, 1)[0] if " " in head else head
 
 
 def _preheader(content: DigestContent, items: list[DigestItem]) -> str:

@@ -317,3 +317,10 @@ def test_a_ten_paper_html_part_weighs_at_most_25_kb(capsys: pytest.CaptureFixtur
     with capsys.disabled():
         print(f"\nHTML part of a 10-paper digest: {size} bytes ({size / 1024:.1f} KiB)")
     assert size <= 25 * 1024
+
+
+def test_numbers_stay_apart_from_titles_past_ninety_nine() -> None:
+    text = render_text(digest(*(paper(n) for n in range(1, 101))), SMTP)
+    assert re.search(r"^1\.  Sparse routing for long documents, part 1$", text, re.MULTILINE)
+    assert re.search(r"^10\. Sparse routing for long documents, part 10$", text, re.MULTILINE)
+    assert re.search(r"^100\. Sparse routing for long documents, part 100$", text, re.MULTILINE)
