@@ -592,7 +592,7 @@ def _item_view(item: DigestItem, reply: str) -> _ItemView:
         snippet=snippet,
         snippet_label=label,
         links=paper_links(paper),
-        reason=one_line(item.reason),
+        reason=plain_text(item.reason),  # reasons quote titles, LaTeX and all
         explore=item.explore,
         like_link=mailto(reply, f"like {item.position}"),
         skip_link=mailto(reply, f"skip {item.position}"),

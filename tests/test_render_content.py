@@ -200,16 +200,19 @@ def test_latex_becomes_readable_text(latex: str, text: str) -> None:
     assert plain_text(latex) == text
 
 
-def test_latex_is_converted_in_title_abstract_subject_and_both_parts() -> None:
+def test_latex_is_converted_in_title_abstract_reason_subject_and_both_parts() -> None:
     fancy = paper(1, title=r"AutoCoder: Enhancing Code LLMs with \textsc{AIEV-Instruct}",
                   abstract=r"We tune $\alpha$ and $\beta$ \& report \emph{gains}.")
     content = digest(fancy)
+    content = replace(content, items=(replace(content.items[0],
+                                              reason=r"close to “$\mu$LO” that you liked"),))
     assert subject_for(content) == (
         "Paper digest, Thu 12 Mar 2026: AutoCoder: Enhancing Code LLMs with AIEV-Instruct")
     text, html = parts(render_digest(content, SMTP, now=NOW))
     for body in (" ".join(text.split()), " ".join(html_as_text(html).split())):
         assert "AutoCoder: Enhancing Code LLMs with AIEV-Instruct" in body
         assert "We tune α and β & report gains." in body
+        assert "close to “μLO” that you liked" in body
         assert "\\textsc" not in body and "$" not in body
 
 
