@@ -5,6 +5,10 @@ Runs after ranking, once per subscriber and digest, and hands an
 with inlined CSS) to the mailer. It knows nothing of SMTP or of the database:
 everything it shows arrives in a ``DigestContent``.
 
+What a paper shows is prepared once for both parts (``_ItemView``): its title,
+abstract, authors and the reason it was picked with their LaTeX as text
+(pylatexenc), its arXiv id, listing date and relevance level, and its links.
+
 Replies are read as commands, and a reply often quotes the original without
 ``>`` marks, so no line of the email (text part, or the HTML read as text) is
 ever a bare command such as ``like 3`` or ``unsubscribe``: commands are only

@@ -17,6 +17,7 @@ from digest.render import (
     TEXT_WIDTH,
     DigestContent,
     DigestItem,
+    cut_abstract,
     defuse_command_lines,
     format_authors,
     listing_span,
@@ -327,3 +328,16 @@ def test_numbers_stay_apart_from_titles_past_ninety_nine() -> None:
     assert re.search(r"^1\.  Sparse routing for long documents, part 1$", text, re.MULTILINE)
     assert re.search(r"^10\. Sparse routing for long documents, part 10$", text, re.MULTILINE)
     assert re.search(r"^100\. Sparse routing for long documents, part 100$", text, re.MULTILINE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(list("ab. ?!AZ9\n") + ["e.g. ", "et al. ", "J. ", "word "]),
+                max_size=200).map("".join),
+       st.integers(min_value=20, max_value=300))
+def test_a_cut_abstract_is_an_opening_of_the_abstract(abstract: str, limit: int) -> None:
+    cut = cut_abstract(abstract, limit)
+    flat = " ".join(abstract.split())
+    assert len(cut) <= limit + 1
+    assert flat.startswith(cut.removesuffix("…"))
+    if len(flat) <= limit:
+        assert cut == flat
