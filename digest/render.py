@@ -505,7 +505,12 @@ class _ItemView:
     @property
     def relevance_bar(self) -> str:
         """``●●○``: the relevance as a bar of dots, for the text part."""
-        return "●" * self.relevance_dots + "○" * (RELEVANCE_BAR_LENGTH - self.relevance_dots)
+        return "●" * self.relevance_dots + "○" * self.relevance_rest
+
+    @property
+    def relevance_rest(self) -> int:
+        """The bar's empty dots."""
+        return RELEVANCE_BAR_LENGTH - self.relevance_dots
 
     @property
     def text_meta(self) -> str:
@@ -556,7 +561,7 @@ def _staleness(today: date, listed: list[date]) -> str:
     return ""
 
 
-def paper_links(paper: Paper) -> tuple[_Link, ...]:
+def _paper_links(paper: Paper) -> tuple[_Link, ...]:
     """Where to read a paper: arXiv abstract and PDF when its id is known, its Hugging Face
     daily-papers page when it came from that listing, its code; a title search otherwise."""
     links: list[_Link] = []
@@ -595,7 +600,7 @@ def _item_view(item: DigestItem, reply: str) -> _ItemView:
         relevance_dots=RELEVANCE_DOTS.get(relevance, 0),
         snippet=snippet,
         snippet_label=label,
-        links=paper_links(paper),
+        links=_paper_links(paper),
         reason=plain_text(item.reason),  # reasons quote titles, LaTeX and all
         explore=item.explore,
         like_link=mailto(reply, f"like {item.position}"),
