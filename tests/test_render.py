@@ -385,7 +385,7 @@ def test_reply_commands_are_explained_inline_in_the_text_part() -> None:
 
 def test_footer_example_is_what_the_reply_parser_reads() -> None:
     text, html = parts(render_digest(content(*items(5)), SMTP, now=NOW))
-    example = re.search(r"\*(like 2 5, skip 3)\*", " ".join(text.split()))
+    example = re.search(r"\*(like 2 5, skip 3)\*", text)  # whole, on one line, to copy
     assert example is not None
     assert "like 2 5, skip 3" in html
     assert "on a line of its own" not in text + html
