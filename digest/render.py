@@ -5,6 +5,10 @@ Runs after ranking, once per subscriber and digest, and hands an
 with inlined CSS) to the mailer. It knows nothing of SMTP or of the database:
 everything it shows arrives in a ``DigestContent``.
 
+What a paper shows is prepared once for both parts (``_ItemView``): its title,
+abstract, authors and the reason it was picked with their LaTeX as text
+(pylatexenc), its arXiv id, listing date and relevance level, and its links.
+
 Replies are read as commands, and a reply often quotes the original without
 ``>`` marks, so no line of the email (text part, or the HTML read as text) is
 ever a bare command such as ``like 3`` or ``unsubscribe``: commands are only
@@ -16,13 +20,14 @@ from __future__ import annotations
 import base64
 import email.policy
 import importlib.resources
+import logging
 import re
 import secrets
 import textwrap
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -34,14 +39,30 @@ from urllib.parse import quote
 
 import css_inline
 import jinja2
+from pylatexenc import latexwalker, macrospec
+from pylatexenc.latex2text import LatexNodes2Text, MacroTextSpec, get_default_latex_context_db
 
 from .config import SmtpConfig, Subscriber
 from .paper import Paper
 
+logger = logging.getLogger(__name__)
+
 ABSTRACT_CHARS = 300  # a few lines: enough to judge a paper, short enough to skim ten
+# A cut at a sentence end is preferred while it keeps at least this share of ABSTRACT_CHARS;
+# a shorter first sentence would leave too little to judge the paper by.
+SENTENCE_CUT_SHARE = 0.5
 SUBJECT_TITLE_CHARS = 90  # most mail clients show about this much of a subject
-TEXT_WIDTH = 76  # plain-text lines stay readable in an 80-column terminal and when quoted
+# Plain-text lines: 72 columns (RFC 2646's guidance) stay readable in an 80-column terminal
+# even after a reply quotes them with "> " a few times.
+TEXT_WIDTH = 72
 TOKEN_BYTES = 10  # 80 random bits: 16 base32 characters, unguessable for a digest's life
+SHOWN_AUTHORS = 3  # names shown before "et al.", as arXiv listings and most citation styles do
+# Listings are daily (none at weekends), so a paper listed more than three days before the
+# digest is not today's news: the header says so.
+STALE_AFTER_DAYS = 3
+# Relevance levels the ranking gives (strong > good > weak), as filled dots of a 3-dot bar.
+RELEVANCE_DOTS = {"strong": 3, "good": 2, "weak": 1}
+RELEVANCE_BAR_LENGTH = 3
 
 TEXT_TEMPLATE = "digest.txt.j2"
 HTML_TEMPLATE = "digest.html.j2"
@@ -71,9 +92,10 @@ class DigestItem:
 
     position: int  # 1-based, what "like 2" refers to
     paper: Paper
-    score: float
+    score: float  # the ranking's own scale: never shown to the reader
     reason: str
     explore: bool = False  # an exploration slot, marked as such in the email
+    relevance: str | None = None  # "strong" / "good" / "weak" from ranking; None: not shown
 
 
 @dataclass(frozen=True)
@@ -204,24 +226,30 @@ def render_text(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
     return defuse_command_lines(text)
 
 
+# The class attributes the inliner has served: nothing reads them after inlining. The pattern
+# cannot match text, since autoescaping turns every '"' in text into an entity.
+_CLASS_ATTRIBUTE = re.compile(r' class="[^"<>]*"')
+
+
 def render_html(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
-    """The HTML part: a table layout with every style inlined (Gmail drops <style>)."""
+    """The HTML part: a table layout with every style inlined (some webmail drops <style>),
+    and class attributes dropped once inlined, which keeps a 10-paper digest under 25 KB."""
     html = _environment().get_template(HTML_TEMPLATE).render(_context(content, smtp))
     inliner = css_inline.CSSInliner(
         extra_css=_read_template(STYLESHEET),
         keep_style_tags=False,
         load_remote_stylesheets=False,
     )
-    return inliner.inline(html)
+    return _CLASS_ATTRIBUTE.sub("", inliner.inline(html))
 
 
 def subject_for(content: DigestContent) -> str:
-    """``Paper digest, Thu 12 Mar 2026: <top title> (+4 more)``, on one line."""
+    """``Paper digest, Thu 12 Mar 2026: <top title> (+4 more)``, on one line, LaTeX as text."""
     head = f"Paper digest, {format_day(content.local_date)}"
     if not content.items:
         return f"{head}: nothing new for you today"
     top = min(content.items, key=lambda item: item.position)
-    title = shorten(one_line(top.paper.title), SUBJECT_TITLE_CHARS) or "(untitled)"
+    title = shorten(one_line(plain_text(top.paper.title)), SUBJECT_TITLE_CHARS) or "(untitled)"
     more = len(content.items) - 1
     return f"{head}: {title}" + (f" (+{more} more)" if more else "")
 
@@ -231,10 +259,154 @@ def format_day(day: date) -> str:
     return f"{_WEEKDAYS[day.weekday()]} {day.day} {_MONTHS[day.month - 1]} {day.year}"
 
 
+def format_short_day(day: date) -> str:
+    """``12 Mar 2026``: a listing date, English whatever the locale."""
+    return f"{day.day} {_MONTHS[day.month - 1]} {day.year}"
+
+
+def listing_span(days: list[date]) -> str:
+    """The listing dates a digest covers, as short as reads well.
+
+    ``12 Mar 2026``, ``11-12 Mar 2026``, ``28 Feb-2 Mar 2026``,
+    ``30 Dec 2025-2 Jan 2026``; '' for no dates. Gaps are not shown: it is a span.
+    """
+    if not days:
+        return ""
+    first, last = min(days), max(days)
+    if first == last:
+        return format_short_day(first)
+    if (first.year, first.month) == (last.year, last.month):
+        return f"{first.day}-{format_short_day(last)}"
+    if first.year == last.year:
+        return f"{first.day} {_MONTHS[first.month - 1]}-{format_short_day(last)}"
+    return f"{format_short_day(first)}-{format_short_day(last)}"
+
+
+def format_authors(authors: tuple[str, ...]) -> str:
+    """Up to SHOWN_AUTHORS names, then ``et al. (N authors)``; '' when none are known.
+
+    ``Ada Lovelace, Alan Turing and Grace Hopper`` for three;
+    ``Ada Lovelace, Alan Turing, Grace Hopper et al. (12 authors)`` for twelve.
+    """
+    names = [name for name in (one_line(plain_text(a)) for a in authors) if name]
+    if len(names) <= 1:
+        return "".join(names)
+    if len(names) <= SHOWN_AUTHORS:
+        return ", ".join(names[:-1]) + " and " + names[-1]
+    return ", ".join(names[:SHOWN_AUTHORS]) + f" et al. ({len(names)} authors)"
+
+
 def one_line(text: str) -> str:
     """Text fit for a header or a single line: line breaks and control characters gone."""
     kept = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
     return " ".join(kept.split())
+
+
+# Signs that a title or abstract holds LaTeX markup; text without them is left as it is,
+# so "50% & more" or "<b>" in plain text mean what they say.
+_LATEX_MARKUP = re.compile(r"[\\${}]|``")
+# Characters LaTeX treats as syntax but listings use as text: "50%", "R&D", "#1".
+_LATEX_TEXT_SPECIALS = re.compile(r"(?<!\\)([%&#])")
+_LATEX_TILDE_NUMBER = re.compile(r"(?<!\\)~(?=\d)")  # "~50 tokens": about, not a tie
+_LATEX_DOLLAR = re.compile(r"(?<!\\)\$")
+_LATEX_ERRORS = (latexwalker.LatexWalkerError, IndexError, KeyError, ValueError, TypeError,
+                 RecursionError)
+
+
+def _macro_argument(index: int) -> Callable[..., str]:
+    """A replacement that shows a macro's ``index``-th argument as text ('' when missing:
+    listings hold broken markup such as an unclosed ``\\href{``)."""
+
+    def replace(node: Any, l2tobj: LatexNodes2Text, **_: Any) -> str:
+        arguments = node.nodeargd.argnlist if node.nodeargd is not None else []
+        if index < len(arguments) and arguments[index] is not None:
+            return str(l2tobj.nodelist_to_text([arguments[index]]))
+        return ""
+
+    return replace
+
+
+def _unknown_macro(node: Any, **_: Any) -> str:
+    # A paper's own macro (\\Approach, \\ours): its name is the best text there is.
+    return str(node.macroname) + _space_after(node)
+
+
+def _words(text: str) -> Callable[..., str]:
+    """A replacement by fixed words, keeping the space the source had after the macro."""
+
+    def replace(node: Any, **_: Any) -> str:
+        return text + _space_after(node)
+
+    return replace
+
+
+def _space_after(node: Any) -> str:
+    # The parser swallows the space after a macro name ("\\eg flames"); words need it back.
+    return " " if getattr(node, "macro_post_space", "") else ""
+
+
+_FONT_SWITCHES = (
+    "it", "bf", "rm", "sc", "sf", "tt", "sl", "em", "bfseries", "itshape", "scshape", "mdseries",
+    "upshape", "slshape", "ttfamily", "rmfamily", "sffamily", "normalfont", "boldmath",
+    "tiny", "scriptsize", "footnotesize", "small", "normalsize", "large", "Large", "LARGE",
+    "huge", "Huge", "noindent", "centering", "xspace", "/",
+)
+
+
+@cache
+def _latex_converter() -> tuple[LatexNodes2Text, Any]:
+    """pylatexenc set up for listing text: its defaults, plus the macros abstracts use that
+    it drops or mangles (\\href, \\url, \\texttt, \\cite, \\eg, \\LaTeX)."""
+    walker_context = latexwalker.get_default_latex_context_db()
+    walker_context.add_context_category("digest", prepend=True, macros=[
+        macrospec.MacroSpec("href", "{{"), macrospec.MacroSpec("url", "{"),
+        macrospec.MacroSpec("texttt", "{"), macrospec.MacroSpec("cite", "[{"),
+    ])
+    text_context = get_default_latex_context_db()
+    text_context.add_context_category("digest", prepend=True, macros=[
+        MacroTextSpec("href", simplify_repl=_macro_argument(1)),
+        MacroTextSpec("url", simplify_repl=_macro_argument(0)),
+        MacroTextSpec("texttt", simplify_repl=_macro_argument(0)),
+        MacroTextSpec("cite", discard=True),
+        MacroTextSpec("LaTeX", simplify_repl=_words("LaTeX")),
+        MacroTextSpec("TeX", simplify_repl=_words("TeX")),
+        MacroTextSpec("eg", simplify_repl=_words("e.g.")),
+        MacroTextSpec("ie", simplify_repl=_words("i.e.")),
+        MacroTextSpec("etal", simplify_repl=_words("et al.")),
+        MacroTextSpec("etc", simplify_repl=_words("etc.")),
+    ])
+    # Old-style font and size switches ({\\it x}) carry no words: drop them, not name them.
+    text_context.add_context_category("digest-switches", prepend=True, macros=[
+        MacroTextSpec(name, discard=True) for name in _FONT_SWITCHES])
+    text_context.set_unknown_macro_spec(MacroTextSpec("", simplify_repl=_unknown_macro))
+    converter = LatexNodes2Text(latex_context=text_context, math_mode="text",
+                                strict_latex_spaces=False)
+    return converter, walker_context
+
+
+def plain_text(text: str) -> str:
+    """Listing text with its LaTeX markup as readable Unicode, on one line.
+
+    ``\\textsc{AIEV-Instruct}`` -> ``AIEV-Instruct``, ``$\\alpha$-tuning \\& more`` ->
+    ``α-tuning & more``; pylatexenc does the converting. Text without markup (no backslash,
+    dollar, brace or ``) comes back as it is; markup the converter cannot read comes back with
+    its braces and dollars dropped and a debug log line.
+    """
+    if not _LATEX_MARKUP.search(text):
+        return one_line(text)
+    source = _LATEX_TEXT_SPECIALS.sub(r"\\\1", text)
+    source = _LATEX_TILDE_NUMBER.sub(r"\\textasciitilde{}", source)
+    if len(_LATEX_DOLLAR.findall(source)) % 2:
+        # An odd number of dollars pairs nothing: "$5 and $10" are prices, not maths.
+        source = _LATEX_DOLLAR.sub(r"\\$", source)
+    converter, walker_context = _latex_converter()
+    try:
+        converted = converter.latex_to_text(source, latex_context=walker_context,
+                                            tolerant_parsing=True)
+    except _LATEX_ERRORS as exc:
+        logger.debug("LaTeX in %.60r not converted (%s): shown without braces", text, exc)
+        converted = re.sub(r"[{}$]", "", text)
+    return one_line(converted.replace("\xa0", " "))
 
 
 def shorten(text: str, limit: int) -> str:
@@ -247,20 +419,52 @@ def shorten(text: str, limit: int) -> str:
     return (cut.rstrip(" ,;:.-–—") or text[:limit]) + "…"
 
 
+# A full stop, ? or ! and a space, where the next word starts a sentence: a capital or digit.
+_SENTENCE_END = re.compile(r"[.?!](?=\s+[\"'(“]?[A-Z0-9])")
+# Abbreviations whose full stop ends no sentence ("et al. Smith", "e.g. Transformers").
+_ABBREVIATIONS = ("e.g", "i.e", "et al", "etc", "vs", "cf", "Fig", "Eq", "Sec", "Tab", "resp",
+                  "approx", "No", "Dr", "Prof", "St", "Inc", "Ltd")
+
+
+def cut_abstract(text: str, limit: int = ABSTRACT_CHARS) -> str:
+    """An abstract's opening within ``limit`` characters, cut where a sentence ends if that
+    keeps at least ``SENTENCE_CUT_SHARE`` of it, else after a whole word with an ellipsis."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = 0
+    for match in _SENTENCE_END.finditer(text, 0, limit + 4):  # a little past: the lookahead
+        if match.end() > limit:
+            break
+        before = text[: match.start()]
+        if not before.endswith(_ABBREVIATIONS) and not re.search(r"\b[A-Z]$", before):
+            cut = match.end()
+    if cut >= limit * SENTENCE_CUT_SHARE:
+        return text[:cut]
+    return shorten(text, limit)
+
+
 def is_bare_command(line: str) -> bool:
     """True when a line, read as a reply parser might read it, is nothing but a command."""
     return bool(_BARE_COMMAND.match(line.strip(_DECORATION)))
 
 
+def starts_with_command(line: str) -> bool:
+    """True when a line opens with a command before its first comma or semicolon
+    (``skip 2, and then ...``): the reply parser reads such a line as that command."""
+    return is_bare_command(re.split(r"[,;]", line, maxsplit=1)[0])
+
+
 def defuse_command_lines(text: str) -> str:
-    """Join any line that is a bare command onto the text line before it.
+    """Join any line that is, or opens with, a command onto the text line before it.
 
     The templates never write one, but wrapped free text (an abstract ending
-    in "... we stop.") could; joining keeps the words and removes the risk.
+    in "... we stop.", or "... we skip 2, 3 ...") could; joining keeps the
+    words and removes the risk.
     """
     lines: list[str] = []
     for line in text.split("\n"):
-        if is_bare_command(line) and any(kept.strip() for kept in lines):
+        if starts_with_command(line) and any(kept.strip() for kept in lines):
             while not lines[-1].strip():
                 lines.pop()
             lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
@@ -270,27 +474,66 @@ def defuse_command_lines(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class _Link:
+    """One link under a paper: a short label for HTML, a longer one for the text part."""
+
+    label: str
+    text_label: str
+    url: str
+
+
+@dataclass(frozen=True)
 class _ItemView:
     """What the templates show for one paper, prepared once for both parts."""
 
     position: int
     title: str
+    title_link: str
+    authors: str  # '' when the listing had none
+    arxiv_id: str  # '' when unknown
+    listed: str  # "11 Mar 2026", '' when unknown
+    relevance: str  # "strong" / "good" / "weak" / '' when not given
+    relevance_dots: int  # filled dots of the RELEVANCE_BAR_LENGTH-dot bar
     snippet: str
-    link: str
-    link_label: str
-    code_links: tuple[str, ...]
+    snippet_label: str  # "Summary" for a generated summary, "Abstract" where needed, else ''
+    links: tuple[_Link, ...]
     reason: str
     explore: bool
     like_link: str
     skip_link: str
 
+    @property
+    def relevance_bar(self) -> str:
+        """``●●○``: the relevance as a bar of dots, for the text part."""
+        return "●" * self.relevance_dots + "○" * self.relevance_rest
+
+    @property
+    def relevance_rest(self) -> int:
+        """The bar's empty dots."""
+        return RELEVANCE_BAR_LENGTH - self.relevance_dots
+
+    @property
+    def text_meta(self) -> str:
+        """``arXiv 2603.00001 · listed 11 Mar 2026 · relevance: strong ●●●``, what is known."""
+        parts = []
+        if self.arxiv_id:
+            parts.append(f"arXiv {self.arxiv_id}")
+        if self.listed:
+            parts.append(f"listed {self.listed}")
+        if self.relevance:
+            parts.append(f"relevance: {self.relevance} {self.relevance_bar}")
+        return " · ".join(parts)
+
 
 def _context(content: DigestContent, smtp: SmtpConfig | None) -> dict[str, Any]:
     reply = reply_address(smtp or SmtpConfig(), content.token)
     items = sorted(content.items, key=lambda item: item.position)
+    listed = [item.paper.listed_on for item in items if item.paper.listed_on]
     return {
         "name": one_line(content.subscriber.name),
         "day": format_day(content.local_date),
+        "listed_span": listing_span(listed),
+        "staleness": _staleness(content.local_date, listed),
         "considered": content.considered,
         "shown": len(items),
         "personalised": content.personalised,
@@ -301,23 +544,79 @@ def _context(content: DigestContent, smtp: SmtpConfig | None) -> dict[str, Any]:
     }
 
 
+def _staleness(today: date, listed: list[date]) -> str:
+    """A sentence when papers were listed over STALE_AFTER_DAYS before the digest, else ''."""
+    if not listed:
+        return ""
+    limit = today - timedelta(days=STALE_AFTER_DAYS)
+    newest, oldest = max(listed), min(listed)
+    if newest < limit:
+        age = (today - newest).days
+        return (f"These papers are not fresh: the newest was listed on "
+                f"{format_short_day(newest)}, {age} days before this digest.")
+    if oldest < limit:
+        age = (today - oldest).days
+        return (f"Some are older: the oldest was listed on {format_short_day(oldest)}, "
+                f"{age} days before this digest.")
+    return ""
+
+
+def _paper_links(paper: Paper) -> tuple[_Link, ...]:
+    """Where to read a paper: arXiv abstract and PDF when its id is known, its Hugging Face
+    daily-papers page when it came from that listing, its code; a title search otherwise."""
+    links: list[_Link] = []
+    if paper.arxiv_id:
+        links.append(_Link("arXiv", "Paper:", paper.link))
+        links.append(_Link("PDF", "PDF:", f"https://arxiv.org/pdf/{paper.arxiv_id}"))
+        if paper.source == "daily-papers":
+            links.append(_Link("HF page", "HF page:",
+                               f"https://huggingface.co/papers/{paper.arxiv_id}"))
+    else:
+        links.append(_Link("Search arXiv", "Search:", paper.link))
+    code = [link for link in map(safe_link, paper.code_links) if link]
+    for n, url in enumerate(code, start=1):
+        label = "Code" if len(code) == 1 else f"Code {n}"
+        links.append(_Link(label, f"{label}:", url))
+    return tuple(links)
+
+
 def _item_view(item: DigestItem, reply: str) -> _ItemView:
     paper = item.paper
-    snippet = shorten(paper.abstract, ABSTRACT_CHARS)
-    if is_bare_command(snippet):
-        snippet = f"Abstract: {snippet}"
+    snippet = cut_abstract(plain_text(_opening(paper.abstract)))
+    label = "Summary" if paper.abstract_is_summary and snippet else ""
+    if not label and is_bare_command(snippet):
+        label = "Abstract"
+    relevance = one_line(item.relevance or "").lower()
+    if relevance not in RELEVANCE_DOTS:
+        relevance = ""  # only the ranking's known levels mean something to a reader
     return _ItemView(
         position=item.position,
-        title=one_line(paper.title) or "(untitled)",
+        title=plain_text(paper.title) or "(untitled)",
+        title_link=paper.link,
+        authors=format_authors(paper.authors),
+        arxiv_id=paper.arxiv_id or "",
+        listed=format_short_day(paper.listed_on) if paper.listed_on else "",
+        relevance=relevance,
+        relevance_dots=RELEVANCE_DOTS.get(relevance, 0),
         snippet=snippet,
-        link=paper.link,
-        link_label="arXiv" if paper.arxiv_id else "Search arXiv",
-        code_links=tuple(link for link in map(safe_link, paper.code_links) if link),
-        reason=one_line(item.reason),
+        snippet_label=label,
+        links=_paper_links(paper),
+        reason=plain_text(item.reason),  # reasons quote titles, LaTeX and all
         explore=item.explore,
         like_link=mailto(reply, f"like {item.position}"),
         skip_link=mailto(reply, f"skip {item.position}"),
     )
+
+
+def _opening(abstract: str) -> str:
+    """The part of a raw abstract that can end up shown, ending at a space: converting
+    LaTeX costs time in proportion to length (tens of ms for a long abstract), and markup
+    only shrinks when converted, so three times ABSTRACT_CHARS always holds the cut."""
+    limit = ABSTRACT_CHARS * 3
+    if len(abstract) <= limit:
+        return abstract
+    head = abstract[:limit]
+    return head.rsplit(None, 1)[0] if " " in head else head
 
 
 def _preheader(content: DigestContent, items: list[DigestItem]) -> str:

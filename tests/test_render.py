@@ -20,6 +20,7 @@ from digest.render import (
     ABSTRACT_CHARS,
     DigestContent,
     DigestItem,
+    cut_abstract,
     defuse_command_lines,
     is_bare_command,
     message_id_for,
@@ -31,6 +32,7 @@ from digest.render import (
     subject_for,
     template_root,
 )
+from digest.replies.parse import parse_text
 
 NOW = datetime(2026, 3, 12, 8, 0, tzinfo=timezone(timedelta(hours=1)))
 SMTP = SmtpConfig(
@@ -250,35 +252,78 @@ def test_papers_are_numbered_one_to_n_in_order() -> None:
     shuffled = tuple(reversed(items(4)))
     text, html = parts(render_digest(content(*shuffled), SMTP, now=NOW))
 
-    numbered = re.findall(r"^(\d+)\. (.+)$", text, re.MULTILINE)
+    numbered = re.findall(r"^(\d+)\.\s+(.+)$", text, re.MULTILINE)
     assert numbered == [(str(n), f"Paper number {n} on domain adaptation") for n in range(1, 5)]
     headings = re.findall(r"^(\d+)\. (Paper number \d+)", html_as_text(html), re.MULTILINE)
     assert [number for number, _ in headings] == ["1", "2", "3", "4"]
 
 
-def test_each_paper_shows_link_code_reason_and_a_short_abstract() -> None:
+def test_each_paper_shows_links_code_reason_and_a_short_abstract() -> None:
     with_code = paper(1, code_links=("https://github.com/example/pareto",))
     no_id = paper(2, arxiv_id=None, id="t:0123456789abcdef", title="No id & friends")
     digest = content(DigestItem(1, with_code, 0.9, "like your liked paper on DA"),
                      DigestItem(2, no_id, 0.8, "popular today"))
     text, html = parts(render_digest(digest, SMTP, now=NOW))
+    first, second = text.split("\n2.", 1)
 
-    assert "Paper: https://arxiv.org/abs/2603.00001" in text
-    assert "Code:  https://github.com/example/pareto" in text
-    assert "Why:   like your liked paper on DA" in text
-    assert "Paper: https://arxiv.org/search/?searchtype=title&query=No+id+%26+friends" in text
+    assert "    Paper:   https://arxiv.org/abs/2603.00001" in first.splitlines()
+    assert "    PDF:     https://arxiv.org/pdf/2603.00001" in first.splitlines()
+    assert "    Code:    https://github.com/example/pareto" in first.splitlines()
+    assert "Why:   like your liked paper on DA" in first
+    assert "arxiv.org/search" not in first  # the id is known: no title search
+    assert ("    Search:  https://arxiv.org/search/?searchtype=title&query=No+id+%26+friends"
+            in second.splitlines())
+    assert "pdf" not in second.lower() and "arXiv 2" not in second  # no id: no PDF, no id shown
     hrefs = links(html)
     assert "https://arxiv.org/abs/2603.00001" in hrefs
+    assert "https://arxiv.org/pdf/2603.00001" in hrefs
     assert "https://github.com/example/pareto" in hrefs
     assert "https://arxiv.org/search/?searchtype=title&amp;query=No+id+%26+friends" in html
     assert "like your liked paper on DA" in html
+    assert "huggingface.co" not in text + html  # neither came from the daily-papers listing
 
-    snippet = re.search(r"^    (Domain adaptation.*?…)$", text, re.MULTILINE | re.DOTALL)
+
+def test_abstracts_are_cut_at_a_word_when_no_sentence_ends_in_reach() -> None:
+    long_sentence = ("We study " + "very " * 80 + "long sentences.").strip()
+    digest = content(DigestItem(1, paper(1, abstract=long_sentence), 1.0, "r"))
+    text = render_text(digest, SMTP)
+
+    snippet = re.search(r"^    (We study.*?…)$", text, re.MULTILINE | re.DOTALL)
     assert snippet is not None
     flat = " ".join(snippet.group(1).split())
     assert len(flat) <= ABSTRACT_CHARS + 1
-    assert LONG_ABSTRACT.startswith(flat[:-1])  # cut where a word ends, then the ellipsis
-    assert LONG_ABSTRACT[len(flat) - 1] == " "
+    assert long_sentence.startswith(flat[:-1])  # cut where a word ends, then the ellipsis
+    assert long_sentence[len(flat) - 1] == " "
+
+
+def test_abstracts_are_cut_where_a_sentence_ends() -> None:
+    digest = content(DigestItem(1, paper(1), 1.0, "r"))
+    text, html = parts(render_digest(digest, SMTP, now=NOW))
+
+    kept = ("Domain adaptation attempts to transfer the knowledge from a labeled source domain to "
+            "an unlabeled target domain that follows a different distribution from the source.")
+    assert kept in " ".join(text.split()) and kept in html
+    assert "To achieve this" not in text and "To achieve this" not in html
+    assert "…" not in text.split("\n1.", 1)[1]
+
+
+FOLLOW = "We follow J. Doe and compare both methods on many benchmarks of note."
+
+
+@pytest.mark.parametrize(("abstract", "expected"), [
+    # Abbreviations and initials end no sentence: the cut goes to the last real one in reach.
+    ("Prior work, e.g. Smith et al. Transformers, fails at scale because of memory. " * 2
+     + "Xy " * 100, ("Prior work, e.g. Smith et al. Transformers, fails at scale because of "
+     "memory. Prior work, e.g. Smith et al. Transformers, fails at scale because of memory.")),
+    (f"{FOLLOW} {FOLLOW} {FOLLOW} {FOLLOW} {FOLLOW}", f"{FOLLOW} {FOLLOW} {FOLLOW} {FOLLOW}"),
+    ("Short. " + "word " * 100, None),  # a first sentence too short to stand alone: word cut
+])
+def test_cut_abstract_respects_abbreviations(abstract: str, expected: str | None) -> None:
+    cut = cut_abstract(abstract)
+    if expected is None:
+        assert cut.endswith("…") and len(cut) <= ABSTRACT_CHARS + 1
+    else:
+        assert cut == expected
 
 
 def test_shorten_cuts_after_a_whole_word() -> None:
@@ -318,7 +363,7 @@ def test_titles_with_markup_are_escaped_in_html_and_kept_in_text() -> None:
     assert "<script" not in html.lower()
     assert "&amp; Friends" in html
     assert "&lt;b&gt;bold&lt;/b&gt;" in html
-    assert f"1. {title}" in text  # plain text is not HTML: no entities there
+    assert re.search(r"^1\.\s+" + re.escape(title) + "$", text, re.MULTILINE)  # no entities
 
 
 def test_unpersonalised_digest_says_replies_will_personalise_it() -> None:
@@ -333,8 +378,20 @@ def test_unpersonalised_digest_says_replies_will_personalise_it() -> None:
 
 def test_reply_commands_are_explained_inline_in_the_text_part() -> None:
     text = " ".join(render_text(content(*items(2)), SMTP).split())
-    for phrase in ("*like 2 5*", "*skip 3*", "*pause*", "*unsubscribe*", "*help*"):
+    for phrase in ("*like 2 5, skip 3*", "*pause*", "*unsubscribe*", "*help*"):
         assert phrase in text
+    assert "several commands per line work" in text
+
+
+def test_footer_example_is_what_the_reply_parser_reads() -> None:
+    text, html = parts(render_digest(content(*items(5)), SMTP, now=NOW))
+    example = re.search(r"\*(like 2 5, skip 3)\*", text)  # whole, on one line, to copy
+    assert example is not None
+    assert "like 2 5, skip 3" in html
+    assert "on a line of its own" not in text + html
+    parsed = parse_text(example.group(1))
+    assert [(c.name, c.items) for c in parsed.commands] == [("like", (2, 5)), ("skip", (3,))]
+    assert parsed.problems == []
 
 
 # Commands: never a bare command on a line
@@ -380,7 +437,7 @@ def test_an_abstract_that_is_only_a_command_gets_a_label() -> None:
     text, html = parts(render_digest(digest, SMTP, now=NOW))
 
     assert "    Abstract: Unsubscribe!" in text.splitlines()
-    assert "Abstract: Unsubscribe!" in html
+    assert "Abstract: Unsubscribe!" in html_as_text(html).splitlines()
 
 
 def test_like_and_skip_links_reply_to_the_token_address_with_the_command() -> None:
@@ -411,9 +468,10 @@ def test_css_is_inlined_without_style_elements() -> None:
 
     assert "<style" not in html.lower()
     assert "var(" not in html
-    title = re.search(r'<h2 [^>]*class="title"[^>]*style="([^"]+)"', html)
+    title = re.search(r'<h2 style="([^"]+)"', html)
     assert title is not None and "font-size" in title.group(1)
-    assert re.search(r'<td [^>]*class="masthead"[^>]*style="[^"]*background-color', html)
+    assert re.search(r'<td style="[^"]*background-color', html)
+    assert "class=" not in html  # served their purpose once inlined: bytes saved
     assert re.search(r'<table [^>]*role="presentation"', html)  # layout by tables
 
 
