@@ -22,6 +22,7 @@ JSON_KEYS = {
     "peak_rss_mb", "sink_cpu_s", "message_kb", "raw_1_messages_per_s", "raw_8_messages_per_s",
     "ratio_to_raw_1", "ratio_to_raw_8", "ranking_subscribers_per_s", "candidates_mean_history",
     "candidates_mean_new", "stages_s", "delivered_exactly_once", "wall_s_runs",
+    "stages_cpu_s", "ranking_subscribers_per_cpu_s",
 }
 STAGE_KEYS = {"corpus_fit", "prepare", "ranking", "rendering", "claiming", "sending", "smtp",
               "prepare_other", "sending_other", "other"}
@@ -38,6 +39,7 @@ def test_tiny_dispatch_delivers_once_per_subscriber_in_every_run(
     result = json.loads(lines[0])
     assert set(result) == JSON_KEYS
     assert set(result["stages_s"]) == STAGE_KEYS
+    assert set(result["stages_cpu_s"]) == STAGE_KEYS
     assert result["bench"] == "dispatch"
     assert result["subscribers"] == 20 and result["days"] == 2 and result["runs"] == 2
     # The second run sends the same day again: it worked on a fresh copy of the state.
@@ -52,6 +54,8 @@ def test_tiny_dispatch_delivers_once_per_subscriber_in_every_run(
         assert result[key] > 0, key
     for stage in ("ranking", "rendering", "claiming", "sending", "smtp"):
         assert result["stages_s"][stage] > 0, stage
+        assert result["stages_cpu_s"][stage] > 0, stage
+    assert result["ranking_subscribers_per_cpu_s"] > 0
 
 
 def test_the_table_names_the_dispatch_raw_rates_and_stages(
