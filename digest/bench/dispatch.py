@@ -50,12 +50,16 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from zoneinfo import ZoneInfo
 
 from tqdm import tqdm
 
 from ..errors import DigestError
+
+if TYPE_CHECKING:  # the sink process imports this module: it stays light
+    from ..paper import Paper
+    from ..store import Store
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +155,7 @@ def build_state(folder: Path, data: Path, *, subscribers: int, days: int, histor
     Raises DigestError when the data file is missing or a dump fails to ingest.
     """
     from ..ingest import ingest_file
-    from ..render import message_id_for, new_token
-    from ..store import ItemRow, Store
+    from ..store import Store
     from .ingest import load_listings, render_page_dump
 
     started = time.perf_counter()
@@ -187,10 +190,8 @@ def build_state(folder: Path, data: Path, *, subscribers: int, days: int, histor
             except DigestError as exc:
                 raise DigestError(f"bench dispatch: {path.name} did not ingest: {exc}") from exc
             if history_from <= number < len(ordered) - 1:
-                todays = store.candidate_papers("", before)
-                _past_digests(store, history_order, interests, todays, day, rng,
-                              new_token=new_token, message_id_for=message_id_for,
-                              item_row=ItemRow)
+                todays = store.candidate_papers("", before)  # what this dump added
+                _past_digests(store, history_order, interests, todays, day, rng)
         papers = store.paper_count()
     if recent_since is None:  # pragma: no cover - split < len(ordered) always
         raise DigestError("bench dispatch: no listing day to ingest")
@@ -205,10 +206,8 @@ def build_state(folder: Path, data: Path, *, subscribers: int, days: int, histor
                       papers=papers, build_s=time.perf_counter() - started)
 
 
-def _past_digests(store: Any, emails: Sequence[str], interests: dict[str, list[str]],
-                  todays: Sequence[Any], day: date, rng: random.Random, *,
-                  new_token: Callable[[], str], message_id_for: Callable[[str, str], str],
-                  item_row: Callable[..., Any]) -> None:
+def _past_digests(store: Store, emails: Sequence[str], interests: dict[str, list[str]],
+                  todays: Sequence[Paper], day: date, rng: random.Random) -> None:
     """One sent digest of ``day``'s papers per history subscriber, then their likes and skips.
 
     The items are the papers whose titles share a word with the subscriber's
@@ -216,6 +215,9 @@ def _past_digests(store: Any, emails: Sequence[str], interests: dict[str, list[s
     would take as long as the benchmark itself). The stored message is a short
     placeholder: only a digest left claimed is ever resent.
     """
+    from ..render import message_id_for, new_token
+    from ..store import ItemRow
+
     if not todays:
         return
     feedback: list[tuple[str, str, str, int]] = []
@@ -228,7 +230,7 @@ def _past_digests(store: Any, emails: Sequence[str], interests: dict[str, list[s
             subscriber=email, local_date=day, token=token,
             message_id=message_id_for(token, SENDER), considered=len(todays),
             corpus_seq=store.corpus_seq(), message=b"(bench dispatch: a past digest)",
-            items=[item_row(i, p.id, 1.0 - i / 100, "bench history", False)
+            items=[ItemRow(i, p.id, 1.0 - i / 100, "bench history", False)
                    for i, p in enumerate(chosen, start=1)])
         if row is None:
             raise DigestError(f"bench dispatch: {email} already has a digest of {day}")
