@@ -11,9 +11,10 @@ claimed, marked sent and rated (likes and skips) through the store's own
 
 Each run copies that SQLite file afresh (so every run sends the same day),
 starts the dispatch in a fresh process (so its peak RSS and CPU time are the
-dispatch's own) and calls ``dispatch`` exactly as the daemon's dispatch tick
-does, with the real ``Mailer``, to an SMTP sink in a separate process
-(aiosmtpd, counting messages per recipient). Every subscriber must receive
+dispatch's own) and calls ``dispatch`` as the daemon's dispatch tick does
+(only ``now`` is given, see below), with the real ``Mailer``, to an SMTP sink
+in a separate process (aiosmtpd, counting messages per recipient). Every
+subscriber must receive
 exactly one message, else the benchmark fails. In the same run, raw
 aiosmtplib sends messages of the same bytes to the same sink over 1 and over
 8 concurrent connections: the ceiling the dispatch is compared with.
@@ -479,7 +480,7 @@ def _dispatch_once(config_path: Path, now: datetime) -> dict[str, Any]:
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
 
-        async def tick() -> list[Any]:  # as Daemon's dispatch tick calls it
+        async def tick() -> list[Any]:  # as the daemon's tick calls it, at the bench's "now"
             return await dispatch(runtime, now=now, stop=asyncio.Event())
 
         outcomes = asyncio.run(tick())
