@@ -493,6 +493,18 @@ def cmd_bench_replies(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_dispatch(args: argparse.Namespace) -> int:
+    from .bench.dispatch import run_dispatch_bench
+
+    logging.getLogger("digest").setLevel(logging.WARNING)  # a line per message drowns the table
+    result = run_dispatch_bench(Path(args.data), subscribers=args.subscribers, days=args.days,
+                                history=args.history, runs=args.runs, progress=not args.json)
+    if not args.json:
+        print(result["table"])
+    print(json.dumps({k: v for k, v in result.items() if k != "table"}, sort_keys=True))
+    return EXIT_OK
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .daemon import (
         Runtime,
@@ -669,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the smaller campaign the test suite runs")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
     _add_reply_commands(commands, bench_commands)
+    _add_bench_dispatch(bench_commands)
     return parser
 
 
@@ -700,6 +713,29 @@ def _add_reply_commands(commands: argparse._SubParsersAction,  # type: ignore[ty
                    help="instead of timing, read the reply-layout corpus (default "
                         "tests/replies_corpus of the checkout) and count the cases that give "
                         "exactly the expected commands and no spurious lines")
+
+
+def _add_bench_dispatch(bench_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``digest bench dispatch``: one day's dispatch to N subscribers against raw SMTP."""
+    text = "Dispatch speed: one day's digests to N subscribers, beside raw SMTP."
+    p = bench_commands.add_parser(
+        "dispatch", help=text, description=text + " Builds a state from the real daily "
+        "listings (subscribers with interests, a share with past digests, likes and skips), "
+        "runs the daemon's dispatch to an SMTP sink in another process, checks every "
+        "subscriber got exactly one message, and measures raw aiosmtplib over 1 and 8 "
+        "connections in the same run.")
+    p.set_defaults(func=cmd_bench_dispatch)
+    p.add_argument("--subscribers", type=int, required=True, metavar="N",
+                   help="how many subscribers")
+    p.add_argument("--days", type=int, default=60, metavar="D",
+                   help="listing days ingested, the last one being today's (default 60)")
+    p.add_argument("--history", type=float, default=0.3, metavar="SHARE",
+                   help="share of subscribers with a month of past digests, likes and skips "
+                   "(default 0.3)")
+    p.add_argument("--runs", type=int, default=3, help="how many runs (medians are reported)")
+    p.add_argument("--data", default=str(_shared() / "data" / "hf-daily-papers.jsonl"),
+                   help="the daily-papers JSON lines file (default: ../shared/data/...)")
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
 
 
 def _bench_help(args: argparse.Namespace) -> int:  # pragma: no cover - argparse requires a BENCH
