@@ -21,7 +21,7 @@ from . import __version__
 from .errors import DigestError
 
 if TYPE_CHECKING:  # the commands import their stages late, to keep --help fast
-    from .config import Subscriber
+    from .config import Config, Subscriber
     from .rank import Explanation
     from .store import Store
 
@@ -79,7 +79,36 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                         if i in sub.days)
         print(f"  - {sub.email}: {sub.send_at:%H:%M} {sub.timezone.key} on {days}, "
               f"up to {sub.max_papers} papers")
+    for warning in _seed_warnings(config):
+        print(f"  warning: {warning}")
     return EXIT_OK
+
+
+def _seed_warnings(config: Config) -> list[str]:
+    """Seed papers that match no stored paper and library files that cannot be read."""
+    from .library import LibraryError, parse_library, unresolved_seeds
+    from .store import Store
+
+    warnings = []
+    store = Store(config.state) if config.state.exists() else None
+    try:
+        for sub in config.subscribers:
+            refs = unresolved_seeds(store, sub) if store is not None else list(sub.seed_papers)
+            for ref in refs:
+                warnings.append(f"{sub.email}: seed paper {ref!r} matches no stored paper "
+                                "(kept pending: it counts once that paper is ingested)")
+            if sub.library is not None:
+                try:
+                    parse_library(sub.library.read_bytes(), str(sub.library))
+                except OSError as exc:
+                    warnings.append(f"{sub.email}: library {sub.library}: cannot read: "
+                                    f"{exc.strerror or exc}")
+                except LibraryError as exc:
+                    warnings.append(f"{sub.email}: library {exc}")
+    finally:
+        if store is not None:
+            store.close()
+    return warnings
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -342,12 +371,11 @@ def cmd_bench_replies(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .daemon import (
         Runtime,
-        build_profile,
         candidate_seq,
         effective_subscriber,
         select_subscribers,
     )
-    from .rank import explain, explain_top
+    from .rank import build_profile, explain, explain_top
     from .store import Store
 
     config = _config(args)
@@ -371,9 +399,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
         else:
             explanations = explain_top(index, profile, candidates, sub.max_papers, **options)
     print(f"{sub.email}: {len(profile.liked)} liked, {len(profile.skipped)} skipped, "
-          f"{len(profile.interests)} interests; ranking {source}")
+          f"{len(profile.unrated)} shown and left unrated, {len(profile.interests)} interests; "
+          f"ranking {source}")
+    if explanations:
+        print(f"relevance levels: {explanations[0].level_method}")
     for item in explanations:
         print(_explanation_text(item))
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .daemon import select_subscribers
+    from .library import import_library
+    from .store import Store
+
+    config = _config(args)
+    sub = select_subscribers(config, args.user)[0]
+    path = Path(args.file)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DigestError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    with Store(config.state) as store:
+        result = import_library(store, sub.email, data, str(path), source="import")
+        counts = store.library_counts(sub.email)
+    print(f"{sub.email}: {result.summary()}")
+    print(f"  library now {counts.entries} entries: {counts.matched} match a stored paper, "
+          f"{counts.pending} pending until their paper arrives ({counts.with_text} with an "
+          f"abstract count already)")
     return EXIT_OK
 
 
@@ -392,7 +445,8 @@ def _explanation_text(item: Explanation) -> str:
     where = f"#{item.position}" if item.position is not None else "-"
     lines = [f"\n{where:>4}  {item.title}", f"      id {item.paper_id}   score {item.score:.3f}"
              + ("   (explore slot)" if item.explore else ""),
-             f"      why: {item.reason}"]
+             f"      why: {item.reason}",
+             f"      relevance: {item.level or 'none (not personalised)'}"]
     if item.shared_terms:
         lines.append("      strongest shared terms: "
                      + ", ".join(term for term, _ in item.shared_terms))
@@ -400,6 +454,9 @@ def _explanation_text(item: Explanation) -> str:
         lines.append(f'      near liked: "{neighbour.title}" ({neighbour.similarity:.2f})')
     for neighbour in item.nearest_skipped[:1]:
         lines.append(f'      near skipped: "{neighbour.title}" ({neighbour.similarity:.2f})')
+    for neighbour in item.nearest_unrated[:1]:
+        lines.append(f'      near a paper you left unrated: "{neighbour.title}" '
+                     f"({neighbour.similarity:.2f})")
     for phrase, similarity in item.interests[:2]:
         lines.append(f'      interest "{phrase}": {similarity:.2f}')
     return "\n".join(lines)
@@ -463,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", metavar="EMAIL", required=True, help="the subscriber")
     p.add_argument("--paper", metavar="ID",
                    help="explain this paper (id, arXiv id or exact title) instead of the top ones")
+
+    p = add("import", cmd_import,
+            "Import a subscriber's library (BibTeX, CSL-JSON as Zotero exports it, or RIS) "
+            "as seed papers; entries not stored yet stay pending until their paper arrives.")
+    p.add_argument("--user", metavar="EMAIL", required=True, help="the subscriber")
+    p.add_argument("file", metavar="FILE", help="the library export (.bib, .json, .ris)")
 
     bench = add("bench", _bench_help, "Benchmarks: ingest speed and ranking quality.")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)

@@ -34,6 +34,9 @@ DEFAULT_SMTP_TIMEOUT = 30.0  # seconds; long enough for a slow relay, short enou
 DEFAULT_SMTP_ATTEMPTS = 4  # a 4xx or a dropped connection: try again, a few times
 DEFAULT_SMTP_RETRY_SECONDS = 2.0  # first backoff; doubles per attempt (2, 4, 8 s)
 DEFAULT_UNRATED_WEIGHT = 0.2  # shown and left unrated: a weak negative, not a skip
+# Feedback ages: a signal this many days old counts half (a year old, a quarter). Interests drift
+# over months (a project, a thesis chapter); a week's or a month's feedback should still count fully.
+DEFAULT_HALF_LIFE_DAYS = 180.0
 DEFAULT_EXPLORE_FRACTION = 0.1  # one slot in ten keeps a profile from narrowing forever
 DEFAULT_REPLY_POLL_SECONDS = 60  # replies are read within a minute
 DEFAULT_IMAP_TIMEOUT = 30.0  # seconds; as for SMTP
@@ -116,6 +119,7 @@ class MaildirConfig:
 class RankingConfig:
     unrated_weight: float = DEFAULT_UNRATED_WEIGHT
     explore_fraction: float = DEFAULT_EXPLORE_FRACTION
+    half_life_days: float = DEFAULT_HALF_LIFE_DAYS
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class Subscriber:
     max_papers: int = DEFAULT_MAX_PAPERS
     days: frozenset[int] = frozenset(range(7))  # 0 = Monday, as date.weekday()
     send_empty: bool = False
+    library: Path | None = None  # a BibTeX / CSL-JSON / RIS export whose entries seed the profile
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 SUBSCRIBER_KEYS = {
     "email", "name", "interests", "seed_papers", "send_at", "timezone",
-    "max_papers", "days", "send_empty",
+    "max_papers", "days", "send_empty", "library",
 }
 DEFAULTABLE_KEYS = SUBSCRIBER_KEYS - {"email", "name"}
 
@@ -269,16 +274,17 @@ def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> 
     assert inbox is not None and state is not None  # both have defaults
     smtp = _parse_smtp(file, top.get("smtp", dict, {}), base)
     ranking_table = _Reader(file, top.get("ranking", dict, {}), "ranking",
-                            {"unrated_weight", "explore_fraction"})
+                            {"unrated_weight", "explore_fraction", "half_life_days"})
     ranking = RankingConfig(
         unrated_weight=ranking_table.fraction("unrated_weight", DEFAULT_UNRATED_WEIGHT),
         explore_fraction=ranking_table.fraction("explore_fraction", DEFAULT_EXPLORE_FRACTION),
+        half_life_days=ranking_table.positive("half_life_days", DEFAULT_HALF_LIFE_DAYS),
     )
     if "imap" in data and "maildir" in data:
         raise top.error("maildir", "give [imap] or [maildir], not both")
     defaults_table = top.get("defaults", dict, {})
     _Reader(file, defaults_table, "defaults", DEFAULTABLE_KEYS)
-    subscribers = _parse_subscribers(file, top.get("subscribers", list, []), defaults_table)
+    subscribers = _parse_subscribers(file, top.get("subscribers", list, []), defaults_table, base)
     return Config(
         path=path,
         inbox=inbox,
@@ -400,7 +406,7 @@ def _parse_smtp(file: str, table: dict[str, Any], base: Path) -> SmtpConfig:
 
 
 def _parse_subscribers(
-    file: str, items: list[Any], defaults: dict[str, Any]
+    file: str, items: list[Any], defaults: dict[str, Any], base: Path
 ) -> tuple[Subscriber, ...]:
     subscribers: list[Subscriber] = []
     seen: dict[str, int] = {}
@@ -409,7 +415,7 @@ def _parse_subscribers(
         if not isinstance(item, dict):
             raise ConfigError(file, path, "expected a table ([[subscribers]])")
         merged = {**defaults, **item}
-        sub = _parse_subscriber(file, path, merged, explicit=item)
+        sub = _parse_subscriber(file, path, merged, explicit=item, base=base)
         key = sub.email.lower()
         if key in seen:
             raise ConfigError(file, f"{path}.email",
@@ -420,7 +426,7 @@ def _parse_subscribers(
 
 
 def _parse_subscriber(
-    file: str, path: str, table: dict[str, Any], explicit: dict[str, Any]
+    file: str, path: str, table: dict[str, Any], explicit: dict[str, Any], base: Path
 ) -> Subscriber:
     # A bad value inherited from [defaults] is reported where it was written.
     def where(key: str) -> str:
@@ -466,4 +472,5 @@ def _parse_subscriber(
         max_papers=max_papers,
         days=frozenset(days),
         send_empty=r.get("send_empty", bool, False),
+        library=r.path_value("library", base),
     )

@@ -74,6 +74,7 @@ class DigestItem:
     score: float
     reason: str
     explore: bool = False  # an exploration slot, marked as such in the email
+    relevance: str | None = None  # "strong" / "good" / "weak" (rank.Ranked.level)
 
 
 @dataclass(frozen=True)
