@@ -277,6 +277,24 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_learning(args: argparse.Namespace) -> int:
+    from .bench.learning import format_table, run_learning
+
+    for name in ("digest", "mail.log"):  # a day's hundreds of sends drown the table
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = run_learning(args.dataset, days=args.days, readers=args.readers,
+                          variant=args.variant,
+                          progress=progress if not args.json and sys.stderr.isatty() else None)
+    if not args.json:
+        print(format_table(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "per_day"}, sort_keys=True))
+    return EXIT_OK
+
+
 def cmd_bench_faults(args: argparse.Namespace) -> int:
     from .bench.faults import format_table, result_json, run_faults
 
@@ -550,6 +568,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the shipped model, or a seeded random ranker to check the metrics")
     p.add_argument("--min-ndcg", type=float, metavar="X",
                    help="exit 1 when nDCG@10 is below X (a CI quality gate)")
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
+    from .bench.learning import DEFAULT_DAYS, DEFAULT_READERS, VARIANTS
+
+    p = bench_commands.add_parser(
+        "learning", help="Closed-loop learning: simulated readers reply to daily digests.",
+        description="Simulated readers (dataset users; hidden library = their liked and "
+        "relevant papers, one liked paper as the seed) get a digest a day through the same "
+        "dispatch as `digest send` and reply like/skip through a Maildir processed as real "
+        "replies; a silent copy of each reader is the control. Prints hits@10 per day "
+        "(replying, silent, random, oracle) and one JSON line with learning_gain.")
+    p.set_defaults(func=cmd_bench_learning)
+    p.add_argument("--dataset", required=True, metavar="DIR", help="the dataset folder")
+    p.add_argument("--days", type=int, default=DEFAULT_DAYS,
+                   help=f"digests per reader (default {DEFAULT_DAYS})")
+    p.add_argument("--readers", type=int, default=DEFAULT_READERS,
+                   help=f"simulated readers per group (default {DEFAULT_READERS})")
+    p.add_argument("--variant", choices=VARIANTS, default="like-skip",
+                   help="like-skip: like wanted items, skip the rest; like-only: leave the "
+                   "rest unrated; top5: rate items 1-5 only")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
     from .bench.faults import AREAS
 
