@@ -38,7 +38,7 @@ MAX_LIBRARY_BYTES = 5_000_000  # a Zotero export of ~10,000 entries with abstrac
 MAX_LIBRARY_ENTRIES = 2_000  # the most a profile needs; more only slows every digest
 FORMATS = ("bibtex", "csl-json", "ris")
 
-_ARXIV_ID = re.compile(r"(?<![\d.])(\d{4}\.\d{4,5})(?:v\d+)?(?![\d])")
+_ARXIV_ID = re.compile(r"(?<!\d)(\d{4}\.\d{4,5})(?:v\d+)?(?![\d])")
 _ARXIV_HINT = re.compile(r"arxiv", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
 _RIS_TAG = re.compile(r"^TY  - ", re.MULTILINE)

@@ -113,9 +113,9 @@ def test_recency_halves_per_half_life() -> None:
 def test_a_library_entry_outside_the_corpus_is_a_positive(papers: list[Paper],
                                                           index: CorpusIndex) -> None:
     entry = ("Bridging source and target domains without labels",
-             "We adapt a classifier trained on a labelled source domain to an unlabelled "
+             ("We adapt a classifier trained on a labelled source domain to an unlabelled "
              "target domain by aligning feature distributions across domains (domain "
-             "adaptation, domain shift, transfer).")
+             "adaptation, domain shift, transfer)."))
     candidates = [p.id for p in papers]
     ranked = rank(index, Profile(seed_texts=(entry,)), candidates, limit=5, settings=NO_EXPLORE)
     assert "domain" in index.paper(ranked[0].paper_id).title.lower()

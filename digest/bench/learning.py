@@ -49,7 +49,6 @@ from ..daemon import Runtime, dispatch, scan
 from ..errors import DigestError
 from ..mailer import LocalSink
 from ..paper import normalise_title
-from ..render import message_id_for
 from ..replies import process_replies
 from ..replies.mailboxes import MaildirMailbox
 from ..store import utc_now
