@@ -17,11 +17,16 @@ The model, and why it has this shape (numbers from ``digest bench quality``):
   at several ranks at once (16, 32, 64, 128 dimensions, cosine averaged over
   the scales): in a broad pool of papers it finds related work that shares
   few exact words. The title counts twice in both.
-* A subscriber's positives (likes, seed papers, interest phrases) become a
-  centroid in the specific view and a set of points in the topic view (mean
-  plus a share of the maximum similarity, so separate interests each count);
-  negatives (skips, and papers left unrated at ``unrated_weight``) push down
-  candidates close to them.
+* A subscriber's positives (likes, seed papers, library entries, interest
+  phrases) become a centroid in the specific view and a set of points in the
+  topic view (mean plus a share of the maximum similarity, so separate
+  interests each count); negatives push down candidates close to them, each
+  kind at its own strength: skips fully, papers left unrated at
+  ``unrated_weight`` (the kinds are standardised apart, then weighted, so the
+  weight survives). Every signal ages: one ``half_life_days`` old counts half.
+* Each item gets a relevance level (:class:`Levels`, calibrated on the
+  subscriber's own papers, monotone in the score) and a reason that names a
+  liked paper or interest only above REASON_MIN_SIMILARITY.
 * How much the topic view counts is decided per digest from the candidates
   themselves: when today's candidates are as diverse as the corpus, topic
   evidence (and agreement with the other top candidates) weighs a lot; when
