@@ -1262,8 +1262,10 @@ def _explanation(
 def _level_text(levels: Levels | None) -> str:
     if levels is None:
         return "no level: nothing to learn from yet (the listing's own order)"
-    return (f"{levels.method}; today strong from score {levels.strong:.2f}, "
-            f"good from {levels.good:.2f}")
+    def since(score: float) -> str:
+        return f"from score {score:.2f}" if math.isfinite(score) else "none today"
+
+    return f"{levels.method}; today strong {since(levels.strong)}, good {since(levels.good)}"
 
 
 def explain_top(
