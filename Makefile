@@ -28,6 +28,7 @@ lint: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[lint]'
 	$(BIN)/python -m ruff check digest tests
 	$(BIN)/python -m mypy digest
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.installed
 	$(BIN)/digest bench ingest

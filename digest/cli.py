@@ -92,9 +92,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for source in config.sources:
         times = ", ".join(f"{at:%H:%M}" for at in source.at)
         print(f"  source {source.name}: {source.url} at {times} {source.timezone.key}")
+    for warning in _seed_warnings(config):
+        print(f"  warning: {warning}")
     if args.connect:
         return _check_connections(config)
     return EXIT_OK
+
 
 def _secret_source(server: SmtpConfig | ImapConfig) -> str:
     """Where the password was read from, never the password."""
@@ -158,6 +161,33 @@ def _imap_hint(config: Config, error: str) -> str:
     if "AUTHENTICATIONFAILED" in error.upper() or "LOGIN" in error.upper():
         return "; wrong password? many providers need an app password"
     return ""
+
+
+def _seed_warnings(config: Config) -> list[str]:
+    """Seed papers that match no stored paper and library files that cannot be read."""
+    from .library import LibraryError, parse_library, unresolved_seeds
+    from .store import Store
+
+    warnings = []
+    store = Store(config.state) if config.state.exists() else None
+    try:
+        for sub in config.subscribers:
+            refs = unresolved_seeds(store, sub) if store is not None else list(sub.seed_papers)
+            for ref in refs:
+                warnings.append(f"{sub.email}: seed paper {ref!r} matches no stored paper "
+                                "(kept pending: it counts once that paper is ingested)")
+            if sub.library is not None:
+                try:
+                    parse_library(sub.library.read_bytes(), str(sub.library))
+                except OSError as exc:
+                    warnings.append(f"{sub.email}: library {sub.library}: cannot read: "
+                                    f"{exc.strerror or exc}")
+                except LibraryError as exc:
+                    warnings.append(f"{sub.email}: library {exc}")
+    finally:
+        if store is not None:
+            store.close()
+    return warnings
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -387,6 +417,24 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_learning(args: argparse.Namespace) -> int:
+    from .bench.learning import format_table, run_learning
+
+    for name in ("digest", "mail.log"):  # a day's hundreds of sends drown the table
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = run_learning(args.dataset, days=args.days, readers=args.readers,
+                          variant=args.variant,
+                          progress=progress if not args.json and sys.stderr.isatty() else None)
+    if not args.json:
+        print(format_table(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "per_day"}, sort_keys=True))
+    return EXIT_OK
+
+
 def cmd_bench_faults(args: argparse.Namespace) -> int:
     from .bench.faults import format_table, result_json, run_faults
 
@@ -508,12 +556,11 @@ def cmd_bench_dispatch(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .daemon import (
         Runtime,
-        build_profile,
         candidate_seq,
         effective_subscriber,
         select_subscribers,
     )
-    from .rank import explain, explain_top
+    from .rank import build_profile, explain, explain_top
     from .store import Store
 
     config = _config(args)
@@ -537,9 +584,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
         else:
             explanations = explain_top(index, profile, candidates, sub.max_papers, **options)
     print(f"{sub.email}: {len(profile.liked)} liked, {len(profile.skipped)} skipped, "
-          f"{len(profile.interests)} interests; ranking {source}")
+          f"{len(profile.unrated)} shown and left unrated, {len(profile.interests)} interests; "
+          f"ranking {source}")
+    if explanations:
+        print(f"relevance levels: {explanations[0].level_method}")
     for item in explanations:
         print(_explanation_text(item))
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .daemon import select_subscribers
+    from .library import import_library
+    from .store import Store
+
+    config = _config(args)
+    sub = select_subscribers(config, args.user)[0]
+    path = Path(args.file)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DigestError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    with Store(config.state) as store:
+        result = import_library(store, sub.email, data, str(path), source="import")
+        counts = store.library_counts(sub.email)
+    print(f"{sub.email}: {result.summary()}")
+    print(f"  library now {counts.entries} entries: {counts.matched} match a stored paper, "
+          f"{counts.pending} pending until their paper arrives ({counts.with_text} with an "
+          f"abstract count already)")
     return EXIT_OK
 
 
@@ -558,7 +630,8 @@ def _explanation_text(item: Explanation) -> str:
     where = f"#{item.position}" if item.position is not None else "-"
     lines = [f"\n{where:>4}  {item.title}", f"      id {item.paper_id}   score {item.score:.3f}"
              + ("   (explore slot)" if item.explore else ""),
-             f"      why: {item.reason}"]
+             f"      why: {item.reason}",
+             f"      relevance: {item.level or 'none (not personalised)'}"]
     if item.shared_terms:
         lines.append("      strongest shared terms: "
                      + ", ".join(term for term, _ in item.shared_terms))
@@ -566,6 +639,9 @@ def _explanation_text(item: Explanation) -> str:
         lines.append(f'      near liked: "{neighbour.title}" ({neighbour.similarity:.2f})')
     for neighbour in item.nearest_skipped[:1]:
         lines.append(f'      near skipped: "{neighbour.title}" ({neighbour.similarity:.2f})')
+    for neighbour in item.nearest_unrated[:1]:
+        lines.append(f'      near a paper you left unrated: "{neighbour.title}" '
+                     f"({neighbour.similarity:.2f})")
     for phrase, similarity in item.interests[:2]:
         lines.append(f'      interest "{phrase}": {similarity:.2f}')
     return "\n".join(lines)
@@ -642,6 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", metavar="ID",
                    help="explain this paper (id, arXiv id or exact title) instead of the top ones")
 
+    p = add("import", cmd_import,
+            "Import a subscriber's library (BibTeX, CSL-JSON as Zotero exports it, or RIS) "
+            "as seed papers; entries not stored yet stay pending until their paper arrives.")
+    p.add_argument("--user", metavar="EMAIL", required=True, help="the subscriber")
+    p.add_argument("file", metavar="FILE", help="the library export (.bib, .json, .ris)")
+
     bench = add("bench", _bench_help, "Benchmarks: ingest speed and ranking quality.")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     p = bench_commands.add_parser("ingest", help="Ingest speed on the real daily listings.",
@@ -665,6 +747,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the shipped model, or a seeded random ranker to check the metrics")
     p.add_argument("--min-ndcg", type=float, metavar="X",
                    help="exit 1 when nDCG@10 is below X (a CI quality gate)")
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
+    from .bench.learning import DEFAULT_DAYS, DEFAULT_READERS, VARIANTS
+
+    p = bench_commands.add_parser(
+        "learning", help="Closed-loop learning: simulated readers reply to daily digests.",
+        description="Simulated readers (dataset users; hidden library = their liked and "
+        "relevant papers, one liked paper as the seed) get a digest a day through the same "
+        "dispatch as `digest send` and reply like/skip through a Maildir processed as real "
+        "replies; a silent copy of each reader is the control. Prints hits@10 per day "
+        "(replying, silent, random, oracle) and one JSON line with learning_gain.")
+    p.set_defaults(func=cmd_bench_learning)
+    p.add_argument("--dataset", required=True, metavar="DIR", help="the dataset folder")
+    p.add_argument("--days", type=int, default=DEFAULT_DAYS,
+                   help=f"digests per reader (default {DEFAULT_DAYS})")
+    p.add_argument("--readers", type=int, default=DEFAULT_READERS,
+                   help=f"simulated readers per group (default {DEFAULT_READERS})")
+    p.add_argument("--variant", choices=VARIANTS, default="like-skip",
+                   help="like-skip: like wanted items, skip the rest; like-only: leave the "
+                   "rest unrated; top5: rate items 1-5 only")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
     from .bench.faults import AREAS
 

@@ -56,6 +56,9 @@ DEFAULT_SMTP_TIMEOUT = 30.0  # seconds; long enough for a slow relay, short enou
 DEFAULT_SMTP_ATTEMPTS = 4  # a 4xx or a dropped connection: try again, a few times
 DEFAULT_SMTP_RETRY_SECONDS = 2.0  # first backoff; doubles per attempt (2, 4, 8 s)
 DEFAULT_UNRATED_WEIGHT = 0.2  # shown and left unrated: a weak negative, not a skip
+# Feedback ages: a signal this many days old counts half (a year old, a quarter). Interests drift
+# over months (a project, a thesis chapter); a week's or a month's feedback should still count fully.
+DEFAULT_HALF_LIFE_DAYS = 180.0
 DEFAULT_EXPLORE_FRACTION = 0.1  # one slot in ten keeps a profile from narrowing forever
 DEFAULT_REPLY_POLL_SECONDS = 60  # replies are read within a minute
 DEFAULT_IMAP_TIMEOUT = 30.0  # seconds; as for SMTP
@@ -228,6 +231,7 @@ class SourceConfig:
 class RankingConfig:
     unrated_weight: float = DEFAULT_UNRATED_WEIGHT
     explore_fraction: float = DEFAULT_EXPLORE_FRACTION
+    half_life_days: float = DEFAULT_HALF_LIFE_DAYS
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,7 @@ class Subscriber:
     max_papers: int = DEFAULT_MAX_PAPERS
     days: frozenset[int] = frozenset(range(7))  # 0 = Monday, as date.weekday()
     send_empty: bool = False
+    library: Path | None = None  # a BibTeX / CSL-JSON / RIS export whose entries seed the profile
 
 
 @dataclass(frozen=True)
@@ -857,6 +862,8 @@ RANKING_KEYS: dict[str, Spec] = {
                              why="shown and left unrated: a weak negative, not a skip"),
     "explore_fraction": Number(default=DEFAULT_EXPLORE_FRACTION, low=0, high=1,
                                why="one slot in ten keeps a profile from narrowing forever"),
+    "half_life_days": Number(default=DEFAULT_HALF_LIFE_DAYS, low=1, high=36500, unit="days",
+                             why="interests drift: a year-old like counts a quarter"),
 }
 
 IMAP_KEYS: dict[str, Spec] = {
@@ -898,6 +905,7 @@ SUBSCRIBER_KEYS: dict[str, Spec] = {
                          why="a digest a person reads over coffee"),
     "days": Weekdays(default=list(WEEKDAYS), why="papers appear every day"),
     "send_empty": Flag(default=False, why="an empty email teaches people to ignore the next"),
+    "library": PathValue(why="none: interests, seed papers and feedback only"),
 }
 SOURCE_KEYS: dict[str, Spec] = {
     "url": Url(required=True),

@@ -17,11 +17,16 @@ The model, and why it has this shape (numbers from ``digest bench quality``):
   at several ranks at once (16, 32, 64, 128 dimensions, cosine averaged over
   the scales): in a broad pool of papers it finds related work that shares
   few exact words. The title counts twice in both.
-* A subscriber's positives (likes, seed papers, interest phrases) become a
-  centroid in the specific view and a set of points in the topic view (mean
-  plus a share of the maximum similarity, so separate interests each count);
-  negatives (skips, and papers left unrated at ``unrated_weight``) push down
-  candidates close to them.
+* A subscriber's positives (likes, seed papers, library entries, interest
+  phrases) become a centroid in the specific view and a set of points in the
+  topic view (mean plus a share of the maximum similarity, so separate
+  interests each count); negatives push down candidates close to them, each
+  kind at its own strength: skips fully, papers left unrated at
+  ``unrated_weight`` (the kinds are standardised apart, then weighted, so the
+  weight survives). Every signal ages: one ``half_life_days`` old counts half.
+* Each item gets a relevance level (:class:`Levels`, calibrated on the
+  subscriber's own papers, monotone in the score) and a reason that names a
+  liked paper or interest only above REASON_MIN_SIMILARITY.
 * How much the topic view counts is decided per digest from the candidates
   themselves: when today's candidates are as diverse as the corpus, topic
   evidence (and agreement with the other top candidates) weighs a lot; when
@@ -43,6 +48,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 from scipy import sparse
@@ -50,9 +56,10 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
 
-from .config import RankingConfig
+from .config import RankingConfig, Subscriber
 from .errors import DigestError
 from .paper import Paper, normalise_title
+from .store import Store, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,17 @@ FEEDBACK_TOP = 10  # today's best picks that vote in that second pass: a digest'
 COHESION_BROAD = 0.02  # mean pairwise topic cosine of a random pool of papers is ~0
 COHESION_NARROW = 0.10  # one day's listing of one archive measures 0.11 to 0.20
 MIN_EXPLORE_LIMIT = 5  # from this digest size on, a positive explore fraction gives >= 1 slot
+
+# --- Reasons and relevance levels -----------------------------------------------
+# Nearest-positive similarity (both views averaged) from which a reason names the liked paper
+# or interest. Checked on citeulike-public (400 cases, 5% of candidates relevant): at >= 0.20 a
+# candidate is relevant 27% of the time (5x the base rate), 70% of relevant candidates reach it
+# and 90% of the others stay below; at 0.12 (an old "matches your interest") only 16%.
+REASON_MIN_SIMILARITY = 0.20
+# Uncalibrated "strong": relevant 46% of the time (9x the base rate); 97% of the others below.
+STRONG_SIMILARITY = 0.30
+CALIBRATION_MIN = 2  # a level calibrated on one paper would judge it by nothing (leave-one-out)
+CALIBRATION_PAPERS = 20  # the most recent positives are enough to place today's scale
 
 
 class UnknownPaper(DigestError, KeyError):
@@ -226,6 +244,15 @@ class CorpusIndex:
     def term(self, column: int) -> str:
         return str(self._terms[column])
 
+    def text_vectors(self, text: str) -> tuple[sparse.csr_matrix, np.ndarray | None]:
+        """A text outside the corpus (a library entry) in both views, as a paper would be."""
+        weighted = self.vectorizer.transform([text]).astype(np.float32)
+        specific = _unit_rows(weighted @ sparse.diags(self._idf ** (SPECIFIC_IDF_POWER - 1)))
+        if self._svd is None or self._topic_mean is None or weighted.nnz == 0:
+            return specific, None
+        latent = self._svd.transform(_unit_rows(weighted)) - self._topic_mean
+        return specific, _multi_scale(latent, self._scales)
+
     def phrase_matches(
         self, phrase: str
     ) -> tuple[np.ndarray, sparse.csr_matrix, np.ndarray | None]:
@@ -282,17 +309,29 @@ def _vocabulary_key(terms: np.ndarray, idf: np.ndarray, scales: tuple[int, ...])
 
 @dataclass(frozen=True)
 class Profile:
-    """What one subscriber has told us, as paper ids and phrases."""
+    """What one subscriber has told us, as paper ids and phrases.
+
+    ``ages`` gives, per paper id, whole days since the signal (since the
+    digest that showed it, for an unrated paper); a paper without an age
+    counts fully. ``seed_texts`` are (title, abstract) pairs of library
+    entries, used as positives even when the paper is not in the corpus.
+    """
 
     liked: tuple[str, ...] = ()  # oldest first
     skipped: tuple[str, ...] = ()
     unrated: tuple[str, ...] = ()  # shown in a digest and left unrated: weak negatives
     interests: tuple[str, ...] = ()
-    seed_papers: tuple[str, ...] = ()  # arXiv ids or exact titles from the config
+    seed_papers: tuple[str, ...] = ()  # arXiv ids or exact titles (config or library)
+    ages: tuple[tuple[str, int], ...] = ()
+    seed_texts: tuple[tuple[str, str], ...] = ()
 
     def fingerprint(self) -> str:
-        data = [self.liked, self.skipped, self.unrated, self.interests, self.seed_papers]
+        data = [self.liked, self.skipped, self.unrated, self.interests, self.seed_papers,
+                self.ages, self.seed_texts]
         return hashlib.sha256(json.dumps(data).encode("utf-8")).hexdigest()[:16]
+
+
+LEVELS = ("strong", "good", "weak")  # relevance levels, best first
 
 
 @dataclass(frozen=True)
@@ -301,6 +340,7 @@ class Ranked:
     score: float
     reason: str  # one short human line
     explore: bool  # True for an exploration slot
+    level: str | None = None  # "strong" / "good" / "weak"; None when not personalised
 
 
 @dataclass(frozen=True)
@@ -322,8 +362,11 @@ class Explanation:
     explore: bool
     shared_terms: tuple[tuple[str, float], ...]  # strongest terms shared with the likes
     nearest_liked: tuple[Neighbour, ...]  # most similar positives (liked or seed papers)
-    nearest_skipped: tuple[Neighbour, ...]
+    nearest_skipped: tuple[Neighbour, ...]  # papers the subscriber skipped
     interests: tuple[tuple[str, float], ...]  # interest phrases and their similarity
+    level: str | None = None
+    level_method: str = ""  # how today's level thresholds were set
+    nearest_unrated: tuple[Neighbour, ...] = ()  # papers shown and left unrated (not skipped)
 
     def __str__(self) -> str:
         """One line for a reply or a log: reason, score, strongest terms, nearest liked paper."""
@@ -340,9 +383,47 @@ class Explanation:
         return "; ".join(parts)
 
 
+def build_profile(store: Store, sub: Subscriber, *, now: datetime | None = None) -> Profile:
+    """A subscriber's profile from the store: the latest signal per paper, papers shown and
+    left unrated, the config's interests and seed papers, and their library entries.
+
+    Ages are whole days from the signal (or the digest that showed the paper) to ``now``.
+    """
+    now = now or utc_now()
+    feedback = store.latest_feedback(sub.email)
+    rated = {row.paper_id for row in feedback}
+    shown = store.shown_papers_at(sub.email)
+    unrated = tuple(dict.fromkeys(p for p, _ in shown if p not in rated))
+    ages: dict[str, int] = {}
+    for paper_id, at in shown:
+        ages[paper_id] = _days_since(at, now)
+    for row in feedback:
+        ages[row.paper_id] = _days_since(row.at, now)
+    library = store.library_entries(sub.email)
+    refs = [e.arxiv_id or e.title for e in library if e.arxiv_id or e.title]
+    return Profile(
+        liked=tuple(row.paper_id for row in feedback if row.signal == "like"),
+        skipped=tuple(row.paper_id for row in feedback if row.signal == "skip"),
+        unrated=unrated,
+        interests=sub.interests,
+        seed_papers=tuple(dict.fromkeys([*sub.seed_papers, *refs])),
+        ages=tuple(sorted((k, v) for k, v in ages.items() if v > 0)),
+        seed_texts=tuple((e.title, e.abstract) for e in library if e.abstract.strip()),
+    )
+
+
+def _days_since(iso: str, now: datetime) -> int:
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return 0
+    return max(int((now - moment).total_seconds() // 86400), 0)
+
+
 def is_personalised(profile: Profile) -> bool:
     """True when the subscriber gave anything to learn from."""
-    return bool(profile.liked or profile.skipped or profile.interests or profile.seed_papers)
+    return bool(profile.liked or profile.skipped or profile.interests or profile.seed_papers
+                or profile.seed_texts)
 
 
 # --- The per-subscriber model ----------------------------------------------------
@@ -353,7 +434,8 @@ class SubscriberModel:
     """A subscriber's positives and negatives in both views; fitted once per state."""
 
     positive_ids: tuple[str, ...]  # liked then seed papers (deduplicated): the first points below
-    positive_labels: tuple[str, ...]  # "you liked", "your seed paper"
+    positive_labels: tuple[str, ...]  # "you liked", "your seed paper", "in your library"
+    positive_titles: tuple[str, ...]  # one per named point (library texts have no corpus row)
     interest_phrases: tuple[str, ...]
     pos_rows: np.ndarray  # index row of each positive point, -1 for a phrase's own vector
     pos_phrase: np.ndarray  # which interest phrase a point stands for, -1 for named papers
@@ -363,7 +445,9 @@ class SubscriberModel:
     negative_ids: tuple[str, ...]
     neg_specific: sparse.csr_matrix
     neg_topic: np.ndarray | None
-    neg_weights: np.ndarray
+    neg_weights: np.ndarray  # recency of each negative (1 = now, 0.5 = one half-life ago)
+    neg_skipped: np.ndarray  # True for an explicit skip, False for a paper left unrated
+    unrated_weight: float = 1.0  # how much the unrated negatives count against the skips
     unknown_seeds: tuple[str, ...] = ()
 
     def centroid(self) -> sparse.csr_matrix:
@@ -391,18 +475,34 @@ def _known(index: CorpusIndex, ids: Sequence[str], what: str) -> list[str]:
 
 
 def _positive_points(
-    index: CorpusIndex, papers: list[str], phrases: tuple[str, ...]
+    index: CorpusIndex,
+    papers: list[str],
+    recency: np.ndarray,
+    texts: Sequence[tuple[str, str]],
+    phrases: tuple[str, ...],
 ) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix, np.ndarray | None, np.ndarray]:
     """Rows, phrase tags, vectors and weights of every positive point.
 
-    Named papers count 1 each; an interest phrase counts 1 in all, shared by
-    the phrase itself and its best matches in the corpus.
+    Named papers count their recency each (1 when fresh); a library entry's
+    own text counts 1 (it has no corpus row, so its row is -1); an interest
+    phrase counts 1 in all, shared by the phrase itself and its best matches
+    in the corpus.
     """
     rows = [index.rows(papers)]
     tags = [np.full(len(papers), -1)]
-    weights = [np.ones(len(papers))]
+    weights = [recency.astype(np.float64)]
     spec = [index.specific[rows[0]]]
     topic = [index.topic[rows[0]]] if index.topic is not None else None
+    for title, abstract in texts:
+        own_specific, own_topic = index.text_vectors(
+            " ".join([title] * TITLE_REPEATS + [abstract]))
+        rows.append(np.array([-1]))
+        tags.append(np.array([-1]))
+        weights.append(np.ones(1))
+        spec.append(own_specific)
+        if topic is not None:
+            topic.append(own_topic if own_topic is not None
+                         else np.zeros((1, topic[0].shape[1]), dtype=np.float32))
     for j, phrase in enumerate(phrases):
         matched, own_specific, own_topic = index.phrase_matches(phrase)
         if own_specific.nnz == 0:
@@ -425,10 +525,24 @@ def _positive_points(
     )
 
 
+def recency(age_days: float | None, half_life_days: float) -> float:
+    """How much a signal ``age_days`` old counts: 0.5 ** (age / half-life); 1 without an age."""
+    if age_days is None or age_days <= 0 or half_life_days <= 0:
+        return 1.0
+    return float(0.5 ** (age_days / half_life_days))
+
+
 def fit_model(
     index: CorpusIndex, profile: Profile, *, settings: RankingConfig = DEFAULT_SETTINGS
 ) -> SubscriberModel:
-    """Turn a profile into the model's positives and negatives (no candidates needed)."""
+    """Turn a profile into the model's positives and negatives (no candidates needed).
+
+    Every signal keeps its own strength: a like or seed paper pulls up by its
+    recency; an explicit skip pushes down at full strength, a paper left
+    unrated at ``settings.unrated_weight`` (see :func:`_negative_score`); both
+    by recency too (``settings.half_life_days``).
+    """
+    ages = dict(profile.ages)
     liked = _known(index, profile.liked, "liked")
     seeds, unknown = [], []
     for ref in profile.seed_papers:
@@ -438,12 +552,21 @@ def fit_model(
         elif found not in liked and found not in seeds:
             seeds.append(found)
     if unknown:
-        log.warning("profile: seed papers not found in the corpus, ignored: %s", ", ".join(unknown))
+        log.info("profile: %d seed papers not in the corpus yet (pending): %s", len(unknown),
+                 ", ".join(unknown[:5]))
     positives = liked + seeds
-    labels = tuple(["you liked"] * len(liked) + ["your seed paper"] * len(seeds))
+    known_titles = {normalise_title(index.paper(i).title) for i in positives}
+    texts = [(t, a) for t, a in dict.fromkeys(profile.seed_texts)
+             if a.strip() and normalise_title(t) not in known_titles
+             and index.resolve(t) is None]
+    labels = tuple(["you liked"] * len(liked) + ["your seed paper"] * len(seeds)
+                   + ["in your library"] * len(texts))
+    titles = tuple([index.paper(i).title for i in positives] + [t for t, _ in texts])
     phrases = tuple(p for p in dict.fromkeys(s.strip() for s in profile.interests) if p)
+    half_life = settings.half_life_days
+    pos_recency = np.array([recency(ages.get(i), half_life) for i in positives])
 
-    points = _positive_points(index, positives, phrases)
+    points = _positive_points(index, positives, pos_recency, texts, phrases)
     pos_rows, pos_phrase, pos_specific, pos_topic, pos_weights = points
 
     skipped = [i for i in _known(index, profile.skipped, "skipped") if i not in positives]
@@ -454,12 +577,12 @@ def fit_model(
     ]
     negatives = skipped + unrated
     neg_rows = index.rows(negatives)
-    neg_weights = np.array(
-        [1.0] * len(skipped) + [settings.unrated_weight] * len(unrated), dtype=np.float32
-    )
+    neg_weights = np.array([recency(ages.get(i), half_life) for i in negatives],
+                           dtype=np.float32)
     return SubscriberModel(
-        positive_ids=tuple(positives),
+        positive_ids=tuple(positives) + tuple(f"library:{n}" for n in range(len(texts))),
         positive_labels=labels,
+        positive_titles=titles,
         interest_phrases=phrases,
         pos_rows=pos_rows,
         pos_phrase=pos_phrase,
@@ -470,6 +593,8 @@ def fit_model(
         neg_specific=index.specific[neg_rows],
         neg_topic=index.topic[neg_rows] if index.topic is not None else None,
         neg_weights=neg_weights,
+        neg_skipped=np.array([True] * len(skipped) + [False] * len(unrated), dtype=bool),
+        unrated_weight=settings.unrated_weight,
         unknown_seeds=tuple(unknown),
     )
 
@@ -492,7 +617,8 @@ class ModelCache:
     def model(
         self, key: str, index: CorpusIndex, profile: Profile, settings: RankingConfig
     ) -> SubscriberModel:
-        state = f"{profile.fingerprint()}:{settings.unrated_weight!r}:{index.vocabulary_key}"
+        state = (f"{profile.fingerprint()}:{settings.unrated_weight!r}:"
+                 f"{settings.half_life_days!r}:{index.vocabulary_key}")
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry[0] == state:
@@ -629,17 +755,39 @@ def _agreement(
 
 
 def _negative_score(model: SubscriberModel, cands: _Candidates, weight: float) -> np.ndarray:
-    """Closeness to the nearest skipped paper (weighted): demotes what resembles a skip.
+    """Closeness to the nearest negative, per kind, each kind at its own strength.
 
     The nearest one, not the centroid: one skipped paper says little about a
-    whole field, but much about papers that are almost the same.
+    whole field, but much about papers that are almost the same. Skips and
+    papers left unrated are standardised apart and then weighted (1 and
+    ``unrated_weight``), so the weight survives standardisation: a profile
+    whose negatives are all unrated is pushed down less than the same papers
+    skipped. Within a kind, an older negative's similarity counts less.
     """
-    spec = _dense(cands.specific @ model.neg_specific.T) * model.neg_weights
+    result = np.zeros(len(cands.rows))
+    for kind, strength in ((True, 1.0), (False, model.unrated_weight)):
+        chosen = model.neg_skipped == kind
+        if strength <= 0 or not chosen.any():
+            continue
+        result += strength * _nearest_negative(model, cands, weight, chosen)
+    return result
+
+
+def _nearest_negative(
+    model: SubscriberModel, cands: _Candidates, weight: float, chosen: np.ndarray
+) -> np.ndarray:
+    decay = model.neg_weights[chosen]
+    spec = _aged(_dense(cands.specific @ model.neg_specific[np.flatnonzero(chosen)].T), decay)
     result = _standardise(spec.max(axis=1))
     if cands.topic is not None and model.neg_topic is not None:
-        topi = (cands.topic @ model.neg_topic.T) * model.neg_weights
+        topi = _aged(cands.topic @ model.neg_topic[chosen].T, decay)
         result = (result + weight * _standardise(topi.max(axis=1))) / (1.0 + weight)
     return result
+
+
+def _aged(sims: np.ndarray, decay: np.ndarray) -> np.ndarray:
+    """Positive similarities shrink with the negative's age; negative ones are left alone."""
+    return np.where(sims > 0, sims * decay, sims)
 
 
 def _popularity(index: CorpusIndex, candidates: Sequence[str]) -> np.ndarray:
@@ -743,6 +891,17 @@ def _positive_similarities(index: CorpusIndex, model: SubscriberModel, row: int)
     return np.where(model.pos_rows == row, -1.0, sims)
 
 
+def _best_positive(index: CorpusIndex, model: SubscriberModel, rows: np.ndarray) -> np.ndarray:
+    """Per paper, :func:`_positive_similarities`' maximum (-1 without a positive), vectorised."""
+    if model.pos_specific.shape[0] == 0:
+        return np.full(len(rows), -1.0)
+    sims = _dense(index.specific[rows] @ model.pos_specific.T)
+    if index.topic is not None and model.pos_topic is not None:
+        sims = (sims + index.topic[rows] @ model.pos_topic.T) / 2
+    sims = np.where(rows[:, None] == model.pos_rows[None, :], -1.0, sims)
+    return np.asarray(sims.max(axis=1))
+
+
 def _negative_similarities(index: CorpusIndex, model: SubscriberModel, row: int) -> np.ndarray:
     spec = np.asarray((index.specific[row] @ model.neg_specific.T).todense()).ravel()
     if index.topic is None or model.neg_topic is None:
@@ -750,22 +909,37 @@ def _negative_similarities(index: CorpusIndex, model: SubscriberModel, row: int)
     return (spec + index.topic[row] @ model.neg_topic.T) / 2
 
 
-def _model_reason(index: CorpusIndex, model: SubscriberModel, paper_id: str) -> str:
-    """The positive (liked paper, seed paper or interest) this paper is closest to."""
+def _model_reason(
+    index: CorpusIndex, model: SubscriberModel, paper_id: str, considered: int, limit: int
+) -> str:
+    """The positive (liked paper, seed, library entry or interest) this paper is closest to.
+
+    Named only when the similarity reaches REASON_MIN_SIMILARITY; below it the
+    item says what it is: filling a short day, popular today, or a weak match.
+    """
     sims = _positive_similarities(index, model, int(index.rows([paper_id])[0]))
+    paper = index.paper(paper_id)
     if len(sims) == 0:  # skips only: the listing's order, skip-like papers pushed down
-        return _popularity_reason(index.paper(paper_id))
+        return _popularity_reason(paper)
     best = int(np.argmax(sims))
+    if sims[best] < REASON_MIN_SIMILARITY:
+        if considered <= limit:
+            return f"filling: only {considered} new papers today"
+        if paper.upvotes:
+            return f"weak match; popular today ({paper.upvotes} upvotes)"
+        return f"weak match (closest to your likes at {max(float(sims[best]), 0.0):.2f})"
     if model.pos_phrase[best] >= 0:
         return f'matches your interest "{model.interest_phrases[model.pos_phrase[best]]}"'
-    title = _short(index.paper(model.positive_ids[best]).title)
+    title = _short(model.positive_titles[best])
     return f'close to "{title}" {model.positive_labels[best]}'
 
 
-def _item_reason(index: CorpusIndex, model: SubscriberModel | None, paper_id: str) -> str:
+def _item_reason(
+    index: CorpusIndex, model: SubscriberModel | None, paper_id: str, considered: int, limit: int
+) -> str:
     if model is None:
         return _popularity_reason(index.paper(paper_id))
-    return _model_reason(index, model, paper_id)
+    return _model_reason(index, model, paper_id, considered, limit)
 
 
 def _popularity_reason(paper: Paper) -> str:
@@ -861,14 +1035,90 @@ def rank(
     explore = explore_slots(limit, settings.explore_fraction) if personal else 0
     explore = min(explore, max(len(order) - (limit - explore), 0))
     top = order[: min(limit, len(order)) - explore]
+    levels = _levels(index, model, known, scores) if personal and model is not None else None
     items = []
     for i in top:
-        items.append(
-            Ranked(known[i], float(scores[i]), _item_reason(index, model, known[i]), False)
-        )
+        why = _item_reason(index, model, known[i], len(known), limit)
+        items.append(Ranked(known[i], float(scores[i]), why, False,
+                            levels.level(float(scores[i])) if levels else None))
     for i, why in _pick_explore(index, model, known, order[len(top) :], explore):
-        items.append(Ranked(known[i], float(scores[i]), why, True))
+        items.append(Ranked(known[i], float(scores[i]), why, True,
+                            levels.level(float(scores[i])) if levels else None))
     return items
+
+
+@dataclass(frozen=True)
+class Levels:
+    """Score thresholds of today's relevance levels for one subscriber, and how they were set.
+
+    ``strong`` and ``good`` are scores on today's scale (a candidate at or above
+    ``strong`` is strong); ``method`` says in words how the counts were found.
+    """
+
+    strong: float
+    good: float
+    method: str
+
+    def level(self, score: float) -> str:
+        """Monotone in the score: higher never gets a lower level."""
+        if score >= self.strong:
+            return "strong"
+        return "good" if score >= self.good else "weak"
+
+
+def _levels(
+    index: CorpusIndex, model: SubscriberModel, candidates: list[str], scores: np.ndarray
+) -> Levels:
+    """Levels calibrated against the subscriber's own positives.
+
+    With at least CALIBRATION_MIN positives that are corpus papers (likes,
+    seed papers), the most recent CALIBRATION_PAPERS of them are scored among
+    today's candidates, each judged by the others (a paper never vouches for
+    itself): a candidate that scores at least their median is "strong", one
+    that scores at least the lowest of them is "good". On citeulike-public
+    (300 cases, 5.0% of candidates relevant) that makes strong items relevant
+    23% of the time, good ones 8%, weak ones 1.6%. With fewer, the counts come
+    from the evidence thresholds of the reasons (nearest positive at
+    STRONG_SIMILARITY / REASON_MIN_SIMILARITY). Either way the counts are
+    turned into score thresholds, so the level is monotone in the score.
+    """
+    order = np.sort(scores)[::-1]
+    named = [p for p, phrase in zip(model.positive_ids, model.pos_phrase, strict=False)
+             if phrase < 0 and p in index and p not in set(candidates)]
+    calib = list(dict.fromkeys(reversed(named)))[:CALIBRATION_PAPERS]
+    if len(calib) >= CALIBRATION_MIN:
+        pooled = _scores(index, model, candidates + calib)
+        own, theirs = pooled[: len(candidates)], pooled[len(candidates):]
+        strong_n = int((own >= np.median(theirs)).sum())
+        good_n = int((own >= theirs.min()).sum())
+        method = (f"against {len(calib)} of your own papers scored among today's: strong = at "
+                  f"least their median, good = at least the lowest of them")
+    else:
+        best = _best_positive(index, model, index.rows(candidates))
+        strong_n = int((best >= STRONG_SIMILARITY).sum())
+        good_n = int((best >= REASON_MIN_SIMILARITY).sum())
+        method = (f"too few rated papers to calibrate: strong = nearest positive at least "
+                  f"{STRONG_SIMILARITY}, good = at least {REASON_MIN_SIMILARITY}")
+    strong = float(order[strong_n - 1]) if strong_n > 0 else math.inf
+    good = float(order[max(good_n, strong_n) - 1]) if max(good_n, strong_n) > 0 else math.inf
+    return Levels(strong, good, method)
+
+
+def levels_for(
+    index: CorpusIndex,
+    profile: Profile,
+    candidates: Sequence[str],
+    *,
+    settings: RankingConfig = DEFAULT_SETTINGS,
+    cache: ModelCache | None = None,
+    key: str | None = None,
+) -> Levels | None:
+    """Today's level thresholds for this subscriber (None when not personalised)."""
+    known = [c for c in dict.fromkeys(candidates) if c in index]
+    model = _model_for(index, profile, settings, cache, key)
+    if model is None or not is_personalised(profile) or not known:
+        return None
+    return _levels(index, model, known, _scores(index, model, known))
 
 
 # --- Explanations -------------------------------------------------------------------
@@ -886,12 +1136,12 @@ def _shared_terms(
 
 
 def _neighbours(
-    index: CorpusIndex, ids: Sequence[str], sims: np.ndarray, top: int, exclude: str
+    ids: Sequence[str], titles: Sequence[str], sims: np.ndarray, top: int, exclude: str
 ) -> tuple[Neighbour, ...]:
     """The ``top`` most similar of ``ids``, never the explained paper itself."""
     order = np.argsort(-sims[: len(ids)], kind="stable")
     kept = [k for k in order if ids[k] != exclude][:top]
-    return tuple(Neighbour(ids[k], index.paper(ids[k]).title, float(sims[k])) for k in kept)
+    return tuple(Neighbour(ids[k], titles[k], float(sims[k])) for k in kept)
 
 
 def _context_candidates(index: CorpusIndex, paper_id: str) -> list[str]:
@@ -940,10 +1190,14 @@ def explain(
         order = np.argsort(-scores, kind="stable")
         at = pool.index(paper_id)
         position = int(np.flatnonzero(order == at)[0]) + 1
-        reason = _item_reason(index, model, paper_id)
-        item = Ranked(paper_id, float(scores[at]), reason, False)
+        reason = _item_reason(index, model, paper_id, len(pool), limit)
+        levels = _levels(index, model, pool, scores) if model and is_personalised(profile) else None
+        item = Ranked(paper_id, float(scores[at]), reason, False,
+                      levels.level(float(scores[at])) if levels else None)
+    levels = levels_for(index, profile, pool, settings=settings, cache=cache, key=key)
     return _explanation(
-        index, profile, paper_id, item, position, settings, cache, key, top_terms, top_neighbours
+        index, profile, paper_id, item, position, settings, cache, key, top_terms, top_neighbours,
+        levels,
     )
 
 
@@ -958,22 +1212,29 @@ def _explanation(
     key: str | None,
     top_terms: int,
     top_neighbours: int,
+    levels: Levels | None = None,
 ) -> Explanation:
     paper = index.paper(paper_id)
     terms: tuple[tuple[str, float], ...] = ()
     liked: tuple[Neighbour, ...] = ()
     skipped: tuple[Neighbour, ...] = ()
+    unrated: tuple[Neighbour, ...] = ()
     interests: tuple[tuple[str, float], ...] = ()
     if is_personalised(profile) or profile.unrated:
         model = _get_model(index, profile, settings, cache, key)
         row = int(index.rows([paper_id])[0])
         pos = _positive_similarities(index, model, row)
         terms = _shared_terms(index, model, row, top_terms) if model.has_positives else ()
-        liked = _neighbours(index, model.positive_ids, pos, top_neighbours, paper_id)
-        skipped = _neighbours(
-            index, model.negative_ids, _negative_similarities(index, model, row), top_neighbours,
-            paper_id,
-        )
+        liked = _neighbours(model.positive_ids, model.positive_titles, pos, top_neighbours,
+                            paper_id)
+        neg = _negative_similarities(index, model, row)
+        kinds: dict[bool, tuple[Neighbour, ...]] = {}
+        for kind in (True, False):
+            chosen = np.flatnonzero(model.neg_skipped == kind)
+            ids = [model.negative_ids[k] for k in chosen]
+            kinds[kind] = _neighbours(ids, [index.paper(i).title for i in ids], neg[chosen],
+                                      top_neighbours, paper_id)
+        skipped, unrated = kinds[True], kinds[False]
         phrase_sims = [
             float(pos[model.pos_phrase == j].max(initial=-1.0))
             for j in range(len(model.interest_phrases))
@@ -992,7 +1253,19 @@ def _explanation(
         nearest_liked=liked,
         nearest_skipped=skipped,
         interests=interests,
+        level=item.level,
+        level_method=_level_text(levels),
+        nearest_unrated=unrated,
     )
+
+
+def _level_text(levels: Levels | None) -> str:
+    if levels is None:
+        return "no level: nothing to learn from yet (the listing's own order)"
+    def since(score: float) -> str:
+        return f"from score {score:.2f}" if math.isfinite(score) else "none today"
+
+    return f"{levels.method}; today strong {since(levels.strong)}, good {since(levels.good)}"
 
 
 def explain_top(
@@ -1009,28 +1282,35 @@ def explain_top(
 ) -> list[Explanation]:
     """Explanations of the digest `rank` would give, in digest order."""
     items = rank(index, profile, candidates, limit=limit, settings=settings, cache=cache, key=key)
+    levels = levels_for(index, profile, candidates, settings=settings, cache=cache, key=key)
     return [
         _explanation(
-            index, profile, it.paper_id, it, pos, settings, cache, key, top_terms, top_neighbours
+            index, profile, it.paper_id, it, pos, settings, cache, key, top_terms, top_neighbours,
+            levels,
         )
         for pos, it in enumerate(items, start=1)
     ]
 
 
 __all__ = [
+    "LEVELS",
     "CorpusIndex",
     "Explanation",
+    "Levels",
     "ModelCache",
     "Neighbour",
     "Profile",
     "Ranked",
     "SubscriberModel",
     "UnknownPaper",
+    "build_profile",
     "explain",
     "explain_top",
     "explore_slots",
     "fit_model",
     "is_personalised",
+    "levels_for",
     "rank",
+    "recency",
     "score_candidates",
 ]

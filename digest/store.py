@@ -162,6 +162,30 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE digests ADD COLUMN owner TEXT;
     """,
+    # 7: a subscriber's own library (BibTeX, CSL-JSON, RIS) as seed papers. An entry stays
+    # here, pending, until a paper with its arXiv id or title arrives; with an abstract it
+    # counts as a positive even before that.
+    """
+    CREATE TABLE library_entries (
+        id           INTEGER PRIMARY KEY,
+        subscriber   TEXT NOT NULL,             -- lower-cased email
+        entry_key    TEXT NOT NULL,             -- arXiv id, else normalised title: once each
+        title        TEXT NOT NULL DEFAULT '',
+        title_key    TEXT NOT NULL DEFAULT '',  -- matched against papers.title_key
+        abstract     TEXT NOT NULL DEFAULT '',
+        arxiv_id     TEXT,
+        source       TEXT NOT NULL,             -- 'config', 'import', 'reply'
+        added_at     TEXT NOT NULL,
+        UNIQUE (subscriber, entry_key)
+    );
+    CREATE TABLE library_files (
+        subscriber   TEXT NOT NULL,
+        path         TEXT NOT NULL,
+        sha256       TEXT NOT NULL,             -- the config's file is read again when it changes
+        imported_at  TEXT NOT NULL,
+        PRIMARY KEY (subscriber, path)
+    );
+    """,
 )
 
 # SQLite's answers that mean "no room or no permission to write", not a broken database:
@@ -270,6 +294,31 @@ class FeedbackRow:
     source: str
     digest_id: int | None
     at: str
+
+
+@dataclass(frozen=True)
+class LibraryEntry:
+    """One entry of a subscriber's library: a title, an abstract, an arXiv id (any may be empty)."""
+
+    title: str = ""
+    abstract: str = ""
+    arxiv_id: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What makes two entries the same paper: the arXiv id, else the normalised title."""
+        return f"arxiv:{self.arxiv_id}" if self.arxiv_id else f"title:{normalise_title(self.title)}"
+
+
+@dataclass(frozen=True)
+class LibraryCounts:
+    entries: int
+    matched: int  # entries whose paper is stored (by arXiv id or title)
+    with_text: int  # entries with an abstract: a positive even before the paper arrives
+
+    @property
+    def pending(self) -> int:
+        return self.entries - self.matched
 
 
 class Store:
@@ -688,6 +737,77 @@ class Store:
             return
         with self.transaction() as tx:
             tx.execute(sql, values)
+
+    def shown_papers_at(self, subscriber: str) -> list[tuple[str, str]]:
+        """(paper id, ISO time the digest was sent) for every paper sent, oldest first."""
+        rows = self._db.execute(
+            "SELECT i.paper_id, COALESCE(d.sent_at, d.claimed_at) FROM digest_items i"
+            " JOIN digests d ON d.id = i.digest_id"
+            " WHERE d.subscriber = ? AND d.status = 'sent' ORDER BY d.local_date, i.position",
+            (subscriber.lower(),),
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    # --- a subscriber's library (seed papers) --------------------------------
+
+    def add_library_entries(
+        self, subscriber: str, entries: Sequence[LibraryEntry], *, source: str,
+        db: sqlite3.Connection | None = None,
+    ) -> int:
+        """Store entries not stored yet (by :attr:`LibraryEntry.key`); returns how many were new.
+
+        Pass ``db`` to join a caller's transaction (a reply's commands).
+        """
+        sql = ("INSERT OR IGNORE INTO library_entries (subscriber, entry_key, title, title_key,"
+               " abstract, arxiv_id, source, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        now = _iso(utc_now())
+        values = [(subscriber.lower(), e.key, e.title, normalise_title(e.title) if e.title else "",
+                   e.abstract, e.arxiv_id, source, now) for e in entries]
+        if db is not None:
+            return sum(db.execute(sql, v).rowcount for v in values)
+        with self.transaction() as tx:
+            return sum(tx.execute(sql, v).rowcount for v in values)
+
+    def has_paper(self, reference: str) -> bool:
+        """True when a paper with this id, arXiv id (with or without "arXiv:") or title is stored."""
+        ref = reference.strip()
+        bare = ref.removeprefix("arXiv:").removeprefix("arxiv:")
+        row = self._db.execute(
+            "SELECT 1 FROM papers WHERE id = ? OR id = ? OR arxiv_id = ? OR title_key = ? LIMIT 1",
+            (ref, bare, bare, normalise_title(ref))).fetchone()
+        return row is not None
+
+    def library_entries(self, subscriber: str) -> list[LibraryEntry]:
+        """The subscriber's library entries, in the order they were added."""
+        rows = self._db.execute(
+            "SELECT title, abstract, arxiv_id FROM library_entries WHERE subscriber = ?"
+            " ORDER BY id", (subscriber.lower(),))
+        return [LibraryEntry(row[0], row[1], row[2]) for row in rows]
+
+    def library_counts(self, subscriber: str) -> LibraryCounts:
+        """How many entries the subscriber's library holds and how many match a stored paper."""
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(EXISTS (SELECT 1 FROM papers p WHERE"
+            "   (e.arxiv_id IS NOT NULL AND p.arxiv_id = e.arxiv_id)"
+            "   OR (e.title_key != '' AND p.title_key = e.title_key))), 0),"
+            " COALESCE(SUM(e.abstract != ''), 0)"
+            " FROM library_entries e WHERE e.subscriber = ?", (subscriber.lower(),)).fetchone()
+        return LibraryCounts(int(row[0]), int(row[1]), int(row[2]))
+
+    def library_file_hash(self, subscriber: str, path: str) -> str | None:
+        """The content hash of the config library file when it was last imported, if ever."""
+        row = self._db.execute(
+            "SELECT sha256 FROM library_files WHERE subscriber = ? AND path = ?",
+            (subscriber.lower(), path)).fetchone()
+        return row[0] if row else None
+
+    def record_library_file(self, subscriber: str, path: str, sha256: str) -> None:
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT INTO library_files (subscriber, path, sha256, imported_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT(subscriber, path) DO UPDATE SET"
+                " sha256 = excluded.sha256, imported_at = excluded.imported_at",
+                (subscriber.lower(), path, sha256, _iso(utc_now())))
 
     # --- subscription state set by reply -------------------------------------
 

@@ -198,9 +198,9 @@ def test_seed_papers_resolve_by_title_and_unknown_ones_are_logged(
     seed_title = "Domain-Adversarial Training of Neural Networks"
     candidates = [p.id for p in papers if p.title != seed_title]
     profile = Profile(seed_papers=(seed_title.upper(), "2401.99999"))
-    with caplog.at_level(logging.WARNING, logger="digest.rank"):
+    with caplog.at_level(logging.INFO, logger="digest.rank"):
         ranked = rank(index, profile, candidates, limit=3, settings=NO_EXPLORE)
-    assert "2401.99999" in caplog.text
+    assert "2401.99999" in caplog.text and "pending" in caplog.text
     assert ranked[0].reason.endswith("your seed paper")
     assert (
         _domain_adaptation(index.paper(ranked[0].paper_id))

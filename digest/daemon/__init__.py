@@ -28,7 +28,6 @@ from .jobs import (
     Outcome,
     Prepared,
     Runtime,
-    build_profile,
     candidate_seq,
     claim,
     deliver,
@@ -53,7 +52,7 @@ from .status import format_status, replies_waiting, status_report, subscriber_st
 
 __all__ = [
     "FATAL_ERRORS", "FIRST_DIGEST_WINDOW", "SCHEDULE_LOOKBACK_DAYS", "STOP_GRACE_SECONDS",
-    "Daemon", "Due", "Outcome", "Prepared", "Runtime", "build_profile", "candidate_seq",
+    "Daemon", "Due", "Outcome", "Prepared", "Runtime", "candidate_seq",
     "claim", "deliver", "dispatch", "due", "effective_subscriber",
     "format_status", "is_paused", "latest_send_time", "local_now", "next_send_time",
     "prepare", "replies_waiting", "run_daemon", "scan", "select_subscribers", "send_time",

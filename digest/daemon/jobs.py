@@ -33,8 +33,9 @@ from email.message import EmailMessage
 from ..config import Config, SmtpConfig, Subscriber
 from ..errors import ConfigError, DigestError, SendError, StoreError, StoreWriteError
 from ..ingest import IngestResult, scan_inbox
+from ..library import refresh_library
 from ..mailer import Mailer
-from ..rank import CorpusIndex, ModelCache, Profile, Ranked, is_personalised, rank
+from ..rank import CorpusIndex, ModelCache, Ranked, build_profile, is_personalised, rank
 from ..render import (
     EMAIL_POLICY,
     DigestContent,
@@ -180,19 +181,6 @@ def scan(runtime: Runtime) -> list[IngestResult]:
 # --- building a digest --------------------------------------------------------
 
 
-def build_profile(store: Store, sub: Subscriber) -> Profile:
-    feedback = store.latest_feedback(sub.email)
-    rated = {row.paper_id for row in feedback}
-    unrated = tuple(dict.fromkeys(p for p in store.shown_papers(sub.email) if p not in rated))
-    return Profile(
-        liked=tuple(row.paper_id for row in feedback if row.signal == "like"),
-        skipped=tuple(row.paper_id for row in feedback if row.signal == "skip"),
-        unrated=unrated,
-        interests=sub.interests,
-        seed_papers=sub.seed_papers,
-    )
-
-
 def candidate_seq(store: Store, sub: Subscriber, now: datetime) -> int:
     """Papers after this ingest sequence number are new to the subscriber."""
     last = store.last_sent_digest(sub.email)
@@ -213,16 +201,19 @@ def prepare(
     candidates = store.candidate_papers(sub.email, candidate_seq(store, sub, now))
     if not candidates and not sub.send_empty:
         return None
+    refresh_library(store, sub)
     profile = build_profile(store, sub)
     ranked: list[Ranked] = []
     if candidates:
         ranked = rank(runtime.corpus_index(), profile, [p.id for p in candidates],
                       limit=sub.max_papers, settings=runtime.config.ranking,
                       cache=runtime.models, key=sub.email.lower())
+    # Levels are given exactly when the ranking learned from something that resolved.
+    personalised = any(r.level is not None for r in ranked) if ranked else is_personalised(profile)
     by_id = {p.id: p for p in candidates}
     items = tuple(
         DigestItem(position=i, paper=by_id[r.paper_id], score=r.score, reason=r.reason,
-                   explore=r.explore)
+                   explore=r.explore, relevance=r.level)
         for i, r in enumerate(ranked, start=1)
     )
     content = DigestContent(
@@ -231,7 +222,7 @@ def prepare(
         local_date=local_date or local_now(sub, now).date(),
         considered=len(candidates),
         items=items,
-        personalised=is_personalised(profile),
+        personalised=personalised,
     )
     message = render_digest(content, runtime.config.smtp, now=now)
     return Prepared(sub, content.local_date, content, message, corpus_seq)

@@ -11,13 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ..config import Subscriber
-from ..store import SubscriberState
+from ..config import Config, Subscriber
+from ..store import Store, SubscriberState
 
-if TYPE_CHECKING:
-    from .jobs import Runtime
+
+class Runtime(Protocol):
+    """What ``due`` reads of the jobs' runtime: the store and the config (no import of jobs)."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def config(self) -> Config: ...
 
 # How far back the latest scheduled send is looked for: a week covers any set of days.
 SCHEDULE_LOOKBACK_DAYS = 7

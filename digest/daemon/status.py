@@ -10,6 +10,7 @@ from typing import Any
 from ..config import WEEKDAYS, Config, Subscriber
 from ..errors import DigestError
 from ..ingest import FAILED_DIR
+from ..library import unresolved_seeds
 from ..sources import source_status
 from ..store import Store, utc_now
 from .jobs import Runtime
@@ -66,6 +67,20 @@ def subscriber_status(runtime: Runtime, sub: Subscriber, now: datetime) -> dict[
         },
         "likes": sum(row.signal == "like" for row in feedback),
         "skips": sum(row.signal == "skip" for row in feedback),
+        "seeds": _seeds(store, sub),
+    }
+
+
+def _seeds(store: Store, sub: Subscriber) -> dict[str, Any]:
+    """Seed papers and library entries, and which of them match no stored paper yet."""
+    counts = store.library_counts(sub.email)
+    return {
+        "seed_papers": len(sub.seed_papers),
+        "unresolved_seed_papers": unresolved_seeds(store, sub),
+        "library_entries": counts.entries,
+        "library_matched": counts.matched,
+        "library_pending": counts.pending,
+        "library_with_abstract": counts.with_text,
     }
 
 
@@ -155,6 +170,14 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(f"    last       {last['local_date']} {last['status']}, "
                          f"{last['items']} of {last['considered']} papers{extra}")
         lines.append(f"    feedback   {sub['likes']} liked, {sub['skips']} skipped")
+        seeds = sub["seeds"]
+        if seeds["seed_papers"] or seeds["library_entries"]:
+            lines.append(f"    seeds      {seeds['seed_papers']} seed papers, "
+                         f"{len(seeds['unresolved_seed_papers'])} not found; library "
+                         f"{seeds['library_entries']} entries, {seeds['library_matched']} "
+                         f"matched, {seeds['library_pending']} pending")
+        for ref in seeds["unresolved_seed_papers"]:
+            lines.append(f"    warning    seed paper {ref!r} matches no stored paper yet")
     for row in report["unsent_digests"]:
         lines.append(f"pending: {row['subscriber']} digest of {row['local_date']} claimed "
                      f"{row['claimed_at']}, {row['attempts']} attempt(s)"

@@ -48,6 +48,7 @@ import jinja2
 from .. import rank
 from ..config import Config, Subscriber
 from ..errors import DigestError, SendError, StoreError
+from ..library import import_attachments
 from ..mailer import Mailer
 from ..render import EMAIL_POLICY, defuse_command_lines, one_line, reply_address, template_root
 from ..store import DigestRow, ItemRow, Store, SubscriberState, utc_now
@@ -362,6 +363,8 @@ class _Processor:
             if self.store.reply_record(key) is not None:  # another process was quicker
                 return ReplyOutcome(key, sender, "duplicate", "already processed")
             applied = self._apply(db, digest, items, parsed)
+            lines, taken = import_attachments(self.store, digest.subscriber, message, db=db)
+            applied.done, applied.commands = applied.done + lines, applied.commands + taken
             outcome = "applied" if applied.commands else "ignored"
             detail = "" if applied.commands else "no command"
             self.store.record_reply(key, sender=sender, outcome=outcome, detail=detail,
@@ -628,11 +631,9 @@ class _Explainer:
 
     def explain(self, digest: DigestRow, items: list[ItemRow],
                 numbers: Sequence[int]) -> dict[str, Any]:
-        from ..daemon import build_profile  # the daemon builds profiles; imported late
-
         sub = self.config.subscriber(digest.subscriber) or Subscriber(digest.subscriber,
                                                                       digest.subscriber)
-        profile = build_profile(self.store, sub)
+        profile = rank.build_profile(self.store, sub)
         by_position = {item.position: item for item in items}
         answers: list[dict[str, Any]] = []
         for number in numbers:
