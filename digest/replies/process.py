@@ -364,6 +364,10 @@ class _Processor:
                 return ReplyOutcome(key, sender, "duplicate", "already processed")
             applied = self._apply(db, digest, items, parsed)
             lines, taken = import_attachments(self.store, digest.subscriber, message, db=db)
+            if lines:  # an attached library file is confirmed like a command of its own
+                step = _Step("(the attached library file)")
+                step.done = lines
+                applied.steps.append(step)
             applied.done, applied.commands = applied.done + lines, applied.commands + taken
             outcome = "applied" if applied.commands else "ignored"
             detail = "" if applied.commands else "no command"
