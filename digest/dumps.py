@@ -42,9 +42,13 @@ from .paper import ArxivId, Paper, find_arxiv_id, paper_id_for, parse_arxiv_id
 MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 # "Mar 12", "March 12", "Mar. 12", "Mar 12, 2026". Any one- or two-digit day matches, so
 # that "Mar 99" is reported as an impossible date rather than as a missing date line.
+# The month is a whole name or abbreviation, so a menu line such as "Decoding 2" is no date.
 _DATE_LINE = re.compile(
-    r"^(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+(\d{1,2})(?:,?\s+(\d{4}))?$",
+    r"^(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+    r"|sept?(?:ember)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?\s+(\d{1,2})"
+    r"(?:,?\s+(\d{4}))?$",
     re.IGNORECASE)
+_HTML_START = re.compile(r"<!doctype\s+html|<html[\s>]", re.IGNORECASE)
 _NAME_DATE = re.compile(r"(20\d\d)[-_.]?(0[1-9]|1[0-2])[-_.]?(0[1-9]|[12]\d|3[01])")
 _URL = re.compile(r"https?://[^\s<>\"'\]\[]+")
 _URL_TRAILING = ".,;:!?)}'\""
@@ -159,11 +163,24 @@ def parse_bytes(data: bytes, *, name: str, fallback_date: date) -> ParsedDump:
         line = data[: exc.start].count(b"\n") + 1
         raise DumpError(name, f"not UTF-8 text (byte {exc.start})", line=line) from exc
     stripped = text.lstrip()
+    if _HTML_START.match(stripped):
+        raise DumpError(name, "an HTML page, not a listing (a page dump is the page's text, "
+                        "copied from the browser; a feed or the API's JSON is a listing)")
     if stripped.startswith(("[", "{")):
         return parse_api_json(text, name=name, fallback_date=fallback_date)
     if stripped.startswith("<"):
         return parse_feed(data, name=name, fallback_date=fallback_date)
     return parse_page(text, name=name, fallback_date=fallback_date)
+
+
+def listing_format(data: bytes, *, name: str, fallback_date: date) -> str:
+    """The format of a listing (``"daily-papers"``, ``"arxiv-rss"``, ``"page"``, ...) when
+    ``data`` is one the scan would ingest; DumpError saying what it is otherwise.
+
+    The scan's own detection and parse (``parse_bytes``), for a producer of dump
+    files (``sources``) to refuse what the scan would only move to ``failed/``.
+    """
+    return parse_bytes(data, name=name, fallback_date=fallback_date).format
 
 
 def date_from_file(path: Path) -> date:
@@ -296,7 +313,7 @@ def _page_date(text: str, fallback_date: date, *, name: str, line: int) -> date:
     match = _DATE_LINE.match(text)
     if match is None:  # pragma: no cover - the caller found the line with this pattern
         raise DumpError(name, f"not a date line: {text!r}", line=line)
-    month = MONTHS.index(match.group(1).lower()) + 1
+    month = MONTHS.index(match.group(1)[:3].lower()) + 1
     day = int(match.group(2))
     try:
         if match.group(3):

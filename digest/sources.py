@@ -41,7 +41,8 @@ import httpx
 
 from . import __version__
 from .config import Config, SourceConfig
-from .errors import DigestError, FetchError
+from .dumps import listing_format
+from .errors import DigestError, DumpError, FetchError
 from .store import FetchedUrl, SourceRun, Store, utc_now
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,13 @@ async def download(
         for plan in plans:
             if stop is not None and stop.is_set():
                 break
-            results.append(await _fetch_source(client, plan, stop))
+            try:
+                results.append(await _fetch_source(client, plan, stop))
+            except Exception as exc:  # the unit boundary: one source's surprise is its own
+                log.exception("source %s: the fetch failed unexpectedly", plan.source.name)
+                results.append(SourceResult(plan.source.name, plan.started_at, "failed",
+                                            detail=f"{type(exc).__name__}: {exc}",
+                                            retry_at=plan.started_at + RETRY_FAILED_AFTER))
     return results
 
 
@@ -361,8 +368,8 @@ async def _fetch_url(client: httpx.AsyncClient, plan: SourcePlan, planned: Plann
             if wait > MAX_RETRY_AFTER_WAIT:
                 raise
             attempt += 1
-            log.warning("source %s: %s; trying again in %gs (attempt %d of %d)",
-                        source.name, exc, wait, attempt, source.attempts)
+            log.warning("source %s: %s; trying again in %s (attempt %d of %d)",
+                        source.name, exc, readable_duration(wait), attempt, source.attempts)
             if await _stopped_during(wait, stop):
                 raise FetchError(planned.url, f"{exc.reason}; not tried again: the daemon "
                                  "is stopping", transient=True, status=exc.status) from exc
@@ -448,7 +455,7 @@ async def _answer(plan: SourcePlan, planned: PlannedUrl, response: httpx.Respons
         retry_after = parse_retry_after(response.headers.get("Retry-After"), utc_now())
         if status in _TRANSIENT_STATUS:
             if retry_after is not None:
-                reason += f" (Retry-After {retry_after:g}s)"
+                reason += f" (Retry-After {readable_duration(retry_after)})"
             raise FetchError(url, reason, transient=True, status=status, retry_after=retry_after)
         raise FetchError(url, reason, transient=False, status=status)
     limit = plan.source.max_bytes
@@ -471,6 +478,7 @@ async def _answer(plan: SourcePlan, planned: PlannedUrl, response: httpx.Respons
                              http_status=status,
                              fetched=_fetched(plan, url, response, sha, previous.file, size,
                                               previous))
+        _check_listing(part, planned, url, status)
         _commit(part, target)
         committed = True
     finally:
@@ -482,6 +490,18 @@ async def _answer(plan: SourcePlan, planned: PlannedUrl, response: httpx.Respons
     return UrlResult(url, planned.listing_date, "written", f"{size} bytes", file=target,
                      bytes=size, http_status=status,
                      fetched=_fetched(plan, url, response, sha, str(target), size, previous))
+
+
+def _check_listing(part: Path, planned: PlannedUrl, url: str, status: int) -> None:
+    """FetchError unless the body is a listing the scan ingests (the scan's own detection):
+    an error page answered with 200 is the fetch's failure, not a file for ``failed/``."""
+    try:
+        listing_format(part.read_bytes(), name=url, fallback_date=planned.listing_date)
+    except DumpError as exc:
+        where = f" (line {exc.line})" if exc.line is not None else ""
+        reason = (f"the answer is {exc.message}" if exc.message.startswith("an HTML page")
+                  else f"the answer is not a listing the scan can read: {exc.message}{where}")
+        raise FetchError(url, reason, transient=False, status=status) from exc
 
 
 def _fetched(plan: SourcePlan, url: str, response: httpx.Response, sha: str | None,
@@ -572,19 +592,38 @@ def inbox_name(source: SourceConfig, day: date, response: httpx.Response | None 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """A ``Retry-After`` header in seconds from ``now`` (RFC 9110 10.2.3): delta-seconds
-    or an HTTP-date; a date in the past is 0; a value that is neither gives None."""
+    or an HTTP-date; a date in the past is 0; a value that is neither gives None.
+
+    The result is at most ``MAX_RETRY_AFTER`` (in seconds), so any header, however
+    many digits or however far its date, gives a wait that fits a timedelta.
+    """
     if value is None:
         return None
     text = value.strip()
+    cap = MAX_RETRY_AFTER.total_seconds()
     if text.isascii() and text.isdigit():
-        return float(text)
+        # Compared as text first: int() of thousands of digits is refused (and slow).
+        digits = text.lstrip("0") or "0"
+        return float(digits) if len(digits) <= 15 and float(digits) <= cap else cap
     try:
         when = parsedate_to_datetime(text)
+        if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are in UTC
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now).total_seconds()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are in UTC
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
+    return min(max(0.0, seconds), cap)
+
+
+def readable_duration(seconds: float) -> str:
+    """``"45s"``, ``"12 min"``, ``"6 h"``, ``"2 h 30 min"``: a wait as a person reads it."""
+    if seconds < 60:
+        return f"{seconds:g}s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, rest = divmod(minutes, 60)
+    return f"{hours} h {rest} min" if rest else f"{hours} h"
 
 
 # --- recording ------------------------------------------------------------------------
@@ -595,12 +634,20 @@ def record_results(store: Store, results: Sequence[SourceResult]) -> None:
     for result in results:
         if result.status == "waiting":
             continue
-        for url in result.urls:
-            if url.fetched is not None:
-                store.record_fetched_url(url.fetched)
-        store.record_source_run(result.source, started_at=result.started_at,
-                                ok=result.status == "ok", detail=result.detail,
-                                retry_at=result.retry_at, not_before=result.not_before)
+        try:
+            for url in result.urls:
+                if url.fetched is not None:
+                    store.record_fetched_url(url.fetched)
+            store.record_source_run(result.source, started_at=result.started_at,
+                                    ok=result.status == "ok", detail=result.detail,
+                                    retry_at=result.retry_at, not_before=result.not_before)
+        except Exception as exc:  # the unit boundary: recorded as this source's failure
+            log.exception("source %s: its fetch could not be recorded", result.source)
+            # When even this write fails, the database itself is broken: that propagates.
+            store.record_source_run(
+                result.source, started_at=result.started_at, ok=False,
+                detail=f"the fetch could not be recorded: {type(exc).__name__}: {exc}",
+                retry_at=result.started_at + RETRY_FAILED_AFTER)
 
 
 async def fetch_sources(

@@ -189,8 +189,7 @@ def test_an_empty_listing_shows_in_status(tmp_path: Path,
     assert "sunday.xml: 0 papers, 0 new (arxiv-rss)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("data", [b"<html><body><p>Sign in</p></body></html>",
-                                  b"<?xml version='1.0'?><config><key>1</key></config>",
+@pytest.mark.parametrize("data", [b"<?xml version='1.0'?><config><key>1</key></config>",
                                   b"<svg xmlns='http://www.w3.org/2000/svg'/>"])
 def test_xml_that_is_no_listing_keeps_its_reason(data: bytes) -> None:
     with pytest.raises(DumpError, match="not an Atom or RSS listing"):
@@ -402,3 +401,28 @@ def test_atom_authors_version_and_source() -> None:
     assert (paper.title, paper.abstract) == ("Atoms Everywhere", "An abstract over two lines.")
     assert paper.authors == ("Marie Curie", "Pierre Curie")
     assert paper.listed_on == date(2026, 3, 11)  # the date as written, not shifted to UTC
+
+
+# --- the hostile review (issue 12) ------------------------------------------------------
+
+
+def test_a_menu_line_starting_like_a_month_is_no_date_line() -> None:
+    page = ("Decoding 2\nMarketplace 7\nJunk 3\n\nMarch 12\n\nA Paper\n\nIts abstract.\n"
+            "\nSept. 1 Review\n\nAn abstract.\n")
+    parsed = parse_bytes(page.encode(), name="menu.txt", fallback_date=DAY)
+    assert parsed.listed_on == DAY
+    assert parsed.papers[0].title == "A Paper"
+    for line, month in (("Sept 3", 9), ("june 4", 6), ("DEC. 5", 12), ("Feb 6, 2026", 2)):
+        dated = parse_bytes(f"{line}\n\nA Paper\n\nIts abstract.\n".encode(), name="p.txt",
+                            fallback_date=DAY)
+        assert dated.listed_on is not None and dated.listed_on.month == month
+    with pytest.raises(DumpError, match="no listing date line"):
+        parse_bytes(b"Decoding 2\n\nA Paper\n\nIts abstract.\n", name="d.txt", fallback_date=DAY)
+
+
+@pytest.mark.parametrize("start", ["<!DOCTYPE html>", "<html lang=\"en\">", "\n  <HTML>",
+                                   "<html><body><p>Sign in</p>"])
+def test_an_html_file_is_reported_as_an_html_page(start: str) -> None:
+    data = f"{start}<head><title>Daily Papers</title></head><body>Mar 12</body></html>"
+    with pytest.raises(DumpError, match="an HTML page, not a listing"):
+        parse_bytes(data.encode(), name="saved.html", fallback_date=DAY)
