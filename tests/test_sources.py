@@ -394,7 +394,7 @@ def test_status_before_the_first_fetch_and_after_a_good_one(
     with time_machine.travel(DAY, tick=False):
         assert main(args) == 0
     out = capsys.readouterr().out
-    assert "- hf: ok, fetched 2026-03-12T09:00:00+00:00 (1 written)" in out
+    assert "- hf: ok, fetched Thu 2026-03-12 10:00 Europe/Berlin (1 written)" in out
     assert "next fetch Fri 2026-03-13 07:00 Europe/Berlin" in out
 
 
@@ -769,3 +769,39 @@ def test_a_200_that_is_no_listing_fails_the_fetch_and_writes_nothing(
     assert inbox_names(config) == []
     run = store.source_run("hf")
     assert run is not None and run.outcome == "failed" and "HTML page" in run.detail
+
+
+def test_a_secret_in_the_url_never_shows_in_logs_output_or_status(
+        server: ListingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    server.script("/api", Answer(500))
+    path = write_config(tmp_path, [source(server, "/api?token=s3cr3t-t0ken&date={date}",
+                                          attempts=2)])
+    with caplog.at_level(logging.INFO), time_machine.travel(DAY, tick=False):
+        assert main(["--config", str(path), "fetch"]) == 1
+        assert main(["--config", str(path), "status"]) == 0
+        assert main(["--config", str(path), "check-config"]) == 0
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err + caplog.text
+    assert "s3cr3t-t0ken" not in shown
+    assert "token=***" in captured.out and "HTTP 500" in captured.out
+    assert server.requests[0].path == "/api?token=s3cr3t-t0ken&date=2026-03-12"  # sent as is
+
+
+def test_fetch_date_needs_a_dated_url(server: ListingServer, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, [source(server, "/rss", name="rss")])
+    assert main(["--config", str(path), "fetch", "--date", "2026-03-01"]) == 1
+    err = capsys.readouterr().err
+    assert "--date needs a url with {date} in it" in err and "rss" in err
+    assert server.requests == []
+
+
+def test_status_gives_each_source_its_own_local_time(server: ListingServer, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    server.script("/rss", Answer(200, RSS))
+    path = write_config(tmp_path, [source(server, "/rss", name="rss", timezone="Asia/Tokyo")])
+    with time_machine.travel(DAY, tick=False):
+        assert main(["--config", str(path), "fetch"]) == 0
+        assert main(["--config", str(path), "status"]) == 0
+    assert "- rss: ok, fetched Thu 2026-03-12 18:00 Asia/Tokyo" in capsys.readouterr().out
