@@ -805,3 +805,16 @@ def test_status_gives_each_source_its_own_local_time(server: ListingServer, tmp_
         assert main(["--config", str(path), "fetch"]) == 0
         assert main(["--config", str(path), "status"]) == 0
     assert "- rss: ok, fetched Thu 2026-03-12 18:00 Asia/Tokyo" in capsys.readouterr().out
+
+
+def test_a_source_whose_fetch_cannot_be_recorded_fails_alone(setup: Any,
+                                                             server: ListingServer) -> None:
+    _config, store = setup(source(server, "/a", name="bad"), source(server, "/b", name="good"))
+    # A lone surrogate cannot be stored as UTF-8: this source's record raises.
+    bad = SourceResult("bad", DAY, "failed", detail="HTTP 500 \ud800")
+    good = SourceResult("good", DAY, "ok", detail="1 written")
+    record_results(store, [bad, good])
+    bad_run, good_run = store.source_run("bad"), store.source_run("good")
+    assert bad_run is not None and bad_run.outcome == "failed"
+    assert "could not be recorded" in bad_run.detail
+    assert good_run is not None and good_run.outcome == "ok"
