@@ -67,6 +67,8 @@ class _JournalFormatter(logging.Formatter):
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .sources import redact_url
+
     config = _config(args)
     config.check_secrets()  # a missing password is an error worth knowing now, not at 08:00
     print(f"{config.path}: OK, {len(config.subscribers)} subscriber(s)")
@@ -91,7 +93,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               f"up to {sub.max_papers} papers")
     for source in config.sources:
         times = ", ".join(f"{at:%H:%M}" for at in source.at)
-        print(f"  source {source.name}: {source.url} at {times} {source.timezone.key}")
+        print(f"  source {source.name}: {redact_url(source.url)} at {times} "
+              f"{source.timezone.key}")
     for warning in _seed_warnings(config):
         print(f"  warning: {warning}")
     if args.connect:
@@ -309,7 +312,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from .sources import fetch_sources
+    from .sources import fetch_sources, redact_url
     from .store import Store
 
     config = _config(args)
@@ -319,6 +322,15 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                               "(no [[sources]] configured)")
         print(f"{config.path}: no [[sources]] table, so there is nothing to fetch")
         return EXIT_OK
+    if args.date:
+        chosen = [s for s in config.sources
+                  if args.source is None or s.name.lower() == args.source.lower()]
+        undated = [s.name for s in chosen if not s.dated]
+        if undated:
+            raise DigestError(
+                f"{config.path}: --date needs a url with {{date}} in it, and source(s) "
+                f"{', '.join(undated)} have none (they always give today's listing); "
+                "pick a dated source with --source NAME")
     with Store(config.state) as store:
         results = asyncio.run(fetch_sources(config, store, now=_now(), only=args.source,
                                             dates=[args.date] if args.date else None,
@@ -331,7 +343,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             continue
         for url in result.urls:
             failed += not url.ok
-            print(f"{result.source}: {url.listing_date} {url.url}: " + _fetch_line(url))
+            print(f"{result.source}: {url.listing_date} {redact_url(url.url)}: "
+                  + _fetch_line(url))
         if result.status == "failed" and not any(not url.ok for url in result.urls):
             failed += 1
             print(f"{result.source}: FAILED: {result.detail}")

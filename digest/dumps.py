@@ -42,9 +42,15 @@ from .paper import ArxivId, Paper, find_arxiv_id, paper_id_for, parse_arxiv_id
 MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 # "Mar 12", "March 12", "Mar. 12", "Mar 12, 2026". Any one- or two-digit day matches, so
 # that "Mar 99" is reported as an impossible date rather than as a missing date line.
+# The month is a whole name or abbreviation, so a menu line such as "Decoding 2" is no date.
 _DATE_LINE = re.compile(
-    r"^(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+(\d{1,2})(?:,?\s+(\d{4}))?$",
+    r"^(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+    r"|sept?(?:ember)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?\s+(\d{1,2})"
+    r"(?:,?\s+(\d{4}))?$",
     re.IGNORECASE)
+# An XML declaration naming its encoding (any but UTF-8 needs it, XML 1.0 4.3.3).
+_XML_ENCODING = re.compile(rb"\s*<\?xml[^>]*\sencoding\s*=\s*[\"'][A-Za-z][\w.:-]*[\"']")
+_HTML_START = re.compile(r"<!doctype\s+html|<html[\s>]", re.IGNORECASE)
 _NAME_DATE = re.compile(r"(20\d\d)[-_.]?(0[1-9]|1[0-2])[-_.]?(0[1-9]|[12]\d|3[01])")
 _URL = re.compile(r"https?://[^\s<>\"'\]\[]+")
 _URL_TRAILING = ".,;:!?)}'\""
@@ -156,14 +162,29 @@ def parse_bytes(data: bytes, *, name: str, fallback_date: date) -> ParsedDump:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        if _XML_ENCODING.match(data):  # e.g. encoding="ISO-8859-1": the feed parser reads it
+            return parse_feed(data, name=name, fallback_date=fallback_date)
         line = data[: exc.start].count(b"\n") + 1
         raise DumpError(name, f"not UTF-8 text (byte {exc.start})", line=line) from exc
     stripped = text.lstrip()
+    if _HTML_START.match(stripped):
+        raise DumpError(name, "an HTML page, not a listing (a page dump is the page's text, "
+                        "copied from the browser; a feed or the API's JSON is a listing)")
     if stripped.startswith(("[", "{")):
         return parse_api_json(text, name=name, fallback_date=fallback_date)
     if stripped.startswith("<"):
         return parse_feed(data, name=name, fallback_date=fallback_date)
     return parse_page(text, name=name, fallback_date=fallback_date)
+
+
+def listing_format(data: bytes, *, name: str, fallback_date: date) -> str:
+    """The format of a listing (``"daily-papers"``, ``"arxiv-rss"``, ``"page"``, ...) when
+    ``data`` is one the scan would ingest; DumpError saying what it is otherwise.
+
+    The scan's own detection and parse (``parse_bytes``), for a producer of dump
+    files (``sources``) to refuse what the scan would only move to ``failed/``.
+    """
+    return parse_bytes(data, name=name, fallback_date=fallback_date).format
 
 
 def date_from_file(path: Path) -> date:
@@ -296,7 +317,7 @@ def _page_date(text: str, fallback_date: date, *, name: str, line: int) -> date:
     match = _DATE_LINE.match(text)
     if match is None:  # pragma: no cover - the caller found the line with this pattern
         raise DumpError(name, f"not a date line: {text!r}", line=line)
-    month = MONTHS.index(match.group(1).lower()) + 1
+    month = MONTHS.index(match.group(1)[:3].lower()) + 1
     day = int(match.group(2))
     try:
         if match.group(3):
@@ -513,6 +534,7 @@ def _authors(raw: list[str], where: str, warnings: list[str]) -> tuple[str, ...]
 # arXiv's RSS description: "arXiv:2409.11074v1 Announce Type: new Abstract: ...".
 _RSS_PREAMBLE = re.compile(
     r"^\s*arXiv:(\S+)\s+Announce\s+Type:\s*([\w-]+)\s+(?:Abstract:\s*)?", re.IGNORECASE)
+_ABSTRACT_LABEL = re.compile(r"^\s*Abstract:\s*", re.IGNORECASE)
 # arXiv's RSS before 2024 put the id in the title: "Title. (arXiv:2409.11074v2 [cs.CL] UPDATED)".
 _OLD_RSS_TITLE = re.compile(
     r"\.?\s*\(arXiv:(\S+?)\s*\[[^\]]*\]\s*(UPDATED|CROSS LISTED)?\)\s*$", re.IGNORECASE)
@@ -545,7 +567,12 @@ def parse_feed(data: bytes, *, name: str, fallback_date: date) -> ParsedDump:
     for index, entry in enumerate(feed.entries):
         where = f"feed entry {index}"
         _arxiv_api_error(entry, name)
-        announce, paper = _feed_entry(entry, index, name, where, fallback_date, warnings)
+        if not clean_text(str(entry.get("title", ""))[: 4 * TITLE_MAX_CHARS + 1]):
+            # One item without a title is that item's problem, not the day's listing's.
+            warnings.append(f"{where}: no title; skipped")
+            continue
+        announce, paper = _feed_entry(entry, index, name, where, fallback_date, warnings,
+                                      rss=kind == "rss")
         if paper.listed_on is None and channel_date is not None:
             paper = replace(paper, listed_on=channel_date)
         arxiv_entries += paper.arxiv_id is not None
@@ -574,7 +601,7 @@ def _arxiv_api_error(entry: Any, name: str) -> None:
 
 
 def _feed_entry(entry: Any, index: int, name: str, where: str, reference: date | None,
-                warnings: list[str]) -> tuple[str | None, Paper]:
+                warnings: list[str], *, rss: bool) -> tuple[str | None, Paper]:
     """One entry: its announce type (None when the feed has none) and the paper."""
     # Cut before the HTML pass: the abstract is cut at ABSTRACT_MAX_CHARS anyway, and
     # markup rarely takes more room than the text it wraps.
@@ -590,6 +617,8 @@ def _feed_entry(entry: Any, index: int, name: str, where: str, reference: date |
         arxiv = parse_arxiv_id(preamble.group(1))
         announce = preamble.group(2).lower()
         summary = summary[preamble.end():]
+    else:  # the type only in <arxiv:announce_type>: the label still starts the text
+        summary = _ABSTRACT_LABEL.sub("", summary, count=1)
     raw_title = str(entry.get("title", ""))
     old_style = (_OLD_RSS_TITLE.search(raw_title) if len(raw_title) <= 4 * TITLE_MAX_CHARS
                  else None)  # an overlong title is refused below, whatever it ends with
@@ -612,7 +641,7 @@ def _feed_entry(entry: Any, index: int, name: str, where: str, reference: date |
         listed_on=_feed_date(entry, where, reference, warnings),
         code_links=code_links(abstract),
         listing_rank=index + 1,
-        authors=_feed_authors(entry, where, warnings),
+        authors=_feed_authors(entry, where, warnings, rss=rss),
         version=arxiv.version if arxiv else None,
     )
 
@@ -631,13 +660,22 @@ def _feed_date(item: Any, where: str, reference: date | None, warnings: list[str
     return None
 
 
-def _feed_authors(entry: Any, where: str, warnings: list[str]) -> tuple[str, ...]:
-    """Atom: one ``author/name`` each; arXiv's RSS: one ``dc:creator`` of "A, B and C"."""
+def _feed_authors(entry: Any, where: str, warnings: list[str], *,
+                  rss: bool) -> tuple[str, ...]:
+    """Atom: one ``author/name`` each, taken whole ("Doe, Jane" is one author); RSS: a
+    ``dc:creator`` of "A, B and C", split, and in arXiv's RDF before 2024 each name
+    wrapped in an ``<a href=...>`` link, of which the text is kept."""
     names: list[str] = []
     for author in entry.get("authors") or []:
         value = author.get("name") if isinstance(author, dict) else None
-        if isinstance(value, str):
-            names.extend(_split_names(value))
+        if not isinstance(value, str):
+            continue
+        if not rss:
+            names.append(value)
+            continue
+        if "<" in value:
+            value = _html_text(value[: AUTHORS_MAX * AUTHOR_MAX_CHARS])
+        names.extend(_split_names(value))
     return _authors(names, where, warnings)
 
 

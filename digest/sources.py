@@ -28,6 +28,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import time as time_module
 from collections.abc import Sequence
@@ -36,12 +37,14 @@ from datetime import UTC, date, datetime, timedelta
 from email.utils import parseaddr, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import httpx
 
 from . import __version__
 from .config import Config, SourceConfig
-from .errors import DigestError, FetchError
+from .dumps import listing_format
+from .errors import DigestError, DumpError, FetchError
 from .store import FetchedUrl, SourceRun, Store, utc_now
 
 log = logging.getLogger(__name__)
@@ -280,7 +283,13 @@ async def download(
         for plan in plans:
             if stop is not None and stop.is_set():
                 break
-            results.append(await _fetch_source(client, plan, stop))
+            try:
+                results.append(await _fetch_source(client, plan, stop))
+            except Exception as exc:  # the unit boundary: one source's surprise is its own
+                log.exception("source %s: the fetch failed unexpectedly", plan.source.name)
+                results.append(SourceResult(plan.source.name, plan.started_at, "failed",
+                                            detail=f"{type(exc).__name__}: {exc}",
+                                            retry_at=plan.started_at + RETRY_FAILED_AFTER))
     return results
 
 
@@ -303,12 +312,14 @@ async def _fetch_source(client: httpx.AsyncClient, plan: SourcePlan,
                                http_status=exc.status, error=exc)
         except OSError as exc:  # the inbox cannot be written
             reason = f"cannot write the listing into {plan.inbox}: {exc.strerror or exc}"
-            log.error("source %s: %s: %s", name, planned.url, reason)
+            log.error("source %s: %s: %s", name, redact_url(planned.url), reason)
             result = UrlResult(planned.url, planned.listing_date, "failed", reason)
         except Exception as exc:  # the unit boundary: one source's surprise is its own
-            log.exception("source %s: %s: fetch failed unexpectedly", name, planned.url)
+            log.error("source %s: %s: fetch failed unexpectedly: %s", name,
+                      redact_url(planned.url), _scrub(_kind(exc, planned.url), planned.url),
+                      exc_info=exc)
             result = UrlResult(planned.url, planned.listing_date, "failed",
-                               f"{type(exc).__name__}: {exc}")
+                               _scrub(f"{type(exc).__name__}: {exc}", planned.url))
         urls.append(result)
         if result.error is not None and result.error.transient:
             break  # the server is in trouble: the other dates wait for the retry
@@ -325,7 +336,7 @@ def _summarise(plan: SourcePlan, urls: list[UrlResult]) -> SourceResult:
         return SourceResult(name, plan.started_at, "failed", tuple(urls),
                             detail="interrupted: the daemon stopped", retry_at=plan.started_at)
     first = failed[0]
-    detail = f"{first.url}: {first.detail}"
+    detail = f"{redact_url(first.url)}: {first.detail}"
     retry_at: datetime | None = None
     not_before: datetime | None = None
     error = first.error
@@ -361,11 +372,12 @@ async def _fetch_url(client: httpx.AsyncClient, plan: SourcePlan, planned: Plann
             if wait > MAX_RETRY_AFTER_WAIT:
                 raise
             attempt += 1
-            log.warning("source %s: %s; trying again in %gs (attempt %d of %d)",
-                        source.name, exc, wait, attempt, source.attempts)
+            log.warning("source %s: %s; trying again in %s (attempt %d of %d)",
+                        source.name, exc, readable_duration(wait), attempt, source.attempts)
             if await _stopped_during(wait, stop):
-                raise FetchError(planned.url, f"{exc.reason}; not tried again: the daemon "
-                                 "is stopping", transient=True, status=exc.status) from exc
+                raise FetchError(redact_url(planned.url), f"{exc.reason}; not tried again: "
+                                 "the daemon is stopping", transient=True,
+                                 status=exc.status) from exc
 
 
 async def _stopped_during(seconds: float, stop: asyncio.Event | None) -> bool:
@@ -383,6 +395,7 @@ async def _stopped_during(seconds: float, stop: asyncio.Event | None) -> bool:
 async def _get(client: httpx.AsyncClient, plan: SourcePlan, planned: PlannedUrl) -> UrlResult:
     """One GET: a 304 or a body streamed into the inbox; FetchError for anything else."""
     source, url, previous = plan.source, planned.url, planned.previous
+    shown = redact_url(url)
     headers = {"User-Agent": plan.user_agent, "Accept": ACCEPT}
     headers.update(dict(source.headers))
     if previous is not None and previous.etag:
@@ -396,26 +409,75 @@ async def _get(client: httpx.AsyncClient, plan: SourcePlan, planned: PlannedUrl)
                                      timeout=httpx.Timeout(source.timeout)) as response:
                 return await _answer(plan, planned, response)
     except TimeoutError:
-        raise FetchError(url, f"the answer took longer than {deadline:g}s",
+        raise FetchError(shown, f"the answer took longer than {deadline:g}s",
                          transient=True) from None
     except httpx.TimeoutException as exc:
-        raise FetchError(url, f"no answer within {source.timeout:g}s ({_kind(exc)})",
+        raise FetchError(shown, f"no answer within {source.timeout:g}s ({_kind(exc, url)})",
                          transient=True) from exc
     except httpx.TooManyRedirects as exc:
-        raise FetchError(url, f"more than {MAX_REDIRECTS} redirects", transient=False) from exc
+        raise FetchError(shown, f"more than {MAX_REDIRECTS} redirects", transient=False) from exc
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-        raise FetchError(url, f"cannot be fetched: {exc}", transient=False) from exc
+        raise FetchError(shown, f"cannot be fetched: {_scrub(str(exc), url)}",
+                         transient=False) from exc
     except httpx.TransportError as exc:
         certificate = _certificate_problem(exc)
         if certificate is not None:
-            raise FetchError(url, f"TLS certificate not trusted: {certificate}",
+            raise FetchError(shown, f"TLS certificate not trusted: {certificate}",
                              transient=False) from exc
-        raise FetchError(url, f"network error: {_kind(exc)}", transient=True) from exc
+        raise FetchError(shown, f"network error: {_kind(exc, url)}",
+                         transient=True) from exc
 
 
-def _kind(exc: Exception) -> str:
-    text = str(exc).strip()
+def _kind(exc: Exception, url: str) -> str:
+    text = _scrub(str(exc).strip(), url)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# Query keys whose values are secrets: an API key or token some listing sites put in the URL.
+_SECRET_KEY = re.compile(r"(?:^|[_.-])(?:token|key|apikey|api[_-]?key|password|passwd|pass|pwd"
+                         r"|secret|sig|signature|auth|credentials?)$", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` as logs, ``digest fetch`` and ``status`` show it: a password in the userinfo
+    and the values of secret-looking query keys (token, key, apikey, password, secret,
+    ...) replaced by ``***``; the URL itself is fetched unchanged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+    pieces = []
+    for piece in parts.query.split("&") if parts.query else []:
+        key, sep, _ = piece.partition("=")
+        pieces.append(f"{key}=***" if sep and _SECRET_KEY.search(unquote_plus(key)) else piece)
+    query = "&".join(pieces)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _secrets(url: str) -> list[str]:
+    """The secret parts of ``url`` (the userinfo, secret query values), longest first."""
+    found: list[str] = []
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            found.append(parts.netloc.rsplit("@", 1)[0])
+        for piece in parts.query.split("&"):
+            key, sep, value = piece.partition("=")
+            if sep and value and _SECRET_KEY.search(unquote_plus(key)):
+                found.extend({value, unquote_plus(value)})
+    return sorted(found, key=len, reverse=True)
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` (an exception's message) with the secrets of ``url`` replaced by ``***``."""
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _certificate_problem(exc: BaseException) -> str | None:
@@ -434,9 +496,10 @@ def _certificate_problem(exc: BaseException) -> str | None:
 
 async def _answer(plan: SourcePlan, planned: PlannedUrl, response: httpx.Response) -> UrlResult:
     url, previous = planned.url, planned.previous
+    shown = redact_url(url)
     status = response.status_code
     if status == 304 and previous is not None:
-        log.info("source %s: %s not modified since %s", plan.source.name, url,
+        log.info("source %s: %s not modified since %s", plan.source.name, redact_url(url),
                  previous.fetched_at)
         fetched = _fetched(plan, url, response, previous.sha256, previous.file, previous.bytes,
                            previous)
@@ -448,29 +511,31 @@ async def _answer(plan: SourcePlan, planned: PlannedUrl, response: httpx.Respons
         retry_after = parse_retry_after(response.headers.get("Retry-After"), utc_now())
         if status in _TRANSIENT_STATUS:
             if retry_after is not None:
-                reason += f" (Retry-After {retry_after:g}s)"
-            raise FetchError(url, reason, transient=True, status=status, retry_after=retry_after)
-        raise FetchError(url, reason, transient=False, status=status)
+                reason += f" (Retry-After {readable_duration(retry_after)})"
+            raise FetchError(shown, reason, transient=True, status=status, retry_after=retry_after)
+        raise FetchError(shown, reason, transient=False, status=status)
     limit = plan.source.max_bytes
     declared = _content_length(response)
     if declared is not None and declared > limit:
-        raise FetchError(url, f"the answer is {declared} bytes, over the limit of {limit} "
+        raise FetchError(shown, f"the answer is {declared} bytes, over the limit of {limit} "
                          "(max_bytes)", transient=False, status=status)
     target = plan.inbox / inbox_name(plan.source, planned.listing_date, response)
-    sha, size, part = await _stream_to_part(response, target, limit, url)
+    sha, size, part = await _stream_to_part(response, target, limit, shown)
     committed = False
     try:
         if size == 0:
-            raise FetchError(url, "the answer is empty (an empty listing is still a file: "
+            raise FetchError(shown, "the answer is empty (an empty listing is still a file: "
                              "[] or a feed without items)", transient=True, status=status)
         if previous is not None and previous.sha256 == sha:  # a server without validators
-            log.info("source %s: %s unchanged (same %d bytes as %s)", plan.source.name, url,
+            log.info("source %s: %s unchanged (same %d bytes as %s)", plan.source.name,
+                     redact_url(url),
                      size, previous.file)
             return UrlResult(url, planned.listing_date, "unchanged", "same content as last time",
                              file=Path(previous.file) if previous.file else None, bytes=size,
                              http_status=status,
                              fetched=_fetched(plan, url, response, sha, previous.file, size,
                                               previous))
+        _check_listing(part, planned, shown, status)
         _commit(part, target)
         committed = True
     finally:
@@ -482,6 +547,18 @@ async def _answer(plan: SourcePlan, planned: PlannedUrl, response: httpx.Respons
     return UrlResult(url, planned.listing_date, "written", f"{size} bytes", file=target,
                      bytes=size, http_status=status,
                      fetched=_fetched(plan, url, response, sha, str(target), size, previous))
+
+
+def _check_listing(part: Path, planned: PlannedUrl, url: str, status: int) -> None:
+    """FetchError unless the body is a listing the scan ingests (the scan's own detection):
+    an error page answered with 200 is the fetch's failure, not a file for ``failed/``."""
+    try:
+        listing_format(part.read_bytes(), name=url, fallback_date=planned.listing_date)
+    except DumpError as exc:
+        where = f" (line {exc.line})" if exc.line is not None else ""
+        reason = (f"the answer is {exc.message}" if exc.message.startswith("an HTML page")
+                  else f"the answer is not a listing the scan can read: {exc.message}{where}")
+        raise FetchError(url, reason, transient=False, status=status) from exc
 
 
 def _fetched(plan: SourcePlan, url: str, response: httpx.Response, sha: str | None,
@@ -572,19 +649,38 @@ def inbox_name(source: SourceConfig, day: date, response: httpx.Response | None 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """A ``Retry-After`` header in seconds from ``now`` (RFC 9110 10.2.3): delta-seconds
-    or an HTTP-date; a date in the past is 0; a value that is neither gives None."""
+    or an HTTP-date; a date in the past is 0; a value that is neither gives None.
+
+    The result is at most ``MAX_RETRY_AFTER`` (in seconds), so any header, however
+    many digits or however far its date, gives a wait that fits a timedelta.
+    """
     if value is None:
         return None
     text = value.strip()
+    cap = MAX_RETRY_AFTER.total_seconds()
     if text.isascii() and text.isdigit():
-        return float(text)
+        # Compared as text first: int() of thousands of digits is refused (and slow).
+        digits = text.lstrip("0") or "0"
+        return float(digits) if len(digits) <= 15 and float(digits) <= cap else cap
     try:
         when = parsedate_to_datetime(text)
+        if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are in UTC
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now).total_seconds()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are in UTC
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
+    return min(max(0.0, seconds), cap)
+
+
+def readable_duration(seconds: float) -> str:
+    """``"45s"``, ``"12 min"``, ``"6 h"``, ``"2 h 30 min"``: a wait as a person reads it."""
+    if seconds < 60:
+        return f"{seconds:g}s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, rest = divmod(minutes, 60)
+    return f"{hours} h {rest} min" if rest else f"{hours} h"
 
 
 # --- recording ------------------------------------------------------------------------
@@ -595,12 +691,20 @@ def record_results(store: Store, results: Sequence[SourceResult]) -> None:
     for result in results:
         if result.status == "waiting":
             continue
-        for url in result.urls:
-            if url.fetched is not None:
-                store.record_fetched_url(url.fetched)
-        store.record_source_run(result.source, started_at=result.started_at,
-                                ok=result.status == "ok", detail=result.detail,
-                                retry_at=result.retry_at, not_before=result.not_before)
+        try:
+            for url in result.urls:
+                if url.fetched is not None:
+                    store.record_fetched_url(url.fetched)
+            store.record_source_run(result.source, started_at=result.started_at,
+                                    ok=result.status == "ok", detail=result.detail,
+                                    retry_at=result.retry_at, not_before=result.not_before)
+        except Exception as exc:  # the unit boundary: recorded as this source's failure
+            log.exception("source %s: its fetch could not be recorded", result.source)
+            # When even this write fails, the database itself is broken: that propagates.
+            store.record_source_run(
+                result.source, started_at=result.started_at, ok=False,
+                detail=f"the fetch could not be recorded: {type(exc).__name__}: {exc}",
+                retry_at=result.started_at + RETRY_FAILED_AFTER)
 
 
 async def fetch_sources(
@@ -636,7 +740,7 @@ def source_status(source: SourceConfig, store: Store, now: datetime) -> dict[str
     upcoming = next_fetch(source, run, now)
     return {
         "name": source.name,
-        "url": source.url,
+        "url": redact_url(source.url),
         "at": [t.strftime("%H:%M") for t in source.at],
         "timezone": source.timezone.key,
         "last_fetch": None if run is None else {

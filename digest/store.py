@@ -186,7 +186,45 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (subscriber, path)
     );
     """,
+    # 8: a normalised title no longer names one paper: two arXiv papers with different
+    # ids and the same title are two papers. SQLite cannot drop a column's UNIQUE, so the
+    # table is rebuilt (https://www.sqlite.org/lang_altertable.html, "other kinds of
+    # changes"; _migrate turns foreign keys off around it) with every row kept.
+    """
+    CREATE TABLE papers_rebuilt (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT NOT NULL UNIQUE,
+        title_key    TEXT NOT NULL,             -- normalised title; not unique (see above)
+        title        TEXT NOT NULL,
+        abstract     TEXT NOT NULL,
+        arxiv_id     TEXT,
+        listed_on    TEXT,
+        code_links   TEXT NOT NULL DEFAULT '[]',
+        upvotes      INTEGER,
+        listing_rank INTEGER,
+        ingested_at  TEXT NOT NULL,
+        authors      TEXT NOT NULL DEFAULT '[]',
+        arxiv_version INTEGER,
+        source       TEXT,
+        abstract_is_summary INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO papers_rebuilt (seq, id, title_key, title, abstract, arxiv_id, listed_on,
+        code_links, upvotes, listing_rank, ingested_at, authors, arxiv_version, source,
+        abstract_is_summary)
+    SELECT seq, id, title_key, title, abstract, arxiv_id, listed_on, code_links, upvotes,
+        listing_rank, ingested_at, authors, arxiv_version, source, abstract_is_summary
+    FROM papers;
+    DROP TABLE papers;
+    ALTER TABLE papers_rebuilt RENAME TO papers;
+    CREATE INDEX papers_title_key ON papers(title_key);
+    CREATE INDEX papers_arxiv_id ON papers(arxiv_id);
+    """,
 )
+
+# The stored arXiv version after a merge or a revision giving version ? (three times):
+# the newer one; no version given keeps what is stored (NULL stays NULL, never 0).
+_NEWER_VERSION = ("CASE WHEN ? IS NULL THEN arxiv_version WHEN arxiv_version IS NULL THEN ?"
+                  " ELSE MAX(arxiv_version, ?) END")
 
 # SQLite's answers that mean "no room or no permission to write", not a broken database:
 # https://www.sqlite.org/rescode.html (SQLITE_FULL, SQLITE_READONLY*, SQLITE_IOERR*,
@@ -400,11 +438,23 @@ class Store:
                 f"{self.path}: schema version {current} is newer than this paper-digest "
                 f"understands ({len(MIGRATIONS)}); upgrade paper-digest"
             )
-        for version in range(current + 1, len(MIGRATIONS) + 1):
-            with self.transaction() as db:
-                for statement in _statements(MIGRATIONS[version - 1]):
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        if current == len(MIGRATIONS):
+            return
+        # A migration that rebuilds a table (8) must not have the drop delete the rows
+        # that refer to it; the keys are checked before each commit instead.
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                with self.transaction() as db:
+                    for statement in _statements(MIGRATIONS[version - 1]):
+                        db.execute(statement)
+                    broken = db.execute("PRAGMA foreign_key_check").fetchone()
+                    if broken is not None:
+                        raise StoreError(f"{self.path}: migration {version} would break a "
+                                         f"reference from table {broken[0]}; not applied")
+                    db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        finally:
+            self._db.execute("PRAGMA foreign_keys=ON")
 
     @property
     def schema_version(self) -> int:
@@ -489,11 +539,7 @@ class Store:
         abstract where only a generated summary was stored; never the reverse.
         """
         title_key = normalise_title(paper.title)
-        existing = db.execute(
-            "SELECT seq, abstract, abstract_is_summary, code_links FROM papers"
-            " WHERE id = ? OR title_key = ?",
-            (paper.id, title_key),
-        ).fetchone()
+        existing = self._same_paper(db, paper, title_key)
         if existing is None:
             db.execute(
                 "INSERT INTO papers (id, title_key, title, abstract, arxiv_id, listed_on,"
@@ -516,14 +562,33 @@ class Store:
             "UPDATE papers SET arxiv_id = COALESCE(arxiv_id, ?),"
             " upvotes = MAX(COALESCE(upvotes, 0), COALESCE(?, 0)), code_links = ?,"
             " authors = CASE WHEN authors = '[]' THEN ? ELSE authors END,"
-            " arxiv_version = MAX(COALESCE(arxiv_version, 0), COALESCE(?, 0)),"
+            f" arxiv_version = {_NEWER_VERSION},"
             " source = COALESCE(source, ?), abstract = ?, abstract_is_summary = ?"
             " WHERE seq = ?",
             (paper.arxiv_id, paper.upvotes, json.dumps(merged_links),
-             json.dumps(list(paper.authors)), paper.version, paper.source, abstract,
+             json.dumps(list(paper.authors)), paper.version, paper.version, paper.version,
+             paper.source, abstract,
              int(is_summary), existing["seq"]),
         )
         return 0
+
+    @staticmethod
+    def _same_paper(db: sqlite3.Connection, paper: Paper, title_key: str) -> sqlite3.Row | None:
+        """The stored paper ``paper`` is: the same id, else the same arXiv id (a paper first
+        stored by title), else the same normalised title unless both have arXiv ids and
+        they differ (two papers that happen to share a title)."""
+        columns = "seq, abstract, abstract_is_summary, code_links"
+        row: sqlite3.Row | None = db.execute(
+            f"SELECT {columns} FROM papers WHERE id = ?", (paper.id,)).fetchone()
+        if row is None and paper.arxiv_id:
+            row = db.execute(f"SELECT {columns} FROM papers WHERE arxiv_id = ? ORDER BY seq",
+                             (paper.arxiv_id,)).fetchone()
+        if row is None:
+            row = db.execute(
+                f"SELECT {columns} FROM papers WHERE title_key = ?"
+                " AND (? IS NULL OR arxiv_id IS NULL OR arxiv_id = ?) ORDER BY seq",
+                (title_key, paper.arxiv_id, paper.arxiv_id)).fetchone()
+        return row
 
     def _revise_paper(self, db: sqlite3.Connection, paper: Paper) -> int:
         """Apply a revision (arXiv ``replace``) to the stored paper of that id; 1 if stored.
@@ -532,8 +597,10 @@ class Store:
         unless another stored paper already has the new title.
         """
         existing = db.execute(
-            "SELECT seq, COALESCE(arxiv_version, 0) AS version FROM papers WHERE id = ?",
-            (paper.id,),
+            "SELECT seq, COALESCE(arxiv_version, 0) AS version FROM papers"
+            " WHERE id = ? OR (arxiv_id IS NOT NULL AND arxiv_id = ?)"
+            " ORDER BY id = ? DESC, seq LIMIT 1",
+            (paper.id, paper.arxiv_id, paper.id),
         ).fetchone()
         if existing is None or (paper.version or 0) < existing["version"]:
             return 0
@@ -547,12 +614,12 @@ class Store:
             " abstract = CASE WHEN ? = '' THEN abstract ELSE ? END,"
             " abstract_is_summary = CASE WHEN ? = '' THEN abstract_is_summary ELSE 0 END,"
             " authors = CASE WHEN ? = '[]' THEN authors ELSE ? END,"
-            " arxiv_version = MAX(COALESCE(arxiv_version, 0), COALESCE(?, 0))"
+            f" arxiv_version = {_NEWER_VERSION}"
             " WHERE seq = ?",
             (clash is not None, paper.title, clash is not None, title_key,
              paper.abstract, paper.abstract, paper.abstract,
              json.dumps(list(paper.authors)), json.dumps(list(paper.authors)),
-             paper.version, existing["seq"]),
+             paper.version, paper.version, paper.version, existing["seq"]),
         )
         return 1
 

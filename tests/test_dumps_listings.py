@@ -189,8 +189,7 @@ def test_an_empty_listing_shows_in_status(tmp_path: Path,
     assert "sunday.xml: 0 papers, 0 new (arxiv-rss)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("data", [b"<html><body><p>Sign in</p></body></html>",
-                                  b"<?xml version='1.0'?><config><key>1</key></config>",
+@pytest.mark.parametrize("data", [b"<?xml version='1.0'?><config><key>1</key></config>",
                                   b"<svg xmlns='http://www.w3.org/2000/svg'/>"])
 def test_xml_that_is_no_listing_keeps_its_reason(data: bytes) -> None:
     with pytest.raises(DumpError, match="not an Atom or RSS listing"):
@@ -402,3 +401,78 @@ def test_atom_authors_version_and_source() -> None:
     assert (paper.title, paper.abstract) == ("Atoms Everywhere", "An abstract over two lines.")
     assert paper.authors == ("Marie Curie", "Pierre Curie")
     assert paper.listed_on == date(2026, 3, 11)  # the date as written, not shifted to UTC
+
+
+# --- the hostile review (issue 12) ------------------------------------------------------
+
+
+def test_a_menu_line_starting_like_a_month_is_no_date_line() -> None:
+    page = ("Decoding 2\nMarketplace 7\nJunk 3\n\nMarch 12\n\nA Paper\n\nIts abstract.\n"
+            "\nSept. 1 Review\n\nAn abstract.\n")
+    parsed = parse_bytes(page.encode(), name="menu.txt", fallback_date=DAY)
+    assert parsed.listed_on == DAY
+    assert parsed.papers[0].title == "A Paper"
+    for line, month in (("Sept 3", 9), ("june 4", 6), ("DEC. 5", 12), ("Feb 6, 2026", 2)):
+        dated = parse_bytes(f"{line}\n\nA Paper\n\nIts abstract.\n".encode(), name="p.txt",
+                            fallback_date=DAY)
+        assert dated.listed_on is not None and dated.listed_on.month == month
+    with pytest.raises(DumpError, match="no listing date line"):
+        parse_bytes(b"Decoding 2\n\nA Paper\n\nIts abstract.\n", name="d.txt", fallback_date=DAY)
+
+
+@pytest.mark.parametrize("start", ["<!DOCTYPE html>", "<html lang=\"en\">", "\n  <HTML>",
+                                   "<html><body><p>Sign in</p>"])
+def test_an_html_file_is_reported_as_an_html_page(start: str) -> None:
+    data = f"{start}<head><title>Daily Papers</title></head><body>Mar 12</body></html>"
+    with pytest.raises(DumpError, match="an HTML page, not a listing"):
+        parse_bytes(data.encode(), name="saved.html", fallback_date=DAY)
+
+
+def test_old_rdf_creators_are_names_not_links() -> None:
+    data = b"""<?xml version="1.0" encoding="UTF-8"?>
+<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" xmlns="http://purl.org/rss/1.0/"
+         xmlns:dc="http://purl.org/dc/elements/1.1/">
+<channel rdf:about="http://arxiv.org/rss/cs.CV"><title>cs.CV updates on arXiv.org</title>
+<link>http://arxiv.org/</link><description>cs.CV</description></channel>
+<item rdf:about="http://arxiv.org/abs/2301.07777">
+<title>Counting Herons. (arXiv:2301.07777v1 [cs.CV])</title>
+<link>http://arxiv.org/abs/2301.07777</link>
+<description>&lt;p&gt;We count herons.&lt;/p&gt;</description>
+<dc:creator> &lt;a href="http://arxiv.org/find/cs/1/au:+Wader_H/0/1/0/all/0/1"&gt;Hanna Wader&lt;/a&gt;,
+ &lt;a href="http://arxiv.org/find/cs/1/au:+Reed_P/0/1/0/all/0/1"&gt;Piet Reed&lt;/a&gt;</dc:creator>
+</item></rdf:RDF>"""
+    (paper,) = parse_bytes(data, name="old.rdf", fallback_date=DAY).papers
+    assert paper.authors == ("Hanna Wader", "Piet Reed")
+
+
+def test_atom_author_names_are_never_split() -> None:
+    data = b"""<?xml version="1.0" encoding="UTF-8"?>
+<feed xmlns="http://www.w3.org/2005/Atom"><title>arXiv Query</title>
+  <entry><id>http://arxiv.org/abs/2603.06667v1</id><title>Cats</title><summary>Cats.</summary>
+    <author><name>Doe, Jane</name></author><author><name>Tom and Jerry Studio</name></author>
+  </entry></feed>"""
+    (paper,) = parse_bytes(data, name="a.xml", fallback_date=DAY).papers
+    assert paper.authors == ("Doe, Jane", "Tom and Jerry Studio")
+
+
+def test_rss_declared_iso_8859_1_is_read_as_declared() -> None:
+    data = rss(rss_item("2603.03333v1", "Caf\u00e9 Networks", "new", "R\u00e9sum\u00e9 of it.")
+               ).decode().replace("encoding='UTF-8'", "encoding='ISO-8859-1'").encode("latin-1")
+    (paper,) = parse_bytes(data, name="latin.xml", fallback_date=DAY).papers
+    assert (paper.title, paper.abstract) == ("Caf\u00e9 Networks", "R\u00e9sum\u00e9 of it.")
+
+
+def test_a_replace_without_the_preamble_drops_the_abstract_label() -> None:
+    item = rss_item("2003.01111v3", "Old Paper, Revised", "replace", "The revised text.")
+    item = item.replace("arXiv:2003.01111v3 Announce Type: replace\n", "")
+    parsed = parse_bytes(rss(item), name="r.xml", fallback_date=DAY)
+    (update,) = parsed.updates
+    assert update.abstract == "The revised text." and parsed.papers == []
+
+
+def test_one_item_without_a_title_is_skipped_with_a_warning() -> None:
+    untitled = rss_item("2603.04445v1", "", "new", "No title here.")
+    parsed = parse_bytes(rss(untitled, rss_item("2603.04446v1", "Titled", "new", "Fine.")),
+                         name="t.xml", fallback_date=DAY)
+    assert [p.title for p in parsed.papers] == ["Titled"]
+    assert any("no title; skipped" in w for w in parsed.warnings)

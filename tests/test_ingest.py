@@ -237,6 +237,9 @@ def test_feed_paper_merges_with_the_same_paper_from_a_page_dump(tmp_path: Path) 
 
 def test_xml_that_is_not_a_feed() -> None:
     with pytest.raises(DumpError, match="no feed entries"):
+        parse_bytes(b"<?xml version='1.0'?><body>hello</body>", name="x.xml",
+                    fallback_date=date(2026, 1, 1))
+    with pytest.raises(DumpError, match="an HTML page, not a listing"):
         parse_bytes(b"<html><body>hello</body></html>", name="x.html",
                     fallback_date=date(2026, 1, 1))
 

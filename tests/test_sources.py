@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 import time_machine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from digest.cli import main
 from digest.config import Config, load_config
@@ -35,10 +37,13 @@ from digest.ingest import scan_inbox
 from digest.sources import (
     MAX_RETRY_AFTER,
     RETRY_FAILED_AFTER,
+    PlannedUrl,
+    SourcePlan,
     SourceResult,
     download,
     fetch_sources,
     is_due,
+    parse_retry_after,
     plan_fetches,
     record_results,
 )
@@ -389,7 +394,7 @@ def test_status_before_the_first_fetch_and_after_a_good_one(
     with time_machine.travel(DAY, tick=False):
         assert main(args) == 0
     out = capsys.readouterr().out
-    assert "- hf: ok, fetched 2026-03-12T09:00:00+00:00 (1 written)" in out
+    assert "- hf: ok, fetched Thu 2026-03-12 10:00 Europe/Berlin (1 written)" in out
     assert "next fetch Fri 2026-03-13 07:00 Europe/Berlin" in out
 
 
@@ -691,3 +696,125 @@ def test_listing_dates_in_the_sources_zone(setup: Any, server: ListingServer) ->
 
     assert listing_dates(config.sources[0], utc("2026-03-12 13:00")) == [
         date(2026, 3, 11), date(2026, 3, 12), date(2026, 3, 13)]
+
+
+# --- hostile answers (the review of issues 12 and 8) -----------------------------------
+
+
+def test_a_30_digit_retry_after_fails_that_source_only_and_the_others_are_fetched(
+        server: ListingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server.script("/busy", Answer(429, headers={"Retry-After": "9" * 30}))
+    server.script("/down", Answer(503, headers={"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}))
+    server.script("/good", Answer(200, RSS))
+    path = write_config(tmp_path, [source(server, "/busy", name="busy"),
+                                   source(server, "/down", name="down"),
+                                   source(server, "/good", name="good")])
+    with time_machine.travel(DAY, tick=False):
+        assert main(["--config", str(path), "fetch"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert "(Retry-After 6 h)" in captured.out  # capped, and said as a person reads it
+    assert "good: 2026-03-12" in captured.out and "written to" in captured.out
+    config = load_config(path)
+    with Store(config.state) as store:
+        busy, down, good = (store.source_run(n) for n in ("busy", "down", "good"))
+        assert busy is not None and busy.outcome == "failed"
+        assert busy.not_before == (DAY + MAX_RETRY_AFTER).isoformat(timespec="seconds")
+        assert down is not None and down.outcome == "failed"
+        assert good is not None and good.outcome == "ok"
+    assert main(["--config", str(path), "status"]) == 0
+    assert "busy" in capsys.readouterr().out
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
+                      max_size=60)
+       | st.text(alphabet="0123456789", min_size=1, max_size=400))
+def test_any_retry_after_through_the_real_fetch_is_that_sources_failure(
+        header: str, server: ListingServer, tmp_path: Path) -> None:
+    """60 examples: any printable Retry-After a server may send, through a real 429."""
+    server.script("/busy", Answer(429, headers={"Retry-After": header}))
+    config = load_config(write_config(tmp_path, [source(server, "/busy", name="busy",
+                                                        attempts=1)]))
+    plan = SourcePlan(source=config.sources[0], inbox=config.inbox, user_agent="test",
+                      started_at=DAY, urls=(PlannedUrl(server.url("/busy"), DAY.date(), None),))
+    [result] = asyncio.run(download([plan]))
+    assert result.status == "failed" and "HTTP 429" in result.detail
+    assert result.retry_at is not None and result.retry_at >= DAY
+    assert result.not_before is None or result.not_before <= DAY + MAX_RETRY_AFTER
+
+
+@given(st.text(max_size=80) | st.text(alphabet="0123456789", max_size=5000))
+@settings(max_examples=2000, deadline=None)
+def test_parse_retry_after_always_gives_a_wait_a_timedelta_holds(header: str) -> None:
+    """2,000 examples: None or seconds within [0, MAX_RETRY_AFTER]."""
+    seconds = parse_retry_after(header, DAY)
+    assert seconds is None or 0 <= seconds <= MAX_RETRY_AFTER.total_seconds()
+    if seconds is not None:
+        assert DAY + timedelta(seconds=seconds) <= DAY + MAX_RETRY_AFTER
+
+
+def test_a_200_that_is_no_listing_fails_the_fetch_and_writes_nothing(
+        server: ListingServer, setup: Any) -> None:
+    error_page = b"<!DOCTYPE html><html><body><h1>Service Unavailable</h1></body></html>"
+    server.script("/api", Answer(200, error_page, headers={"Content-Type": "text/html"}))
+    server.script("/xml", Answer(200, b"<?xml version='1.0'?><error>quota</error>"))
+    config, store = setup(source(server, "/api"), source(server, "/xml", name="xml"))
+    for _ in range(2):  # a second fetch leaves nothing either
+        html, xml = fetch(config, store, DAY)
+        assert html.status == "failed"
+        assert "the answer is an HTML page, not a listing" in html.detail
+        assert xml.status == "failed" and "not an Atom or RSS listing" in xml.detail
+    assert inbox_names(config) == []
+    run = store.source_run("hf")
+    assert run is not None and run.outcome == "failed" and "HTML page" in run.detail
+
+
+def test_a_secret_in_the_url_never_shows_in_logs_output_or_status(
+        server: ListingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    server.script("/api", Answer(500))
+    path = write_config(tmp_path, [source(server, "/api?token=s3cr3t-t0ken&date={date}",
+                                          attempts=2)])
+    with caplog.at_level(logging.INFO), time_machine.travel(DAY, tick=False):
+        assert main(["--config", str(path), "fetch"]) == 1
+        assert main(["--config", str(path), "status"]) == 0
+        assert main(["--config", str(path), "check-config"]) == 0
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err + caplog.text
+    assert "s3cr3t-t0ken" not in shown
+    assert "token=***" in captured.out and "HTTP 500" in captured.out
+    assert server.requests[0].path == "/api?token=s3cr3t-t0ken&date=2026-03-12"  # sent as is
+
+
+def test_fetch_date_needs_a_dated_url(server: ListingServer, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, [source(server, "/rss", name="rss")])
+    assert main(["--config", str(path), "fetch", "--date", "2026-03-01"]) == 1
+    err = capsys.readouterr().err
+    assert "--date needs a url with {date} in it" in err and "rss" in err
+    assert server.requests == []
+
+
+def test_status_gives_each_source_its_own_local_time(server: ListingServer, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    server.script("/rss", Answer(200, RSS))
+    path = write_config(tmp_path, [source(server, "/rss", name="rss", timezone="Asia/Tokyo")])
+    with time_machine.travel(DAY, tick=False):
+        assert main(["--config", str(path), "fetch"]) == 0
+        assert main(["--config", str(path), "status"]) == 0
+    assert "- rss: ok, fetched Thu 2026-03-12 18:00 Asia/Tokyo" in capsys.readouterr().out
+
+
+def test_a_source_whose_fetch_cannot_be_recorded_fails_alone(setup: Any,
+                                                             server: ListingServer) -> None:
+    _config, store = setup(source(server, "/a", name="bad"), source(server, "/b", name="good"))
+    # A lone surrogate cannot be stored as UTF-8: this source's record raises.
+    bad = SourceResult("bad", DAY, "failed", detail="HTTP 500 \ud800")
+    good = SourceResult("good", DAY, "ok", detail="1 written")
+    record_results(store, [bad, good])
+    bad_run, good_run = store.source_run("bad"), store.source_run("good")
+    assert bad_run is not None and bad_run.outcome == "failed"
+    assert "could not be recorded" in bad_run.detail
+    assert good_run is not None and good_run.outcome == "ok"

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from digest.config import DEFAULT_FETCH_AT, SourceConfig, load_config
 from digest.errors import ConfigError
 from digest.sources import (
+    MAX_RETRY_AFTER,
     fetch_times,
     inbox_name,
     is_due,
@@ -23,6 +24,8 @@ from digest.sources import (
     next_fetch,
     next_fetch_time,
     parse_retry_after,
+    readable_duration,
+    redact_url,
     user_agent,
 )
 from digest.store import SourceRun
@@ -251,9 +254,10 @@ def test_retry_after_never_raises_and_is_never_negative(value: str) -> None:
     assert seconds is None or seconds >= 0
 
 
-@given(st.integers(min_value=0, max_value=10**12))
-def test_retry_after_delta_seconds_are_read_exactly(value: int) -> None:
-    assert parse_retry_after(str(value), NOW) == float(value)
+@given(st.integers(min_value=0, max_value=10**40))
+def test_retry_after_delta_seconds_are_read_exactly_up_to_the_cap(value: int) -> None:
+    cap = MAX_RETRY_AFTER.total_seconds()
+    assert parse_retry_after(str(value), NOW) == min(float(value), cap)
 
 
 @given(st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2100, 1, 1)))
@@ -262,5 +266,24 @@ def test_retry_after_http_dates_are_seconds_from_now(moment: datetime) -> None:
 
     when = moment.replace(tzinfo=UTC, microsecond=0)
     header = format_datetime(when, usegmt=True)
-    assert parse_retry_after(header, NOW) == max(0.0, (when - NOW).total_seconds())
+    cap = MAX_RETRY_AFTER.total_seconds()
+    assert parse_retry_after(header, NOW) == min(cap, max(0.0, (when - NOW).total_seconds()))
     assert parse_retry_after(header, when - timedelta(seconds=5)) == 5.0
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://ada:hunter2@example.org/feed", "https://ada:***@example.org/feed"),
+    ("https://tok3n@example.org/feed", "https://***@example.org/feed"),
+    ("https://example.org/api?date={date}&token=abc123&limit=5",
+     "https://example.org/api?date={date}&token=***&limit=5"),
+    ("https://example.org/a?apikey=k1&api_key=k2&Password=p&client_secret=s&key=k",
+     "https://example.org/a?apikey=***&api_key=***&Password=***&client_secret=***&key=***"),
+    ("https://example.org/rss/cs.LG?monkey=ok", "https://example.org/rss/cs.LG?monkey=ok"),
+])
+def test_secrets_in_a_source_url_are_masked(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_waits_read_as_durations() -> None:
+    assert [readable_duration(s) for s in (0, 45, 90, 3600, 9000, 21600)] == [
+        "0s", "45s", "2 min", "1 h", "2 h 30 min", "6 h"]

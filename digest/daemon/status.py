@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from ..config import WEEKDAYS, Config, Subscriber
 from ..errors import DigestError
@@ -200,6 +201,12 @@ def format_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _local(moment: str, source: dict[str, Any]) -> str:
+    """A recorded UTC instant in the source's own zone, as its fetch times are written."""
+    local = datetime.fromisoformat(moment).astimezone(ZoneInfo(source["timezone"]))
+    return f"{local:%a %Y-%m-%d %H:%M} {source['timezone']}"
+
+
 def _source_lines(sources: list[dict[str, Any]]) -> list[str]:
     """``[[sources]]``: each one's last fetch (and why it failed) and its next."""
     lines = ["sources:" if sources else "sources: none (listings are dropped into the inbox)"]
@@ -208,13 +215,14 @@ def _source_lines(sources: list[dict[str, Any]]) -> list[str]:
         if last is None:
             lines.append(f"- {source['name']}: never fetched ({source['url']})")
         elif last["outcome"] == "ok":
-            lines.append(f"- {source['name']}: ok, fetched {last['started_at']} "
+            lines.append(f"- {source['name']}: ok, fetched {_local(last['started_at'], source)} "
                          f"({last['detail']})")
         else:
-            since = (f"; last ok {last['last_ok_at']}" if last["last_ok_at"]
+            since = (f"; last ok {_local(last['last_ok_at'], source)}" if last["last_ok_at"]
                      else "; never fetched successfully")
             lines.append(f"- {source['name']}: FAILED {last['failures_in_a_row']} time(s) in a "
-                         f"row, last {last['started_at']}: {last['detail']}{since}")
+                         f"row, last {_local(last['started_at'], source)}: {last['detail']}"
+                         f"{since}")
         local = datetime.fromisoformat(source["next_fetch_local"])
         when = "due now" if source["due"] else f"{local:%a %Y-%m-%d %H:%M} {source['timezone']}"
         wait = (f" (the server asked to wait until {source['not_before']})"
