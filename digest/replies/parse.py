@@ -449,6 +449,20 @@ def command_line(raw_line: str) -> str:
     return line.rstrip(_TRAILING).strip(_DECORATION)
 
 
+def reads_as_command(raw_line: str) -> bool:
+    """True when :func:`parse_text` takes at least one command from this line, read alone
+    (cleaned by :func:`command_line`: Unicode normalised, bullets, numbers, a leading ``/``
+    and decoration removed), even when the line also holds text it cannot read.
+
+    Render checks every line of a digest with this, so that a digest pasted into a reply
+    without ``>`` marks commands nothing.
+    """
+    line = command_line(raw_line)
+    if not line or not _HAS_WORD.search(line):
+        return False
+    return bool(_parse_line(line)[0])
+
+
 def is_command_line(raw_line: str) -> bool:
     """True when the line holds commands and nothing it could not read."""
     line = command_line(raw_line)
