@@ -211,3 +211,17 @@ def test_reviewed_layouts_leave_no_prose_either(case: CorpusCase) -> None:
     parsed = parse_reply(new_text(message, SENT), subject_of(message))
     assert parsed.prose == [] and parsed.problems == []
     assert tuple(command_key(c) for c in parsed.commands) == case.commands
+
+
+@pytest.mark.parametrize("files", [{}, {"empty.txt": ""}, {"notes.txt": "just notes\n"}])
+def test_bench_replies_on_an_empty_corpus_is_an_error(
+        tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str],
+        files: dict[str, str]) -> None:
+    folder = tmp_path / "corpus"  # type: ignore[operator]
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    assert main(["bench", "replies", "--corpus", str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("Error: ") and str(folder) in captured.err
+    assert "{" not in captured.out

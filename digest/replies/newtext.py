@@ -135,6 +135,13 @@ def clean_line(line: str) -> str:
 _CONVERTED_LINK = re.compile(r"<(?:mailto:|https?://)[^<>\s]*>", re.IGNORECASE)
 
 
+def says_nothing(text: str) -> bool:
+    """True for a text part that is empty or holds only a mobile client's "Sent from my
+    iPhone" lines (some clients write that and put the reply in the HTML part only)."""
+    return all(not line or _SENT_FROM.match(line) or line in ("--", "—")
+               for line in (clean_line(x) for x in text.splitlines()))
+
+
 def words(line: str) -> str:
     """The words of a line, case-folded, joined by single spaces: what matching compares.
     Links a client wrote out after their text (``Like<mailto:...>``) are left out, so a

@@ -676,22 +676,27 @@ def build_confirmation(config: Config, reply: EmailMessage, sender: str, digest:
                        parsed: ParsedReply, applied: _Applied, *, now: datetime) -> EmailMessage:
     """A threaded answer to the reply: each command in the order written with what it did,
     then what was not understood; a reply with no command is told so, with at most
-    :data:`MAX_UNREAD_SHOWN` of its lines quoted back (escaped) and a pointer to help."""
+    :data:`MAX_UNREAD_SHOWN` of its near-commands quoted back (escaped; how many more were
+    left out), prose only thanked for, and a pointer to help."""
     smtp = config.smtp
     sub = config.subscriber(sender)
     shown_problems = parsed.problems[:8]
     nothing = not parsed.commands
-    unread = [{"text": escaped(p.text), "hint": p.message}
-              for p in parsed.unread[:MAX_UNREAD_SHOWN]] if nothing else []
+    # Prose ("Thanks!", a signature's name) is acknowledged, never quoted back as unreadable.
+    attempts = [p for p in parsed.unread if p.message] if nothing else []
+    # Hints repeat the subscriber's words ("did you mean ..."), so they are escaped too.
+    unread = [{"text": escaped(p.text), "hint": escaped(p.message, 240)}
+              for p in attempts[:MAX_UNREAD_SHOWN]]
     text = _environment().get_template(CONFIRMATION_TEMPLATE).render(
         name=escaped(sub.name) if sub else sender.split("@")[0],
         day=f"{digest.local_date:%a %d %b %Y}",
         steps=[{"written": escaped(step.written), "done": step.done, "refused": step.refused,
                 "whys": step.whys} for step in applied.steps],
-        problems=[Problem(escaped(p.text), p.message) for p in shown_problems],
+        problems=[Problem(escaped(p.text), escaped(p.message, 240)) for p in shown_problems],
         more_problems=len(parsed.problems) - len(shown_problems),
         prose=bool(parsed.prose),
         unread=unread,
+        unread_left_out=len(attempts) - len(unread),
         help=applied.help,
         help_text=help_text() if applied.help else "",
         unsubscribed=applied.unsubscribed,
