@@ -335,6 +335,12 @@ def format_authors(authors: tuple[str, ...]) -> str:
     ``Ada Lovelace, Alan Turing, Grace Hopper et al. (12 authors)`` for twelve.
     """
     names = [name for name in (one_line(plain_text(a)) for a in authors) if name]
+    # A listing that writes "et al." (or "others") as an author means more unnamed authors.
+    unnamed = [n for n in names if n.lower().rstrip(".") in ("et al", "al", "others", "and others")]
+    names = [n for n in names if n not in unnamed]
+    if unnamed and names:
+        return (", ".join(names[:SHOWN_AUTHORS]) + " et al.") if len(names) <= SHOWN_AUTHORS \
+            else ", ".join(names[:SHOWN_AUTHORS]) + f" et al. ({len(names)}+ authors)"
     if len(names) <= 1:
         return "".join(names)
     if len(names) <= SHOWN_AUTHORS:
@@ -342,9 +348,17 @@ def format_authors(authors: tuple[str, ...]) -> str:
     return ", ".join(names[:SHOWN_AUTHORS]) + f" et al. ({len(names)} authors)"
 
 
+# Bidirectional controls (LRE..RLO, LRI..PDI, LRM/RLM, ALM): in a title or a Subject they
+# can show text reversed ("U+202E gnp.exe"); papers' text never needs them.
+_BIDI_CONTROLS = dict.fromkeys(
+    [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C], None)
+
+
 def one_line(text: str) -> str:
-    """Text fit for a header or a single line: line breaks and control characters gone."""
-    kept = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
+    """Text fit for a header or a single line: line breaks and control characters gone,
+    bidirectional controls dropped."""
+    kept = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
+                   for ch in text.translate(_BIDI_CONTROLS))
     return " ".join(kept.split())
 
 
@@ -594,7 +608,8 @@ def _context(content: DigestContent, smtp: SmtpConfig | None, *,
         "considered": content.considered,
         "shown": len(items),
         "personalised": content.personalised,
-        "items": [_item_view(item, reply, label_all=label_all) for item in items],
+        "items": [_item_view(item, reply, content.local_date, label_all=label_all)
+                  for item in items],
         "reply_address": reply,
         "command_links": {word: mailto(reply, word) for word in ("pause", "unsubscribe", "help")},
         "preheader": _preheader(content, items),
@@ -647,7 +662,8 @@ def _opens_as_command(text: str, first: str = "") -> bool:
             or is_bare_command(text))
 
 
-def _item_view(item: DigestItem, reply: str, *, label_all: bool = False) -> _ItemView:
+def _item_view(item: DigestItem, reply: str, local_date: date, *,
+               label_all: bool = False) -> _ItemView:
     paper = item.paper
     snippet = cut_abstract(plain_text(_opening(paper.abstract)))
     label = "Summary" if paper.abstract_is_summary and snippet else ""
@@ -658,6 +674,10 @@ def _item_view(item: DigestItem, reply: str, *, label_all: bool = False) -> _Ite
     title_label = "Title: " if label_all or _opens_as_command(title, number) else ""
     authors = format_authors(paper.authors)
     reason = plain_text(item.reason)  # reasons quote titles, LaTeX and all
+    if paper.listed_on is not None and paper.listed_on < local_date:
+        # Ranking words its reasons for the day's listing; a paper listed days ago is not.
+        reason = reason.replace("popular today", "popular when listed").replace(
+            "in today's listing", "in its listing")
     reason_label = "Why"
     if reason and (label_all or _opens_as_command(reason, "    Why:   ")):
         reason_label = "Reason"

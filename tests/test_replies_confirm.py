@@ -130,7 +130,8 @@ def test_a_reply_that_is_all_quote_is_still_answered(folder: Folder) -> None:
     folder.add("\n".join("> " + line for line in digest_text(folder.digest).splitlines()))
     folder.process()
     [text] = folder.confirmations()
-    assert "had no command in it" in text and "line of its own" in text
+    assert "had no command in it" in text and "line of its own" not in text
+    assert "the word help for the list of commands" in text
 
 
 def test_control_characters_are_escaped_in_the_confirmation(folder: Folder) -> None:

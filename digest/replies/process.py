@@ -50,7 +50,14 @@ from ..config import Config, Subscriber
 from ..errors import DigestError, SendError, StoreError
 from ..library import import_attachments
 from ..mailer import Mailer
-from ..render import EMAIL_POLICY, defuse_command_lines, one_line, reply_address, template_root
+from ..render import (
+    EMAIL_POLICY,
+    defuse_command_lines,
+    one_line,
+    plain_text,
+    reply_address,
+    template_root,
+)
 from ..store import DigestRow, ItemRow, Store, SubscriberState, utc_now
 from .mailboxes import FETCH_BATCH, ImapMailbox, MailboxError, MaildirMailbox, open_mailbox
 from .newtext import SentText
@@ -644,17 +651,21 @@ class _Explainer:
             paper = self.store.papers_by_id([item.paper_id]).get(item.paper_id)
             explanation = self._explain(profile, item.paper_id)
             nearest = [] if explanation is None else [
-                {"title": _short(n.title), "similarity": n.similarity}
+                {"title": _short(plain_text(n.title)), "similarity": n.similarity}
                 for n in explanation.nearest_liked[:NEAREST_LIKED]
                 if n.paper_id != item.paper_id and n.similarity > 0]
             answers.append({
                 "number": number,
                 "missing": False,
-                "title": _short(paper.title if paper else item.paper_id, 90),
-                "reason": one_line(item.reason),
-                "score": item.score,
+                # LaTeX as text, as in the digest; the ranking's raw score is never shown (its
+                # scale means nothing to a reader): the relevance level when the model has one.
+                "title": _short(plain_text(paper.title) if paper else item.paper_id, 90),
+                "reason": plain_text(item.reason),
+                "level": (explanation.level or "") if explanation is not None else "",
                 "explore": item.explore,
-                "extra": one_line(str(explanation)) if explanation is not None else "",
+                "extra": ", ".join(plain_text(term) for term, _ in
+                                   explanation.shared_terms[:5]) if explanation is not None
+                         else "",
                 "nearest": nearest,
             })
         return {"answers": answers}
