@@ -10,9 +10,13 @@ abstract, authors and the reason it was picked with their LaTeX as text
 (pylatexenc), its arXiv id, listing date and relevance level, and its links.
 
 Replies are read as commands, and a reply often quotes the original without
-``>`` marks, so no line of the email (text part, or the HTML read as text) is
-ever a bare command such as ``like 3`` or ``unsubscribe``: commands are only
-ever named inside a sentence, and free text from papers is checked.
+``>`` marks, so no line of the email (text part, or the HTML read as text the
+way the reply reader reads it) is ever read as a command: templates name
+commands only inside sentences, and every line of both parts is checked with
+the reply parser's own test (:func:`digest.replies.parse.reads_as_command`).
+A title, author list or abstract that would read as one gets a label
+("Title:", "Authors:", "Abstract:"); a wrapped line that would is joined onto
+the line before it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pylatexenc import latexwalker, macrospec
 from pylatexenc.latex2text import LatexNodes2Text, MacroTextSpec, get_default_latex_context_db
 
 from .config import SmtpConfig, Subscriber
+from .errors import DigestError
 from .paper import Paper
 
 logger = logging.getLogger(__name__)
@@ -220,10 +225,45 @@ def render_digest(content: DigestContent, smtp: SmtpConfig, *, now: datetime) ->
     return message
 
 
+class UnsafeDigest(DigestError):
+    """A digest would hold a line a reply reader takes for a command, even with every
+    field labelled (only a reply-parser change that made a label word a command can
+    cause this); the digest is not sent."""
+
+
+def reads_as_command(line: str) -> bool:
+    """The reply reader's own test: True when a reply holding ``line`` alone would apply a
+    command from it (:func:`digest.replies.parse.reads_as_command`)."""
+    # Imported on use: the replies stage imports this module (its confirmations use our
+    # email policy), so a module-level import would be circular.
+    from .replies.parse import reads_as_command as reader_test
+
+    return reader_test(line)
+
+
+def reader_text(html: str) -> str:
+    """The HTML part as the reply reader turns HTML into text (a reply quoting it does)."""
+    from .replies.parse import html_to_text  # imported on use: see reads_as_command
+
+    return html_to_text(html)
+
+
+def command_lines(text: str) -> list[str]:
+    """The lines of ``text`` that the reply reader would take a command from."""
+    return [line for line in text.splitlines() if reads_as_command(line)]
+
+
 def render_text(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
-    """The plain-text part, wrapped for reading and for being quoted in a reply."""
-    text = _environment().get_template(TEXT_TEMPLATE).render(_context(content, smtp))
-    return defuse_command_lines(text)
+    """The plain-text part, wrapped for reading and for being quoted in a reply.
+
+    Raises :class:`UnsafeDigest` if a line would still read as a command."""
+    for force in (False, True):
+        context = _context(content, smtp, label_all=force)
+        text = defuse_command_lines(_environment().get_template(TEXT_TEMPLATE).render(context))
+        if not command_lines(text):
+            return text
+    raise UnsafeDigest(f"the text part has lines a reply would read as commands: "
+                       f"{command_lines(text)[:3]!r}")
 
 
 # The class attributes the inliner has served: nothing reads them after inlining. The pattern
@@ -234,13 +274,19 @@ _CLASS_ATTRIBUTE = re.compile(r' class="[^"<>]*"')
 def render_html(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
     """The HTML part: a table layout with every style inlined (some webmail drops <style>),
     and class attributes dropped once inlined, which keeps a 10-paper digest under 25 KB."""
-    html = _environment().get_template(HTML_TEMPLATE).render(_context(content, smtp))
     inliner = css_inline.CSSInliner(
         extra_css=_read_template(STYLESHEET),
         keep_style_tags=False,
         load_remote_stylesheets=False,
     )
-    return _CLASS_ATTRIBUTE.sub("", inliner.inline(html))
+    for force in (False, True):
+        html = _environment().get_template(HTML_TEMPLATE).render(
+            _context(content, smtp, label_all=force))
+        html = _CLASS_ATTRIBUTE.sub("", inliner.inline(html))
+        unsafe = command_lines(reader_text(html))
+        if not unsafe:
+            return html
+    raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: {unsafe[:3]!r}")
 
 
 def subject_for(content: DigestContent) -> str:
@@ -289,6 +335,12 @@ def format_authors(authors: tuple[str, ...]) -> str:
     ``Ada Lovelace, Alan Turing, Grace Hopper et al. (12 authors)`` for twelve.
     """
     names = [name for name in (one_line(plain_text(a)) for a in authors) if name]
+    # A listing that writes "et al." (or "others") as an author means more unnamed authors.
+    unnamed = [n for n in names if n.lower().rstrip(".") in ("et al", "al", "others", "and others")]
+    names = [n for n in names if n not in unnamed]
+    if unnamed and names:
+        return (", ".join(names[:SHOWN_AUTHORS]) + " et al.") if len(names) <= SHOWN_AUTHORS \
+            else ", ".join(names[:SHOWN_AUTHORS]) + f" et al. ({len(names)}+ authors)"
     if len(names) <= 1:
         return "".join(names)
     if len(names) <= SHOWN_AUTHORS:
@@ -296,9 +348,17 @@ def format_authors(authors: tuple[str, ...]) -> str:
     return ", ".join(names[:SHOWN_AUTHORS]) + f" et al. ({len(names)} authors)"
 
 
+# Bidirectional controls (LRE..RLO, LRI..PDI, LRM/RLM, ALM): in a title or a Subject they
+# can show text reversed ("U+202E gnp.exe"); papers' text never needs them.
+_BIDI_CONTROLS = dict.fromkeys(
+    [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C], None)
+
+
 def one_line(text: str) -> str:
-    """Text fit for a header or a single line: line breaks and control characters gone."""
-    kept = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
+    """Text fit for a header or a single line: line breaks and control characters gone,
+    bidirectional controls dropped."""
+    kept = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
+                   for ch in text.translate(_BIDI_CONTROLS))
     return " ".join(kept.split())
 
 
@@ -456,20 +516,28 @@ def starts_with_command(line: str) -> bool:
 
 
 def defuse_command_lines(text: str) -> str:
-    """Join any line that is, or opens with, a command onto the text line before it.
+    """Join any line a reply reader would take a command from (:func:`reads_as_command`,
+    or a command word opening it) onto the text line before it.
 
     The templates never write one, but wrapped free text (an abstract ending
     in "... we stop.", or "... we skip 2, 3 ...") could; joining keeps the
-    words and removes the risk.
+    words and removes the risk. A line with nothing before it, or whose joining
+    would itself read as a command, gets the label "Text:" after its indent.
     """
     lines: list[str] = []
     for line in text.split("\n"):
-        if starts_with_command(line) and any(kept.strip() for kept in lines):
+        if not (starts_with_command(line) or reads_as_command(line)):
+            lines.append(line)
+            continue
+        if any(kept.strip() for kept in lines):
             while not lines[-1].strip():
                 lines.pop()
-            lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
-        else:
-            lines.append(line)
+            joined = f"{lines[-1].rstrip()} {line.strip()}"
+            if not reads_as_command(joined):
+                lines[-1] = joined
+                continue
+        indent = line[: len(line) - len(line.lstrip())]
+        lines.append(f"{indent}Text: {line.strip()}")
     return "\n".join(lines)
 
 
@@ -488,6 +556,7 @@ class _ItemView:
 
     position: int
     title: str
+    title_label: str  # "Title: " where the title alone would read as a command, else ''
     title_link: str
     authors: str  # '' when the listing had none
     arxiv_id: str  # '' when unknown
@@ -498,6 +567,7 @@ class _ItemView:
     snippet_label: str  # "Summary" for a generated summary, "Abstract" where needed, else ''
     links: tuple[_Link, ...]
     reason: str
+    reason_label: str  # "Why" ("why 2" is a command: "Reason" where "Why: ..." would read as one)
     explore: bool
     like_link: str
     skip_link: str
@@ -525,7 +595,8 @@ class _ItemView:
         return " · ".join(parts)
 
 
-def _context(content: DigestContent, smtp: SmtpConfig | None) -> dict[str, Any]:
+def _context(content: DigestContent, smtp: SmtpConfig | None, *,
+             label_all: bool = False) -> dict[str, Any]:
     reply = reply_address(smtp or SmtpConfig(), content.token)
     items = sorted(content.items, key=lambda item: item.position)
     listed = [item.paper.listed_on for item in items if item.paper.listed_on]
@@ -537,7 +608,8 @@ def _context(content: DigestContent, smtp: SmtpConfig | None) -> dict[str, Any]:
         "considered": content.considered,
         "shown": len(items),
         "personalised": content.personalised,
-        "items": [_item_view(item, reply) for item in items],
+        "items": [_item_view(item, reply, content.local_date, label_all=label_all)
+                  for item in items],
         "reply_address": reply,
         "command_links": {word: mailto(reply, word) for word in ("pause", "unsubscribe", "help")},
         "preheader": _preheader(content, items),
@@ -580,20 +652,46 @@ def _paper_links(paper: Paper) -> tuple[_Link, ...]:
     return tuple(links)
 
 
-def _item_view(item: DigestItem, reply: str) -> _ItemView:
+def _opens_as_command(text: str, first: str = "") -> bool:
+    """True when ``text`` shown on a line of its own (HTML) or wrapped after ``first``
+    (text part) would give a first line a reply reader takes a command from."""
+    if not text:
+        return False
+    opening = _wrap(text, "    ", first or "    ").split("\n", 1)[0]
+    return (reads_as_command(f"{first}{text}") or reads_as_command(opening)
+            or is_bare_command(text))
+
+
+def _item_view(item: DigestItem, reply: str, local_date: date, *,
+               label_all: bool = False) -> _ItemView:
     paper = item.paper
     snippet = cut_abstract(plain_text(_opening(paper.abstract)))
     label = "Summary" if paper.abstract_is_summary and snippet else ""
-    if not label and is_bare_command(snippet):
+    if not label and snippet and (label_all or _opens_as_command(snippet)):
         label = "Abstract"
+    title = plain_text(paper.title) or "(untitled)"
+    number = f"{item.position}.".ljust(3) + " "
+    title_label = "Title: " if label_all or _opens_as_command(title, number) else ""
+    authors = format_authors(paper.authors)
+    reason = plain_text(item.reason)  # reasons quote titles, LaTeX and all
+    if paper.listed_on is not None and paper.listed_on < local_date:
+        # Ranking words its reasons for the day's listing; a paper listed days ago is not.
+        reason = reason.replace("popular today", "popular when listed").replace(
+            "in today's listing", "in its listing")
+    reason_label = "Why"
+    if reason and (label_all or _opens_as_command(reason, "    Why:   ")):
+        reason_label = "Reason"
+    if authors and (label_all or _opens_as_command(authors)):
+        authors = f"Authors: {authors}"
     relevance = one_line(item.relevance or "").lower()
     if relevance not in RELEVANCE_DOTS:
         relevance = ""  # only the ranking's known levels mean something to a reader
     return _ItemView(
         position=item.position,
-        title=plain_text(paper.title) or "(untitled)",
+        title=title,
+        title_label=title_label,
         title_link=paper.link,
-        authors=format_authors(paper.authors),
+        authors=authors,
         arxiv_id=paper.arxiv_id or "",
         listed=format_short_day(paper.listed_on) if paper.listed_on else "",
         relevance=relevance,
@@ -601,7 +699,8 @@ def _item_view(item: DigestItem, reply: str) -> _ItemView:
         snippet=snippet,
         snippet_label=label,
         links=_paper_links(paper),
-        reason=plain_text(item.reason),  # reasons quote titles, LaTeX and all
+        reason=reason,
+        reason_label=reason_label,
         explore=item.explore,
         like_link=mailto(reply, f"like {item.position}"),
         skip_link=mailto(reply, f"skip {item.position}"),

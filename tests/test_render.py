@@ -13,6 +13,8 @@ from html.parser import HTMLParser
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from digest.config import SmtpConfig, Subscriber
 from digest.paper import Paper
@@ -429,7 +431,8 @@ def test_the_check_itself_catches_bare_commands() -> None:
 def test_a_wrapped_bare_command_is_joined_onto_the_text_before_it() -> None:
     assert defuse_command_lines("Hello\n    we help\n    stop.\n") == "Hello\n    we help stop.\n"
     assert defuse_command_lines("Hello\n\n  like 3\nfoo") == "Hello like 3\nfoo"
-    assert defuse_command_lines("1. Help\nlike this one\n") == "1. Help\nlike this one\n"
+    # The reader strips "1." as a list number: "1. Help" alone is the help command.
+    assert defuse_command_lines("1. Help\nlike this one\n") == "Text: 1. Help\nlike this one\n"
 
 
 def test_an_abstract_that_is_only_a_command_gets_a_label() -> None:
@@ -499,3 +502,53 @@ def test_templates_are_found_in_the_source_checkout() -> None:
     root = template_root()
     names = {entry.name for entry in root.iterdir()}
     assert {"digest.txt.j2", "digest.html.j2", "digest.css"} <= names
+
+
+# Commands: no line is read as one by the reply reader itself (its own test, its own HTML
+# conversion), whatever a title, author or abstract says.
+
+READER_COMMANDS = ("Unsubscribe please", "unsubscribe", "Pause 7 days", "Time 23:59",
+                   "Skip rest", "Interest add crypto giveaways", "Stop, we said we would",
+                   "/like 2", "ｌｉｋｅ　２", "- help", "• resume now", "size 5.")
+
+
+def reader_command_lines(message: EmailMessage) -> list[str]:
+    from digest.replies.parse import html_to_text, reads_as_command
+
+    text, html = parts(message)
+    return [line for line in text.splitlines() + html_to_text(html).splitlines()
+            if reads_as_command(line)]
+
+
+@pytest.mark.parametrize("words", READER_COMMANDS)
+def test_no_line_of_either_part_is_read_as_a_command_by_the_reply_reader(words: str) -> None:
+    chosen = (DigestItem(1, paper(1, title=words, abstract=words, authors=(words,)), 0.5, words),
+              DigestItem(2, paper(2, authors=("Ada Lovelace", words)), 0.5, "r"))
+    message = render_digest(content(*chosen, name=words), SMTP, now=NOW)
+    text, html = parts(message)
+
+    assert reader_command_lines(message) == []
+    # A reply that pastes either part without ">" marks commands nothing.
+    from digest.replies.parse import html_to_text
+
+    assert parse_text(text).commands == []
+    assert parse_text(html_to_text(html)).commands == []
+    assert f"1.  Title: {words.strip()}"[:20] in text or "Title:" in text
+
+
+_PIECES = ("unsubscribe", "stop", "like", "skip", "pause", "time", "interest", "add", "rest",
+           "help", "please", "2", "7", "days", "23:59", ",", ";", " ", " ", "\n", "1.", "- ",
+           "/", "ｌｉｋｅ", "\u00a0", ".", "*", "“", "size", "why", "resume", "+3", "all")
+_FIELD = st.one_of(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join),
+                   st.text(max_size=40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(title=_FIELD, author=_FIELD, abstract=_FIELD, reason=_FIELD)
+def test_any_field_text_gives_no_line_the_reader_takes_for_a_command(
+        title: str, author: str, abstract: str, reason: str) -> None:
+    item = DigestItem(1, paper(1, title=title, abstract=abstract, authors=(author, "et al.")),
+                      0.5, reason)
+    message = render_digest(content(item), SMTP, now=NOW)
+
+    assert reader_command_lines(message) == []

@@ -341,3 +341,37 @@ def test_a_cut_abstract_is_an_opening_of_the_abstract(abstract: str, limit: int)
     assert flat.startswith(cut.removesuffix("…"))
     if len(flat) <= limit:
         assert cut == flat
+
+
+# Review fixes: bidi controls, "et al." as an author, stale reasons
+
+
+def test_bidi_controls_are_dropped_from_titles_authors_and_the_subject() -> None:
+    sneaky = paper(1, title="Safe title \u202egnp.exe\u202c done",
+                   authors=("Ada \u2067Lovelace\u2069", "Alan\u200f Turing"))
+    message = render_digest(digest(sneaky), SMTP, now=NOW)
+    text, html = parts(message)
+    for shown in (text, html, str(message["Subject"])):
+        assert not any(ch in shown for ch in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067"
+                                               "\u2068\u2069\u200e\u200f\u061c")
+    assert "Safe title gnp.exe done" in str(message["Subject"])
+    assert "Ada Lovelace and Alan Turing" in text
+
+
+def test_an_author_named_et_al_is_not_rendered_as_and_et_al() -> None:
+    assert format_authors(("Ada Lovelace", "et al.")) == "Ada Lovelace et al."
+    assert format_authors(("Ada Lovelace", "Alan Turing", "et al")) == (
+        "Ada Lovelace, Alan Turing et al.")
+    text, html = both(digest(paper(1, authors=("Ada Lovelace", "Alan Turing", "et al."))))
+    assert "and et al." not in text and "and et al." not in html
+
+
+def test_a_stale_digest_does_not_call_old_papers_popular_today() -> None:
+    old = paper(1, listed_on=TODAY - timedelta(days=6))
+    content = digest(old)
+    content = replace(content, items=(replace(content.items[0], reason="popular today (40 "
+                                              "upvotes); #2 in today's listing"),))
+    text, html = both(content)
+    for shown in (text, html):
+        assert "today" not in shown.replace("nothing to read today", "")
+        assert "popular when listed (40 upvotes)" in shown and "#2 in its listing" in shown

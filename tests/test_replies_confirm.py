@@ -101,7 +101,8 @@ def test_the_digest_quoted_under_an_unknown_header_is_not_listed(folder: Folder)
 
 def test_a_reply_without_a_command_is_answered_and_quotes_three_lines(folder: Folder) -> None:
     original = digest_text(folder.digest)
-    folder.add("Great digest!\nlke 3\nplease more robotics\n\u202ebidi trick\nfifth line\n\n"
+    folder.add("Great digest!\nlke 3\nlike paper three\nskipp 4\npuase 2 days\nlik 9\n"
+               "fifth line\n\n"
                f"On Thu, Mar 12, 2026 at 8:00 AM Paper Digest wrote:\n{quoted(original)}\n")
     report = folder.process()
     assert (report.applied, report.ignored) == (0, 1)
@@ -110,25 +111,35 @@ def test_a_reply_without_a_command_is_answered_and_quotes_three_lines(folder: Fo
     assert "Thank you for your note" in text
     quoted_back = [line for line in text.splitlines() if line.startswith("  > “")]
     assert len(quoted_back) == 3
-    assert "Great digest!" in quoted_back[0]  # in the order written
-    assert "lke 3" in quoted_back[1] and "did you mean “like 3”?" in quoted_back[1]
-    assert "fifth line" not in text
+    assert "lke 3" in quoted_back[0] and "did you mean “like 3”?" in quoted_back[0]
+    assert "Great digest!" not in text and "fifth line" not in text  # prose: thanked only
+    assert "... and 2 more lines left out here." in text
     assert "help" in text
+
+
+def test_prose_and_a_signature_name_are_thanked_not_quoted_back(folder: Folder) -> None:
+    folder.add("Thanks!\nGreat selection today.\n\nAlice\n")
+    folder.process()
+    [text] = folder.confirmations()
+    assert "Thank you for your note" in text
+    assert not [line for line in text.splitlines() if line.startswith("  > “")]
+    assert "Alice”" not in text and "Thanks!”" not in text
 
 
 def test_a_reply_that_is_all_quote_is_still_answered(folder: Folder) -> None:
     folder.add("\n".join("> " + line for line in digest_text(folder.digest).splitlines()))
     folder.process()
     [text] = folder.confirmations()
-    assert "had no command in it" in text and "line of its own" in text
+    assert "had no command in it" in text and "line of its own" not in text
+    assert "the word help for the list of commands" in text
 
 
 def test_control_characters_are_escaped_in_the_confirmation(folder: Folder) -> None:
-    folder.add("\u202eekil 3\x1b[31m\n")
+    folder.add("lke 3 \u202eekil\x1b[31m\n")  # a near-command: quoted back, escaped
     folder.process()
     [text] = folder.confirmations()
     assert "\u202e" not in text and "\x1b" not in text
-    assert "\\u202e" in text
+    assert "“lke 3 ekil" in text  # the near-command quoted back, its controls dropped
 
 
 def test_commands_are_confirmed_in_the_order_written_with_each_effect(folder: Folder) -> None:

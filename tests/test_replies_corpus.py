@@ -196,3 +196,32 @@ def test_many_quote_headers_cost_one_pass() -> None:
     text = "\n".join(["On Thu, Paper Digest wrote:", "unmarked line"] * 5_000)
     kept = read_new_text(text, SENT, is_command_line)
     assert kept.lines == []  # each header starts an unmarked original that runs to the end
+
+
+REVIEWED = [c for c in CASES if c.source == "review.txt"]
+
+
+@pytest.mark.parametrize("case", REVIEWED, ids=[c.name for c in REVIEWED])
+def test_reviewed_layouts_leave_no_prose_either(case: CorpusCase) -> None:
+    """Quote headers and converted digest lines are not prose (no "thank you for your note")."""
+    from digest.bench.replies import corpus_reply
+    from digest.replies.parse import parse_reply, subject_of
+
+    message = corpus_reply(case, DIGEST)
+    parsed = parse_reply(new_text(message, SENT), subject_of(message))
+    assert parsed.prose == [] and parsed.problems == []
+    assert tuple(command_key(c) for c in parsed.commands) == case.commands
+
+
+@pytest.mark.parametrize("files", [{}, {"empty.txt": ""}, {"notes.txt": "just notes\n"}])
+def test_bench_replies_on_an_empty_corpus_is_an_error(
+        tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str],
+        files: dict[str, str]) -> None:
+    folder = tmp_path / "corpus"  # type: ignore[operator]
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    assert main(["bench", "replies", "--corpus", str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("Error: ") and str(folder) in captured.err
+    assert "{" not in captured.out

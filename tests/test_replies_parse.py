@@ -248,3 +248,20 @@ def test_the_example_config_shows_the_reply_tables() -> None:
     text = (ROOT / "config" / "digest.example.toml").read_text(encoding="utf-8")
     assert "# [imap]" in text and "# [maildir]" in text
     load_config(ROOT / "config" / "digest.example.toml")
+
+
+@pytest.mark.parametrize("plain", ["", "\n\n", "Sent from my iPhone\n", "-- \nSent from my iPhone\n",
+                                   "Von meinem iPhone gesendet"])
+def test_a_text_part_that_says_nothing_falls_back_to_the_html_part(plain: str) -> None:
+    message = EmailMessage()
+    message["Subject"] = "Re: Paper digest"
+    message.set_content(plain)
+    message.add_alternative("<div>like 2</div><div>Sent from my iPhone</div>", subtype="html")
+    assert [(c.name, c.items) for c in parse_text(new_text(message)).commands] == [("like", (2,))]
+
+
+def test_a_text_part_with_words_is_read_before_the_html_part() -> None:
+    message = EmailMessage()
+    message.set_content("skip 3\n")
+    message.add_alternative("<div>like 2</div>", subtype="html")
+    assert [c.name for c in parse_text(new_text(message)).commands] == ["skip"]

@@ -491,6 +491,9 @@ def load_corpus(folder: Path) -> list[CorpusCase]:
                 body=body.rstrip("\n") + "\n", content_type=fields.get("type", "plain"),
                 commands=listed("commands"), not_understood=listed("not understood"),
                 source=path.name))
+    if not cases:
+        raise DigestError(f"{folder}: the corpus files hold no case (each starts with "
+                          f"'=== NAME')")
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         raise DigestError("corpus: case names repeat: "

@@ -62,7 +62,7 @@ _WROTE_HEADERS = tuple(re.compile(p, re.IGNORECASE) for p in (
     r"^.{1,200}\bescribi[óo]\s*:$",                        # es, no date
     r"^il\b.{3,300}\bha\s+scritto\s*:$",                   # it
     r"^.{1,200}\bha\s+scritto\s*:$",                       # it, no date
-    r"^op\b.{3,300}\b(?:schreef|het\s+volgende\s+geschreven)\b.{0,40}:$",  # nl
+    r"^op\b.{3,300}\b(?:schreef|het\s+volgende\s+geschreven)\b.{0,200}:$",  # nl
     r"^em\b.{3,300}\bescreveu\s*:$",                       # pt
     r"^(?:w\s+dniu|dnia)\b.{3,300}\b(?:napisa[łl]\w*(?:\(a\))?|pisze)\s*:$",  # pl
     r"^.{1,300}\b(?:пишет|написал\w*(?:\(а\))?)\s*:$",     # ru
@@ -75,7 +75,8 @@ _WROTE_HEADERS = tuple(re.compile(p, re.IGNORECASE) for p in (
     r"^.{3,300}님이\s*(?:작성|씀)\w*\s*[：:]?$",            # ko
     # Gmail's numeric and localised forms: "2026-03-12 8:00 GMT+01:00 NAME <ADDR>:",
     # "2026年3月12日(木) 8:00 NAME <ADDR>:", "чт, 12 мар. 2026 г. в 08:00, NAME <ADDR>:".
-    r"^.{0,200}<(?:mailto:)?[^<>\s@]+@[^<>\s]+>\s*[^<>]{0,40}[：:]$",
+    r"^.{0,200}[<‹](?:mailto:)?[^<>‹›\s@]+@[^<>‹›\s]+[>›]\s*[^<>]{0,40}[：:]$",
+    r"^.{1,300}\bkirjoitti\b.{0,200}:$",                   # fi: "NAME kirjoitti DATE:"
 ))
 # Separators after which a client puts the original without quote marks.
 _SEPARATORS = tuple(re.compile(p, re.IGNORECASE) for p in (
@@ -89,11 +90,12 @@ _SEPARATORS = tuple(re.compile(p, re.IGNORECASE) for p in (
     r"^\s*_{20,}\s*$",                                     # Outlook on the web, Outlook mobile
 ))
 # Keys of a quoted message's header block (Outlook and forwards): en, de, fr, es, it, nl, pt,
-# pl, ru, zh, ja, ko. Two such lines in a row start an original without quote marks.
+# pl, ro, ru, zh, ja, ko. Two such lines in a row start an original without quote marks.
 _HEADER_KEYS = (
     "from|sent|to|cc|bcc|subject|date|reply-to|"
     "von|gesendet|an|betreff|datum|"
     "de|envoy[ée]|[àa]|objet|date\\s+d['’]envoi|"
+    "de\\s+la|trimis|c[ăa]tre|subiect|"
     "enviado(?:\\s+el)?|para|asunto|fecha|"
     "da|inviato|a|oggetto|data|"
     "van|verzonden|aan|onderwerp|"
@@ -105,7 +107,7 @@ _HEADER_KEYS = (
 )
 _HEADER_FIELD = re.compile(r"^[*\s]*(?:" + _HEADER_KEYS + r")[*\s]*[:：][*\s]*(?:\S.*)?$",
                            re.IGNORECASE)
-_FROM_FIELD = re.compile(r"^[*\s]*(?:from|von|de|da|van|od|от|发件人|寄件者|差出人|보낸\s*사람)"
+_FROM_FIELD = re.compile(r"^[*\s]*(?:from|von|de\s+la|de|da|van|od|от|发件人|寄件者|差出人|보낸\s*사람)"
                          r"[*\s]*[:：]", re.IGNORECASE)
 # What mobile and webmail clients append: "Sent from my iPhone" and its kin.
 _SENT_FROM = re.compile(
@@ -128,9 +130,23 @@ def clean_line(line: str) -> str:
     return " ".join(line.split())
 
 
+# A link as Outlook and other clients write an HTML link when they turn the digest into
+# text: "Like<mailto:digest+tok@host?subject=like%201>", "arXiv<https://arxiv.org/abs/...>".
+_CONVERTED_LINK = re.compile(r"<(?:mailto:|https?://)[^<>\s]*>", re.IGNORECASE)
+
+
+def says_nothing(text: str) -> bool:
+    """True for a text part that is empty or holds only a mobile client's "Sent from my
+    iPhone" lines (some clients write that and put the reply in the HTML part only)."""
+    return all(not line or _SENT_FROM.match(line) or line in ("--", "—")
+               for line in (clean_line(x) for x in text.splitlines()))
+
+
 def words(line: str) -> str:
-    """The words of a line, case-folded, joined by single spaces: what matching compares."""
-    return " ".join(_WORD.findall(clean_line(line).casefold()))
+    """The words of a line, case-folded, joined by single spaces: what matching compares.
+    Links a client wrote out after their text (``Like<mailto:...>``) are left out, so a
+    digest line converted that way matches the line sent."""
+    return " ".join(_WORD.findall(_CONVERTED_LINK.sub(" ", clean_line(line)).casefold()))
 
 
 @dataclass(frozen=True)
@@ -241,6 +257,7 @@ def read_new_text(text: str, sent: SentText | None = None,
     lines = text.splitlines()[:MAX_LINES]  # every line break Python knows, as parse_text
     result = NewText()
     unmarked_original = False  # inside an original that a client put without quote marks
+    digest_original = False  # ... and that original is the known digest (matched line by line)
     previous_quoted = ""  # the line before, when it was a line of the digest
     ends_below: list[bool] | None = None  # per line: the digest's last line is at or below it
     signature = False
@@ -256,8 +273,17 @@ def read_new_text(text: str, sent: SentText | None = None,
         if not line:
             i += 1
             continue
+        if unmarked_original and digest_original and not (
+                is_header_field(line) or (not is_command(line) and (
+                    sent.holds(line) or (previous_quoted and sent.continues(previous_quoted,
+                                                                             line))))):
+            # The known digest is quoted line by line: a line that is none of its lines (nor
+            # a header line) was written by the subscriber, below a trimmed or re-converted
+            # original. Read it as new text.
+            unmarked_original = False
         if unmarked_original:
             result.quoted += 1
+            previous_quoted = line
             if sent and sent.ends_with(line):
                 unmarked_original = False  # what follows the digest's end was written below it
             i += 1
@@ -273,7 +299,11 @@ def read_new_text(text: str, sent: SentText | None = None,
                 # below, line by line (an answer typed between its lines is then read).
                 if sent and ends_below is None:
                     ends_below = _digest_ends_below(lines, sent)
-                unmarked_original = not (sent and sent.holds(following) and ends_below is not None
+                # The digest when its opening lines are: a greeting alone ("Hello Alice,")
+                # opens a confirmation too.
+                opening = [x for x in lines[i + span:i + span + 50] if x.strip()][:2]
+                digest_original = bool(sent) and all(sent.holds(x) for x in opening)
+                unmarked_original = not (digest_original and ends_below is not None
                                          and ends_below[i + span])
             i += span
             continue
@@ -310,7 +340,9 @@ def quote_header_lines(lines: list[str], start: int) -> int:
         piece = clean_line(lines[start + count - 1])
         if not piece:
             break
-        joined = f"{joined} {piece}".strip() if joined else piece
+        # Gmail wraps a long address after its "<": the halves join without a space.
+        glue = "" if joined.endswith(("<", "‹", "(")) else " "
+        joined = f"{joined}{glue}{piece}".strip() if joined else piece
         if len(joined) > MAX_HEADER_CHARS:
             break
         # Every header form ends with a colon ("wrote" alone in old Apple Mail): a cheap test

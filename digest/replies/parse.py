@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from email import policy
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
-from email.message import EmailMessage, Message
+from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesParser
 from email.utils import getaddresses
 from functools import lru_cache
 from html.parser import HTMLParser
 
 from ..errors import DigestError
-from .newtext import SentText, clean_line, read_new_text
+from .newtext import SentText, clean_line, read_new_text, says_nothing
 
 MAX_PAUSE_DAYS = 366  # a longer pause is an unsubscribe in disguise
 MAX_SIZE = 100  # as the config's max_papers
@@ -319,10 +319,21 @@ def sent_text(digest_message: bytes) -> SentText:
 
 
 def body_text(message: EmailMessage) -> str:
-    """The text/plain part, else the HTML part as text (quoted blocks left out)."""
-    part = message.get_body(preferencelist=("plain", "html"))
+    """The text/plain part, else the HTML part as text (quoted blocks left out); also the
+    HTML part when the text part says nothing (empty, or only "Sent from my iPhone")."""
+    plain = _part_text(message.get_body(preferencelist=("plain",)))
+    if plain is not None and not says_nothing(plain):
+        return plain
+    html = _part_text(message.get_body(preferencelist=("html",)))
+    if html is not None and (plain is None or html.strip()):
+        return html
+    return plain or ""
+
+
+def _part_text(part: MIMEPart | None) -> str | None:
+    """One text part's content as text (HTML converted), None when there is no such part."""
     if part is None:
-        return ""
+        return None
     try:
         content = part.get_content()
     except (LookupError, UnicodeError, ValueError, AssertionError):
@@ -447,6 +458,20 @@ def command_line(raw_line: str) -> str:
     if (colon := _WORD_COLON.match(line)) is not None and colon.group(1).lower() in COMMANDS:
         line = f"{colon.group(1)} {line[colon.end():]}"
     return line.rstrip(_TRAILING).strip(_DECORATION)
+
+
+def reads_as_command(raw_line: str) -> bool:
+    """True when :func:`parse_text` takes at least one command from this line, read alone
+    (cleaned by :func:`command_line`: Unicode normalised, bullets, numbers, a leading ``/``
+    and decoration removed), even when the line also holds text it cannot read.
+
+    Render checks every line of a digest with this, so that a digest pasted into a reply
+    without ``>`` marks commands nothing.
+    """
+    line = command_line(raw_line)
+    if not line or not _HAS_WORD.search(line):
+        return False
+    return bool(_parse_line(line)[0])
 
 
 def is_command_line(raw_line: str) -> bool:

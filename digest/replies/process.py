@@ -50,7 +50,14 @@ from ..config import Config, Subscriber
 from ..errors import DigestError, SendError, StoreError
 from ..library import import_attachments
 from ..mailer import Mailer
-from ..render import EMAIL_POLICY, defuse_command_lines, one_line, reply_address, template_root
+from ..render import (
+    EMAIL_POLICY,
+    defuse_command_lines,
+    one_line,
+    plain_text,
+    reply_address,
+    template_root,
+)
 from ..store import DigestRow, ItemRow, Store, SubscriberState, utc_now
 from .mailboxes import FETCH_BATCH, ImapMailbox, MailboxError, MaildirMailbox, open_mailbox
 from .newtext import SentText
@@ -648,17 +655,21 @@ class _Explainer:
             paper = self.store.papers_by_id([item.paper_id]).get(item.paper_id)
             explanation = self._explain(profile, item.paper_id)
             nearest = [] if explanation is None else [
-                {"title": _short(n.title), "similarity": n.similarity}
+                {"title": _short(plain_text(n.title)), "similarity": n.similarity}
                 for n in explanation.nearest_liked[:NEAREST_LIKED]
                 if n.paper_id != item.paper_id and n.similarity > 0]
             answers.append({
                 "number": number,
                 "missing": False,
-                "title": _short(paper.title if paper else item.paper_id, 90),
-                "reason": one_line(item.reason),
-                "score": item.score,
+                # LaTeX as text, as in the digest; the ranking's raw score is never shown (its
+                # scale means nothing to a reader): the relevance level when the model has one.
+                "title": _short(plain_text(paper.title) if paper else item.paper_id, 90),
+                "reason": plain_text(item.reason),
+                "level": (explanation.level or "") if explanation is not None else "",
                 "explore": item.explore,
-                "extra": one_line(str(explanation)) if explanation is not None else "",
+                "extra": ", ".join(plain_text(term) for term, _ in
+                                   explanation.shared_terms[:5]) if explanation is not None
+                         else "",
                 "nearest": nearest,
             })
         return {"answers": answers}
@@ -680,22 +691,27 @@ def build_confirmation(config: Config, reply: EmailMessage, sender: str, digest:
                        parsed: ParsedReply, applied: _Applied, *, now: datetime) -> EmailMessage:
     """A threaded answer to the reply: each command in the order written with what it did,
     then what was not understood; a reply with no command is told so, with at most
-    :data:`MAX_UNREAD_SHOWN` of its lines quoted back (escaped) and a pointer to help."""
+    :data:`MAX_UNREAD_SHOWN` of its near-commands quoted back (escaped; how many more were
+    left out), prose only thanked for, and a pointer to help."""
     smtp = config.smtp
     sub = config.subscriber(sender)
     shown_problems = parsed.problems[:8]
     nothing = not parsed.commands
-    unread = [{"text": escaped(p.text), "hint": p.message}
-              for p in parsed.unread[:MAX_UNREAD_SHOWN]] if nothing else []
+    # Prose ("Thanks!", a signature's name) is acknowledged, never quoted back as unreadable.
+    attempts = [p for p in parsed.unread if p.message] if nothing else []
+    # Hints repeat the subscriber's words ("did you mean ..."), so they are escaped too.
+    unread = [{"text": escaped(p.text), "hint": escaped(p.message, 240)}
+              for p in attempts[:MAX_UNREAD_SHOWN]]
     text = _environment().get_template(CONFIRMATION_TEMPLATE).render(
         name=escaped(sub.name) if sub else sender.split("@")[0],
         day=f"{digest.local_date:%a %d %b %Y}",
         steps=[{"written": escaped(step.written), "done": step.done, "refused": step.refused,
                 "whys": step.whys} for step in applied.steps],
-        problems=[Problem(escaped(p.text), p.message) for p in shown_problems],
+        problems=[Problem(escaped(p.text), escaped(p.message, 240)) for p in shown_problems],
         more_problems=len(parsed.problems) - len(shown_problems),
         prose=bool(parsed.prose),
         unread=unread,
+        unread_left_out=len(attempts) - len(unread),
         help=applied.help,
         help_text=help_text() if applied.help else "",
         unsubscribed=applied.unsubscribed,
