@@ -196,6 +196,20 @@ def test_a_page_cut_mid_abstract_is_completed_later_never_shortened(
     assert store.paper_count() == 2
 
 
+def test_a_page_cut_mid_url_leaves_no_broken_code_link(store: Store, tmp_path: Path) -> None:
+    """Issue 8 review: the cut link stayed beside the whole one forever."""
+    inbox = tmp_path / "inbox"
+    whole = PAGE.encode()
+    drop(inbox, "a-cut.txt", whole[: whole.index(b"/goats") + len(b"/go")])
+    scan(store, inbox)
+    assert next(p for p in store.all_papers() if "Goats" in p.title).code_links == (
+        "https://github.com/x/go",)
+    drop(inbox, "b-whole.txt", whole)
+    scan(store, inbox)
+    goats = next(p for p in store.all_papers() if "Goats" in p.title)
+    assert goats.code_links == ("https://github.com/x/goats",)
+
+
 def test_a_page_cut_inside_its_last_character_is_ingested(store: Store, tmp_path: Path) -> None:
     """Issue 8 review: a cut inside a multi-byte UTF-8 character at the end lost the file."""
     whole = PAGE.replace("goats\n", "goats \u00e9t\u00e9\n").encode()
