@@ -168,7 +168,8 @@ def _imap_hint(config: Config, error: str) -> str:
 
 def _seed_warnings(config: Config) -> list[str]:
     """Seed papers that match no stored paper and library files that cannot be read."""
-    from .library import LibraryError, parse_library, unresolved_seeds
+    from .config import read_regular_file
+    from .library import MAX_LIBRARY_BYTES, LibraryError, parse_library, unresolved_seeds
     from .store import Store
 
     warnings = []
@@ -181,7 +182,8 @@ def _seed_warnings(config: Config) -> list[str]:
                                 "(kept pending: it counts once that paper is ingested)")
             if sub.library is not None:
                 try:
-                    parse_library(sub.library.read_bytes(), str(sub.library))
+                    parse_library(read_regular_file(sub.library, MAX_LIBRARY_BYTES),
+                                  str(sub.library))
                 except OSError as exc:
                     warnings.append(f"{sub.email}: library {sub.library}: cannot read: "
                                     f"{exc.strerror or exc}")

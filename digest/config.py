@@ -81,6 +81,24 @@ MAX_LIST_ITEMS = 200  # interests and seed papers: a profile, not a library
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
 
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``path``, which must be a regular file.
+
+    The extra byte lets the caller tell a file over its limit. A FIFO, a device
+    (``/dev/zero``), a socket or a folder raises OSError ("not a regular file")
+    without blocking: the file is opened non-blocking and checked before any read.
+    Raises OSError when it cannot be opened, ValueError for a NUL in the path.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+            raise OSError(f"not a regular file ({kind})")
+        return handle.read(limit + 1)
+
+
 def read_secret(table: str, password_file: Path | None, password_env: str | None,
                 *, config_file: str = "") -> str | None:
     """A password from a file (e.g. a systemd credential) or an environment variable.
@@ -94,8 +112,7 @@ def read_secret(table: str, password_file: Path | None, password_env: str | None
     if password_file is not None:
         key = f"{table}.password_file"
         try:
-            with password_file.open("rb") as handle:
-                raw = handle.read(MAX_SECRET_BYTES + 1)
+            raw = read_regular_file(password_file, MAX_SECRET_BYTES)
         except OSError as exc:
             raise ConfigError(config_file, key,
                               f"cannot read {password_file}: {exc.strerror or exc}") from exc

@@ -159,22 +159,33 @@ def parse_bytes(data: bytes, *, name: str, fallback_date: date) -> ParsedDump:
         raise DumpError(name, "empty file")
     if b"\x00" in data[:8192]:
         raise DumpError(name, "binary file (contains NUL bytes), not a dump")
+    cut: str | None = None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         if _XML_ENCODING.match(data):  # e.g. encoding="ISO-8859-1": the feed parser reads it
             return parse_feed(data, name=name, fallback_date=fallback_date)
-        line = data[: exc.start].count(b"\n") + 1
-        raise DumpError(name, f"not UTF-8 text (byte {exc.start})", line=line) from exc
+        # A file cut inside its last character (a copy or download stopped mid-way): drop
+        # that partial character. Invalid bytes anywhere else still make it not UTF-8.
+        if exc.reason != "unexpected end of data" or exc.end != len(data):
+            line = data[: exc.start].count(b"\n") + 1
+            raise DumpError(name, f"not UTF-8 text (byte {exc.start})", line=line) from exc
+        text = data[: exc.start].decode("utf-8-sig")
+        cut = (f"the file ends inside a UTF-8 character (byte {exc.start}; cut short?): "
+               f"its last {len(data) - exc.start} byte(s) dropped")
     stripped = text.lstrip()
     if _HTML_START.match(stripped):
         raise DumpError(name, "an HTML page, not a listing (a page dump is the page's text, "
                         "copied from the browser; a feed or the API's JSON is a listing)")
     if stripped.startswith(("[", "{")):
-        return parse_api_json(text, name=name, fallback_date=fallback_date)
-    if stripped.startswith("<"):
-        return parse_feed(data, name=name, fallback_date=fallback_date)
-    return parse_page(text, name=name, fallback_date=fallback_date)
+        parsed = parse_api_json(text, name=name, fallback_date=fallback_date)
+    elif stripped.startswith("<"):
+        parsed = parse_feed(data, name=name, fallback_date=fallback_date)
+    else:
+        parsed = parse_page(text, name=name, fallback_date=fallback_date)
+    if cut is not None:
+        parsed = replace(parsed, warnings=[cut, *parsed.warnings])
+    return parsed
 
 
 def listing_format(data: bytes, *, name: str, fallback_date: date) -> str:
@@ -283,16 +294,23 @@ def parse_page(text: str, *, name: str, fallback_date: date) -> ParsedDump:
             "not a page dump of the trending-papers page",
         )
     date_line_no, date_text = content[date_index]
-    listed_on = _page_date(date_text, fallback_date, name=name, line=date_line_no)
+    warnings_of_date: list[str] = []
+    listed_on = _page_date(date_text, fallback_date, name=name, line=date_line_no,
+                           warnings=warnings_of_date)
     body = content[date_index + 1:]
     if not body:
         raise DumpError(name, "no papers after the date line", line=date_line_no)
+    warnings = warnings_of_date
     if len(body) % 2:
         last_line, last = body[-1]
-        raise DumpError(name, f"title without an abstract: {last[:60]!r} "
-                        "(file cut short, or still being written?)", line=last_line)
+        if len(body) == 1:
+            raise DumpError(name, f"title without an abstract: {last[:60]!r} "
+                            "(file cut short, or still being written?)", line=last_line)
+        # A page cut inside its last title: that entry is lost, the others are whole.
+        warnings.append(f"line {last_line}: title without an abstract: {last[:60]!r} (file "
+                        "cut short?): that last entry is dropped")
+        body = body[:-1]
     papers = []
-    warnings: list[str] = []
     for rank, start in enumerate(range(0, len(body), 2), start=1):
         (title_line, raw_title), (abstract_line, raw_abstract) = body[start], body[start + 1]
         if len(raw_title) > TITLE_MAX_CHARS:
@@ -313,7 +331,9 @@ def parse_page(text: str, *, name: str, fallback_date: date) -> ParsedDump:
                       warnings=warnings)
 
 
-def _page_date(text: str, fallback_date: date, *, name: str, line: int) -> date:
+def _page_date(text: str, fallback_date: date, *, name: str, line: int,
+               warnings: list[str]) -> date | None:
+    """The date line's date; an explicit year outside the plausible range gives None and a warning."""
     match = _DATE_LINE.match(text)
     if match is None:  # pragma: no cover - the caller found the line with this pattern
         raise DumpError(name, f"not a date line: {text!r}", line=line)
@@ -321,7 +341,9 @@ def _page_date(text: str, fallback_date: date, *, name: str, line: int) -> date:
     day = int(match.group(2))
     try:
         if match.group(3):
-            return date(int(match.group(3)), month, day)
+            # The same bounds as every other listing date (_plausible): not before arXiv.
+            return _plausible(date(int(match.group(3)), month, day), f"line {line}",
+                              fallback_date, warnings)
         return listing_date(month, day, fallback_date)
     except ValueError as exc:
         raise DumpError(name, f"impossible date {text!r}: {exc}", line=line) from exc

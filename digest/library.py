@@ -28,7 +28,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from .config import Subscriber
+from .config import Subscriber, read_regular_file
 from .errors import InputFileError
 from .store import LibraryEntry, Store
 
@@ -223,7 +223,7 @@ def sync_config_library(store: Store, sub: Subscriber) -> ImportResult | None:
     if sub.library is None:
         return None
     try:
-        data = sub.library.read_bytes()
+        data = read_regular_file(sub.library, MAX_LIBRARY_BYTES)  # parse_library refuses more
     except OSError as exc:
         raise LibraryError(str(sub.library), f"cannot read: {exc.strerror or exc}") from exc
     digest = hashlib.sha256(data).hexdigest()

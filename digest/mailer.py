@@ -255,6 +255,12 @@ class Mailer:
         """MAIL, RCPT and DATA for one message; returns the refused recipients' replies."""
         sender = envelope_sender(message)
         utf8 = not all(address.isascii() for address in [sender, *recipients])
+        if client.is_ehlo_or_helo_needed:
+            # Without TLS or a login, connect() sent no EHLO: the extensions are not known yet.
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()  # an old server: no extensions at all
         options: list[str] = []
         if utf8:
             if not client.supports_extension("smtputf8"):
@@ -518,8 +524,9 @@ class LocalSink:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         port = free_port(self.host)
+        # SMTPUTF8: a subscriber's internationalised address (RFC 6531) reaches the folder too.
         controller = Controller(_SinkHandler(self.folder, self.host), hostname=self.host,
-                                port=port)
+                                port=port, enable_SMTPUTF8=True)
         controller.start()
         self._controller, self._port = controller, port
         log.info("sink %s:%d: storing mail in %s", self.host, self.port, self.folder)

@@ -207,12 +207,17 @@ def render_digest(content: DigestContent, smtp: SmtpConfig, *, now: datetime) ->
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("render_digest: now must be a timezone-aware datetime")
     reply = reply_address(smtp, content.token)
-    message = EmailMessage(policy=EMAIL_POLICY)
+    recipient = one_line(content.subscriber.email)
+    # An internationalised address (RFC 6531) goes out as UTF-8 headers: encoded words are
+    # not allowed in an address, and the mailer then asks the server for SMTPUTF8.
+    message = EmailMessage(policy=EMAIL_POLICY if recipient.isascii()
+                           else EMAIL_POLICY.clone(utf8=True))
     message["Subject"] = subject_for(content)
     message["From"] = one_line(smtp.sender)
-    message["To"] = Address(
-        display_name=one_line(content.subscriber.name), addr_spec=one_line(content.subscriber.email)
-    )
+    # username/domain, not addr_spec: the addr_spec parser rejects a non-ASCII local part.
+    local, _, domain = recipient.rpartition("@")
+    message["To"] = Address(display_name=one_line(content.subscriber.name), username=local,
+                            domain=domain)
     message["Date"] = format_datetime(now)
     message["Message-ID"] = message_id_for(content.token, smtp.sender)
     message["Reply-To"] = one_line(smtp.reply_to.replace("{token}", content.token))

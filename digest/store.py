@@ -553,7 +553,9 @@ class Store:
                  int(paper.abstract_is_summary)),
             )
             return 1
-        links = json.loads(existing["code_links"])
+        # A stored link that a new one extends was cut with its page (mid-URL): drop it.
+        links = [link for link in json.loads(existing["code_links"])
+                 if not any(new != link and new.startswith(link) for new in paper.code_links)]
         merged_links = links + [link for link in paper.code_links if link not in links]
         abstract, is_summary = existing["abstract"], bool(existing["abstract_is_summary"])
         if _completes(abstract, is_summary, paper.abstract, paper.abstract_is_summary):

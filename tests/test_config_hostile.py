@@ -95,3 +95,14 @@ def test_the_fault_campaign_area_config_is_clean(tmp_path: Path) -> None:
     result = run(tmp_path, quick=True)
     assert result.cases > 0
     assert result.clean, result.notes
+
+
+def test_send_dry_run_renders_an_internationalised_address(tmp_path: Path) -> None:
+    """Issue 8: the campaign's state holds papers, so the dry run renders the To header."""
+    wanted = [case for case in CASES if case.names is None and "@" in case.name
+              and not case.name.split("=", 1)[1].isascii()]
+    assert len(wanted) >= 3  # josé@, @bücher, and a fully non-ASCII address
+    for result in try_cases(wanted, tmp_path):
+        assert result.crashes == [], result.crashes
+        assert result.dry_run.exit_code == 0, result.dry_run.stderr[-300:]
+        assert "would send 10 of 12 papers" in result.dry_run.stdout, result.dry_run.stdout

@@ -196,6 +196,64 @@ def test_a_page_cut_mid_abstract_is_completed_later_never_shortened(
     assert store.paper_count() == 2
 
 
+def test_a_page_cut_mid_url_leaves_no_broken_code_link(store: Store, tmp_path: Path) -> None:
+    """Issue 8 review: the cut link stayed beside the whole one forever."""
+    inbox = tmp_path / "inbox"
+    whole = PAGE.encode()
+    drop(inbox, "a-cut.txt", whole[: whole.index(b"/goats") + len(b"/go")])
+    scan(store, inbox)
+    assert next(p for p in store.all_papers() if "Goats" in p.title).code_links == (
+        "https://github.com/x/go",)
+    drop(inbox, "b-whole.txt", whole)
+    scan(store, inbox)
+    goats = next(p for p in store.all_papers() if "Goats" in p.title)
+    assert goats.code_links == ("https://github.com/x/goats",)
+
+
+def test_a_page_cut_inside_its_last_character_is_ingested(store: Store, tmp_path: Path) -> None:
+    """Issue 8 review: a cut inside a multi-byte UTF-8 character at the end lost the file."""
+    whole = PAGE.replace("goats\n", "goats \u00e9t\u00e9\n").encode()
+    cut = whole[: whole.index("\u00e9".encode()) + 1]  # half of the "é"
+    parsed = parse_bytes(cut, name="d.txt", fallback_date=DAY)
+    assert parsed.papers[-1].abstract.endswith("https://github.com/x/goats")
+    assert parsed.warnings[0].startswith("the file ends inside a UTF-8 character")
+    drop(tmp_path / "inbox", "cut.txt", cut)
+    assert scan(store, tmp_path / "inbox") == {"cut.txt": "ingested"}
+
+
+def test_an_invalid_byte_before_the_end_still_fails() -> None:
+    whole = PAGE.encode()
+    with pytest.raises(DumpError, match="not UTF-8"):
+        parse_bytes(whole[:-5] + b"\xc3" + whole[-5:], name="d.txt", fallback_date=DAY)
+    with pytest.raises(DumpError, match="not UTF-8"):
+        parse_bytes(whole + b"\xff", name="d.txt", fallback_date=DAY)  # invalid, not cut
+
+
+def test_a_page_cut_inside_its_last_title_keeps_the_others(store: Store,
+                                                           tmp_path: Path) -> None:
+    drop(tmp_path / "inbox", "cut.txt", PAGE + "\nA Paper About Ca")
+    assert scan(store, tmp_path / "inbox") == {"cut.txt": "ingested"}
+    assert sorted(p.title for p in store.all_papers()) == ["A Paper About Goats",
+                                                           "A Paper About Sheep"]
+
+
+@pytest.mark.parametrize("line", ["Dec 31, 9999", "Jan 1, 0001", "Jul 31, 1991"])
+def test_an_explicit_year_out_of_bounds_is_ignored_with_a_warning(line: str) -> None:
+    """Issue 8 review: an explicit year skipped the bounds every other date has."""
+    parsed = parse_bytes(PAGE.replace("Mar 12", line).encode(), name="d.txt",
+                         fallback_date=DAY)
+    assert parsed.listed_on is None
+    assert all(p.listed_on is None for p in parsed.papers) and len(parsed.papers) == 2
+    assert any("line 3: date" in w and "not a plausible listing date" in w
+               for w in parsed.warnings), parsed.warnings
+
+
+def test_an_explicit_year_in_bounds_is_kept() -> None:
+    parsed = parse_bytes(PAGE.replace("Mar 12", "Mar 10, 2026").encode(), name="d.txt",
+                         fallback_date=DAY)
+    assert parsed.listed_on == date(2026, 3, 10) and parsed.warnings == []
+
+
 # --- dates, types, sizes -------------------------------------------------------------
 
 

@@ -72,7 +72,7 @@ def test_listing_date_across_new_year() -> None:
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary file"),
     (b"\xff\xfe\xfa not utf-8", "not UTF-8"),
     (b"hello\n\nworld\n", "no listing date line"),
-    (b"new\n\nMar 12\n\nA title\n\nIts abstract.\n\nA title cut short", "title without an abstract"),
+    (b"new\n\nMar 12\n\nA title cut short", "title without an abstract"),
     (b"[{\"paper\": {\"id\": \"1\"}}]", "entry 0: no title"),
     (b"[1, 2", "invalid JSON"),
 ])
@@ -82,11 +82,13 @@ def test_broken_dumps_are_errors(data: bytes, expected: str) -> None:
     assert str(info.value).startswith("x.txt")
 
 
-def test_half_written_dump_names_the_line() -> None:
+def test_a_dump_cut_in_its_last_title_keeps_the_whole_entries() -> None:
+    """Issue 8 review: the incomplete last entry is dropped with a warning naming its line."""
     data = b"new\n\nMar 12\n\nA title\n\nIts abstract.\n\nA title cut short"
-    with pytest.raises(DumpError) as info:
-        parse_bytes(data, name="x.txt", fallback_date=date(2026, 3, 12))
-    assert info.value.line == 9
+    parsed = parse_bytes(data, name="x.txt", fallback_date=date(2026, 3, 12))
+    assert [p.title for p in parsed.papers] == ["A title"]
+    assert parsed.warnings == [("line 9: title without an abstract: 'A title cut short' (file "
+                               "cut short?): that last entry is dropped")]
 
 
 def test_api_json_dump() -> None:

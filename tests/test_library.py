@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import mailbox
+import os
+import subprocess
+import sys
+import threading
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -15,12 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from digest.cli import main
-from digest.config import load_config
+from digest.config import Subscriber, load_config, read_regular_file
 from digest.library import (
     MAX_LIBRARY_BYTES,
     MAX_LIBRARY_ENTRIES,
     LibraryError,
     parse_library,
+    sync_config_library,
 )
 from digest.replies import process_replies
 from digest.store import Store
@@ -267,3 +272,78 @@ def reply_header(raw: bytes, name: str) -> str:
     from email import message_from_bytes, policy
 
     return str(message_from_bytes(raw, policy=policy.default)[name])
+
+
+# Hostile library and password files (issue 8): not regular files, never read without a bound.
+
+CHECK_TIMEOUT = 120.0  # seconds; before the fix /dev/zero read forever and a FIFO hung
+
+
+def _special(tmp_path: Path, kind: str) -> Path:
+    """A path that is not a regular file: a FIFO nobody writes to, or /dev/zero."""
+    if kind == "/dev/zero":
+        return Path("/dev/zero")
+    fifo = tmp_path / "library.fifo"
+    os.mkfifo(fifo)
+    return fifo
+
+
+def _check_config(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "digest", "--config", str(config),
+                           "check-config"], capture_output=True, text=True, check=False,
+                          timeout=CHECK_TIMEOUT, cwd=config.parent)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_check_config_refuses_a_library_that_is_not_a_regular_file(tmp_path: Path,
+                                                                   kind: str) -> None:
+    special = _special(tmp_path, kind)
+    done = _check_config(_config(tmp_path, f'library = "{special}"'))
+    assert "Traceback" not in done.stderr
+    assert (f"warning: ann@example.org: library {special}: cannot read: not a regular file"
+            in done.stdout), done.stdout
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_check_config_refuses_a_password_file_that_is_not_a_regular_file(
+        tmp_path: Path, kind: str) -> None:
+    special = _special(tmp_path, kind)
+    config = _config(tmp_path)
+    config.write_text(config.read_text().replace(
+        'sink = "var/outbox"', f'host = "smtp.example.org"\nusername = "u"\n'
+        f'password_file = "{special}"'))
+    done = _check_config(config)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"Error: {config}: smtp.password_file: cannot read "
+                                   f"{special}: not a regular file "
+                                   f"({'a FIFO' if kind == 'fifo' else 'a device'})")
+
+
+def test_the_daemon_refuses_a_fifo_library_without_waiting(tmp_path: Path) -> None:
+    fifo = _special(tmp_path, "fifo")
+    sub = Subscriber(email="ann@example.org", name="Ann", library=fifo)
+    outcome: list[BaseException | None] = []
+
+    def sync() -> None:
+        with Store(tmp_path / "state.sqlite3") as store:
+            try:
+                sync_config_library(store, sub)
+            except LibraryError as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+    worker = threading.Thread(target=sync, daemon=True)  # a hang stays in this thread
+    worker.start()
+    worker.join(CHECK_TIMEOUT)
+    assert outcome and isinstance(outcome[0], LibraryError), "the FIFO was waited on"
+    assert str(outcome[0]) == f"{fifo}: cannot read: not a regular file (a FIFO)"
+
+
+def test_a_library_over_the_limit_is_read_only_to_the_limit(tmp_path: Path) -> None:
+    big = tmp_path / "big.bib"
+    big.write_bytes(b"%" * (MAX_LIBRARY_BYTES + 100))
+    assert len(read_regular_file(big, MAX_LIBRARY_BYTES)) == MAX_LIBRARY_BYTES + 1
+    with pytest.raises(LibraryError, match="5000001 bytes; a library may hold at most"):
+        sync_config_library(Store(tmp_path / "s.sqlite3"),
+                            Subscriber(email="ann@example.org", name="Ann", library=big))

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import Envelope
 
 from digest.config import SmtpConfig, Subscriber
 from digest.errors import ConfigError, SendError
@@ -353,6 +355,56 @@ def test_local_sink_stores_eml_and_html_via_the_same_mailer(tmp_path: Path) -> N
     html = emls[0].with_suffix(".html").read_text(encoding="utf-8")
     assert html.startswith("<!DOCTYPE html>")
     assert "Pareto &lt;Domain&gt; Adaptation &amp; friends" in html
+
+
+def test_an_internationalised_address_goes_out_as_smtputf8(tmp_path: Path) -> None:
+    """Issue 8: render_digest raised NonASCIILocalPartDefect for josé@; now UTF-8 headers."""
+    digest = digest_for("jos\u00e9@example.org", name="Jos\u00e9")
+    assert "jos\u00e9@example.org".encode() in digest.as_bytes()  # no encoded word in the address
+    assert envelope_recipients(digest) == ["jos\u00e9@example.org"]
+
+    with LocalSink(tmp_path / "outbox") as sink:
+        run(send_all(sink.smtp_config(), digest))
+
+    [eml] = sorted(sink.folder.glob("*.eml"))
+    stored = email.message_from_string(eml.read_text(encoding="utf-8"), policy=email.policy.default)
+    assert stored["Delivered-To"] == "jos\u00e9@example.org"
+    assert stored["To"].addresses[0].addr_spec == "jos\u00e9@example.org"
+    assert stored["Message-ID"] == digest["Message-ID"]
+
+
+class _Recorder:
+    """aiosmtpd handler keeping each accepted envelope's recipients."""
+
+    def __init__(self) -> None:
+        self.rcpt_tos: list[list[str]] = []
+
+    async def handle_DATA(self, server: object, session: object, envelope: Envelope) -> str:
+        self.rcpt_tos.append(list(envelope.rcpt_tos))
+        return "250 2.0.0 OK"
+
+
+def test_a_server_without_smtputf8_fails_that_digest_alone() -> None:
+    recorder = _Recorder()
+    server = Controller(recorder, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=False)
+    server.start()
+    config = SmtpConfig(host="127.0.0.1", port=server.port, security="none",
+                        sender="Paper Digest <digest@papers.example.org>")
+
+    async def both() -> SendError:
+        async with Mailer(config, attempts=1, **QUICK) as mailer:  # type: ignore[arg-type]
+            with pytest.raises(SendError) as failed:
+                await mailer.send(digest_for("jos\u00e9@example.org"))
+            await mailer.send(digest_for("bob@example.org"))
+        return failed.value
+
+    try:
+        error = run(both())
+    finally:
+        server.stop()
+    assert error.kind == "message"
+    assert "needs SMTPUTF8, which the server does not offer" in str(error)
+    assert recorder.rcpt_tos == [["bob@example.org"]]
 
 
 def test_local_sink_stops_listening(tmp_path: Path) -> None:

@@ -177,6 +177,21 @@ def test_forged_senders_and_auto_replies_change_nothing_and_get_no_answer(
     assert any("auto-reply subject" in d for d in details)
 
 
+def test_auto_replies_and_forgeries_the_review_found_change_nothing(folder: Folder) -> None:
+    """Issue 8 review: these were answered or applied."""
+    for subject in ("Out-of-Office: Re: digest", "Alice Smith is out of the office.",
+                    "[Auto-Reply] Re: digest", "Re\u0301ponse automatique"):
+        folder.add("I am away.\nunsubscribe", subject=subject)
+    folder.add("unsubscribe", sender="root@localhost <alice@example.org>")
+    folder.add("unsubscribe", sender="alice\uff20example.org <evil@example.net>")
+    report = folder.process()
+    assert (report.processed, report.applied, report.errors) == (6, 0, 0)
+    assert (report.rejected, report.ignored) == (2, 4)
+    with folder.store() as store:
+        assert not store.subscriber_state("alice@example.org").unsubscribed
+    assert folder.confirmations() == []
+
+
 def test_a_confirmation_that_cannot_be_written_fails_alone(
         folder: Folder, monkeypatch: pytest.MonkeyPatch) -> None:
     from digest.replies import process

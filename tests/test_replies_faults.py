@@ -47,6 +47,10 @@ def test_the_campaign_counts_a_reply_that_changes_what_it_must_not(
     ('"Example, Alice" <alice@example.org>', "alice@example.org", False),
     ("alice@example.org", "alice@example.org", False),
     ("alice@example.org, evil@example.net", "alice@example.org", True),
+    # Issue 8 review: no dot in the shown domain, a full-width at sign.
+    ("root@localhost <alice@example.org>", "alice@example.org", True),
+    ("alice\uff20example.org <evil@example.net>", "evil@example.net", True),
+    ('"alice\uff20example.org" <alice@example.org>', "alice@example.org", False),
 ])
 def test_an_address_as_display_name(from_header: str, address: str, forged: bool) -> None:
     message = parse_message(f"From: {from_header}\r\nSubject: Re: x\r\n\r\nlike 1\r\n".encode())
@@ -55,14 +59,22 @@ def test_an_address_as_display_name(from_header: str, address: str, forged: bool
 
 
 @pytest.mark.parametrize("subject", [*AUTO_SUBJECTS, "Out of the office until Monday",
-                                     "Abwesend: Paper digest", "Absence du bureau"])
+                                     "Abwesend: Paper digest", "Absence du bureau",
+                                     # Issue 8 review: hyphens, anywhere, brackets, NFD.
+                                     "Out-of-Office: Re: digest",
+                                     "Alice Smith is out of the office.",
+                                     "[Auto-Reply] Re: digest", "Re\u0301ponse automatique",
+                                     "Re: Abwesenheitsnotiz", "[Absent] Re: digest"])
 def test_auto_reply_subjects(subject: str) -> None:
     message = parse_message(f"From: a@example.org\r\nSubject: {subject}\r\n\r\nx\r\n".encode())
     assert automatic_reason(message) is not None
 
 
 @pytest.mark.parametrize("subject", ["Re: Paper digest, Thu 12 Mar 2026", "like 3",
-                                     "Re: about the office hours", "AW: Paper digest"])
+                                     "Re: about the office hours", "AW: Paper digest",
+                                     "Re: my absent-minded likes",
+                                     ("Re: Paper digest, Mon 30 Nov 2026: Automatic Response "
+                                      "Generation (+9 more)")])
 def test_ordinary_subjects_are_not_auto_replies(subject: str) -> None:
     message = parse_message(f"From: a@example.org\r\nSubject: {subject}\r\n\r\nx\r\n".encode())
     assert automatic_reason(message) is None

@@ -1,8 +1,10 @@
 """Fault campaign, area ``config``: hostile configs through ``check-config`` and ``send --dry-run``.
 
 Each case is a config file (or a folder, or bytes that are not TOML) in its
-own folder. Both commands run as real subprocesses (``python -m digest``),
-as a user would run them. A case goes wrong when:
+own folder, beside a state holding papers (``seed_state``), so that
+``send --dry-run --force`` really ranks and renders a digest. Both commands run
+as real subprocesses (``python -m digest``), as a user would run them. A case
+goes wrong when:
 
 - a command prints a traceback or exits with anything but 0 or 1 (a crash);
 - ``check-config`` accepts a value the case calls hostile, or rejects a
@@ -18,14 +20,18 @@ contacts no server (see ``Config.check_secrets``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
+from ..paper import Paper
+from ..store import Store
 from .faults import AreaResult
 
 # A valid config; each case adds or changes one thing. Relative paths resolve in the case's folder.
@@ -106,6 +112,7 @@ def cases() -> list[Case]:
         Case("a BOM before the TOML", b"\xef\xbb\xbf" + config_text().encode(), None),
         _line(sub, 'email = "jos\u00e9@example.org"', None),
         _line(sub, 'email = "alice@b\u00fccher.example"', None),
+        _line(sub, 'email = "\u7528\u6237@\u4f8b\u5b50.\u5e7f\u544a"', None),
         _line(sub, "send_at = 07:30:00", None),
         _line(sub, 'days = ["Monday", "fri"]', None),
         Case("sink, no host, no password", config_text(
@@ -327,6 +334,25 @@ def run_command(config: Path, *args: str) -> Run:
     return Run(done.returncode, done.stdout, done.stderr)
 
 
+SEED_PAPERS = 12  # enough for a digest of the default size (10)
+
+
+def seed_state(path: Path) -> None:
+    """A state at ``path`` (BASE's ``state``) holding ``SEED_PAPERS`` papers listed today.
+
+    Without papers ``send --dry-run`` stops at "no new papers" and never
+    renders, so a value that breaks rendering (an address the header code
+    rejects) would pass the campaign.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    today = date.today()
+    papers = [Paper(id=f"seed-{n}", title=f"Seed paper {n} on domain adaptation",
+                    abstract=f"We study transfer between domains, case {n}. " * 8,
+                    listed_on=today, listing_rank=n) for n in range(1, SEED_PAPERS + 1)]
+    with Store(path) as store:
+        store.add_dump(hashlib.sha256(b"faults_config seed").hexdigest(), "seed", "json", papers)
+
+
 def try_case(case: Case, folder: Path) -> CaseResult:
     """Write the case in ``folder``, run check-config and send --dry-run, judge both."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -334,8 +360,11 @@ def try_case(case: Case, folder: Path) -> CaseResult:
     config.write_bytes(case.body if isinstance(case.body, bytes) else case.body.encode("utf-8"))
     if case.setup is not None:
         config = case.setup(folder)
+    if not (folder / "state").exists():  # the cases about the state path made it themselves
+        seed_state(folder / "state" / "digest.sqlite3")
     check = run_command(config, "check-config")
-    dry_run = run_command(config, "send", "--dry-run")
+    # --force, on a state holding papers: the digest is really rendered (headers included).
+    dry_run = run_command(config, "send", "--dry-run", "--force")
     crashes: list[str] = []
     unclear: list[str] = []
     for label, run, should_fail in (("check-config", check, case.names is not None),

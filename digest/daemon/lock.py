@@ -67,8 +67,14 @@ class StateLock:
                 raise StoreError(f"{self.path}: cannot lock the state: {exc}") from exc
             raise self._locked(role) from None
         # Ours: say who holds it, for the message the next one gets.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {role}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {role}\n".encode(), 0)
+        except OSError as exc:  # a full or read-only disk: the daemon cannot run here
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise StoreError(f"{self.path}: cannot write the lock file: "
+                             f"{exc.strerror or exc}") from exc
         self._fd = fd
         log.debug("state %s: locked by pid %d (%s)", self.state, os.getpid(), role)
 
