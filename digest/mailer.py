@@ -9,7 +9,10 @@ What each answer means (``SendError.kind``):
 * a 4xx reply is retried on the same connection with exponential backoff,
   then reported ``deferred``;
 * a 5xx reply at RCPT is final for that recipient (``recipient``: the address
-  bounces); a 5xx reply after DATA (552, 554) is final for that message only
+  bounces), except a refusal about relaying or login (530, 5.7.x "relay
+  access denied") and the same 5xx for the first ``SAME_REFUSAL_LIMIT``
+  different recipients before any was accepted: those are ``config`` (the
+  server's setup; nobody is marked); a 5xx reply after DATA (552, 554) is final for that message only
   (``message``: the address is fine);
 * a server that cannot be reached, stays silent until the timeout or drops the
   connection twice in a row (once is retried at once) is ``server``: the mailer stops trying, and every
@@ -59,6 +62,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ATTEMPTS = 4  # one try and three retries: about 14 s of patience at the default delay
 DEFAULT_BASE_DELAY = 2.0  # seconds before the first retry; doubles each time (2, 4, 8)
+# The same 5xx at RCPT for this many different recipients before any address was accepted
+# is the server's setup (it takes no mail from us at all), not this many bad addresses: a
+# dispatch of real addresses rarely opens with three identical refusals.
+SAME_REFUSAL_LIMIT = 3
+RELAY_HINT = ("the server refuses to relay: set username and password_env (or password_file) "
+              "under [smtp], or use a server that accepts mail from this host")
+# A refusal about the sender's right to send (relaying, login), not about the address.
+_POLICY_REFUSAL = re.compile(
+    r"relay|authenticat|auth(entication)? required|must (log ?in|authenticate)|sender "
+    r"(address )?not (permitted|allowed)", re.IGNORECASE)
 
 
 @dataclass
@@ -102,6 +115,8 @@ class Mailer:
         self._password = password
         self._client: aiosmtplib.SMTP | None = None
         self._just_dropped = False  # the last try lost its connection: a second loss is final
+        self._accepted = False  # some address was accepted on this mailer: 5xx at RCPT is final
+        self._first_refusals: dict[str, str] = {}  # recipient -> 5xx reply, before any accept
         self._lock = asyncio.Lock()
 
     @property
@@ -220,6 +235,9 @@ class Mailer:
         except aiosmtplib.SMTPSenderRefused as exc:
             if 400 <= exc.code < 500:
                 return _Attempt(retry=list(recipients), problem=_describe(exc))
+            if _policy_refusal(exc.code, exc.message):
+                raise self._hold(SendError(
+                    self.where, f"{RELAY_HINT} ({_describe(exc)})", kind="config")) from exc
             raise self._hold(SendError(
                 self.where, f"the server refuses the sender {exc.sender} ({_describe(exc)}): "
                 "[smtp] from must be an address this account may send as", kind="config")
@@ -247,7 +265,47 @@ class Mailer:
             return _Attempt(refused=_refuse_all(recipients, _describe(exc), kind="message",
                                                 cause=exc))
         self._just_dropped = False
-        return _sort_refusals(errors)
+        return self._judge_refusals(recipients, errors)
+
+    def _judge_refusals(self, recipients: list[str],
+                        errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
+        """Sort RCPT refusals, telling the server's setup from bad addresses.
+
+        A 5.7.x/530 refusal about relaying or login is a configuration error
+        (raised, held: nobody is marked bouncing). Before any address was
+        accepted, a 5xx not about the mailbox (5.1.x) is held back as
+        ``deferred`` (not retried in this dispatch) until ``SAME_REFUSAL_LIMIT`` different recipients got the
+        same reply (then: a configuration error) or another address is
+        accepted (then later refusals are final; the held ones are retried
+        at the next dispatch and judged then).
+        """
+        for recipient, response in errors.items():
+            if response.code >= 500 and _policy_refusal(response.code, response.message):
+                raise self._hold(SendError(
+                    self.where, f"{RELAY_HINT} ({response.code} {response.message})",
+                    kind="config"))
+        if any(r not in errors for r in recipients):
+            self._accepted = True
+        outcome = _sort_refusals(errors)
+        if self._accepted:
+            return outcome
+        for recipient in list(outcome.refused):
+            response = errors[recipient]
+            if _mailbox_refusal(response.message):
+                continue  # 5.1.x: this address, clearly
+            reply = f"{response.code} {response.message}"
+            self._first_refusals.setdefault(recipient.lower(), reply)
+            same = [r for r, text in self._first_refusals.items() if text == reply]
+            if len(same) >= SAME_REFUSAL_LIMIT:
+                raise self._hold(SendError(
+                    self.where, f"the server refused the first {len(same)} different "
+                    f"recipients with the same answer ({reply}): that is its setup, not the "
+                    f"addresses; {RELAY_HINT}", kind="config"))
+            # Not retried now (it would be refused again): left for the next dispatch.
+            outcome.refused[recipient] = SendError(
+                recipient, f"refused ({reply}); not blamed on the address yet (the server "
+                "accepted no address so far; tried again at the next dispatch)", kind="deferred")
+        return outcome
 
     async def _transaction(
         self, client: aiosmtplib.SMTP, message: EmailMessage | Message, recipients: list[str]
@@ -426,6 +484,21 @@ def _sort_refusals(errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
             outcome.refused[recipient] = SendError(recipient, f"address refused ({problem})",
                                                    kind="recipient")
     return outcome
+
+
+def _policy_refusal(code: int, text: str) -> bool:
+    """A 5xx about relaying or logging in (530, 5.7.x relay/auth), not about the address."""
+    if code == 530:
+        return True
+    if not 500 <= code < 600:
+        return False
+    return bool(_POLICY_REFUSAL.search(text)) and (
+        re.match(r"\s*5\.7\.\d", text) is not None or "relay" in text.lower())
+
+
+def _mailbox_refusal(text: str) -> bool:
+    """An enhanced status 5.1.x (bad mailbox or address): the address, whatever else."""
+    return re.match(r"\s*5\.1\.\d", text) is not None
 
 
 def _refuse_all(recipients: list[str], problem: str, *, kind: str,

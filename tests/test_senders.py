@@ -7,6 +7,7 @@ are due whenever the test runs; ticks are fractions of a second.
 from __future__ import annotations
 
 import resource
+import socket
 import signal
 import subprocess
 import sys
@@ -196,3 +197,31 @@ def test_the_daemon_on_a_full_disk_logs_and_tries_again(
         f"reader{n:02d}@example.org": 1 for n in range(5)}
     assert [status for _, status, _ in _consistent(tmp_path / "var" / "state.sqlite3")] == \
         ["sent"] * 5
+
+
+def test_send_through_a_symlinked_state_does_not_take_over_the_daemons_claims(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """The daemon dispatches slowly; ``send --force`` with a config whose state is a symlink to
+    the same database: one lock (named from the resolved path), one digest each."""
+    server = smtp_server(delay=0.4)
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(12),
+                                 digest=FAST)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "link.sqlite3").symlink_to("state.sqlite3")
+    linked = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(12),
+                                 digest={**FAST, "state": "var/link.sqlite3"}, name="linked.toml")
+    with daemon_process(config, tmp_path / "daemon.log") as daemon:
+        wait_until(lambda: len(server.messages) >= 1, timeout=60, what="the dispatch to start")
+        send = digest_cli(linked, "send", "--force")
+        assert len(server.messages) < 12  # it came while the daemon was still sending
+        wait_until(lambda: len(server.messages) >= 12, timeout=60, what="all 12 digests")
+        time.sleep(1)
+        assert daemon.stop() == 0
+    assert send.returncode == 1, send.stdout + send.stderr
+    assert "holds" in send.stderr and "nothing was sent" in send.stderr
+    counts = Counter(recipient(m.message) for m in server.messages)
+    assert counts == {f"reader{n:02d}@example.org": 1 for n in range(12)}
+    with Store(tmp_path / "var" / "state.sqlite3") as store:
+        owners = {row.owner for row in store.digests_of("reader00@example.org")}
+    assert owners == {f"{socket.gethostname()}:{daemon.proc.pid}"}

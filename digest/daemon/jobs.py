@@ -46,7 +46,7 @@ from ..render import (
 )
 from ..replies.process import CONFIRMATION_ATTEMPTS
 from ..store import DigestRow, ItemRow, Store, utc_now
-from .lock import StateLock, process_owner
+from .lock import StateLock, owner_alive, process_owner
 from .schedule import SCHEDULE_LOOKBACK_DAYS, due, effective_subscriber, local_now
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,7 @@ def claim(runtime: Runtime, prepared: Prepared) -> DigestRow | None:
         message=prepared.message.as_bytes(),
         items=[ItemRow(item.position, item.paper.id, item.score, item.reason, item.explore)
                for item in content.items],
+        owner=runtime.owner,
     )
 
 
@@ -437,13 +438,14 @@ async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome |
 
     Only by its owner, or, when another process claimed it, once that owner is
     known dead: this process holds the state lock, which every sender holds
-    while it sends, so the owner cannot be sending (None: left alone).
+    while it sends, and the owner's pid is not alive on this host (``owner_alive``);
+    otherwise the claim is left alone (None).
     """
     store = runtime.store
     if row.owner != runtime.owner:
         lock = runtime.lock
-        if lock is None or not lock.held:
-            return None
+        if lock is None or not lock.held or owner_alive(row.owner):
+            return None  # its owner lives: only it resends, never a second copy from here
         if not store.take_over_claim(row.id, row.owner, runtime.owner):
             return None
         log.info("subscriber %s: the digest of %s was claimed by %s, which has stopped; "
