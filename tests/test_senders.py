@@ -7,8 +7,8 @@ are due whenever the test runs; ticks are fractions of a second.
 from __future__ import annotations
 
 import resource
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time

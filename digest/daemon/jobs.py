@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -96,6 +97,7 @@ class Runtime:
     lock: StateLock | None = None
     smtp_hold: SmtpHold | None = None
     last_dispatch: str = ""  # one line about the last dispatch, for systemd's STATUS=
+    progress_at: float = 0.0  # time.monotonic() of the last subscriber a dispatch finished
 
     def sender_lock(self) -> StateLock:
         if self.lock is None or self.lock.state != self.config.state:
@@ -128,6 +130,16 @@ class Runtime:
         papers = self.store.all_papers()
         self._index = await asyncio.to_thread(CorpusIndex.fit, papers)
         self._index_seq = seq
+
+    def fitted_corpus_index(self) -> CorpusIndex:
+        """The index ``refresh_corpus_index`` fitted last, even if a scan added papers since.
+
+        For the reply loop: it awaits the off-loop refresh first, so a fit on
+        the event loop happens only when none was ever made.
+        """
+        if self._index is not None:
+            return self._index
+        return self.corpus_index()
 
     def corpus_index(self) -> CorpusIndex:
         """The corpus features, refitted only when papers were added."""
@@ -356,6 +368,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                     break
                 if row.subscriber in wanted:
                     outcome = await _unit(runtime, row.subscriber, _resend(runtime, mailer, row))
+                    runtime.progress_at = time.monotonic()
                     if outcome is not None:
                         outcomes.append(outcome)
         for sub in subscribers:
@@ -366,6 +379,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 continue
             outcome = await _unit(runtime, sub.email,
                                   _dispatch_one(runtime, mailer, sub, now, force, dry_run))
+            runtime.progress_at = time.monotonic()
             if outcome is not None:
                 outcomes.append(outcome)
         if not dry_run and mailer.unavailable is None and not stopped() and only_all(
