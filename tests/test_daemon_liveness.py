@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from digest.bench.replies import Dovecot
+
 from .daemon_helpers import daemon_process, fill_inbox, wait_until, write_daemon_config
+from .dovecot_helpers import dovecot_fixture  # noqa: F401  (the dovecot fixture)
 from .smtp_helpers import (  # noqa: F401  (smtp_server_fixture provides the smtp_server fixture)
     StartServer,
     smtp_server_fixture,
@@ -166,3 +169,31 @@ def test_a_why_reply_in_the_daemon_fits_the_corpus_off_the_event_loop(
     assert "About paper 1" in str(server.messages[1].message.get_body(("plain",)).get_content())  # type: ignore[union-attr]
     assert on_loop and not any(on_loop), on_loop  # two fits at least, none on the loop
     assert len(on_loop) >= 2
+
+
+def test_a_refused_imap_login_is_held_not_retried_every_poll(
+        tmp_path: Path, smtp_server: StartServer, dovecot: Dovecot) -> None:
+    """A wrong IMAP password: one login, then a 5 min hold (not one per poll); a reload
+    (SIGHUP) tries again at once."""
+    import signal
+
+    server = smtp_server()
+    fill_inbox(tmp_path)
+    config = write_daemon_config(
+        tmp_path, port=server.port, digest={"scan_seconds": 0.2, "dispatch_seconds": 0.2},
+        subscribers=[{"email": "reader@example.org", "send_at": "00:00", "timezone": "UTC"}],
+        extra=(f'[imap]\nhost = "127.0.0.1"\nport = {dovecot.port}\nsecurity = "none"\n'
+               f'username = "{dovecot.user}"\npassword_env = "DIGEST_TEST_IMAP_PASSWORD"\n'
+               "poll_seconds = 0.2\nidle = false\n"))
+    with daemon_process(config, tmp_path / "daemon.log",
+                        env={"DIGEST_TEST_IMAP_PASSWORD": "not-the-password"}) as daemon:
+        wait_until(lambda: "login refused" in daemon.log(), timeout=60, what="the first login")
+        time.sleep(6)  # 30 polls' worth of time, and more than Dovecot's delay after a failure
+        assert daemon.log().count("login refused") == 1
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: daemon.log().count("login refused") == 2, timeout=30,
+                   what="the login tried again after the reload")
+        assert daemon.stop() == 0
+    log = daemon.log()
+    assert "many providers need an app password" in log
+    assert log.count("IMAP logins held for 5 min") == 2  # the reload started it afresh

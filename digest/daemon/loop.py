@@ -34,6 +34,12 @@ from .status import subscriber_status
 
 log = logging.getLogger(__name__)
 
+# After the IMAP server refuses the login, logins wait this long, doubling up to the maximum,
+# or until a config reload: as for SMTP (jobs.SMTP_HOLD_*), a provider that locks an account
+# after repeated bad logins is not provoked by a poll every minute.
+IMAP_HOLD_FIRST_SECONDS = 5 * 60.0
+IMAP_HOLD_MAX_SECONDS = 6 * 3600.0
+
 # After SIGTERM, how long the job in flight may take to finish before it is cancelled
 # (its digest then stays claimed and is resent with the same Message-ID on the next start).
 STOP_GRACE_SECONDS = 5.0
@@ -69,6 +75,7 @@ class Daemon:
         self._running: dict[str, float] = {}  # job -> monotonic time of its last progress
         self.hard_exit = False  # run_daemon: os._exit when a thread is stuck at the stop
         self._stuck_at_stop = False
+        self._imap_hold: tuple[float, float] | None = None  # (monotonic until, delay) after 535
 
     @property
     def runtime(self) -> Runtime:
@@ -287,6 +294,8 @@ class Daemon:
 
         try:
             while not self.stop.is_set() and _replies_configured(self.runtime.config):
+                if await self._imap_held():
+                    continue
                 failed = False
                 runtime = self.runtime
                 config, store = runtime.config, runtime.store
@@ -307,6 +316,7 @@ class Daemon:
                         confirm=False, guard=guard,
                         prepare_corpus=runtime.refresh_corpus_index,
                         progress=lambda: self._job_started("replies"))
+                    self._imap_hold = None  # logged in: a later refusal starts at 5 min again
                     if report.confirmations_pending:
                         await self._kick("dispatch")  # it sends the confirmations
                 except StoreWriteError as exc:
@@ -316,6 +326,9 @@ class Daemon:
                 except FATAL_ERRORS as exc:
                     self._fail(f"replies: the state database failed: {exc}")
                     break
+                except replies.MailboxLoginError as exc:
+                    self._hold_imap(exc)
+                    continue
                 except DigestError as exc:  # the mailbox is unreachable, a secret missing
                     log.error("replies: %s; trying again in %gs", exc,
                               _reply_poll_seconds(config))
@@ -335,6 +348,25 @@ class Daemon:
                     await self._sleep(_reply_poll_seconds(config))
         finally:
             self._reply_task = None
+
+    def _hold_imap(self, error: DigestError) -> None:
+        """Hold IMAP logins after a refused one: 5 min, doubling up to 6 h, or until a reload."""
+        delay = IMAP_HOLD_FIRST_SECONDS
+        if self._imap_hold is not None:
+            delay = min(self._imap_hold[1] * 2, IMAP_HOLD_MAX_SECONDS)
+        self._imap_hold = (time.monotonic() + delay, delay)
+        log.error("replies: %s; IMAP logins held for %s (the wait doubles up to %s; a config "
+                  "reload tries again at once)", error, _span(delay),
+                  _span(IMAP_HOLD_MAX_SECONDS))
+
+    async def _imap_held(self) -> bool:
+        """While logins are held, wait (a second at a time: a reload ends the hold); True if
+        the reply loop should look again."""
+        hold = self._imap_hold
+        if hold is None or time.monotonic() >= hold[0]:
+            return False
+        await self._sleep(min(1.0, hold[0] - time.monotonic()))
+        return True
 
     async def _sleep(self, seconds: float) -> None:
         """Wait ``seconds`` or until stopped."""
@@ -403,6 +435,7 @@ class Daemon:
         else:
             runtime.config = effective
             runtime.smtp_hold = None  # a reload (the password fixed?) tries again at once
+        self._imap_hold = None  # the same for the mailbox: the next login is tried at once
         self.config = new
         if self._scheduler is not None:
             old_intervals = self._intervals(old_raw)
@@ -455,6 +488,10 @@ class Daemon:
         if self.sink is not None:
             self.sink.stop()
             self.sink = None
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds < 3600 else f"{seconds / 3600:g} h"
 
 
 def _replies_configured(config: Config) -> bool:

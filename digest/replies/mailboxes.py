@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Self
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError
+from imapclient.exceptions import IMAPClientError, LoginError
 
 from ..config import ImapConfig, MaildirConfig
 from ..errors import DigestError
@@ -38,6 +38,10 @@ IDLE_STEP_SECONDS = 1.0  # how often an IDLE wait looks at the stop flag
 
 class MailboxError(DigestError, ConnectionError):
     """The reply mailbox cannot be reached, logged into or read."""
+
+
+class MailboxLoginError(MailboxError):
+    """The IMAP server refused the login: the settings must change (the daemon holds logins)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,16 @@ class ImapMailbox:
             if cfg.security == "starttls":
                 client.starttls(context)
             client.login(cfg.username, password or "")
+        except LoginError as exc:
+            _quietly(client.shutdown)
+            raise MailboxLoginError(
+                f"{self.where}: login refused ({_describe(exc)}): wrong password? many "
+                "providers need an app password (check [imap] username and password_env or "
+                "password_file)") from exc
+        except (OSError, IMAPClientError) as exc:
+            _quietly(client.shutdown)
+            raise MailboxError(f"{self.where}: {_describe(exc)}") from exc
+        try:
             client.select_folder(cfg.mailbox)
         except (OSError, IMAPClientError) as exc:
             _quietly(client.shutdown)
