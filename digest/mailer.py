@@ -345,7 +345,14 @@ class Mailer:
             username=username,
             password=password,
         )
-        await client.connect()
+        try:
+            await client.connect()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            if hostname_mismatch(exc):  # say which name the certificate is for
+                exc.certificate_names = await asyncio.to_thread(  # type: ignore[union-attr]
+                    certificate_names, smtp.host, smtp.port, protocol="smtp",
+                    security=smtp.security, ca_file=smtp.ca_file, timeout=smtp.timeout)
+            raise
         self._client = client
         self.connections += 1
         log.info("smtp %s: connected (%s%s)", self.where, smtp.security,
@@ -396,6 +403,9 @@ def session_problem(smtp: SmtpConfig, exc: BaseException) -> tuple[str, str]:
                "the provider wants an app password, or the sign-in confirmed in its web page")
         return "config", (f"login as {smtp.username} refused ({_describe(exc)}): {fix} "
                           "(check [smtp] username and password_env or password_file)")
+    if hostname_mismatch(exc):
+        names: list[str] = getattr(exc, "certificate_names", [])
+        return "config", mismatch_problem(smtp.host, names) + " under [smtp]"
     if _caused_by(exc, ssl.SSLCertVerificationError):
         cert = _find(exc, ssl.SSLCertVerificationError)
         reason = getattr(cert, "verify_message", "") or str(cert)
@@ -419,6 +429,65 @@ def session_problem(smtp: SmtpConfig, exc: BaseException) -> tuple[str, str]:
         return "config", f"cannot start the session ({_describe(exc)}): {hint}"
     return "server", (f"cannot reach the server or it stopped answering ({_describe(exc)}); "
                       "the rest waits for the next dispatch")
+
+
+HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH: the certificate is for another name
+
+
+def hostname_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a certificate valid, but for another host name."""
+    cert = _find(exc, ssl.SSLCertVerificationError)
+    return cert is not None and getattr(cert, "verify_code", None) == HOSTNAME_MISMATCH
+
+
+def certificate_names(host: str, port: int, *, protocol: str, security: str,
+                      ca_file: Path | None, timeout: float) -> list[str]:
+    """The names a server's certificate is for (DNS and IP subjectAltName, else its CN).
+
+    Blocking; run it in a thread. Connects again with the chain still verified
+    (against ``ca_file`` or the system store) but the host name not checked,
+    says STARTTLS for ``protocol`` "smtp" or "imap" when ``security`` asks,
+    and reads the certificate. [] when that fails too (said as "unknown").
+    """
+    import imaplib
+    import smtplib
+
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.check_hostname = False
+    try:
+        if security == "starttls" and protocol == "smtp":
+            with smtplib.SMTP(host, port, timeout=timeout) as client:
+                client.starttls(context=context)
+                sock = client.sock
+                peer = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+        elif security == "starttls":
+            with imaplib.IMAP4(host, port, timeout=timeout) as imap:
+                imap.starttls(context)
+                peer = imap.sock.getpeercert()  # type: ignore[attr-defined]
+        else:
+            with socket.create_connection((host, port), timeout=timeout) as raw, \
+                    context.wrap_socket(raw, server_hostname=host) as tls:
+                peer = tls.getpeercert()
+    except (OSError, smtplib.SMTPException, imaplib.IMAP4.error):
+        return []
+    if not peer:
+        return []
+    fields: Any = peer  # getpeercert()'s dict of tuples, typed loosely by typeshed
+    names = [str(pair[1]) for pair in fields.get("subjectAltName", ())
+             if pair[0] in ("DNS", "IP Address")]
+    if not names:
+        names = [str(pair[1]) for rdn in fields.get("subject", ()) for pair in rdn
+                 if pair[0] == "commonName"]
+    return names
+
+
+def mismatch_problem(host: str, names: list[str]) -> str:
+    """The fix for a certificate valid for other names than ``host``."""
+    if not names:
+        return (f"the server's certificate is not for {host}: set host to a name its "
+                "certificate is for")
+    return (f"the certificate is for {', '.join(names)}, not {host}; set host to it "
+            f"(host = \"{names[0]}\")")
 
 
 def port_hint(port: int, security: str) -> str:

@@ -29,6 +29,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 
 from ..config import ImapConfig, MaildirConfig
 from ..errors import DigestError
+from ..mailer import certificate_names, hostname_mismatch, mismatch_problem
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,15 @@ class ImapMailbox:
             client = IMAPClient(cfg.host, port=cfg.port, ssl=cfg.security == "tls",
                                 ssl_context=context, timeout=cfg.timeout)
         except (OSError, IMAPClientError) as exc:
+            self._mismatch(exc)
             raise MailboxError(f"{self.where}: cannot connect: {exc}") from exc
         try:
             if cfg.security == "starttls":
-                client.starttls(context)
+                try:
+                    client.starttls(context)
+                except (OSError, IMAPClientError) as exc:
+                    self._mismatch(exc)
+                    raise
             client.login(cfg.username, password or "")
         except LoginError as exc:
             _quietly(client.shutdown)
@@ -104,6 +110,16 @@ class ImapMailbox:
             _quietly(client.shutdown)
             raise MailboxError(f"{self.where}: {_describe(exc)}") from exc
         self._client = client
+
+    def _mismatch(self, exc: BaseException) -> None:
+        """A certificate for another name: raise saying which name to set as host."""
+        if not hostname_mismatch(exc):
+            return
+        cfg = self.config
+        names = certificate_names(cfg.host, cfg.port, protocol="imap", security=cfg.security,
+                                  ca_file=cfg.ca_file, timeout=cfg.timeout)
+        raise MailboxError(f"{self.where}: {mismatch_problem(cfg.host, names)} under "
+                           "[imap]") from exc
 
     def close(self) -> None:
         client, self._client = self._client, None
