@@ -96,3 +96,20 @@ def test_530_at_mail_gets_the_login_hint_not_the_from_hint(smtp_server: StartSer
     assert caught.value.kind == "config"
     assert "set username and password_env" in str(caught.value)
     assert "[smtp] from" not in str(caught.value)
+
+
+def test_the_status_line_keeps_the_last_dispatch_that_did_something(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    server = smtp_server()
+    sim = sim_for(tmp_path, server.port)
+    try:
+        sim.tick(utc("2026-03-02 07:50"))  # nothing due yet: said as such
+        assert sim.runtime.last_dispatch.startswith("last dispatch 2026-03-02 07:50 UTC: ")
+        sim.tick(utc("2026-03-02 08:00"))
+        sent = sim.runtime.last_dispatch
+        assert sent == "last dispatch 2026-03-02 08:00 UTC: 5 sent"
+        sim.tick(utc("2026-03-02 08:10"))  # idle ticks do not overwrite it
+        sim.tick(utc("2026-03-02 09:00"))
+        assert sim.runtime.last_dispatch == sent
+    finally:
+        sim.close()

@@ -225,3 +225,21 @@ def test_send_through_a_symlinked_state_does_not_take_over_the_daemons_claims(
     with Store(tmp_path / "var" / "state.sqlite3") as store:
         owners = {row.owner for row in store.digests_of("reader00@example.org")}
     assert owners == {f"{socket.gethostname()}:{daemon.proc.pid}"}
+
+
+def test_send_names_a_subscriber_once_when_it_resends_their_digest(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """A digest left claimed by a deferred delivery is resent by the next ``send --force``;
+    the same run's "already sent" for that subscriber is not printed too."""
+    server = smtp_server(fail_first=2)  # attempts = 2: the first send gives up for now
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(1),
+                                 digest=FAST)
+    assert digest_cli(config, "ingest").returncode == 0
+    first = digest_cli(config, "send", "--force")
+    assert "delivery failed for now; will retry" in first.stdout, first.stdout + first.stderr
+    second = digest_cli(config, "send", "--force")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [line.split(":")[0] for line in second.stdout.splitlines()] == [
+        "reader00@example.org"]
+    assert second.stdout.startswith("reader00@example.org: sent ")

@@ -62,6 +62,9 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (StoreError, sqlite3.Error)
 # (commonly 10-20 in a short while) is not provoked, and a fixed password is used soon.
 SMTP_HOLD_FIRST = timedelta(minutes=5)
 SMTP_HOLD_MAX = timedelta(hours=6)
+# Outcomes of a tick that did nothing: they do not replace the STATUS= line of the last
+# dispatch that sent, failed or deferred something.
+IDLE_OUTCOMES = frozenset({"not-due", "already-sent", "empty", "late"})
 MAX_REASON = 300  # characters of an exception kept as a unit's reason
 
 
@@ -405,6 +408,8 @@ def _after_dispatch(runtime: Runtime, mailer: Mailer, outcomes: list[Outcome],
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    if runtime.last_dispatch and not counts.keys() - IDLE_OUTCOMES:
+        return  # an idle tick: STATUS= keeps the last dispatch that did something
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"
     runtime.last_dispatch = f"last dispatch {now.strftime('%Y-%m-%d %H:%M UTC')}: {summary}"
 
