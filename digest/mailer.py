@@ -163,6 +163,8 @@ class Mailer:
         async with self._lock:
             try:
                 client = await self._connection()
+                if client.last_ehlo_response is None:  # no login, no STARTTLS: no EHLO yet
+                    await client.ehlo()
             except (aiosmtplib.SMTPException, OSError) as exc:
                 raise self._session_failure(exc) from exc
             offered = " ".join(sorted(client.esmtp_extensions)) or "no extensions"

@@ -124,3 +124,13 @@ def test_an_imap_certificate_for_another_name_says_which_host_to_set(
         ImapMailbox(config).open()
     assert "the certificate is for localhost, 127.0.0.1, not 127.1; set host to it" in str(
         caught.value)
+
+
+def test_connect_reads_the_ehlo_extensions_without_a_login(smtp_server: StartServer) -> None:
+    import asyncio
+
+    from digest.mailer import Mailer
+
+    server = smtp_server()  # plain SMTP, no AUTH: nothing else would say EHLO
+    said = asyncio.run(Mailer(server.smtp_config()).check_login())
+    assert said.startswith("no TLS; offers ") and "8bitmime" in said.lower(), said
