@@ -23,6 +23,7 @@ from .errors import DigestError
 
 if TYPE_CHECKING:  # the commands import their stages late, to keep --help fast
     from .config import Config, ImapConfig, SmtpConfig, Subscriber
+    from .daemon.jobs import Outcome
     from .rank import Explanation
     from .sources import UrlResult
     from .store import Store
@@ -259,7 +260,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         if sink is not None:
             sink.stop()
     failed = 0
-    for outcome in outcomes:
+    for outcome in _one_line_each(outcomes):
         if outcome.status in ("sent", "dry-run"):
             verb = "would send" if outcome.status == "dry-run" else "sent"
             print(f"{outcome.subscriber}: {verb} {outcome.shown} of {outcome.considered} papers"
@@ -271,6 +272,24 @@ def cmd_send(args: argparse.Namespace) -> int:
     if sink is not None:
         print(f"messages are in {sink.folder}")
     return EXIT_ERROR if failed else EXIT_OK
+
+
+def _one_line_each(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """A subscriber once: a resent digest makes the same run's "already sent" (or another
+    idle outcome) for them redundant; confirmations keep their own lines."""
+    from .daemon.jobs import IDLE_OUTCOMES
+
+    busy = {o.subscriber for o in outcomes
+            if o.status not in IDLE_OUTCOMES and not o.status.startswith("confirmation")}
+    seen: set[tuple[str, str, str]] = set()
+    kept = []
+    for outcome in outcomes:
+        key = (outcome.subscriber, outcome.status, outcome.detail)
+        if key in seen or (outcome.status in IDLE_OUTCOMES and outcome.subscriber in busy):
+            continue
+        seen.add(key)
+        kept.append(outcome)
+    return kept
 
 
 # Outcomes that make ``digest send`` exit 1: something that should have gone did not.

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import reprlib
+import ssl
 import stat
 import tomllib
 import unicodedata
@@ -322,6 +323,29 @@ class Config:
             problem = _path_problem(path, is_folder)
             if problem:
                 raise ConfigError(file, key, problem)
+        for key, ca_file in (("smtp.ca_file", self.smtp.ca_file),
+                             ("imap.ca_file", self.imap.ca_file if self.imap else None)):
+            problem = _ca_file_problem(ca_file) if ca_file is not None else None
+            if problem:
+                raise ConfigError(file, key, problem)
+
+
+def _ca_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be the PEM CA file TLS will trust, or None (it loads)."""
+    try:
+        if not path.exists():
+            return f"{path} does not exist (give the PEM file of the CA that signed the server)"
+        if not path.is_file():
+            return f"{path} is not a file"
+        with path.open("rb"):
+            pass
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        return (f"{path} holds no PEM certificate TLS can use ({exc.reason or exc}); give the "
+                "CA certificate in PEM form (-----BEGIN CERTIFICATE-----)")
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror or exc}"
+    return None
 
 
 def _path_problem(path: Path, is_folder: bool) -> str | None:

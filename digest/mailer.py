@@ -9,7 +9,10 @@ What each answer means (``SendError.kind``):
 * a 4xx reply is retried on the same connection with exponential backoff,
   then reported ``deferred``;
 * a 5xx reply at RCPT is final for that recipient (``recipient``: the address
-  bounces); a 5xx reply after DATA (552, 554) is final for that message only
+  bounces), except a refusal about relaying or login (530, 5.7.x "relay
+  access denied") and the same 5xx for the first ``SAME_REFUSAL_LIMIT``
+  different recipients before any was accepted: those are ``config`` (the
+  server's setup; nobody is marked); a 5xx reply after DATA (552, 554) is final for that message only
   (``message``: the address is fine);
 * a server that cannot be reached, stays silent until the timeout or drops the
   connection twice in a row (once is retried at once) is ``server``: the mailer stops trying, and every
@@ -59,6 +62,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ATTEMPTS = 4  # one try and three retries: about 14 s of patience at the default delay
 DEFAULT_BASE_DELAY = 2.0  # seconds before the first retry; doubles each time (2, 4, 8)
+# The same 5xx at RCPT for this many different recipients before any address was accepted
+# is the server's setup (it takes no mail from us at all), not this many bad addresses: a
+# dispatch of real addresses rarely opens with three identical refusals.
+SAME_REFUSAL_LIMIT = 3
+RELAY_HINT = ("the server refuses to relay: set username and password_env (or password_file) "
+              "under [smtp], or use a server that accepts mail from this host")
+# A refusal about the sender's right to send (relaying, login), not about the address.
+_POLICY_REFUSAL = re.compile(
+    r"relay|authenticat|auth(entication)? required|must (log ?in|authenticate)|sender "
+    r"(address )?not (permitted|allowed)", re.IGNORECASE)
 
 
 @dataclass
@@ -102,6 +115,8 @@ class Mailer:
         self._password = password
         self._client: aiosmtplib.SMTP | None = None
         self._just_dropped = False  # the last try lost its connection: a second loss is final
+        self._accepted = False  # some address was accepted on this mailer: 5xx at RCPT is final
+        self._first_refusals: dict[str, str] = {}  # recipient -> 5xx reply, before any accept
         self._lock = asyncio.Lock()
 
     @property
@@ -148,6 +163,8 @@ class Mailer:
         async with self._lock:
             try:
                 client = await self._connection()
+                if client.last_ehlo_response is None:  # no login, no STARTTLS: no EHLO yet
+                    await client.ehlo()
             except (aiosmtplib.SMTPException, OSError) as exc:
                 raise self._session_failure(exc) from exc
             offered = " ".join(sorted(client.esmtp_extensions)) or "no extensions"
@@ -220,6 +237,9 @@ class Mailer:
         except aiosmtplib.SMTPSenderRefused as exc:
             if 400 <= exc.code < 500:
                 return _Attempt(retry=list(recipients), problem=_describe(exc))
+            if _policy_refusal(exc.code, exc.message):
+                raise self._hold(SendError(
+                    self.where, f"{RELAY_HINT} ({_describe(exc)})", kind="config")) from exc
             raise self._hold(SendError(
                 self.where, f"the server refuses the sender {exc.sender} ({_describe(exc)}): "
                 "[smtp] from must be an address this account may send as", kind="config")
@@ -247,7 +267,47 @@ class Mailer:
             return _Attempt(refused=_refuse_all(recipients, _describe(exc), kind="message",
                                                 cause=exc))
         self._just_dropped = False
-        return _sort_refusals(errors)
+        return self._judge_refusals(recipients, errors)
+
+    def _judge_refusals(self, recipients: list[str],
+                        errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
+        """Sort RCPT refusals, telling the server's setup from bad addresses.
+
+        A 5.7.x/530 refusal about relaying or login is a configuration error
+        (raised, held: nobody is marked bouncing). Before any address was
+        accepted, a 5xx not about the mailbox (5.1.x) is held back as
+        ``deferred`` (not retried in this dispatch) until ``SAME_REFUSAL_LIMIT`` different recipients got the
+        same reply (then: a configuration error) or another address is
+        accepted (then later refusals are final; the held ones are retried
+        at the next dispatch and judged then).
+        """
+        for recipient, response in errors.items():
+            if response.code >= 500 and _policy_refusal(response.code, response.message):
+                raise self._hold(SendError(
+                    self.where, f"{RELAY_HINT} ({response.code} {response.message})",
+                    kind="config"))
+        if any(r not in errors for r in recipients):
+            self._accepted = True
+        outcome = _sort_refusals(errors)
+        if self._accepted:
+            return outcome
+        for recipient in list(outcome.refused):
+            response = errors[recipient]
+            if _mailbox_refusal(response.message):
+                continue  # 5.1.x: this address, clearly
+            reply = f"{response.code} {response.message}"
+            self._first_refusals.setdefault(recipient.lower(), reply)
+            same = [r for r, text in self._first_refusals.items() if text == reply]
+            if len(same) >= SAME_REFUSAL_LIMIT:
+                raise self._hold(SendError(
+                    self.where, f"the server refused the first {len(same)} different "
+                    f"recipients with the same answer ({reply}): that is its setup, not the "
+                    f"addresses; {RELAY_HINT}", kind="config"))
+            # Not retried now (it would be refused again): left for the next dispatch.
+            outcome.refused[recipient] = SendError(
+                recipient, f"refused ({reply}); not blamed on the address yet (the server "
+                "accepted no address so far; tried again at the next dispatch)", kind="deferred")
+        return outcome
 
     async def _transaction(
         self, client: aiosmtplib.SMTP, message: EmailMessage | Message, recipients: list[str]
@@ -293,7 +353,14 @@ class Mailer:
             username=username,
             password=password,
         )
-        await client.connect()
+        try:
+            await client.connect()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            if hostname_mismatch(exc):  # say which name the certificate is for
+                exc.certificate_names = await asyncio.to_thread(  # type: ignore[union-attr]
+                    certificate_names, smtp.host, smtp.port, protocol="smtp",
+                    security=smtp.security, ca_file=smtp.ca_file, timeout=smtp.timeout)
+            raise
         self._client = client
         self.connections += 1
         log.info("smtp %s: connected (%s%s)", self.where, smtp.security,
@@ -344,6 +411,9 @@ def session_problem(smtp: SmtpConfig, exc: BaseException) -> tuple[str, str]:
                "the provider wants an app password, or the sign-in confirmed in its web page")
         return "config", (f"login as {smtp.username} refused ({_describe(exc)}): {fix} "
                           "(check [smtp] username and password_env or password_file)")
+    if hostname_mismatch(exc):
+        names: list[str] = getattr(exc, "certificate_names", [])
+        return "config", mismatch_problem(smtp.host, names) + " under [smtp]"
     if _caused_by(exc, ssl.SSLCertVerificationError):
         cert = _find(exc, ssl.SSLCertVerificationError)
         reason = getattr(cert, "verify_message", "") or str(cert)
@@ -367,6 +437,65 @@ def session_problem(smtp: SmtpConfig, exc: BaseException) -> tuple[str, str]:
         return "config", f"cannot start the session ({_describe(exc)}): {hint}"
     return "server", (f"cannot reach the server or it stopped answering ({_describe(exc)}); "
                       "the rest waits for the next dispatch")
+
+
+HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH: the certificate is for another name
+
+
+def hostname_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a certificate valid, but for another host name."""
+    cert = _find(exc, ssl.SSLCertVerificationError)
+    return cert is not None and getattr(cert, "verify_code", None) == HOSTNAME_MISMATCH
+
+
+def certificate_names(host: str, port: int, *, protocol: str, security: str,
+                      ca_file: Path | None, timeout: float) -> list[str]:
+    """The names a server's certificate is for (DNS and IP subjectAltName, else its CN).
+
+    Blocking; run it in a thread. Connects again with the chain still verified
+    (against ``ca_file`` or the system store) but the host name not checked,
+    says STARTTLS for ``protocol`` "smtp" or "imap" when ``security`` asks,
+    and reads the certificate. [] when that fails too (said as "unknown").
+    """
+    import imaplib
+    import smtplib
+
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.check_hostname = False
+    try:
+        if security == "starttls" and protocol == "smtp":
+            with smtplib.SMTP(host, port, timeout=timeout) as client:
+                client.starttls(context=context)
+                sock = client.sock
+                peer = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+        elif security == "starttls":
+            with imaplib.IMAP4(host, port, timeout=timeout) as imap:
+                imap.starttls(context)
+                peer = imap.sock.getpeercert()  # type: ignore[attr-defined]
+        else:
+            with socket.create_connection((host, port), timeout=timeout) as raw, \
+                    context.wrap_socket(raw, server_hostname=host) as tls:
+                peer = tls.getpeercert()
+    except (OSError, smtplib.SMTPException, imaplib.IMAP4.error):
+        return []
+    if not peer:
+        return []
+    fields: Any = peer  # getpeercert()'s dict of tuples, typed loosely by typeshed
+    names = [str(pair[1]) for pair in fields.get("subjectAltName", ())
+             if pair[0] in ("DNS", "IP Address")]
+    if not names:
+        names = [str(pair[1]) for rdn in fields.get("subject", ()) for pair in rdn
+                 if pair[0] == "commonName"]
+    return names
+
+
+def mismatch_problem(host: str, names: list[str]) -> str:
+    """The fix for a certificate valid for other names than ``host``."""
+    if not names:
+        return (f"the server's certificate is not for {host}: set host to a name its "
+                "certificate is for")
+    return (f"the certificate is for {', '.join(names)}, not {host}; set host to it "
+            f"(host = \"{names[0]}\")")
 
 
 def port_hint(port: int, security: str) -> str:
@@ -432,6 +561,21 @@ def _sort_refusals(errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
             outcome.refused[recipient] = SendError(recipient, f"address refused ({problem})",
                                                    kind="recipient")
     return outcome
+
+
+def _policy_refusal(code: int, text: str) -> bool:
+    """A 5xx about relaying or logging in (530, 5.7.x relay/auth), not about the address."""
+    if code == 530:
+        return True
+    if not 500 <= code < 600:
+        return False
+    return bool(_POLICY_REFUSAL.search(text)) and (
+        re.match(r"\s*5\.7\.\d", text) is not None or "relay" in text.lower())
+
+
+def _mailbox_refusal(text: str) -> bool:
+    """An enhanced status 5.1.x (bad mailbox or address): the address, whatever else."""
+    return re.match(r"\s*5\.1\.\d", text) is not None
 
 
 def _refuse_all(recipients: list[str], problem: str, *, kind: str,

@@ -91,3 +91,46 @@ def test_connect_names_the_fix_for_a_wrong_password_and_an_untrusted_certificate
     errors = [line for line in captured.err.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: {config}: a connection check failed (see above)"]
     assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("tls", ["starttls", "tls"])
+def test_a_certificate_for_another_name_says_which_host_to_set(
+        smtp_server: StartServer, tls: str) -> None:
+    """127.1 reaches the server, but its certificate is for localhost and 127.0.0.1."""
+    import asyncio
+
+    from digest.errors import SendError
+    from digest.mailer import Mailer
+
+    server = smtp_server(tls=tls)
+    smtp = server.smtp_config(host="127.1", verify_tls=True, ca_file=server.cert)
+    with pytest.raises(SendError) as caught:
+        asyncio.run(Mailer(smtp).check_login())
+    assert caught.value.kind == "config"
+    assert "the certificate is for localhost, 127.0.0.1, not 127.1; set host to it" in str(
+        caught.value)
+
+
+def test_an_imap_certificate_for_another_name_says_which_host_to_set(
+        dovecot_tls: Dovecot) -> None:
+    from digest.replies import MailboxError
+    from digest.replies.mailboxes import ImapMailbox
+
+    config = dovecot_tls.imap_config(host="127.1", port=dovecot_tls.tls_port, security="tls",
+                                     verify_tls=True,
+                                     ca_file=dovecot_tls.folder / "cert.pem",
+                                     password_env=PASSWORD_ENV)
+    with pytest.raises(MailboxError) as caught:
+        ImapMailbox(config).open()
+    assert "the certificate is for localhost, 127.0.0.1, not 127.1; set host to it" in str(
+        caught.value)
+
+
+def test_connect_reads_the_ehlo_extensions_without_a_login(smtp_server: StartServer) -> None:
+    import asyncio
+
+    from digest.mailer import Mailer
+
+    server = smtp_server()  # plain SMTP, no AUTH: nothing else would say EHLO
+    said = asyncio.run(Mailer(server.smtp_config()).check_login())
+    assert said.startswith("no TLS; offers ") and "8bitmime" in said.lower(), said

@@ -333,3 +333,28 @@ def test_a_missing_password_stops_the_commands_that_need_it(
     assert main(["--config", str(path), *command]) == 1
     assert capsys.readouterr().err == (f"Error: {path}: imap.password_env: environment variable "
                                        "DIGEST_TEST_NO_SUCH_VAR is not set\n")
+
+
+@pytest.mark.parametrize("table", ["smtp", "imap"])
+@pytest.mark.parametrize("kind", ["missing", "folder", "not-pem"])
+def test_check_config_refuses_a_ca_file_tls_could_not_use(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        table: str, kind: str) -> None:
+    from digest.cli import main
+
+    ca = tmp_path / "ca.pem"
+    if kind == "folder":
+        ca.mkdir()
+    elif kind == "not-pem":
+        ca.write_text("this is not a certificate\n", encoding="utf-8")
+    imap = ('\n    [imap]\n    host = "imap.example.org"\n    username = "u"\n'
+            '    password_env = "DIGEST_TEST_CA_PASSWORD"\n')
+    body = MINIMAL + imap
+    body = body.replace(f"[{table}]\n", f'[{table}]\n    ca_file = "{ca}"\n')
+    config = write_config(tmp_path, body)
+    monkeypatch.setenv("DIGEST_TEST_CA_PASSWORD", "x")
+    assert main(["--config", str(config), "check-config"]) == 1
+    err = capsys.readouterr().err
+    assert f"{table}.ca_file" in err and "Traceback" not in err
+    assert {"missing": "does not exist", "folder": "is not a file",
+            "not-pem": "holds no PEM certificate"}[kind] in err

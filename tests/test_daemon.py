@@ -345,7 +345,7 @@ def test_the_dispatch_tick_refits_nothing_when_nothing_is_due(
 # --- the replies tick ------------------------------------------------------------------
 
 
-def test_the_reply_tick_loops_on_the_writer_lock_and_survives_a_failed_run(
+def test_the_reply_tick_takes_the_writer_lock_only_for_store_work_and_survives_a_failed_run(
         tmp_path: Path, smtp_server: StartServer, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     import importlib
@@ -359,10 +359,13 @@ def test_the_reply_tick_loops_on_the_writer_lock_and_survives_a_failed_run(
         digest={"scan_seconds": 0.05, "dispatch_seconds": 0.05},
         extra='[maildir]\npath = "Maildir"\npoll_seconds = 0.05\n')
     daemon = Daemon(config_path)
-    runs: list[bool] = []
+    runs: list[tuple[bool, bool]] = []
 
     async def process_replies(config: Any, store: Any, **options: Any) -> replies.ReplyReport:
-        runs.append(daemon._busy.locked())
+        # The network part runs without the lock; the store part takes it through guard().
+        async with options["guard"]():
+            held = daemon._busy.locked()
+        runs.append((daemon._busy.locked(), held))
         if len(runs) == 1:
             raise RuntimeError("the IMAP server said something odd")
         if len(runs) == 3:
@@ -379,7 +382,7 @@ def test_the_reply_tick_loops_on_the_writer_lock_and_survives_a_failed_run(
     monkeypatch.setattr(replies, "wait_for_replies", wait_for_replies, raising=False)
     with caplog.at_level(logging.INFO):
         assert asyncio.run(asyncio.wait_for(daemon.run(), timeout=20)) == 0
-    assert runs == [True, True, True]
+    assert runs == [(False, True)] * 3
     assert "replies: this run failed; trying again later" in caplog.text
     assert "daemon: stopped (exit 0)" in caplog.text
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -196,3 +197,49 @@ def test_the_daemon_on_a_full_disk_logs_and_tries_again(
         f"reader{n:02d}@example.org": 1 for n in range(5)}
     assert [status for _, status, _ in _consistent(tmp_path / "var" / "state.sqlite3")] == \
         ["sent"] * 5
+
+
+def test_send_through_a_symlinked_state_does_not_take_over_the_daemons_claims(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """The daemon dispatches slowly; ``send --force`` with a config whose state is a symlink to
+    the same database: one lock (named from the resolved path), one digest each."""
+    server = smtp_server(delay=0.4)
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(12),
+                                 digest=FAST)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "link.sqlite3").symlink_to("state.sqlite3")
+    linked = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(12),
+                                 digest={**FAST, "state": "var/link.sqlite3"}, name="linked.toml")
+    with daemon_process(config, tmp_path / "daemon.log") as daemon:
+        wait_until(lambda: len(server.messages) >= 1, timeout=60, what="the dispatch to start")
+        send = digest_cli(linked, "send", "--force")
+        assert len(server.messages) < 12  # it came while the daemon was still sending
+        wait_until(lambda: len(server.messages) >= 12, timeout=60, what="all 12 digests")
+        time.sleep(1)
+        assert daemon.stop() == 0
+    assert send.returncode == 1, send.stdout + send.stderr
+    assert "holds" in send.stderr and "nothing was sent" in send.stderr
+    counts = Counter(recipient(m.message) for m in server.messages)
+    assert counts == {f"reader{n:02d}@example.org": 1 for n in range(12)}
+    with Store(tmp_path / "var" / "state.sqlite3") as store:
+        owners = {row.owner for row in store.digests_of("reader00@example.org")}
+    assert owners == {f"{socket.gethostname()}:{daemon.proc.pid}"}
+
+
+def test_send_names_a_subscriber_once_when_it_resends_their_digest(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """A digest left claimed by a deferred delivery is resent by the next ``send --force``;
+    the same run's "already sent" for that subscriber is not printed too."""
+    server = smtp_server(fail_first=2)  # attempts = 2: the first send gives up for now
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(1),
+                                 digest=FAST)
+    assert digest_cli(config, "ingest").returncode == 0
+    first = digest_cli(config, "send", "--force")
+    assert "delivery failed for now; will retry" in first.stdout, first.stdout + first.stderr
+    second = digest_cli(config, "send", "--force")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [line.split(":")[0] for line in second.stdout.splitlines()] == [
+        "reader00@example.org"]
+    assert second.stdout.startswith("reader00@example.org: sent ")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -46,7 +47,7 @@ from ..render import (
 )
 from ..replies.process import CONFIRMATION_ATTEMPTS
 from ..store import DigestRow, ItemRow, Store, utc_now
-from .lock import StateLock, process_owner
+from .lock import StateLock, owner_alive, process_owner
 from .schedule import SCHEDULE_LOOKBACK_DAYS, due, effective_subscriber, local_now
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (StoreError, sqlite3.Error)
 # (commonly 10-20 in a short while) is not provoked, and a fixed password is used soon.
 SMTP_HOLD_FIRST = timedelta(minutes=5)
 SMTP_HOLD_MAX = timedelta(hours=6)
+# Outcomes of a tick that did nothing: they do not replace the STATUS= line of the last
+# dispatch that sent, failed or deferred something.
+IDLE_OUTCOMES = frozenset({"not-due", "already-sent", "empty", "late"})
 MAX_REASON = 300  # characters of an exception kept as a unit's reason
 
 
@@ -96,6 +100,7 @@ class Runtime:
     lock: StateLock | None = None
     smtp_hold: SmtpHold | None = None
     last_dispatch: str = ""  # one line about the last dispatch, for systemd's STATUS=
+    progress_at: float = 0.0  # time.monotonic() of the last subscriber a dispatch finished
 
     def sender_lock(self) -> StateLock:
         if self.lock is None or self.lock.state != self.config.state:
@@ -128,6 +133,16 @@ class Runtime:
         papers = self.store.all_papers()
         self._index = await asyncio.to_thread(CorpusIndex.fit, papers)
         self._index_seq = seq
+
+    def fitted_corpus_index(self) -> CorpusIndex:
+        """The index ``refresh_corpus_index`` fitted last, even if a scan added papers since.
+
+        For the reply loop: it awaits the off-loop refresh first, so a fit on
+        the event loop happens only when none was ever made.
+        """
+        if self._index is not None:
+            return self._index
+        return self.corpus_index()
 
     def corpus_index(self) -> CorpusIndex:
         """The corpus features, refitted only when papers were added."""
@@ -240,6 +255,7 @@ def claim(runtime: Runtime, prepared: Prepared) -> DigestRow | None:
         message=prepared.message.as_bytes(),
         items=[ItemRow(item.position, item.paper.id, item.score, item.reason, item.explore)
                for item in content.items],
+        owner=runtime.owner,
     )
 
 
@@ -355,6 +371,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                     break
                 if row.subscriber in wanted:
                     outcome = await _unit(runtime, row.subscriber, _resend(runtime, mailer, row))
+                    runtime.progress_at = time.monotonic()
                     if outcome is not None:
                         outcomes.append(outcome)
         for sub in subscribers:
@@ -365,6 +382,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 continue
             outcome = await _unit(runtime, sub.email,
                                   _dispatch_one(runtime, mailer, sub, now, force, dry_run))
+            runtime.progress_at = time.monotonic()
             if outcome is not None:
                 outcomes.append(outcome)
         if not dry_run and mailer.unavailable is None and not stopped() and only_all(
@@ -390,6 +408,8 @@ def _after_dispatch(runtime: Runtime, mailer: Mailer, outcomes: list[Outcome],
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    if runtime.last_dispatch and not counts.keys() - IDLE_OUTCOMES:
+        return  # an idle tick: STATUS= keeps the last dispatch that did something
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"
     runtime.last_dispatch = f"last dispatch {now.strftime('%Y-%m-%d %H:%M UTC')}: {summary}"
 
@@ -437,13 +457,14 @@ async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome |
 
     Only by its owner, or, when another process claimed it, once that owner is
     known dead: this process holds the state lock, which every sender holds
-    while it sends, so the owner cannot be sending (None: left alone).
+    while it sends, and the owner's pid is not alive on this host (``owner_alive``);
+    otherwise the claim is left alone (None).
     """
     store = runtime.store
     if row.owner != runtime.owner:
         lock = runtime.lock
-        if lock is None or not lock.held:
-            return None
+        if lock is None or not lock.held or owner_alive(row.owner):
+            return None  # its owner lives: only it resends, never a second copy from here
         if not store.take_over_claim(row.id, row.owner, runtime.owner):
             return None
         log.info("subscriber %s: the digest of %s was claimed by %s, which has stopped; "

@@ -30,8 +30,40 @@ def process_owner() -> str:
 
 
 def lock_path(state: Path) -> Path:
-    """``digest.sqlite3`` -> ``digest.sqlite3.lock`` in the same folder."""
-    return state.with_name(state.name + ".lock")
+    """``digest.sqlite3`` -> ``digest.sqlite3.lock`` beside the real database.
+
+    Named from the resolved path, so a symlinked state file or folder (two
+    configs naming one database two ways) shares one lock.
+    """
+    real = Path(state).resolve()
+    return real.with_name(real.name + ".lock")
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether a claim's owner (``host:pid``) is a live process on this host.
+
+    False for None (a claim from before owners were recorded), for another
+    host (its liveness cannot be seen from here; the state lock decides) and
+    for a pid that no longer exists. A pid reused by an unrelated process
+    counts as alive: the claim waits rather than risk a second copy.
+    """
+    if not owner:
+        return False
+    host, _, pid_text = owner.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    except OSError:
+        return False
+    return True
 
 
 class StateLock:

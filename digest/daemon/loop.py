@@ -11,10 +11,13 @@ keeps a STATUS= line with the last dispatch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -30,6 +33,12 @@ from .notify import Notifier
 from .status import subscriber_status
 
 log = logging.getLogger(__name__)
+
+# After the IMAP server refuses the login, logins wait this long, doubling up to the maximum,
+# or until a config reload: as for SMTP (jobs.SMTP_HOLD_*), a provider that locks an account
+# after repeated bad logins is not provoked by a poll every minute.
+IMAP_HOLD_FIRST_SECONDS = 5 * 60.0
+IMAP_HOLD_MAX_SECONDS = 6 * 3600.0
 
 # After SIGTERM, how long the job in flight may take to finish before it is cancelled
 # (its digest then stays claimed and is resent with the same Message-ID on the next start).
@@ -63,6 +72,10 @@ class Daemon:
         self._scheduler: Any = None
         self._reply_task: asyncio.Task[None] | None = None
         self._said_schedule = False
+        self._running: dict[str, float] = {}  # job -> monotonic time of its last progress
+        self.hard_exit = False  # run_daemon: os._exit when a thread is stuck at the stop
+        self._stuck_at_stop = False
+        self._imap_hold: tuple[float, float] | None = None  # (monotonic until, delay) after 535
 
     @property
     def runtime(self) -> Runtime:
@@ -122,17 +135,38 @@ class Daemon:
                 self.lock.release()
             self.notifier.close()
             log.info("daemon: stopped (exit %d)", self.exit_code)
+            if self.hard_exit and self._stuck_at_stop:
+                # asyncio.run would join the default executor, waiting on a thread stuck
+                # in a network call; the store is closed and the lock released already.
+                log.warning("daemon: a worker thread is still in a network call; exiting "
+                            "without waiting for it")
+                logging.shutdown()
+                sys.stderr.flush()
+                os._exit(self.exit_code)
         return self.exit_code
 
     async def _feed_watchdog(self) -> None:
         """WATCHDOG=1 at half of WatchdogSec=, from the event loop itself.
 
-        A loop stuck in a call that never returns stops feeding it, and systemd
-        restarts the daemon (a digest it left claimed is resent on the next start).
+        A loop stuck in a call that never returns stops feeding it, and so does
+        a job (scan, dispatch, a reply run) that made no progress for
+        WatchdogSec= (a network call in a worker thread that never returns):
+        systemd restarts the daemon (a digest it left claimed is resent on the
+        next start).
         """
-        interval = (self.notifier.watchdog_seconds or 0) / 2
+        limit = self.notifier.watchdog_seconds or 0
+        interval = limit / 2
+        said = ""
         while not self.stop.is_set():
-            self.notifier.watchdog()
+            stuck = self._stuck_job(limit)
+            if stuck is None:
+                self.notifier.watchdog()
+                said = ""
+            elif stuck != said:  # not fed: systemd restarts a daemon whose job hangs
+                said = stuck
+                log.error("daemon: the %s job made no progress for %gs (a dead network "
+                          "call?); the watchdog is not fed, systemd will restart the daemon",
+                          stuck, limit)
             await self._sleep(interval)
 
     # --- jobs ---
@@ -149,6 +183,23 @@ class Daemon:
             return
         self._tasks[name] = asyncio.create_task(self._job(name), name=f"digest-{name}")
 
+    def _job_started(self, name: str) -> None:
+        """Job ``name`` started (or made progress) now: the watchdog's measure of life."""
+        self._running[name] = time.monotonic()
+
+    def _job_ended(self, name: str) -> None:
+        self._running.pop(name, None)
+
+    def _stuck_job(self, limit: float) -> str | None:
+        """A job that made no progress for ``limit`` seconds (dispatch: per subscriber)."""
+        now = time.monotonic()
+        for name, since in self._running.items():
+            if name == "dispatch" and self._runtime is not None:
+                since = max(since, self._runtime.progress_at)
+            if now - since > limit:
+                return name
+        return None
+
     async def _job(self, name: str) -> None:
         if name == "fetch":
             await self._fetch()
@@ -156,6 +207,7 @@ class Daemon:
         async with self._dispatching if name == "dispatch" else self._busy:
             if self.stop.is_set():
                 return
+            self._job_started(name)
             try:
                 if name == "scan":
                     scan(self.runtime)
@@ -177,9 +229,12 @@ class Daemon:
                 log.exception("daemon: %s failed unexpectedly; trying again on the next tick",
                               name)
                 self.notifier.status(f"{name} failed: {type(exc).__name__}: {exc}")
+            finally:
+                self._job_ended(name)
 
     async def _fetch(self) -> None:
         """Fetch the due [[sources]] into the inbox; the store lock is not held over HTTP."""
+        self._job_started("fetch")
         try:
             async with self._busy:
                 plans = plan_fetches(self.runtime.config, self.runtime.store, utc_now())
@@ -191,6 +246,8 @@ class Daemon:
             self._fail(f"fetch: the state database failed: {exc}")
         except Exception:  # each source is its own unit inside; this is a bug, not a source
             log.exception("fetch: this run failed unexpectedly; trying again at the next tick")
+        finally:
+            self._job_ended("fetch")
 
     def _log_schedule(self) -> None:
         """After the first dispatch, one line per subscriber: when their next digest goes."""
@@ -237,31 +294,50 @@ class Daemon:
 
         try:
             while not self.stop.is_set() and _replies_configured(self.runtime.config):
+                if await self._imap_held():
+                    continue
                 failed = False
-                async with self._busy:
-                    if self.stop.is_set():
-                        break
-                    config, store = self.runtime.config, self.runtime.store
-                    try:
-                        report = await replies.process_replies(
-                            config, store, stop=self.stop, corpus=self.runtime.corpus_index,
-                            confirm=False)
-                        if report.confirmations_pending:
-                            await self._kick("dispatch")  # it sends the confirmations
-                    except StoreWriteError as exc:
-                        log.error("replies: %s; trying again in %gs", exc,
-                                  _reply_poll_seconds(config))
-                        failed = True
-                    except FATAL_ERRORS as exc:
-                        self._fail(f"replies: the state database failed: {exc}")
-                        break
-                    except DigestError as exc:  # the mailbox is unreachable, a secret missing
-                        log.error("replies: %s; trying again in %gs", exc,
-                                  _reply_poll_seconds(config))
-                        failed = True
-                    except Exception:
-                        log.exception("replies: this run failed; trying again later")
-                        failed = True
+                runtime = self.runtime
+                config, store = runtime.config, runtime.store
+
+                @contextlib.asynccontextmanager
+                async def guard(runtime: Runtime = runtime) -> AsyncIterator[None]:
+                    # Store work only; the IMAP calls of the run happen outside _busy.
+                    async with self._busy:
+                        if self._runtime is not runtime:  # a reload switched the state
+                            raise DigestError("the config was reloaded during the run; the "
+                                              "rest of the replies are read on the next one")
+                        yield
+
+                self._job_started("replies")
+                try:
+                    report = await replies.process_replies(
+                        config, store, stop=self.stop, corpus=runtime.fitted_corpus_index,
+                        confirm=False, guard=guard,
+                        prepare_corpus=runtime.refresh_corpus_index,
+                        progress=lambda: self._job_started("replies"))
+                    self._imap_hold = None  # logged in: a later refusal starts at 5 min again
+                    if report.confirmations_pending:
+                        await self._kick("dispatch")  # it sends the confirmations
+                except StoreWriteError as exc:
+                    log.error("replies: %s; trying again in %gs", exc,
+                              _reply_poll_seconds(config))
+                    failed = True
+                except FATAL_ERRORS as exc:
+                    self._fail(f"replies: the state database failed: {exc}")
+                    break
+                except replies.MailboxLoginError as exc:
+                    self._hold_imap(exc)
+                    continue
+                except DigestError as exc:  # the mailbox is unreachable, a secret missing
+                    log.error("replies: %s; trying again in %gs", exc,
+                              _reply_poll_seconds(config))
+                    failed = True
+                except Exception:
+                    log.exception("replies: this run failed; trying again later")
+                    failed = True
+                finally:
+                    self._job_ended("replies")
                 if failed:
                     await self._sleep(_reply_poll_seconds(config))
                     continue
@@ -272,6 +348,25 @@ class Daemon:
                     await self._sleep(_reply_poll_seconds(config))
         finally:
             self._reply_task = None
+
+    def _hold_imap(self, error: DigestError) -> None:
+        """Hold IMAP logins after a refused one: 5 min, doubling up to 6 h, or until a reload."""
+        delay = IMAP_HOLD_FIRST_SECONDS
+        if self._imap_hold is not None:
+            delay = min(self._imap_hold[1] * 2, IMAP_HOLD_MAX_SECONDS)
+        self._imap_hold = (time.monotonic() + delay, delay)
+        log.error("replies: %s; IMAP logins held for %s (the wait doubles up to %s; a config "
+                  "reload tries again at once)", error, _span(delay),
+                  _span(IMAP_HOLD_MAX_SECONDS))
+
+    async def _imap_held(self) -> bool:
+        """While logins are held, wait (a second at a time: a reload ends the hold); True if
+        the reply loop should look again."""
+        hold = self._imap_hold
+        if hold is None or time.monotonic() >= hold[0]:
+            return False
+        await self._sleep(min(1.0, hold[0] - time.monotonic()))
+        return True
 
     async def _sleep(self, seconds: float) -> None:
         """Wait ``seconds`` or until stopped."""
@@ -340,6 +435,7 @@ class Daemon:
         else:
             runtime.config = effective
             runtime.smtp_hold = None  # a reload (the password fixed?) tries again at once
+        self._imap_hold = None  # the same for the mailbox: the next login is tried at once
         self.config = new
         if self._scheduler is not None:
             old_intervals = self._intervals(old_raw)
@@ -359,7 +455,12 @@ class Daemon:
     # --- stopping ---
 
     async def _drain(self) -> None:
-        """Let the job in flight finish (up to STOP_GRACE_SECONDS), then cancel what is left."""
+        """Let the job in flight finish (up to STOP_GRACE_SECONDS), then cancel what is left.
+
+        A cancelled job may leave a worker thread stuck in a network call;
+        ``run`` then ends the process once the store is closed (``hard_exit``)
+        rather than wait for that thread.
+        """
         pending = [t for t in (*self._tasks.values(), self._reply_task)
                    if t is not None and not t.done()]
         if not pending:
@@ -367,6 +468,7 @@ class Daemon:
         _done, late = await asyncio.wait(pending, timeout=STOP_GRACE_SECONDS)
         for task in late:
             task.cancel()
+        self._stuck_at_stop = bool(late)
         if late:
             log.warning("daemon: the work in flight did not finish within %gs and was "
                         "cancelled; a digest it left claimed is resent on the next start",
@@ -388,6 +490,10 @@ class Daemon:
             self.sink = None
 
 
+def _span(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds < 3600 else f"{seconds / 3600:g} h"
+
+
 def _replies_configured(config: Config) -> bool:
     return config.imap is not None or config.maildir is not None
 
@@ -400,6 +506,8 @@ def _reply_poll_seconds(config: Config) -> float:
 def run_daemon(config_path: str) -> int:
     """``digest run``: a bad config or an unusable database raises (the CLI exits 1)."""
     config = load_config(config_path)
-    code = asyncio.run(Daemon(config_path, config).run())
+    daemon = Daemon(config_path, config)
+    daemon.hard_exit = True
+    code = asyncio.run(daemon.run())
     sys.stderr.flush()
     return code

@@ -15,13 +15,14 @@ next digest reads the feedback, the dispatch reads the subscription state.
 
 from __future__ import annotations
 
-from .mailboxes import MailboxError
+from .mailboxes import MailboxError, MailboxLoginError
 from .parse import Command, ParsedReply, Problem, new_text, parse_reply, parse_text
 from .process import ReplyOutcome, ReplyReport, help_text, process_replies, wait_for_replies
 
 __all__ = [
     "Command",
     "MailboxError",
+    "MailboxLoginError",
     "ParsedReply",
     "Problem",
     "ReplyOutcome",

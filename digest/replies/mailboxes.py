@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Self
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError
+from imapclient.exceptions import IMAPClientError, LoginError
 
 from ..config import ImapConfig, MaildirConfig
 from ..errors import DigestError
+from ..mailer import certificate_names, hostname_mismatch, mismatch_problem
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ IDLE_STEP_SECONDS = 1.0  # how often an IDLE wait looks at the stop flag
 
 class MailboxError(DigestError, ConnectionError):
     """The reply mailbox cannot be reached, logged into or read."""
+
+
+class MailboxLoginError(MailboxError):
+    """The IMAP server refused the login: the settings must change (the daemon holds logins)."""
 
 
 @dataclass(frozen=True)
@@ -80,16 +85,41 @@ class ImapMailbox:
             client = IMAPClient(cfg.host, port=cfg.port, ssl=cfg.security == "tls",
                                 ssl_context=context, timeout=cfg.timeout)
         except (OSError, IMAPClientError) as exc:
+            self._mismatch(exc)
             raise MailboxError(f"{self.where}: cannot connect: {exc}") from exc
         try:
             if cfg.security == "starttls":
-                client.starttls(context)
+                try:
+                    client.starttls(context)
+                except (OSError, IMAPClientError) as exc:
+                    self._mismatch(exc)
+                    raise
             client.login(cfg.username, password or "")
+        except LoginError as exc:
+            _quietly(client.shutdown)
+            raise MailboxLoginError(
+                f"{self.where}: login refused ({_describe(exc)}): wrong password? many "
+                "providers need an app password (check [imap] username and password_env or "
+                "password_file)") from exc
+        except (OSError, IMAPClientError) as exc:
+            _quietly(client.shutdown)
+            raise MailboxError(f"{self.where}: {_describe(exc)}") from exc
+        try:
             client.select_folder(cfg.mailbox)
         except (OSError, IMAPClientError) as exc:
             _quietly(client.shutdown)
             raise MailboxError(f"{self.where}: {_describe(exc)}") from exc
         self._client = client
+
+    def _mismatch(self, exc: BaseException) -> None:
+        """A certificate for another name: raise saying which name to set as host."""
+        if not hostname_mismatch(exc):
+            return
+        cfg = self.config
+        names = certificate_names(cfg.host, cfg.port, protocol="imap", security=cfg.security,
+                                  ca_file=cfg.ca_file, timeout=cfg.timeout)
+        raise MailboxError(f"{self.where}: {mismatch_problem(cfg.host, names)} under "
+                           "[imap]") from exc
 
     def close(self) -> None:
         client, self._client = self._client, None

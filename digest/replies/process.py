@@ -28,12 +28,14 @@ that confirmation's failure; the reply's commands stay applied.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email import message_from_bytes
@@ -161,7 +163,10 @@ class ReplyReport:
 async def process_replies(config: Config, store: Store, *, now: datetime | None = None,
                           stop: asyncio.Event | None = None,
                           corpus: Callable[[], rank.CorpusIndex] | None = None,
-                          confirm: bool = True) -> ReplyReport:
+                          confirm: bool = True,
+                          guard: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+                          prepare_corpus: Callable[[], Awaitable[object]] | None = None,
+                          progress: Callable[[], None] | None = None) -> ReplyReport:
     """Process every waiting reply once (IMAP or Maildir per config; neither: an empty report).
 
     Sends confirmations with ``Mailer(config.smtp)`` (which may point at the
@@ -172,28 +177,47 @@ async def process_replies(config: Config, store: Store, *, now: datetime | None 
     cached one); without it one is fitted when a reply first asks why.
     ``confirm=False`` leaves the confirmations queued for the caller to send
     (the daemon sends them with its dispatch, under its one-sender lock).
+
+    For the daemon: ``guard()`` is entered around each batch's store work and
+    never around a network call (login, fetch, marking Seen happen outside
+    it), so a stuck mailbox never holds up the scans and dispatches that take
+    the same guard. ``prepare_corpus`` is awaited (outside the guard) before a
+    batch is applied, so ``corpus`` then returns an index fitted off the event
+    loop. ``progress`` is called after every step (a watchdog's sign of life).
     """
     started = time.perf_counter()
     now = now or utc_now()
     mailbox = open_mailbox(config.imap, config.maildir)
     report = ReplyReport(source="none" if mailbox is None else
                          "imap" if isinstance(mailbox, ImapMailbox) else "maildir")
+    def stepped() -> None:
+        if progress is not None:
+            progress()
+
     if mailbox is not None:
         processor = _Processor(config, store, now, corpus)
         await asyncio.to_thread(mailbox.open)
+        stepped()
         try:
             ids = await asyncio.to_thread(mailbox.waiting_ids)
+            stepped()
             for start in range(0, len(ids), FETCH_BATCH):
                 batch = await asyncio.to_thread(mailbox.fetch, ids[start:start + FETCH_BATCH])
+                stepped()
+                if batch and prepare_corpus is not None:
+                    await prepare_corpus()  # a "why" then finds the index fitted off-loop
                 done: list[str] = []
-                for waiting in batch:
-                    if stop is not None and stop.is_set():
-                        break
-                    report.add(processor.handle(waiting.raw))
-                    done.append(waiting.id)
-                    await asyncio.sleep(0)  # let signals and other tasks in between replies
+                async with guard() if guard is not None else contextlib.nullcontext():
+                    for waiting in batch:
+                        if stop is not None and stop.is_set():
+                            break
+                        report.add(processor.handle(waiting.raw))
+                        done.append(waiting.id)
+                        stepped()
+                await asyncio.sleep(0)  # let signals and other tasks in between batches
                 # Committed: only now is the batch marked processed in the mailbox.
                 await asyncio.to_thread(mailbox.done, done)
+                stepped()
                 if stop is not None and stop.is_set():
                     log.info("replies: stopping; %d replies left for the next run",
                              len(ids) - report.processed)
@@ -203,7 +227,8 @@ async def process_replies(config: Config, store: Store, *, now: datetime | None 
     if confirm:
         sent, pending = await send_confirmations(config, store)
     else:
-        sent, pending = 0, len(store.pending_confirmations())
+        async with guard() if guard is not None else contextlib.nullcontext():
+            sent, pending = 0, len(store.pending_confirmations())
     report.confirmations_sent, report.confirmations_pending = sent, pending
     report.seconds = time.perf_counter() - started
     if report.processed or sent:

@@ -1,0 +1,115 @@
+"""A relay refusal for everyone is the server's setup, not every subscriber bouncing.
+
+Real aiosmtpd servers refuse at RCPT (or at MAIL) the way misconfigured relays do;
+the daemon's dispatch runs in-process at chosen instants.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from digest.errors import SendError
+
+from .daemon_helpers import Sim, fill_inbox, utc, write_daemon_config
+from .smtp_helpers import (  # noqa: F401  (smtp_server_fixture provides the smtp_server fixture)
+    StartServer,
+    smtp_server_fixture,
+)
+from .test_mailer import note, run, send_all
+
+ADDRESSES = [f"reader{n}@example.org" for n in range(5)]
+
+
+def readers() -> list[dict[str, Any]]:
+    return [{"email": email, "send_at": "08:00", "send_empty": True} for email in ADDRESSES]
+
+
+def sim_for(tmp_path: Path, port: int) -> Sim:
+    fill_inbox(tmp_path)
+    sim = Sim(write_daemon_config(tmp_path, port=port, subscribers=readers()))
+    sim.ingest(utc("2026-03-01 06:00"))
+    return sim
+
+
+@pytest.mark.parametrize("reply", [
+    "554 5.7.1 <reader0@example.org>: Relay access denied",
+    "530 5.7.0 Authentication required",
+    "550 5.7.1 Unable to relay: this host is not permitted to relay",
+])
+def test_a_relay_refusal_holds_the_dispatch_and_marks_nobody_bouncing(
+        tmp_path: Path, smtp_server: StartServer, reply: str) -> None:
+    server = smtp_server(reject={email: reply for email in ADDRESSES})
+    sim = sim_for(tmp_path, server.port)
+    try:
+        outcomes = sim.tick(utc("2026-03-02 08:00"))
+        assert not any(sim.store.subscriber_state(e).bouncing for e in ADDRESSES)
+        statuses = {o.subscriber: o.status for o in outcomes}
+        assert statuses[ADDRESSES[0]] == "retry"
+        assert all(statuses[e] == "deferred" for e in ADDRESSES[1:]), statuses
+        hold = sim.runtime.smtp_hold
+        assert hold is not None and "the server refuses to relay: set username and " \
+            "password_env" in hold.reason
+    finally:
+        sim.close()
+
+
+def test_the_same_refusal_for_the_first_three_recipients_is_a_configuration_error(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    server = smtp_server(reject={email: "550 Go away" for email in ADDRESSES})
+    sim = sim_for(tmp_path, server.port)
+    try:
+        outcomes = sim.tick(utc("2026-03-02 08:00"))
+        assert not any(sim.store.subscriber_state(e).bouncing for e in ADDRESSES)
+        assert [o.status for o in outcomes] == ["retry"] * 3 + ["deferred"] * 2
+        hold = sim.runtime.smtp_hold
+        assert hold is not None and "the first 3 different recipients" in hold.reason
+        assert "550 Go away" in hold.reason
+    finally:
+        sim.close()
+
+
+def test_a_mailbox_refusal_among_accepted_addresses_still_bounces(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    server = smtp_server(reject={ADDRESSES[0]: "550 Go away", ADDRESSES[3]: "550 Go away"})
+    sim = sim_for(tmp_path, server.port)
+    try:
+        first = {o.subscriber: o.status for o in sim.tick(utc("2026-03-02 08:00"))}
+        # reader0 came before any address was accepted: held back, not blamed yet.
+        assert first[ADDRESSES[0]] == "retry" and first[ADDRESSES[3]] == "failed"
+        assert sim.store.subscriber_state(ADDRESSES[3]).bouncing
+        assert not sim.store.subscriber_state(ADDRESSES[0]).bouncing
+        sim.tick(utc("2026-03-02 08:10"))  # retried first: nothing accepted yet, held again
+        assert sim.runtime.smtp_hold is None
+        assert len(server.messages) == 3
+    finally:
+        sim.close()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_530_at_mail_gets_the_login_hint_not_the_from_hint(smtp_server: StartServer) -> None:
+    server = smtp_server(auth=("ann", "s3cret"))  # requires AUTH: MAIL without it gets 530
+    with pytest.raises(SendError) as caught:
+        run(send_all(server.smtp_config(username=None), note()))
+    assert caught.value.kind == "config"
+    assert "set username and password_env" in str(caught.value)
+    assert "[smtp] from" not in str(caught.value)
+
+
+def test_the_status_line_keeps_the_last_dispatch_that_did_something(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    server = smtp_server()
+    sim = sim_for(tmp_path, server.port)
+    try:
+        sim.tick(utc("2026-03-02 07:50"))  # nothing due yet: said as such
+        assert sim.runtime.last_dispatch.startswith("last dispatch 2026-03-02 07:50 UTC: ")
+        sim.tick(utc("2026-03-02 08:00"))
+        sent = sim.runtime.last_dispatch
+        assert sent == "last dispatch 2026-03-02 08:00 UTC: 5 sent"
+        sim.tick(utc("2026-03-02 08:10"))  # idle ticks do not overwrite it
+        sim.tick(utc("2026-03-02 09:00"))
+        assert sim.runtime.last_dispatch == sent
+    finally:
+        sim.close()
