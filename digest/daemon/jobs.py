@@ -25,11 +25,12 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from typing import TypeVar
 
 from ..config import Config, SmtpConfig, Subscriber
 from ..errors import ConfigError, DigestError, SendError, StoreError, StoreWriteError
@@ -51,6 +52,7 @@ from .lock import StateLock, owner_alive, process_owner
 from .schedule import SCHEDULE_LOOKBACK_DAYS, due, effective_subscriber, local_now
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A subscriber new to the store gets the papers of the last week, not the whole archive.
 FIRST_DIGEST_WINDOW = timedelta(days=7)
@@ -244,25 +246,36 @@ def prepare(
 
 
 def claim(runtime: Runtime, prepared: Prepared) -> DigestRow | None:
-    content = prepared.content
-    return runtime.store.claim_digest(
-        subscriber=prepared.subscriber.email,
-        local_date=prepared.local_date,
-        token=content.token,
-        message_id=message_id_for(content.token, runtime.config.smtp.sender),
-        considered=content.considered,
-        corpus_seq=prepared.corpus_seq,
-        message=prepared.message.as_bytes(),
-        items=[ItemRow(item.position, item.paper.id, item.score, item.reason, item.explore)
-               for item in content.items],
-        owner=runtime.owner,
-    )
+    """Claim one prepared digest (None when its day was claimed already)."""
+    return claim_batch(runtime, [prepared])[0]
+
+
+def claim_batch(runtime: Runtime, batch: Sequence[Prepared]) -> list[DigestRow | None]:
+    """Claim prepared digests, each with its rendered bytes and owner; None where the day
+    was claimed already (by another process, or an earlier dispatch)."""
+    rows = []
+    for prepared in batch:
+        content = prepared.content
+        rows.append(runtime.store.claim_digest(
+            subscriber=prepared.subscriber.email,
+            local_date=prepared.local_date,
+            token=content.token,
+            message_id=message_id_for(content.token, runtime.config.smtp.sender),
+            considered=content.considered,
+            corpus_seq=prepared.corpus_seq,
+            message=prepared.message.as_bytes(),
+            items=[ItemRow(item.position, item.paper.id, item.score, item.reason, item.explore)
+                   for item in content.items],
+            owner=runtime.owner,
+        ))
+    return rows
 
 
 # --- sending ------------------------------------------------------------------
 
 
-async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome:
+async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow, recipient: str, *,
+                  shown: int | None = None) -> Outcome:
     """Send a claimed digest and record the result; one subscriber's failure stays theirs.
 
     Marked sent right after the server's 250 (the only window in which a crash
@@ -271,15 +284,15 @@ async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome:
     bouncing; ``message`` fails the digest only; ``deferred``, ``server`` and
     ``config`` leave it claimed, to be resent on a later dispatch, until it has
     been claimed for longer than ``max_late``: then it is marked failed (its
-    papers stay candidates for the next digest).
+    papers stay candidates for the next digest). ``recipient`` is the
+    subscriber's address as configured; ``shown`` the digest's item count
+    (read from the store when not given).
     """
     store = runtime.store
-    message = message_from_bytes(row.message, policy=policy.default)
-    if not isinstance(message, EmailMessage):  # pragma: no cover - policy.default makes one
-        raise TypeError("policy.default did not parse to an EmailMessage")
-    shown = len(store.digest_items(row.id))
+    if shown is None:
+        shown = len(store.digest_items(row.id))
     try:
-        await mailer.send(message)
+        await _send_claimed(mailer, row, recipient)
     except SendError as exc:
         age = utc_now() - datetime.fromisoformat(row.claimed_at)
         give_up = exc.permanent or age > runtime.config.max_late
@@ -364,32 +377,190 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
         return stop is not None and stop.is_set()
 
     async with Mailer(smtp, attempts=smtp.attempts, base_delay=smtp.retry_seconds) as mailer:
-        if not dry_run:
-            wanted = {s.email.lower() for s in subscribers}
-            for row in runtime.store.unsent_digests():
-                if stopped() or mailer.unavailable is not None:
+        deliveries = Deliveries(runtime, mailer, window=delivery_window(smtp))
+        # Outcomes are returned in the subscribers' order (resends first), whatever order
+        # the concurrent deliveries end in: (place, outcome) pairs, sorted at the end.
+        placed: list[tuple[int, Outcome]] = []
+        try:
+            if not dry_run:
+                await _resend_unsent(runtime, mailer, deliveries, subscribers, stopped)
+            batch: list[tuple[int, Prepared]] = []
+            for place, sub in enumerate(subscribers, start=1):
+                if stopped():
                     break
-                if row.subscriber in wanted:
-                    outcome = await _unit(runtime, row.subscriber, _resend(runtime, mailer, row))
-                    runtime.progress_at = time.monotonic()
-                    if outcome is not None:
-                        outcomes.append(outcome)
-        for sub in subscribers:
-            if stopped():
-                break
-            if mailer.unavailable is not None:
-                outcomes.append(Outcome(sub.email, "deferred", _reason(mailer.unavailable)))
-                continue
-            outcome = await _unit(runtime, sub.email,
-                                  _dispatch_one(runtime, mailer, sub, now, force, dry_run))
-            runtime.progress_at = time.monotonic()
-            if outcome is not None:
-                outcomes.append(outcome)
+                if mailer.unavailable is not None:
+                    placed.append((place, Outcome(sub.email, "deferred",
+                                                  _reason(mailer.unavailable))))
+                    continue
+                result = await _unit(runtime, sub.email,
+                                     _prepare_one(runtime, sub, now, force, dry_run))
+                runtime.progress_at = time.monotonic()
+                if isinstance(result, Prepared):
+                    batch.append((place, result))
+                elif result is not None:
+                    placed.append((place, result))
+                if len(batch) >= deliveries.batch or (batch and deliveries.idle):
+                    await _claim_and_send(runtime, deliveries, batch, placed)
+                    batch = []
+                await asyncio.sleep(0)  # deliveries, signals and the other jobs get their turn
+            if batch:
+                await _claim_and_send(runtime, deliveries, batch, placed)
+        finally:
+            placed.extend(await deliveries.drain())
+            outcomes.extend(outcome for _, outcome in sorted(placed, key=lambda p: p[0]))
         if not dry_run and mailer.unavailable is None and not stopped() and only_all(
                 runtime, subscribers):
             outcomes.extend(await send_confirmations(runtime, mailer, stop))
     _after_dispatch(runtime, mailer, outcomes, now)
     return outcomes
+
+
+# At most this many digests are claimed in one transaction (one commit for the batch). A
+# batch is claimed only when the deliveries have room for all of it, so a claim is never
+# further from its send than the deliveries in flight, and a mail server that goes away
+# leaves only those claimed and unsent (resent, same bytes, on the next dispatch).
+CLAIM_BATCH = 32
+
+
+def delivery_window(smtp: SmtpConfig) -> int:
+    """Deliveries in flight at once: two per SMTP connection keeps every session busy."""
+    return 2 * int(getattr(smtp, "connections", 0)) or 1
+
+
+def _claim_each(runtime: Runtime, batch: list[tuple[int, Prepared]]
+                ) -> list[DigestRow | None | Outcome]:
+    """Claim a batch in one transaction; when the database refuses it, claim one by one,
+    so a row only one subscriber's data breaks fails that subscriber alone."""
+    try:
+        return list(claim_batch(runtime, [prepared for _, prepared in batch]))
+    except StoreWriteError:
+        raise
+    except FATAL_ERRORS:
+        runtime.store.probe()  # unusable: the daemon's failure; else one claim's data
+    results: list[DigestRow | None | Outcome] = []
+    for _, prepared in batch:
+        email = prepared.subscriber.email
+        try:
+            results.append(claim_batch(runtime, [prepared])[0])
+        except StoreWriteError:
+            raise
+        except FATAL_ERRORS as exc:
+            runtime.store.probe()
+            reason = _exc_reason(exc)
+            log.error("subscriber %s: the digest could not be claimed in the state database: "
+                      "%s", email, reason)
+            results.append(Outcome(email, "failed", reason))
+    return results
+
+
+class Deliveries:
+    """Claimed digests being sent concurrently, at most ``window`` at a time.
+
+    Each delivery is its own unit (``_unit``); its outcome is collected by
+    ``drain``. A failure that is not the unit's own (the database, a full
+    disk) is re-raised by ``drain`` once every delivery in flight has ended.
+    """
+
+    def __init__(self, runtime: Runtime, mailer: Mailer, *, window: int) -> None:
+        self.runtime = runtime
+        self.mailer = mailer
+        self.window = window
+        self.batch = min(window, CLAIM_BATCH)  # digests claimed at once
+        self._slots = asyncio.Semaphore(window)
+        self._tasks: set[asyncio.Task[Outcome | None]] = set()
+        self._done: list[tuple[int, asyncio.Task[Outcome | None]]] = []
+        self._places: dict[asyncio.Task[Outcome | None], int] = {}
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: the network waits for the next claimed digest."""
+        return not self._tasks
+
+    async def room(self, count: int) -> None:
+        """Wait until ``count`` more deliveries fit in the window."""
+        while self._tasks and len(self._tasks) + count > self.window:
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+
+    async def submit(self, place: int, row: DigestRow, recipient: str,
+                     work: Awaitable[Outcome | None]) -> None:
+        """Start sending ``row`` (waits for a free slot first); ``place`` orders its outcome."""
+        await self._slots.acquire()
+        task = asyncio.create_task(_unit(self.runtime, recipient, work),
+                                   name=f"deliver-{row.id}")
+        self._tasks.add(task)
+        self._places[task] = place
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Outcome | None]) -> None:
+        self._tasks.discard(task)
+        self._done.append((self._places.pop(task), task))
+        self._slots.release()
+        self.runtime.progress_at = time.monotonic()
+        if not task.cancelled() and task.exception() is not None:
+            for other in self._tasks:  # not a unit's own failure (the database): stop sending
+                other.cancel()
+
+    async def drain(self) -> list[tuple[int, Outcome]]:
+        """Wait for every delivery in flight; their (place, outcome) pairs."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        outcomes: list[tuple[int, Outcome]] = []
+        fatal: BaseException | None = None
+        for place, task in self._done:
+            if task.cancelled():
+                continue
+            error = task.exception()
+            if error is not None:
+                fatal = fatal or error
+            elif (outcome := task.result()) is not None:
+                outcomes.append((place, outcome))
+        self._done.clear()
+        if fatal is not None:
+            raise fatal
+        return outcomes
+
+
+async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliveries,
+                         subscribers: Sequence[Subscriber], stopped: Callable[[], bool]) -> None:
+    """Resend the digests left claimed (by this process, or by one that has stopped)."""
+    wanted = {s.email.lower(): s.email for s in subscribers}
+    for row in runtime.store.unsent_digests():
+        if stopped() or mailer.unavailable is not None:
+            break
+        if row.subscriber in wanted:
+            await deliveries.submit(0, row, row.subscriber,
+                                    _resend(runtime, mailer, row, wanted[row.subscriber]))
+
+
+async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
+                          batch: list[tuple[int, Prepared]],
+                          placed: list[tuple[int, Outcome]]) -> None:
+    """Claim a batch of prepared digests in one transaction, then start sending each.
+
+    A digest whose day another process claimed meanwhile is ``already-sent``.
+    When the mail server went away after the claim, the claimed digests wait
+    for the next dispatch (``retry``), which resends the same bytes.
+    """
+    mailer = deliveries.mailer
+    await deliveries.room(len(batch))
+    if mailer.unavailable is not None:  # the server went away meanwhile: claim nothing
+        placed.extend((place, Outcome(prepared.subscriber.email, "deferred",
+                                      _reason(mailer.unavailable)))
+                      for place, prepared in batch)
+        return
+    for (place, prepared), row in zip(batch, _claim_each(runtime, batch), strict=True):
+        email = prepared.subscriber.email
+        if isinstance(row, Outcome):
+            placed.append((place, row))
+        elif row is None:
+            placed.append((place, Outcome(email, "already-sent")))
+        elif mailer.unavailable is not None:
+            placed.append((place, Outcome(email, "retry", _reason(mailer.unavailable), row.id,
+                                          len(prepared.content.items),
+                                          prepared.content.considered)))
+        else:
+            await deliveries.submit(place, row, email, deliver(
+                runtime, mailer, row, email, shown=len(prepared.content.items)))
 
 
 def only_all(runtime: Runtime, subscribers: Sequence[Subscriber]) -> bool:
@@ -414,7 +585,7 @@ def _after_dispatch(runtime: Runtime, mailer: Mailer, outcomes: list[Outcome],
     runtime.last_dispatch = f"last dispatch {now.strftime('%Y-%m-%d %H:%M UTC')}: {summary}"
 
 
-async def _unit(runtime: Runtime, who: str, work: Awaitable[Outcome | None]) -> Outcome | None:
+async def _unit(runtime: Runtime, who: str, work: Awaitable[T]) -> T | Outcome:
     """Run one unit (a subscriber's digest): whatever it raises is its own failure.
 
     Re-raises only what is not the unit's: a full or read-only disk
@@ -452,7 +623,16 @@ def _reason(error: SendError) -> str:
     return str(error).removeprefix(f"{error.recipient}: ")
 
 
-async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome | None:
+async def _send_claimed(mailer: Mailer, row: DigestRow, recipient: str) -> None:
+    """The claimed bytes, sent as they are."""
+    message = message_from_bytes(row.message, policy=policy.default)
+    if not isinstance(message, EmailMessage):  # pragma: no cover - policy.default makes one
+        raise TypeError("policy.default did not parse to an EmailMessage")
+    await mailer.send(message)
+
+
+async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow,
+                  recipient: str) -> Outcome | None:
     """A digest claimed and not marked sent: resend the stored bytes (same Message-ID).
 
     Only by its owner, or, when another process claimed it, once that owner is
@@ -477,12 +657,13 @@ async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow) -> Outcome |
         return Outcome(row.subscriber, "unsubscribed", "", row.id)
     log.info("subscriber %s: resending the digest of %s (claimed at %s, %s)", row.subscriber,
              row.local_date, row.claimed_at, row.message_id)
-    return await deliver(runtime, mailer, row)
+    return await deliver(runtime, mailer, row, recipient)
 
 
-async def _dispatch_one(
-    runtime: Runtime, mailer: Mailer, sub: Subscriber, now: datetime, force: bool, dry_run: bool
-) -> Outcome:
+async def _prepare_one(
+    runtime: Runtime, sub: Subscriber, now: datetime, force: bool, dry_run: bool
+) -> Prepared | Outcome:
+    """The subscriber's digest ranked and rendered when it is due, else what happened instead."""
     sub = effective_subscriber(sub, runtime.store.subscriber_state(sub.email))
     verdict = due(runtime, sub, now, force=force)
     if verdict.status == "late":
@@ -516,10 +697,7 @@ async def _dispatch_one(
     if dry_run:
         return Outcome(sub.email, "dry-run", str(prepared.message["Subject"]), None, shown,
                        considered)
-    row = claim(runtime, prepared)
-    if row is None:  # another process claimed the day between our check and now
-        return Outcome(sub.email, "already-sent")
-    return await deliver(runtime, mailer, row)
+    return prepared
 
 
 # --- confirmations ------------------------------------------------------------
