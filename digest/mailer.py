@@ -114,6 +114,10 @@ class _Outgoing:
         return self._built[eight_bit]
 
 
+class _Crowded(Exception):
+    """The server refused one more session while others of ours are open (a cap per client)."""
+
+
 class Mailer:
     """Delivers messages over a small pool of reused SMTP sessions.
 
@@ -124,7 +128,9 @@ class Mailer:
     transaction is over. A session that failed (dropped, 421, timed out) is
     closed, never reused. Until one login has succeeded, sessions are opened
     one at a time, so a wrong password costs one refused login, not
-    ``connections``. ``close`` (or leaving the ``async with``) says QUIT on
+    ``connections``. A server that refuses one more session (a 4xx greeting)
+    while others of ours are open caps its clients: the pool shrinks to what
+    it took (``pool_size``), logged once per refusal, and nothing fails. ``close`` (or leaving the ``async with``) says QUIT on
     every idle session. After a ``server`` or ``config`` failure,
     ``unavailable`` holds the error (set and logged once) and every later
     ``send``, and every send waiting for a session, raises it without
@@ -163,6 +169,7 @@ class Mailer:
         self._slots = asyncio.Semaphore(size)  # one per session in use: at most ``size`` open
         self._opening = asyncio.Lock()  # opens one at a time until a login has succeeded
         self._proven = False  # a session was opened (and logged in) successfully
+        self._open_count = 0  # sessions open now, idle or in use
         self._accepted = False  # some address was accepted on this mailer: 5xx at RCPT is final
         self._first_refusals: dict[str, str] = {}  # recipient -> 5xx reply, before any accept
 
@@ -261,7 +268,7 @@ class Mailer:
                 if client.last_ehlo_response is None:  # no login, no STARTTLS: no EHLO yet
                     await client.ehlo()
             except (aiosmtplib.SMTPException, OSError) as exc:
-                client.close()
+                self._discard(client)
                 raise self._session_failure(exc) from exc
             offered = " ".join(sorted(client.esmtp_extensions)) or "no extensions"
             tls = "TLS" if client.get_transport_info("sslcontext") is not None else "no TLS"
@@ -272,6 +279,7 @@ class Mailer:
     async def close(self) -> None:
         """Say QUIT on every idle session and close it (call it when no send is in flight)."""
         idle, self._idle = self._idle, []
+        self._open_count -= len(idle)
         await asyncio.gather(*(self._quit(client) for client in idle))
 
     async def _quit(self, client: aiosmtplib.SMTP) -> None:
@@ -331,18 +339,41 @@ class Mailer:
         ``SendError`` (and keeps it in ``unavailable``) when the server cannot
         be used at all.
         """
-        async with self._slots:
-            client = await self._session(fresh=fresh)
+        while True:
+            await self._slots.acquire()
+            try:
+                client = await self._session(fresh=fresh)
+            except _Crowded as exc:
+                self._shrink(exc)  # this slot stays taken: one session fewer from now on
+                fresh = False  # the sessions still open are what there is
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
             try:
                 outcome = await self._attempt(client, outgoing, recipients, fresh=fresh)
             except BaseException:
-                client.close()  # failed or cancelled mid-way: never reused
+                self._discard(client)  # failed or cancelled mid-way: never reused
                 raise
+            finally:
+                self._slots.release()
             if outcome.broken or not client.is_connected:
-                client.close()
+                self._discard(client)
             else:
                 self._idle.append(client)
-        return outcome
+            return outcome
+
+    def _shrink(self, crowded: _Crowded) -> None:
+        """The server caps how many sessions one client may open: use as many as it took."""
+        self.pool_size -= 1
+        log.warning("smtp %s: the server refused one more session while %d of ours are open "
+                    "(%s); sending over %d from now on (lower [smtp] connections)", self.where,
+                    self._open_count, crowded, self.pool_size)
+
+    def _discard(self, client: aiosmtplib.SMTP) -> None:
+        """Close a session of the pool without a QUIT (it failed), freeing its place."""
+        client.close()
+        self._open_count -= 1
 
     async def _attempt(self, client: aiosmtplib.SMTP, outgoing: _Outgoing,
                        recipients: list[str], *, fresh: bool) -> _Attempt:
@@ -476,7 +507,7 @@ class Mailer:
             client = self._idle.pop()
             if client.is_connected:
                 return client
-            client.close()
+            self._discard(client)
         return None
 
     async def _open(self) -> aiosmtplib.SMTP:
@@ -501,6 +532,8 @@ class Mailer:
             client.close()
             if self.unavailable is not None:  # another session failed first: said already
                 raise self.unavailable from exc
+            if self._open_count > 0 and _crowded(exc):
+                raise _Crowded(_describe(exc)) from exc
             if hostname_mismatch(exc):  # say which name the certificate is for
                 exc.certificate_names = await asyncio.to_thread(  # type: ignore[union-attr]
                     certificate_names, smtp.host, smtp.port, protocol="smtp",
@@ -508,6 +541,7 @@ class Mailer:
             raise self._session_failure(exc) from exc
         self._proven = True
         self.connections += 1
+        self._open_count += 1
         log.info("smtp %s: connected (%s%s)", self.where, smtp.security,
                  f", as {username}" if username else "")
         return client
@@ -690,6 +724,14 @@ def wire_format(message: EmailMessage | Message, *, utf8: bool, eight_bit: bool)
     buffer = io.BytesIO()
     BytesGenerator(buffer, policy=policy).flatten(outgoing)
     return buffer.getvalue()
+
+def _crowded(exc: BaseException) -> bool:
+    """A refusal of one more session, not of the server or the settings: a 4xx greeting
+    (421 "too many connections") or a connection closed before the greeting."""
+    if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+        return 400 <= exc.code < 500
+    return isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionResetError))
+
 
 def _unique(addresses: Sequence[str]) -> list[str]:
     """Each address once (compared without case), in order."""

@@ -70,8 +70,10 @@ class Arrival:
 
 
 class _Handler:
-    def __init__(self, *, delay: float, closing_421_on: int | None) -> None:
+    def __init__(self, *, delay: float, closing_421_on: int | None, cap: int | None) -> None:
         self.delay = delay
+        self.cap = cap  # more sessions than this at once get a 421 greeting
+        self.turned_away = 0
         self.closing_421_on = closing_421_on  # this connection answers 421 to its first DATA
         self.arrivals: list[Arrival] = []
         self.refused_421 = 0
@@ -120,13 +122,26 @@ class _TrackedSMTP(SMTP):
         super().__init__(*args, **kwargs)
         self.tracker = tracker
 
+    turned_away = False
+
     def connection_made(self, transport: Any) -> None:
-        with self.tracker.lock:
-            self.tracker.open += 1
-            self.tracker.most_open = max(self.tracker.most_open, self.tracker.open)
+        tracker = self.tracker
+        with tracker.lock:
+            if tracker.cap is not None and tracker.open >= tracker.cap:
+                tracker.turned_away += 1
+                self.turned_away = True
+            else:
+                tracker.open += 1
+                tracker.most_open = max(tracker.most_open, tracker.open)
+        if self.turned_away:  # as a relay capping the connections of one client does
+            transport.write(b"421 4.7.0 Too many connections from your host\r\n")
+            transport.close()
+            return
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.turned_away:
+            return
         with self.tracker.lock:
             self.tracker.open -= 1
         super().connection_lost(error)
@@ -134,8 +149,8 @@ class _TrackedSMTP(SMTP):
 
 class Server:
     def __init__(self, *, delay: float = 0.0, closing_421_on: int | None = None,
-                 smtputf8: bool = True, eight_bit: bool = True) -> None:
-        self.handler = _Handler(delay=delay, closing_421_on=closing_421_on)
+                 cap: int | None = None, smtputf8: bool = True, eight_bit: bool = True) -> None:
+        self.handler = _Handler(delay=delay, closing_421_on=closing_421_on, cap=cap)
         # decode_data=True is how aiosmtpd stops offering 8BITMIME (a 7-bit server).
         self.controller = _NumberingController(self.handler, enable_SMTPUTF8=smtputf8,
                                                decode_data=not eight_bit)
@@ -275,6 +290,26 @@ def test_a_421_closes_that_session_only_and_the_message_goes_on_another(
     assert server.copies() == Counter({reader(n): 1 for n in range(15)})
     assert all(a.connection != 2 for a in server.arrivals)  # never used again after its 421
     assert server.connections == 4  # the closed one was replaced
+
+
+def test_a_server_capping_connections_per_client_shrinks_the_pool(
+        server_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    server = server_factory(delay=0.02, cap=2)
+
+    async def dispatch() -> tuple[list[Any], Mailer]:
+        async with Mailer(server.config(), connections=4, **QUICK) as mailer:
+            results = await send_many(mailer, 16)
+        return results, mailer
+
+    with caplog.at_level(logging.WARNING, logger="digest.mailer"):
+        results, mailer = run(dispatch())
+
+    assert results == [{}] * 16
+    assert mailer.unavailable is None  # a full server is not a server that is down
+    assert server.copies() == Counter({reader(n): 1 for n in range(16)})
+    assert mailer.pool_size == 2 and server.handler.turned_away == 2
+    assert server.handler.most_open == 2
+    assert any("sending over 2 from now on" in r.getMessage() for r in caplog.records)
 
 
 def test_a_refused_login_with_k_tasks_waiting_is_one_login_and_one_error(
