@@ -24,10 +24,11 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from digest.config import SmtpConfig
-from digest.errors import SendError
+from digest.config import SmtpConfig, load_config
+from digest.errors import ConfigError, SendError
 from digest.mailer import Mailer, free_port
 
+from .helpers import write_config
 from .smtp_helpers import (  # noqa: F401  (smtp_server_fixture provides the smtp_server fixture)
     StartServer,
     smtp_server_fixture,
@@ -374,6 +375,36 @@ def test_a_server_gone_mid_dispatch_is_unavailable_once_for_every_task(
     assert all(result is mailer.unavailable for result in results)
     assert len([r for r in caplog.records if r.name == "digest.mailer"]) == 1
     assert server.copies() == Counter({reader(n): 1 for n in range(8)})
+
+
+CONFIG = """
+    [digest]
+    inbox = "in"
+    state = "state.sqlite3"
+
+    [smtp]
+    host = "smtp.example.org"
+    {line}
+
+    [[subscribers]]
+    email = "alice@example.org"
+"""
+
+
+def test_smtp_connections_is_read_from_the_config(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path, CONFIG.format(line=""))).smtp.connections == 4
+    config = load_config(write_config(tmp_path, CONFIG.format(line="connections = 8")))
+    assert config.smtp.connections == 8
+    assert Mailer(config.smtp).pool_size == 8
+
+
+@pytest.mark.parametrize("value", ["0", "33", "2.5", '"4"'])
+def test_a_wrong_smtp_connections_names_the_key_and_the_range(tmp_path: Path,
+                                                              value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, CONFIG.format(line=f"connections = {value}")))
+    assert "smtp.connections" in str(caught.value)
+    assert "a whole number from 1 to 32" in str(caught.value)
 
 
 def test_connections_below_one_is_refused() -> None:
