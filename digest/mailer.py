@@ -1,13 +1,16 @@
 """Send stage: delivers rendered messages over SMTP.
 
 Runs after render, once per dispatch run: the caller opens one ``Mailer``,
-hands it each rendered ``EmailMessage`` and learns, per message, which
-recipients did not get it. It knows nothing of ranking or the database.
+hands it each rendered ``EmailMessage`` (``send``) or each claimed message's
+bytes as they are (``send_bytes``), from one task or from many at once (a
+small pool of SMTP sessions, ``[smtp] connections``), and learns, per
+message, which recipients did not get it. It knows nothing of ranking or the
+database.
 
 What each answer means (``SendError.kind``):
 
-* a 4xx reply is retried on the same connection with exponential backoff,
-  then reported ``deferred``;
+* a 4xx reply is retried with exponential backoff (on whichever session is
+  idle then; a 421 closes its session), then reported ``deferred``;
 * a 5xx reply at RCPT is final for that recipient (``recipient``: the address
   bounces), except a refusal about relaying or login (530, 5.7.x "relay
   access denied") and the same 5xx for the first ``SAME_REFUSAL_LIMIT``
@@ -15,7 +18,8 @@ What each answer means (``SendError.kind``):
   server's setup; nobody is marked); a 5xx reply after DATA (552, 554) is final for that message only
   (``message``: the address is fine);
 * a server that cannot be reached, stays silent until the timeout or drops the
-  connection twice in a row (once is retried at once) is ``server``: the mailer stops trying, and every
+  connection twice in a row for one message (once is retried at once, on a new
+  session) is ``server``: the mailer stops trying, and every
   later ``send`` of the run raises the same error at once, so a hanging server
   costs one timeout per run, not one per message;
 * login refused (535, 534), a TLS or greeting failure, or the sender address
@@ -40,6 +44,7 @@ import logging
 import re
 import socket
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.generator import BytesGenerator
@@ -81,18 +86,55 @@ class _Attempt:
     retry: list[str] = field(default_factory=list)  # recipients worth another try
     refused: dict[str, SendError] = field(default_factory=dict)  # recipients refused for good
     problem: str = ""  # why ``retry`` is not empty, for the log and the final error
-    at_once: bool = False  # retry without waiting (a reused connection the server had closed)
+    at_once: bool = False  # retry without waiting, on a new connection (this one was lost)
+    broken: bool = False  # the session cannot carry another transaction: close it
+
+
+class _Outgoing:
+    """One message on its way: the envelope and its bytes for the server at hand.
+
+    ``send`` builds the bytes from an ``EmailMessage`` (once per kind of server,
+    7-bit or 8-bit); ``send_bytes`` hands over bytes already serialised, sent
+    as they are unless the server takes no 8-bit data and they hold some.
+    """
+
+    def __init__(self, sender: str, recipients: list[str], utf8: bool, label: str,
+                 build: Callable[[bool], bytes]) -> None:
+        self.sender = sender
+        self.recipients = recipients
+        self.utf8 = utf8  # MAIL FROM needs SMTPUTF8
+        self.label = label  # the Message-ID, for the log
+        self._build = build
+        self._built: dict[bool, bytes] = {}
+
+    def data(self, eight_bit: bool) -> bytes:
+        """The bytes for DATA, for a server that does (or does not) offer 8BITMIME."""
+        if eight_bit not in self._built:
+            self._built[eight_bit] = self._build(eight_bit)
+        return self._built[eight_bit]
+
+
+class _Crowded(Exception):
+    """The server refused one more session while others of ours are open (a cap per client)."""
 
 
 class Mailer:
-    """Delivers messages over one reused SMTP connection.
+    """Delivers messages over a small pool of reused SMTP sessions.
 
-    ``async with Mailer(smtp) as mailer: await mailer.send(message)``. The
-    connection is opened on the first ``send`` and opened again when the server
-    has dropped it; ``close`` (or leaving the ``async with``) says QUIT.
-    Sends are serialised: one connection carries one transaction at a time.
-    After a ``server`` or ``config`` failure, ``unavailable`` holds the error
-    and every later ``send`` raises it without touching the network.
+    ``async with Mailer(smtp) as mailer: await mailer.send(message)``. Up to
+    ``connections`` asyncio tasks may send at once: each send takes an idle
+    session, or opens one while fewer than ``connections`` are open (opened
+    lazily, on the first send that finds none idle), and hands it back when its
+    transaction is over. A session that failed (dropped, 421, timed out) is
+    closed, never reused. Until one login has succeeded, sessions are opened
+    one at a time, so a wrong password costs one refused login, not
+    ``connections``. A server that refuses one more session (a 4xx greeting)
+    while others of ours are open caps its clients: the pool shrinks to what
+    it took (``pool_size``), logged once per refusal, and nothing fails. ``close`` (or leaving the ``async with``) says QUIT on
+    every idle session. After a ``server`` or ``config`` failure,
+    ``unavailable`` holds the error (set and logged once) and every later
+    ``send``, and every send waiting for a session, raises it without
+    touching the network.
     """
 
     def __init__(
@@ -102,26 +144,43 @@ class Mailer:
         password: str | None = None,
         attempts: int = DEFAULT_ATTEMPTS,
         base_delay: float = DEFAULT_BASE_DELAY,
+        connections: int | None = None,
     ) -> None:
+        """``connections``: sessions open at once, at most (default ``smtp.connections``).
+
+        Raises ``ValueError`` for ``attempts`` or ``connections`` below 1 or an
+        unknown ``smtp.security``.
+        """
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
         if smtp.security not in ("starttls", "tls", "none"):
             raise ValueError(f'security must be "starttls", "tls" or "none", got {smtp.security!r}')
+        size = smtp.connections if connections is None else connections
+        if size < 1:
+            raise ValueError(f"connections must be at least 1, got {size}")
         self.smtp = smtp
         self.attempts = attempts
         self.base_delay = base_delay
+        self.pool_size = size
         self.connections = 0  # how many connections this mailer has opened
         self.unavailable: SendError | None = None  # the session failure that ended this run
         self._password = password
-        self._client: aiosmtplib.SMTP | None = None
-        self._just_dropped = False  # the last try lost its connection: a second loss is final
+        self._idle: list[aiosmtplib.SMTP] = []  # open sessions no send is using
+        self._slots = asyncio.Semaphore(size)  # one per session in use: at most ``size`` open
+        self._opening = asyncio.Lock()  # opens one at a time until a login has succeeded
+        self._proven = False  # a session was opened (and logged in) successfully
+        self._open_count = 0  # sessions open now, idle or in use
         self._accepted = False  # some address was accepted on this mailer: 5xx at RCPT is final
         self._first_refusals: dict[str, str] = {}  # recipient -> 5xx reply, before any accept
-        self._lock = asyncio.Lock()
 
     @property
     def where(self) -> str:
         return f"{self.smtp.host}:{self.smtp.port}"
+
+    @property
+    def default_sender(self) -> str:
+        """The envelope sender ``send_bytes`` uses: the address of ``[smtp] from``."""
+        return getaddresses([self.smtp.sender])[0][1]
 
     async def __aenter__(self) -> Self:
         return self
@@ -140,19 +199,62 @@ class Mailer:
         Returns the recipients that did not get it while others did (empty when
         all did), so a caller never resends to those who have it. Raises
         ``SendError`` when no recipient got it; its ``kind`` says why (see the
-        module docstring).
+        module docstring). The envelope sender is the Sender header, else From;
+        Bcc headers are not sent.
         """
         recipients = envelope_recipients(message)
         if not recipients:
             raise SendError("(no recipient)", "the message has no To, Cc or Bcc address",
                             kind="message")
-        async with self._lock:
-            if self.unavailable is not None:
-                raise self.unavailable
-            refused = await self._deliver(message, recipients)
-        if len(refused) == len(recipients):
-            raise _combined(refused)
-        return refused
+        if self.unavailable is not None:
+            raise self.unavailable
+        try:
+            sender = envelope_sender(message)
+        except ValueError as exc:
+            raise _combined(_refuse_all(recipients, str(exc), kind="message", cause=exc)) from exc
+        utf8 = not all(address.isascii() for address in [sender, *recipients])
+
+        def build(eight_bit: bool) -> bytes:
+            return wire_format(message, utf8=utf8, eight_bit=eight_bit)
+
+        label = str(message.get("Message-ID", "(no Message-ID)"))
+        return await self._deliver(_Outgoing(sender, recipients, utf8, label, build))
+
+    async def send_bytes(self, data: bytes, *, recipients: Sequence[str],
+                         sender: str | None = None, smtputf8: bool = False) -> dict[str, SendError]:
+        """Deliver a message already serialised (a claimed digest) as it is.
+
+        ``data``: the whole message, headers and body, CRLF or LF lines (sent as
+        CRLF), without Bcc headers: nothing is parsed or serialised again,
+        unless the server offers no 8BITMIME and ``data`` holds 8-bit bytes
+        (then it is parsed and sent as 7-bit MIME, as ``send`` would).
+        ``recipients``: the envelope recipients; ``sender``: the envelope
+        sender (default: the address of ``[smtp] from``). ``smtputf8``: the
+        message needs SMTPUTF8 (UTF-8 headers or a non-ASCII address); the
+        server must offer it, else the message fails alone (kind ``message``),
+        as does a non-ASCII address without ``smtputf8``.
+
+        Returns and raises as ``send`` does (``SendError`` by kind).
+        """
+        targets = _unique(recipients)
+        if not targets:
+            raise SendError("(no recipient)", "no envelope recipient given", kind="message")
+        if self.unavailable is not None:
+            raise self.unavailable
+        envelope_from = self.default_sender if sender is None else sender
+        if not smtputf8 and not all(a.isascii() for a in [envelope_from, *targets]):
+            problem = ValueError("a non-ASCII address needs SMTPUTF8: send it with smtputf8=True")
+            raise _combined(_refuse_all(targets, str(problem), kind="message", cause=problem))
+
+        def build(eight_bit: bool) -> bytes:
+            if eight_bit or data.isascii():
+                return data
+            # A 7-bit server: the 8-bit parts must be re-encoded (base64 or quoted-printable).
+            parsed = email.message_from_bytes(data, policy=email.policy.default)
+            return wire_format(parsed, utf8=smtputf8, eight_bit=False)
+
+        outgoing = _Outgoing(envelope_from, targets, smtputf8, _message_id(data), build)
+        return await self._deliver(outgoing)
 
     async def check_login(self) -> str:
         """Connect, say EHLO, STARTTLS and log in as configured, then QUIT.
@@ -160,23 +262,27 @@ class Mailer:
         Returns what the server offered (for ``check-config --connect``);
         raises ``SendError`` (kind ``server`` or ``config``, naming the fix).
         """
-        async with self._lock:
+        async with self._slots:
+            client = await self._session(fresh=True)
             try:
-                client = await self._connection()
                 if client.last_ehlo_response is None:  # no login, no STARTTLS: no EHLO yet
                     await client.ehlo()
             except (aiosmtplib.SMTPException, OSError) as exc:
+                self._discard(client)
                 raise self._session_failure(exc) from exc
             offered = " ".join(sorted(client.esmtp_extensions)) or "no extensions"
             tls = "TLS" if client.get_transport_info("sslcontext") is not None else "no TLS"
+            self._idle.append(client)
         await self.close()
         return f"{tls}; offers {offered}"
 
     async def close(self) -> None:
-        """Say QUIT and close the connection, if one is open."""
-        client, self._client = self._client, None
-        if client is None:
-            return
+        """Say QUIT on every idle session and close it (call it when no send is in flight)."""
+        idle, self._idle = self._idle, []
+        self._open_count -= len(idle)
+        await asyncio.gather(*(self._quit(client) for client in idle))
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
         if client.is_connected:
             try:
                 await client.quit()
@@ -184,16 +290,18 @@ class Mailer:
                 log.debug("smtp %s: QUIT failed: %s", self.where, exc)
         client.close()
 
-    async def _deliver(
-        self, message: EmailMessage | Message, recipients: list[str]
-    ) -> dict[str, SendError]:
-        """Try, and retry with backoff, until every recipient is delivered or refused."""
+    async def _deliver(self, outgoing: _Outgoing) -> dict[str, SendError]:
+        """Try, and retry with backoff, until every recipient is delivered or refused.
+
+        No session is held while waiting to retry: the others keep sending.
+        """
         refused: dict[str, SendError] = {}
-        pending = recipients
+        pending = outgoing.recipients
         attempt = 0
+        fresh = False
         while pending:
             attempt += 1
-            outcome = await self._try_once(message, pending)
+            outcome = await self._try_once(outgoing, pending, fresh=fresh)
             refused.update(outcome.refused)
             pending = outcome.retry
             if not pending:
@@ -204,7 +312,8 @@ class Mailer:
                         recipient, f"gave up after {attempt} attempts: {outcome.problem}",
                         kind="deferred")
                 break
-            if outcome.at_once:
+            fresh = outcome.at_once
+            if fresh:
                 continue
             delay = self.base_delay * 2 ** (attempt - 1)
             log.warning("smtp %s: %s (attempt %d of %d); retrying in %.3g s", self.where,
@@ -213,30 +322,71 @@ class Mailer:
         for recipient, error in refused.items():
             log.warning("smtp %s: not delivered to %s: %s", self.where, recipient,
                         _reason(error))
-        delivered = [r for r in recipients if r not in refused]
-        if delivered:
-            log.info("smtp %s: delivered %s to %s", self.where,
-                     message.get("Message-ID", "(no Message-ID)"), ", ".join(delivered))
+        if len(refused) == len(outgoing.recipients):
+            raise _combined(refused)
+        if log.isEnabledFor(logging.INFO):
+            delivered = [r for r in outgoing.recipients if r not in refused]
+            log.info("smtp %s: delivered %s to %s", self.where, outgoing.label,
+                     ", ".join(delivered))
         return refused
 
-    async def _try_once(self, message: EmailMessage | Message, recipients: list[str]) -> _Attempt:
-        """One try: connect if needed, run one mail transaction, sort out the replies.
+    async def _try_once(self, outgoing: _Outgoing, recipients: list[str], *,
+                        fresh: bool) -> _Attempt:
+        """One try on a session of the pool: take one, run one transaction, hand it back.
 
-        Raises the session's ``SendError`` (and keeps it in ``unavailable``)
-        when the server cannot be used at all.
+        ``fresh``: on a newly opened session (the last one was lost mid-way; an
+        idle one may have been lost the same way). Raises the session's
+        ``SendError`` (and keeps it in ``unavailable``) when the server cannot
+        be used at all.
         """
+        while True:
+            await self._slots.acquire()
+            try:
+                client = await self._session(fresh=fresh)
+            except _Crowded as exc:
+                self._shrink(exc)  # this slot stays taken: one session fewer from now on
+                fresh = False  # the sessions still open are what there is
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            try:
+                outcome = await self._attempt(client, outgoing, recipients, fresh=fresh)
+            except BaseException:
+                self._discard(client)  # failed or cancelled mid-way: never reused
+                raise
+            finally:
+                self._slots.release()
+            if outcome.broken or not client.is_connected:
+                self._discard(client)
+            else:
+                self._idle.append(client)
+            return outcome
+
+    def _shrink(self, crowded: _Crowded) -> None:
+        """The server caps how many sessions one client may open: use as many as it took."""
+        self.pool_size -= 1
+        log.warning("smtp %s: the server refused one more session while %d of ours are open "
+                    "(%s); sending over %d from now on (lower [smtp] connections)", self.where,
+                    self._open_count, crowded, self.pool_size)
+
+    def _discard(self, client: aiosmtplib.SMTP) -> None:
+        """Close a session of the pool without a QUIT (it failed), freeing its place."""
+        client.close()
+        self._open_count -= 1
+
+    async def _attempt(self, client: aiosmtplib.SMTP, outgoing: _Outgoing,
+                       recipients: list[str], *, fresh: bool) -> _Attempt:
+        """One mail transaction on ``client``, its replies sorted out (see the module docstring)."""
         try:
-            client = await self._connection()
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise self._session_failure(exc) from exc
-        try:
-            errors = await self._transaction(client, message, recipients)
+            errors = await self._transaction(client, outgoing, recipients)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             errors = {e.recipient: aiosmtplib.SMTPResponse(e.code, e.message)
                       for e in exc.recipients}
         except aiosmtplib.SMTPSenderRefused as exc:
             if 400 <= exc.code < 500:
-                return _Attempt(retry=list(recipients), problem=_describe(exc))
+                return _Attempt(retry=list(recipients), problem=_describe(exc),
+                                broken=exc.code == 421)
             if _policy_refusal(exc.code, exc.message):
                 raise self._hold(SendError(
                     self.where, f"{RELAY_HINT} ({_describe(exc)})", kind="config")) from exc
@@ -246,27 +396,24 @@ class Mailer:
             ) from exc
         except aiosmtplib.SMTPResponseException as exc:
             if 400 <= exc.code < 500:
-                if exc.code == 421:
-                    self._drop()  # the server is closing this connection
-                return _Attempt(retry=list(recipients), problem=_describe(exc))
+                # 421: the server is closing this session; the retry takes another.
+                return _Attempt(retry=list(recipients), problem=_describe(exc),
+                                broken=exc.code == 421)
             # 5xx after DATA (552 too big, 554 rejected) or to RSET: this message, not the
             # address, and not the others.
             return _Attempt(refused=_refuse_all(
                 recipients, f"the server rejected the message ({_describe(exc)})",
                 kind="message", cause=exc))
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            self._drop()
-            if not self._just_dropped:  # an idle connection closed, a restart: once, at once
-                self._just_dropped = True
-                return _Attempt(retry=list(recipients), problem=_describe(exc), at_once=True)
-            raise self._session_failure(exc) from exc
+            if not fresh:  # an idle connection closed, a restart: once, at once, on a new one
+                return _Attempt(retry=list(recipients), problem=_describe(exc), at_once=True,
+                                broken=True)
+            raise self._session_failure(exc) from exc  # a new session lost too: the server
         except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
-            self._drop()
             raise self._session_failure(exc) from exc
-        except (aiosmtplib.SMTPException, ValueError) as exc:  # no SMTPUTF8, no From address
+        except (aiosmtplib.SMTPException, ValueError) as exc:  # no SMTPUTF8, a bad address
             return _Attempt(refused=_refuse_all(recipients, _describe(exc), kind="message",
                                                 cause=exc))
-        self._just_dropped = False
         return self._judge_refusals(recipients, errors)
 
     def _judge_refusals(self, recipients: list[str],
@@ -310,11 +457,9 @@ class Mailer:
         return outcome
 
     async def _transaction(
-        self, client: aiosmtplib.SMTP, message: EmailMessage | Message, recipients: list[str]
+        self, client: aiosmtplib.SMTP, outgoing: _Outgoing, recipients: list[str]
     ) -> dict[str, aiosmtplib.SMTPResponse]:
         """MAIL, RCPT and DATA for one message; returns the refused recipients' replies."""
-        sender = envelope_sender(message)
-        utf8 = not all(address.isascii() for address in [sender, *recipients])
         if client.is_ehlo_or_helo_needed:
             # Without TLS or a login, connect() sent no EHLO: the extensions are not known yet.
             try:
@@ -322,7 +467,7 @@ class Mailer:
             except aiosmtplib.SMTPHeloError:
                 await client.helo()  # an old server: no extensions at all
         options: list[str] = []
-        if utf8:
+        if outgoing.utf8:
             if not client.supports_extension("smtputf8"):
                 raise aiosmtplib.SMTPNotSupported(
                     "a non-ASCII address needs SMTPUTF8, which the server does not offer")
@@ -330,15 +475,43 @@ class Mailer:
         eight_bit = client.supports_extension("8bitmime")
         if eight_bit:
             options.append("BODY=8BITMIME")
-        data = wire_format(message, utf8=utf8, eight_bit=eight_bit)
-        errors, _ = await client.sendmail(sender, recipients, data, mail_options=options)
+        errors, _ = await client.sendmail(outgoing.sender, recipients, outgoing.data(eight_bit),
+                                          mail_options=options)
         return errors
 
-    async def _connection(self) -> aiosmtplib.SMTP:
-        """The open connection, or a new one when there is none or the server dropped it."""
-        if self._client is not None and self._client.is_connected:
-            return self._client
-        self._drop()
+    async def _session(self, *, fresh: bool) -> aiosmtplib.SMTP:
+        """An idle session of the pool (unless ``fresh``), else a newly opened one.
+
+        The caller holds a slot, so at most ``pool_size`` sessions are open.
+        Raises ``unavailable`` once it is set, and the session's ``SendError``
+        when one cannot be opened.
+        """
+        if self.unavailable is not None:
+            raise self.unavailable
+        if not fresh and (client := self._take_idle()) is not None:
+            return client
+        if not self._proven:
+            # Until one login has succeeded, one at a time: k tasks must not make k bad logins.
+            async with self._opening:
+                if self.unavailable is not None:
+                    raise self.unavailable
+                if not fresh and (client := self._take_idle()) is not None:
+                    return client
+                if not self._proven:
+                    return await self._open()
+        return await self._open()
+
+    def _take_idle(self) -> aiosmtplib.SMTP | None:
+        """The most recently used idle session still connected (the server may close others)."""
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:
+                return client
+            self._discard(client)
+        return None
+
+    async def _open(self) -> aiosmtplib.SMTP:
+        """A new session: connect, and STARTTLS and log in as configured."""
         smtp = self.smtp
         username = smtp.username
         password = self._login_password() if username else None
@@ -356,13 +529,19 @@ class Mailer:
         try:
             await client.connect()
         except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            if self.unavailable is not None:  # another session failed first: said already
+                raise self.unavailable from exc
+            if self._open_count > 0 and _crowded(exc):
+                raise _Crowded(_describe(exc)) from exc
             if hostname_mismatch(exc):  # say which name the certificate is for
                 exc.certificate_names = await asyncio.to_thread(  # type: ignore[union-attr]
                     certificate_names, smtp.host, smtp.port, protocol="smtp",
                     security=smtp.security, ca_file=smtp.ca_file, timeout=smtp.timeout)
-            raise
-        self._client = client
+            raise self._session_failure(exc) from exc
+        self._proven = True
         self.connections += 1
+        self._open_count += 1
         log.info("smtp %s: connected (%s%s)", self.where, smtp.security,
                  f", as {username}" if username else "")
         return client
@@ -380,20 +559,17 @@ class Mailer:
 
     def _session_failure(self, exc: BaseException) -> SendError:
         """The session cannot be used: say why and how to fix it, and stop this run's sends."""
+        if self.unavailable is not None:
+            return self.unavailable
         kind, problem = session_problem(self.smtp, exc)
         return self._hold(SendError(self.where, problem, kind=kind))
 
     def _hold(self, error: SendError) -> SendError:
-        self._drop()
-        self.unavailable = error
-        log.error("smtp %s: %s", self.where, _reason(error))
-        return error
-
-    def _drop(self) -> None:
-        """Forget the connection without a QUIT: it is already broken."""
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        """Keep the first session failure of the run (logged once); every later send raises it."""
+        if self.unavailable is None:
+            self.unavailable = error
+            log.error("smtp %s: %s", self.where, _reason(error))
+        return self.unavailable
 
 
 def session_problem(smtp: SmtpConfig, exc: BaseException) -> tuple[str, str]:
@@ -548,6 +724,38 @@ def wire_format(message: EmailMessage | Message, *, utf8: bool, eight_bit: bool)
     buffer = io.BytesIO()
     BytesGenerator(buffer, policy=policy).flatten(outgoing)
     return buffer.getvalue()
+
+def _crowded(exc: BaseException) -> bool:
+    """A refusal of one more session, not of the server or the settings: a 4xx greeting
+    (421 "too many connections") or a connection closed before the greeting."""
+    if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+        return 400 <= exc.code < 500
+    return isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionResetError))
+
+
+def _unique(addresses: Sequence[str]) -> list[str]:
+    """Each address once (compared without case), in order."""
+    seen: set[str] = set()
+    unique: list[str] = []
+    for address in addresses:
+        if address and address.lower() not in seen:
+            seen.add(address.lower())
+            unique.append(address)
+    return unique
+
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
+
+
+def _message_id(data: bytes) -> str:
+    """The Message-ID of serialised bytes, for the log (looked up in the header only)."""
+    end = data.find(b"\n\n")
+    if end < 0:
+        end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    found = _MESSAGE_ID.search(head)
+    return found.group(1).decode("ascii", "replace").strip() if found else "(no Message-ID)"
+
 
 def _sort_refusals(errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
     """Split per-recipient refusals into final ones (5xx) and ones worth a retry."""
