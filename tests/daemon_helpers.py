@@ -43,8 +43,11 @@ def write_daemon_config(
     digest: dict[str, Any] | None = None,
     extra: str = "",
     name: str = "digest.toml",
+    smtp: dict[str, Any] | None = None,
 ) -> Path:
-    """A config for an SMTP server on 127.0.0.1:``port``; state and inbox inside ``folder``."""
+    """A config for an SMTP server on 127.0.0.1:``port``; state and inbox inside ``folder``.
+
+    ``smtp``: more [smtp] keys (``connections``, say)."""
     settings: dict[str, Any] = {"inbox": "inbox", "state": "var/state.sqlite3",
                                 "stable_seconds": 0}
     settings.update(digest or {})
@@ -52,7 +55,8 @@ def write_daemon_config(
              "[smtp]", 'host = "127.0.0.1"', f"port = {port}", 'security = "none"',
              "retry_seconds = 0.01", "attempts = 2", "timeout = 10",
              'from = "Paper Digest <digest@papers.example.org>"',
-             'reply_to = "digest+{token}@papers.example.org"', ""]
+             'reply_to = "digest+{token}@papers.example.org"',
+             *(f"{k} = {toml_value(v)}" for k, v in (smtp or {}).items()), ""]
     for sub in subscribers:
         lines.append("[[subscribers]]")
         lines.extend(f"{k} = {toml_value(v)}" for k, v in sub.items())

@@ -202,15 +202,17 @@ def test_the_daemon_on_a_full_disk_logs_and_tries_again(
 def test_send_through_a_symlinked_state_does_not_take_over_the_daemons_claims(
         tmp_path: Path, smtp_server: StartServer) -> None:
     """The daemon dispatches slowly; ``send --force`` with a config whose state is a symlink to
-    the same database: one lock (named from the resolved path), one digest each."""
-    server = smtp_server(delay=0.4)
+    the same database: one lock (named from the resolved path), one digest each. One SMTP
+    connection, so the daemon's dispatch takes 12 x 0.6 s and the CLI arrives during it."""
+    server = smtp_server(delay=0.6)
     fill_inbox(tmp_path)
     config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(12),
-                                 digest=FAST)
+                                 digest=FAST, smtp={"connections": 1})
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "link.sqlite3").symlink_to("state.sqlite3")
     linked = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(12),
-                                 digest={**FAST, "state": "var/link.sqlite3"}, name="linked.toml")
+                                 digest={**FAST, "state": "var/link.sqlite3"}, name="linked.toml",
+                                 smtp={"connections": 1})
     with daemon_process(config, tmp_path / "daemon.log") as daemon:
         wait_until(lambda: len(server.messages) >= 1, timeout=60, what="the dispatch to start")
         send = digest_cli(linked, "send", "--force")
