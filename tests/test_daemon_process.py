@@ -80,7 +80,7 @@ def test_sigterm_during_a_dispatch_loses_and_repeats_nothing(tmp_path: Path,
     server = smtp_server(delay=0.1)
     fill_inbox(tmp_path)
     config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(25),
-                                 digest=FAST)
+                                 digest=FAST, smtp={"connections": 1})
     with daemon_process(config, tmp_path / "first.log") as daemon:
         wait_until(lambda: server.data_commands >= 5, what="the dispatch under way")
         started = time.monotonic()
@@ -100,12 +100,36 @@ def test_sigterm_during_a_dispatch_loses_and_repeats_nothing(tmp_path: Path,
     assert store_counts(tmp_path) == Counter({"sent": 25})
 
 
+def test_sigterm_during_a_concurrent_dispatch_finishes_every_delivery_in_flight(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """Four connections, eight deliveries in flight: SIGTERM lets each finish and be marked
+    sent, claims nothing more, and the next daemon sends the rest, each digest once."""
+    server = smtp_server(delay=0.5)
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(40),
+                                 digest=FAST, smtp={"connections": 4})
+    with daemon_process(config, tmp_path / "first.log") as daemon:
+        wait_until(lambda: len(server.messages) >= 6, what="the dispatch under way")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    time.sleep(0.2)
+    received = len(server.messages)
+    assert store_counts(tmp_path) == Counter({"sent": received}) and received < 40
+    assert max(m.connection for m in server.messages) > 1  # it did send concurrently
+    with daemon_process(config, tmp_path / "second.log"):
+        wait_until(lambda: len(server.messages) >= 40, what="the rest of the digests")
+        time.sleep(0.5)
+    per_reader = Counter(recipient(m.message) for m in server.messages)
+    assert len(per_reader) == 40 and set(per_reader.values()) == {1}
+    assert store_counts(tmp_path) == Counter({"sent": 40})
+
+
 def test_kill_9_then_restart_repeats_and_loses_nothing(tmp_path: Path,
                                                        smtp_server: StartServer) -> None:
     server = smtp_server(delay=0.3)
     fill_inbox(tmp_path)
     config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(8),
-                                 digest=FAST)
+                                 digest=FAST, smtp={"connections": 1})
     with daemon_process(config, tmp_path / "first.log") as daemon:
         # Killed while the server holds the 4th message's DATA: 3 delivered, 1 claimed.
         wait_until(lambda: server.data_commands >= 4, what="the 4th message under way")

@@ -68,10 +68,10 @@ def test_the_lock_is_one_per_state_and_names_its_holder(tmp_path: Path) -> None:
 def test_a_second_daemon_exits_at_once_and_send_refuses_while_one_dispatches(
         tmp_path: Path, smtp_server: StartServer) -> None:
     """30 subscribers through a slow server; ``send --force`` meanwhile: one digest each."""
-    server = smtp_server(delay=0.5)  # 15 s of dispatch: time for two child processes
-    fill_inbox(tmp_path)
+    server = smtp_server(delay=0.5)  # 15 s of dispatch on one connection: time for two
+    fill_inbox(tmp_path)              # child processes
     config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(30),
-                                 digest=FAST)
+                                 digest=FAST, smtp={"connections": 1})
     state = tmp_path / "var" / "state.sqlite3"
     with daemon_process(config, tmp_path / "daemon.log") as daemon:
         wait_until(lambda: len(server.messages) >= 1, timeout=60, what="the dispatch to start")

@@ -465,11 +465,20 @@ class Deliveries:
         self.runtime = runtime
         self.mailer = mailer
         self.window = window
-        self.batch = min(window, CLAIM_BATCH)  # digests claimed at once
+        # Slow start: one delivery at a time until the server has accepted a message. A
+        # server that refuses everything (relay denied, the same 5xx for every address)
+        # then costs one claimed digest, not a window of them, and a refusal is judged
+        # after an accepted address, as on one connection.
+        self.accepted = False
         self._slots = asyncio.Semaphore(window)
         self._tasks: set[asyncio.Task[Outcome | None]] = set()
         self._done: list[tuple[int, asyncio.Task[Outcome | None]]] = []
         self._places: dict[asyncio.Task[Outcome | None], int] = {}
+
+    @property
+    def batch(self) -> int:
+        """How many prepared digests to claim at once."""
+        return min(self.window, CLAIM_BATCH) if self.accepted else 1
 
     @property
     def idle(self) -> bool:
@@ -478,7 +487,7 @@ class Deliveries:
 
     async def room(self, count: int) -> None:
         """Wait until ``count`` more deliveries fit in the window."""
-        while self._tasks and len(self._tasks) + count > self.window:
+        while self._tasks and len(self._tasks) + count > (self.window if self.accepted else 1):
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
 
     async def submit(self, place: int, row: DigestRow, recipient: str,
@@ -495,6 +504,9 @@ class Deliveries:
         self._tasks.discard(task)
         self._done.append((self._places.pop(task), task))
         self._slots.release()
+        if not task.cancelled() and task.exception() is None:
+            outcome = task.result()
+            self.accepted = self.accepted or (outcome is not None and outcome.status == "sent")
         self.runtime.progress_at = time.monotonic()
         if not task.cancelled() and task.exception() is not None:
             for other in self._tasks:  # not a unit's own failure (the database): stop sending
