@@ -24,8 +24,8 @@ JSON_KEYS = {
     "candidates_mean_new", "stages_s", "delivered_exactly_once", "wall_s_runs",
     "stages_cpu_s", "ranking_subscribers_per_cpu_s",
 }
-STAGE_KEYS = {"corpus_fit", "prepare", "ranking", "rendering", "claiming", "sending", "smtp",
-              "prepare_other", "sending_other", "other"}
+STAGE_KEYS = {"corpus_fit", "prepare", "ranking", "rendering", "claiming", "sending",
+              "prepare_other"}
 
 
 def test_tiny_dispatch_delivers_once_per_subscriber_in_every_run(
@@ -52,7 +52,7 @@ def test_tiny_dispatch_delivers_once_per_subscriber_in_every_run(
     for key in ("wall_s", "messages_per_s", "cpu_s", "peak_rss_mb", "raw_1_messages_per_s",
                 "raw_8_messages_per_s", "ratio_to_raw_1", "ratio_to_raw_8"):
         assert result[key] > 0, key
-    for stage in ("ranking", "rendering", "claiming", "sending", "smtp"):
+    for stage in ("ranking", "rendering", "claiming", "sending"):
         assert result["stages_s"][stage] > 0, stage
         assert result["stages_cpu_s"][stage] > 0, stage
     assert result["ranking_subscribers_per_cpu_s"] > 0
@@ -65,7 +65,7 @@ def test_the_table_names_the_dispatch_raw_rates_and_stages(
                  "--history", "0", "--data", str(data)]) == 0
     out = capsys.readouterr().out
     for words in ("dispatch (as the daemon)", "raw aiosmtplib, 1 connection",
-                  "raw aiosmtplib, 8 connections", "ranking", "claiming", "sending: SMTP",
+                  "raw aiosmtplib, 8 connections", "ranking", "claiming", "sending + SMTP",
                   "every subscriber received exactly one message"):
         assert words in out
     assert json.loads(out.strip().splitlines()[-1])["candidates_mean_history"] is None
