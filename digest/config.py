@@ -36,7 +36,7 @@ from datetime import date, datetime, timedelta
 from datetime import time as time_of_day
 from email import policy
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import rtoml
@@ -1220,32 +1220,59 @@ def _parse_subscribers(
 
     What every subscriber shares is checked once: a key a subscriber does not
     write takes the checked ``[defaults]`` value (or the key's own default), so
-    only the keys written in each table are checked, in the order of
-    SUBSCRIBER_KEYS (the first bad one is reported).
+    only the keys written in each table are checked, and a value of a key in
+    ``_REPEATING`` once per load. A bad table is reported at its first bad key
+    in SUBSCRIBER_KEYS order (``_subscriber_error``).
     """
     subscribers: list[Subscriber] = []
     seen: dict[str, int] = {}
     shared = {"email": None, "name": None, **inherited}
+    known = SUBSCRIBER_KEYS.keys()
+    checked: dict[tuple[str, type, Any], Any] = {}  # (key, type, value) -> its checked value
     for i, item in enumerate(items):
-        path = f"subscribers[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(file, path, f"expected a table ([[subscribers]]), got {_typed(item)}")
-        r = _Reader(file, item, path, SUBSCRIBER_KEYS, base)
-        if "email" not in item:
-            raise r.error("email", "missing (required)")
+        if not isinstance(item, dict) or "email" not in item or not item.keys() <= known:
+            _subscriber_error(file, i, item, base)
         values = dict(shared)
-        for name in SUBSCRIBER_KEYS:
-            if name in item:
-                values[name] = r.value(name)
+        try:
+            for name, raw in item.items():
+                if name in _REPEATING and isinstance(raw, _HASHABLE):
+                    memo = (name, type(raw), raw)  # the type: true is no 1, 1.0 no 1
+                    if memo not in checked:
+                        checked[memo] = SUBSCRIBER_KEYS[name].check(raw, base)
+                    values[name] = checked[memo]
+                else:
+                    values[name] = SUBSCRIBER_KEYS[name].check(raw, base)
+        except _Bad:
+            _subscriber_error(file, i, item, base)
         email = values["email"]
         values["name"] = values["name"] or email.split("@")[0]
         key = email.lower()
         if key in seen:
-            raise ConfigError(file, f"{path}.email",
+            raise ConfigError(file, f"subscribers[{i}].email",
                               f'duplicate subscriber "{email}" (also subscribers[{seen[key]}])')
         seen[key] = i
         subscribers.append(Subscriber(**values))
     return tuple(subscribers)
+
+
+# Subscriber keys whose values repeat across thousands of subscribers (a lab shares a few
+# zones and send times): each distinct value is checked once per load.
+_REPEATING = frozenset(("timezone", "send_at", "max_papers", "send_empty"))
+_HASHABLE = (str, int, float, time_of_day)  # what TOML gives those keys (a list is not)
+
+
+def _subscriber_error(file: str, i: int, item: Any, base: Path) -> NoReturn:
+    """Raise the ConfigError for ``subscribers[i]``: the first bad key in SUBSCRIBER_KEYS order."""
+    path = f"subscribers[{i}]"
+    if not isinstance(item, dict):
+        raise ConfigError(file, path, f"expected a table ([[subscribers]]), got {_typed(item)}")
+    r = _Reader(file, item, path, SUBSCRIBER_KEYS, base)
+    if "email" not in item:
+        raise r.error("email", "missing (required)")
+    for name in SUBSCRIBER_KEYS:
+        if name in item:
+            r.value(name)
+    raise ConfigError(file, path, "refused, but no key says why")  # pragma: no cover
 
 
 def _sources(file: str, items: Any, base: Path) -> tuple[SourceConfig, ...]:

@@ -713,11 +713,15 @@ class Store:
         )
         return [_paper(row) for row in rows]
 
-    def papers_since(self, since_seq: int) -> list[Paper]:
-        """Papers ingested after ``since_seq``, in ingest order: a dispatch reads them once
-        and takes each subscriber's candidates from them (``sent_paper_ids`` left out)."""
+    def papers_since(self, since_seq: int) -> list[tuple[int, Paper]]:
+        """(seq, paper) for the papers ingested after ``since_seq``, in ingest order.
+
+        A dispatch reads them once, from the lowest ``since`` of its subscribers, and
+        takes each one's candidates from them: the papers after that subscriber's own
+        ``since`` (bisect on seq) without ``sent_paper_ids``.
+        """
         rows = self._db.execute("SELECT * FROM papers WHERE seq > ? ORDER BY seq", (since_seq,))
-        return [_paper(row) for row in rows]
+        return [(int(row["seq"]), _paper(row)) for row in rows]
 
     def sent_paper_ids(self, subscriber: str, since_seq: int) -> set[str]:
         """Ids of the papers ingested after ``since_seq`` that the subscriber was sent (or has
