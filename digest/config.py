@@ -740,7 +740,7 @@ def check_address(address: str, *, ascii_only: bool = False) -> str:
     if ascii_only and not address.isascii():
         raise _Bad(f"not an ASCII email address: {_show(address)} (write a non-ASCII domain in "
                    "its xn-- form)")
-    local, at, domain = address.rpartition("@")
+    local, _, domain = address.rpartition("@")
     if len(local) <= _SIMPLE_LOCAL_MAX and domain.isascii() and _SIMPLE_LOCAL.fullmatch(local):
         # What repeats is the domain (a lab's addresses share one): it is checked once, by
         # email-validator with a stand-in local part; a plain local part needs no more.

@@ -800,9 +800,11 @@ class Store:
             raise StoreError(f"{self.path}: digest {digest_id} has no stored message")
         return bytes(row[0])
 
-    def _digest(self, row: sqlite3.Row, body: bytes | None = None) -> DigestRow:
-        return DigestRow(row[0], row[1], date.fromisoformat(row[2]), *row[3:],
-                         body=body, reader=self.digest_message)
+    def _digest(self, row: sqlite3.Row) -> DigestRow:
+        """A row of ``SELECT {_DIGEST_COLUMNS}``; its message is read when asked for."""
+        return DigestRow(row[0], row[1], date.fromisoformat(row[2]), row[3], row[4], row[5],
+                         row[6], row[7], row[8], row[9], row[10], row[11], row[12],
+                         reader=self.digest_message)
 
     def claim_digest(
         self,

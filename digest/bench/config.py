@@ -154,8 +154,8 @@ def run_config_bench(subscribers: int, *, runs: int = 3,
 
 def _table(rows: list[dict[str, Any]], runs: int) -> str:
     lines = [f"config benchmark: load_config, median of {runs} runs, each in a fresh process",
-             f"{'subscribers':>12}{'file MB':>10}{'load s':>10}{'us/subscriber':>16}"
-             f"{'peak RSS MB':>14}  runs (s)"]
+             (f"{'subscribers':>12}{'file MB':>10}{'load s':>10}{'us/subscriber':>16}"
+              f"{'peak RSS MB':>14}  runs (s)")]
     for row in rows:
         lines.append(f"{row['subscribers']:>12}{row['bytes'] / 1e6:>10.1f}{row['load_s']:>10.3f}"
                      f"{row['per_subscriber_us']:>16.1f}{row['peak_rss_mb']:>14.1f}  "
