@@ -5,8 +5,9 @@ Writes a config of N subscribers shaped like the dispatch benchmark's
 phrases, one of a dozen time zones, a send time), plus a baseline config of
 ``BASELINE_SUBSCRIBERS``, and times ``load_config`` on each, several runs
 each, in a fresh process per run so that its peak RSS is the load's own and
-no cache of an earlier run helps. Reports the median load time, the time per
-subscriber and the peak RSS of each size (a table and a JSON line).
+no cache of an earlier run helps. Reports the median load time (wall and CPU:
+on a busy machine the wall clock counts other processes' turns too), the time
+per subscriber and the peak RSS of each size (a table and a JSON line).
 
 The phrases are drawn from a fixed vocabulary by a seeded generator: the
 config is the same on every machine and needs no shared data.
@@ -73,23 +74,24 @@ def write_bench_config(folder: Path, subscribers: int, *, seed: int = 13) -> Pat
 
 
 def _load_once(conn: Connection, path: str) -> None:
-    """Child process: load the config once; send (seconds, subscribers, peak RSS KiB) or an error."""
+    """Child process: load the config once; send (seconds, CPU seconds, subscribers, peak RSS
+    KiB) or an error."""
     from ..config import load_config
     from ..errors import ConfigError
 
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         config = load_config(path)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     except ConfigError as exc:
         conn.send(("error", str(exc)))
         return
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    conn.send(("ok", elapsed, len(config.subscribers), rss_kib))
+    conn.send(("ok", elapsed, cpu, len(config.subscribers), rss_kib))
 
 
-def _measure(path: Path) -> tuple[float, int, float]:
-    """One load in a fresh process: (seconds, subscribers loaded, peak RSS in MB)."""
+def _measure(path: Path) -> tuple[float, float, int, float]:
+    """One load in a fresh process: (seconds, CPU seconds, subscribers loaded, peak RSS MB)."""
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no warm caches
     parent, child = context.Pipe(duplex=False)
     process = context.Process(target=_load_once, args=(child, str(path)), daemon=True)
@@ -104,8 +106,8 @@ def _measure(path: Path) -> tuple[float, int, float]:
         process.join()
     if answer[0] != "ok":
         raise DigestError(f"bench config: {path.name} did not load: {answer[1]}")
-    _, seconds, loaded, rss_kib = answer
-    return float(seconds), int(loaded), rss_kib / 1024
+    _, seconds, cpu, loaded, rss_kib = answer
+    return float(seconds), float(cpu), int(loaded), rss_kib / 1024
 
 
 def run_config_bench(subscribers: int, *, runs: int = 3,
@@ -123,16 +125,18 @@ def run_config_bench(subscribers: int, *, runs: int = 3,
     with tempfile.TemporaryDirectory(prefix="digest-bench-config-") as tmp:
         for size in sizes:
             path = write_bench_config(Path(tmp), size)
-            times, peaks = [], []
+            times, cpus, peaks = [], [], []
             for _ in range(runs):
-                seconds, loaded, peak = _measure(path)
+                seconds, cpu, loaded, peak = _measure(path)
                 if loaded != size:
                     raise DigestError(f"bench config: loaded {loaded} of {size} subscribers")
                 times.append(seconds)
+                cpus.append(cpu)
                 peaks.append(peak)
             median = statistics.median(times)
             rows.append({"subscribers": size, "bytes": path.stat().st_size,
                          "load_s": round(median, 4),
+                         "load_cpu_s": round(statistics.median(cpus), 4),
                          "per_subscriber_us": round(median / size * 1e6, 2),
                          "peak_rss_mb": round(max(peaks), 1),
                          "runs_s": [round(t, 4) for t in times]})
@@ -142,11 +146,12 @@ def run_config_bench(subscribers: int, *, runs: int = 3,
         "subscribers": subscribers,
         "runs": runs,
         "load_s": main["load_s"],
+        "load_cpu_s": main["load_cpu_s"],
         "per_subscriber_us": main["per_subscriber_us"],
         "peak_rss_mb": main["peak_rss_mb"],
         "config_bytes": main["bytes"],
-        "baseline": {k: base[k] for k in ("subscribers", "load_s", "per_subscriber_us",
-                                          "peak_rss_mb")},
+        "baseline": {k: base[k] for k in ("subscribers", "load_s", "load_cpu_s",
+                                          "per_subscriber_us", "peak_rss_mb")},
     }
     result["table"] = _table(rows, runs)
     return result
@@ -154,10 +159,10 @@ def run_config_bench(subscribers: int, *, runs: int = 3,
 
 def _table(rows: list[dict[str, Any]], runs: int) -> str:
     lines = [f"config benchmark: load_config, median of {runs} runs, each in a fresh process",
-             (f"{'subscribers':>12}{'file MB':>10}{'load s':>10}{'us/subscriber':>16}"
-              f"{'peak RSS MB':>14}  runs (s)")]
+             (f"{'subscribers':>12}{'file MB':>10}{'load s':>10}{'CPU s':>10}"
+              f"{'us/subscriber':>16}{'peak RSS MB':>14}  runs (s)")]
     for row in rows:
         lines.append(f"{row['subscribers']:>12}{row['bytes'] / 1e6:>10.1f}{row['load_s']:>10.3f}"
-                     f"{row['per_subscriber_us']:>16.1f}{row['peak_rss_mb']:>14.1f}  "
-                     + ", ".join(f"{t:.3f}" for t in row["runs_s"]))
+                     f"{row['load_cpu_s']:>10.3f}{row['per_subscriber_us']:>16.1f}"
+                     f"{row['peak_rss_mb']:>14.1f}  " + ", ".join(f"{t:.3f}" for t in row["runs_s"]))
     return "\n".join(lines)
