@@ -587,6 +587,16 @@ def cmd_bench_dispatch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_config(args: argparse.Namespace) -> int:
+    from .bench.config import run_config_bench
+
+    result = run_config_bench(args.subscribers, runs=args.runs, baseline=args.baseline)
+    if not args.json:
+        print(result["table"])
+    print(json.dumps({k: v for k, v in result.items() if k != "table"}, sort_keys=True))
+    return EXIT_OK
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .daemon import (
         Runtime,
@@ -817,6 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON line only")
     _add_reply_commands(commands, bench_commands)
     _add_bench_dispatch(bench_commands)
+    _add_bench_config(bench_commands)
     return parser
 
 
@@ -870,6 +881,25 @@ def _add_bench_dispatch(bench_commands: argparse._SubParsersAction) -> None:  # 
     p.add_argument("--runs", type=int, default=3, help="how many runs (medians are reported)")
     p.add_argument("--data", default=str(_shared() / "data" / "hf-daily-papers.jsonl"),
                    help="the daily-papers JSON lines file (default: ../shared/data/...)")
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
+
+
+def _add_bench_config(bench_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``digest bench config``: loading the config of N subscribers, beside a baseline."""
+    from .bench.config import BASELINE_SUBSCRIBERS
+
+    text = "Config loading speed: a config of N subscribers, beside a baseline size."
+    p = bench_commands.add_parser(
+        "config", help=text, description=text + " Writes a config shaped like the dispatch "
+        "benchmark's (addresses, names, interests, time zones, send times) and times "
+        "load_config on it, each run in a fresh process: median seconds, microseconds per "
+        "subscriber, peak RSS.")
+    p.set_defaults(func=cmd_bench_config)
+    p.add_argument("--subscribers", type=int, required=True, metavar="N",
+                   help="how many subscribers")
+    p.add_argument("--runs", type=int, default=3, help="how many runs (medians are reported)")
+    p.add_argument("--baseline", type=int, default=BASELINE_SUBSCRIBERS, metavar="N",
+                   help=f"the size measured beside it (default {BASELINE_SUBSCRIBERS})")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
 
 

@@ -21,6 +21,8 @@ without them.
 
 from __future__ import annotations
 
+import functools
+import gc
 import math
 import os
 import re
@@ -35,9 +37,10 @@ from datetime import date, datetime, timedelta
 from datetime import time as time_of_day
 from email import policy
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import rtoml
 from email_validator import EmailNotValidError, validate_email
 
 from .errors import ConfigError
@@ -71,7 +74,8 @@ DEFAULT_IMAP_TIMEOUT = 30.0  # seconds; as for SMTP
 DEFAULT_CONFIRMATIONS_PER_HOUR = 5  # enough for a burst of replies, too few to feed a mail loop
 
 # Bounds, each with its reason.
-MAX_CONFIG_BYTES = 4 * 1024 * 1024  # thousands of subscribers fit in well under 1 MiB
+# 100,000 subscribers with a few interests each take about 20 MB (``digest bench config``).
+MAX_CONFIG_BYTES = 64 * 1024 * 1024
 MAX_SECRET_BYTES = 64 * 1024  # a password file is a line; more is the wrong file
 MIN_TICK_SECONDS = 0.01  # a shorter timer is a busy loop (the tests tick every 0.05 s)
 MAX_TICK_SECONDS = 86400.0  # dumps and send times are daily: a longer tick misses days
@@ -287,13 +291,18 @@ class Config:
     imap: ImapConfig | None = None  # where replies are read from (or maildir, or neither)
     maildir: MaildirConfig | None = None
     sources: tuple[SourceConfig, ...] = ()  # listings fetched into the inbox
+    # Lower-cased address -> subscriber: a reply or ``--user`` finds its subscriber among
+    # 100,000 without a scan. Built from ``subscribers``; never compared or shown.
+    _by_email: dict[str, Subscriber] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_email: dict[str, Subscriber] = {}
+        for sub in self.subscribers:
+            by_email.setdefault(sub.email.lower(), sub)  # the first one, as a scan would find
+        object.__setattr__(self, "_by_email", by_email)
 
     def subscriber(self, email: str) -> Subscriber | None:
-        wanted = email.strip().lower()
-        for sub in self.subscribers:
-            if sub.email.lower() == wanted:
-                return sub
-        return None
+        return self._by_email.get(email.strip().lower())
 
     def check_secrets(self) -> None:
         """Read every password the configured servers will need; raise ConfigError if one fails.
@@ -418,7 +427,9 @@ def _is_control(ch: str) -> bool:
 
 
 def _has_control(text: str) -> bool:
-    return any(_is_control(ch) for ch in text)
+    # A printable string holds none of these categories (str.isprintable is false for every
+    # "Other" and "Separator" category but the space), so only the rest is looked at closely.
+    return not text.isprintable() and any(_is_control(ch) for ch in text)
 
 
 def _key_text(name: str) -> str:
@@ -655,10 +666,17 @@ class TimeOfDay(Spec):
             return value  # a TOML local time, 08:00:00
         if not isinstance(value, str):
             raise self.wrong(value)
-        hhmm = re.fullmatch(r"([01]?[0-9]|2[0-3]):([0-5][0-9])", value.strip(), re.ASCII)
-        if not hhmm:
+        parsed = _hh_mm(value.strip())
+        if parsed is None:
             raise _Bad(f"expected {self.expects()}, got {_show(value)}")
-        return time_of_day(int(hhmm.group(1)), int(hhmm.group(2)))
+        return parsed
+
+
+@functools.lru_cache(maxsize=2048)  # 1440 minutes in a day: every send time read once
+def _hh_mm(text: str) -> time_of_day | None:
+    """``"HH:MM"`` (24-hour, the hour with one or two digits) as a time, else None."""
+    hhmm = re.fullmatch(r"([01]?[0-9]|2[0-3]):([0-5][0-9])", text, re.ASCII)
+    return time_of_day(int(hhmm.group(1)), int(hhmm.group(2))) if hhmm else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -706,11 +724,10 @@ class Phrases(Spec):
             raise self.wrong(value)
         if len(value) > MAX_LIST_ITEMS:
             raise _Bad(f"expected at most {MAX_LIST_ITEMS} items, got {len(value)}")
-        item = Text(shape="a non-empty string on one line")
         phrases = []
         for i, entry in enumerate(value):
             try:
-                phrases.append(item.check(entry, base))
+                phrases.append(_PHRASE.check(entry, base))
             except _Bad as exc:
                 raise _Bad(str(exc), index=i) from None
         return tuple(phrases)
@@ -730,6 +747,36 @@ def check_address(address: str, *, ascii_only: bool = False) -> str:
     if ascii_only and not address.isascii():
         raise _Bad(f"not an ASCII email address: {_show(address)} (write a non-ASCII domain in "
                    "its xn-- form)")
+    local, _, domain = address.rpartition("@")
+    if len(local) <= _SIMPLE_LOCAL_MAX and domain.isascii() and _SIMPLE_LOCAL.fullmatch(local):
+        # What repeats is the domain (a lab's addresses share one): it is checked once, by
+        # email-validator with a stand-in local part; a plain local part needs no more.
+        checked = _checked_domain(domain, ascii_only)
+        if (checked is not None and checked.isascii()
+                and len(local) + 1 + max(len(domain), len(checked)) <= _ADDRESS_MAX):
+            return f"{local}@{checked}"
+    return _check_whole_address(address, ascii_only)
+
+
+# A local part email-validator takes as it is (an ASCII dot-atom of common characters, at
+# most 64 octets, RFC 5321 4.5.3.1.1); anything else goes through the whole check. The two
+# paths agree (tests/test_config_property.py checks it).
+_SIMPLE_LOCAL = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*", re.ASCII)
+_SIMPLE_LOCAL_MAX = 64
+_ADDRESS_MAX = 254  # RFC 3696 errata 1690: the longest address a path can carry
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_domain(domain: str, ascii_only: bool) -> str | None:
+    """The domain as email-validator normalises it, or None when it (or anything) fails."""
+    try:
+        return _check_whole_address(f"a@{domain}", ascii_only).partition("@")[2]
+    except _Bad:
+        return None
+
+
+def _check_whole_address(address: str, ascii_only: bool) -> str:
+    """``check_address`` without its shortcut: every part through email-validator."""
     local, at, domain = address.rpartition("@")
     private = domain.lower().rstrip(".")
     is_private = private == "localhost" or private.endswith((".local", ".test", ".localhost"))
@@ -758,9 +805,14 @@ def load_zone(name: str) -> ZoneInfo:
     if len(name) > 64:
         raise _Bad(f"unknown time zone {_show(name)}")
     try:
-        return ZoneInfo(name)
+        return _zone(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise _Bad(f"unknown time zone {_show(name)}") from None
+
+
+# A config names a few dozen zones, each for many subscribers. Only zones found are kept
+# (lru_cache keeps no exception): a zone installed later is found on the next reload.
+_zone = functools.lru_cache(maxsize=1024)(ZoneInfo)
 
 
 # --- the keys of each table --------------------------------------------------------------
@@ -863,6 +915,7 @@ def _port(why: str) -> Number:
 _CONFIRMATIONS = Number(default=DEFAULT_CONFIRMATIONS_PER_HOUR, low=0,
                         high=MAX_CONFIRMATIONS_PER_HOUR, whole=True,
                         why="enough for a burst of replies, too few to feed a mail loop")
+_PHRASE = Text(shape="a non-empty string on one line")  # one interest or seed paper
 _ENV_NAME = Text(pattern=r"[A-Za-z_][A-Za-z0-9_]*", max_chars=128,
                  shape="an environment variable name (letters, digits, _)")
 _HOST = Text(pattern=r"[A-Za-z0-9._:\[\]-]+", max_chars=253,
@@ -984,29 +1037,21 @@ TOP_KEYS = ("digest", "smtp", "ranking", "defaults", "subscribers", "imap", "mai
 
 
 class _Reader:
-    """Checks one table's keys and values, naming the file and the key path.
-
-    ``explicit``: for a subscriber merged with ``[defaults]``, the keys the
-    subscriber wrote; a bad value of any other key is reported at ``defaults``,
-    where it was written.
-    """
+    """Checks one table's keys and values, naming the file and the key path."""
 
     def __init__(self, file: str, table: Mapping[str, Any], path: str, keys: Mapping[str, Spec],
-                 base: Path, explicit: Mapping[str, Any] | None = None):
+                 base: Path):
         self.file = file
         self.table = table
         self.path = path
         self.keys = keys
         self.base = base
-        self.explicit = explicit
-        unknown = sorted(set(table) - set(keys))
-        if unknown:
+        if not table.keys() <= keys.keys():
+            unknown = sorted(table.keys() - keys.keys())
             raise self.error(unknown[0], f"unknown key (expected one of: {', '.join(keys)})")
 
     def key(self, name: str) -> str:
-        inherited = self.explicit is not None and name in self.table and name not in self.explicit
-        prefix = "defaults" if inherited else self.path
-        return f"{prefix}.{_key_text(name)}" if prefix else _key_text(name)
+        return f"{self.path}.{_key_text(name)}" if self.path else _key_text(name)
 
     def error(self, name: str, message: str) -> ConfigError:
         return ConfigError(self.file, self.key(name), message)
@@ -1052,8 +1097,30 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         bad_line = raw[:exc.start].count(b"\n") + 1
         raise ConfigError(file, None, f"not UTF-8 text (byte {exc.start}: {exc.reason}); "
                           "save the file as UTF-8", line=bad_line) from exc
+    # 100,000 subscribers are millions of new objects and no reference cycles: the cyclic
+    # collector's passes over them cost more than the parse itself (measured by
+    # ``digest bench config``), so it waits until the config is built.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        data = tomllib.loads(text)
+        try:
+            data = rtoml.loads(text)
+        except rtoml.TomlParsingError:
+            data = _parse_toml_strictly(text, file)  # words the error, or reads what rtoml refused
+        return parse_config(data, cfg_path.resolve().parent, file=file, path=cfg_path)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _parse_toml_strictly(text: str, file: str) -> dict[str, Any]:
+    """``text`` parsed by tomllib; ConfigError naming the line of a syntax error.
+
+    The fast parser (rtoml) reads valid files; a file it refuses goes through
+    tomllib, whose messages (and line numbers) are the ones users see.
+    """
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line_match = re.search(r"line (\d+)", str(exc))
         line = int(line_match.group(1)) if line_match else None
@@ -1064,7 +1131,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                           "other hundreds of levels deep)") from None
     except ValueError as exc:  # e.g. an integer beyond Python's 4300-digit conversion limit
         raise ConfigError(file, None, f"TOML value out of range: {_escape(str(exc))}") from exc
-    return parse_config(data, cfg_path.resolve().parent, file=file, path=cfg_path)
 
 
 def _read_config_bytes(cfg_path: Path, file: str) -> bytes:
@@ -1095,7 +1161,7 @@ def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> 
     if "imap" in data and "maildir" in data:
         raise top.error("maildir", "give [imap] or [maildir], not both")
     defaults_table = table("defaults")
-    _Reader(file, defaults_table, "defaults", DEFAULTABLE_KEYS, base).values()
+    inherited = _Reader(file, defaults_table, "defaults", DEFAULTABLE_KEYS, base).values()
     items = data.get("subscribers", [])
     if not isinstance(items, list):
         raise top.error("subscribers", f"expected [[subscribers]] tables, got {_typed(items)}")
@@ -1103,7 +1169,7 @@ def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> 
         path=path,
         smtp=smtp,
         ranking=ranking,
-        subscribers=_parse_subscribers(file, items, defaults_table, base),
+        subscribers=_parse_subscribers(file, items, inherited, base),
         imap=_parse_imap(file, table("imap"), base) if "imap" in data else None,
         maildir=(MaildirConfig(**_Reader(file, table("maildir"), "maildir", MAILDIR_KEYS,
                                          base).values()) if "maildir" in data else None),
@@ -1167,25 +1233,65 @@ def _parse_smtp(file: str, table: dict[str, Any], base: Path) -> SmtpConfig:
 
 
 def _parse_subscribers(
-    file: str, items: list[Any], defaults: dict[str, Any], base: Path
+    file: str, items: list[Any], inherited: dict[str, Any], base: Path
 ) -> tuple[Subscriber, ...]:
+    """The ``[[subscribers]]`` tables, checked, over ``inherited`` (``[defaults]``, checked).
+
+    What every subscriber shares is checked once: a key a subscriber does not
+    write takes the checked ``[defaults]`` value (or the key's own default), so
+    only the keys written in each table are checked, and a value of a key in
+    ``_REPEATING`` once per load. A bad table is reported at its first bad key
+    in SUBSCRIBER_KEYS order (``_subscriber_error``).
+    """
     subscribers: list[Subscriber] = []
     seen: dict[str, int] = {}
+    shared = {"email": None, "name": None, **inherited}
+    known = SUBSCRIBER_KEYS.keys()
+    checked: dict[tuple[str, type, Any], Any] = {}  # (key, type, value) -> its checked value
     for i, item in enumerate(items):
-        path = f"subscribers[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(file, path, f"expected a table ([[subscribers]]), got {_typed(item)}")
-        r = _Reader(file, {**defaults, **item}, path, SUBSCRIBER_KEYS, base, explicit=item)
-        values = r.values()
+        if not isinstance(item, dict) or "email" not in item or not item.keys() <= known:
+            _subscriber_error(file, i, item, base)
+        values = dict(shared)
+        try:
+            for name, raw in item.items():
+                if name in _REPEATING and isinstance(raw, _HASHABLE):
+                    memo = (name, type(raw), raw)  # the type: true is no 1, 1.0 no 1
+                    if memo not in checked:
+                        checked[memo] = SUBSCRIBER_KEYS[name].check(raw, base)
+                    values[name] = checked[memo]
+                else:
+                    values[name] = SUBSCRIBER_KEYS[name].check(raw, base)
+        except _Bad:
+            _subscriber_error(file, i, item, base)
         email = values["email"]
         values["name"] = values["name"] or email.split("@")[0]
         key = email.lower()
         if key in seen:
-            raise ConfigError(file, f"{path}.email",
+            raise ConfigError(file, f"subscribers[{i}].email",
                               f'duplicate subscriber "{email}" (also subscribers[{seen[key]}])')
         seen[key] = i
         subscribers.append(Subscriber(**values))
     return tuple(subscribers)
+
+
+# Subscriber keys whose values repeat across thousands of subscribers (a lab shares a few
+# zones and send times): each distinct value is checked once per load.
+_REPEATING = frozenset(("timezone", "send_at", "max_papers", "send_empty"))
+_HASHABLE = (str, int, float, time_of_day)  # what TOML gives those keys (a list is not)
+
+
+def _subscriber_error(file: str, i: int, item: Any, base: Path) -> NoReturn:
+    """Raise the ConfigError for ``subscribers[i]``: the first bad key in SUBSCRIBER_KEYS order."""
+    path = f"subscribers[{i}]"
+    if not isinstance(item, dict):
+        raise ConfigError(file, path, f"expected a table ([[subscribers]]), got {_typed(item)}")
+    r = _Reader(file, item, path, SUBSCRIBER_KEYS, base)
+    if "email" not in item:
+        raise r.error("email", "missing (required)")
+    for name in SUBSCRIBER_KEYS:
+        if name in item:
+            r.value(name)
+    raise ConfigError(file, path, "refused, but no key says why")  # pragma: no cover
 
 
 def _sources(file: str, items: Any, base: Path) -> tuple[SourceConfig, ...]:

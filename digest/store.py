@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Self
@@ -219,6 +219,23 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX papers_title_key ON papers(title_key);
     CREATE INDEX papers_arxiv_id ON papers(arxiv_id);
     """,
+    # 9: a dispatch at 100,000 subscribers. The rendered message (30-50 KB) moves to a table
+    # of its own: SQLite keeps a row's later columns (sent_at, owner) behind the BLOB's
+    # overflow pages, so every look-up of a digest read the whole message. digests.message
+    # stays, empty (a column cannot be dropped before SQLite 3.35). Then an index for each
+    # query of a dispatch that had to scan (tests/test_store.py checks every plan).
+    """
+    CREATE TABLE digest_messages (
+        digest_id    INTEGER PRIMARY KEY REFERENCES digests(id),
+        message      BLOB NOT NULL              -- the rendered email, resent as is after a crash
+    );
+    INSERT INTO digest_messages (digest_id, message) SELECT id, message FROM digests;
+    UPDATE digests SET message = x'';
+    CREATE INDEX digests_claimed ON digests(claimed_at, id) WHERE status = 'claimed';
+    CREATE INDEX digests_sent ON digests(subscriber, local_date, corpus_seq)
+        WHERE status = 'sent';
+    CREATE INDEX papers_ingested_at ON papers(ingested_at);
+    """,
 )
 
 # The stored arXiv version after a merge or a revision giving version ? (three times):
@@ -271,6 +288,8 @@ class ListingStored:
 
 @dataclass(frozen=True)
 class DigestRow:
+    """A digest's row, without its message unless it was at hand (see ``message``)."""
+
     id: int
     subscriber: str
     local_date: date
@@ -279,12 +298,32 @@ class DigestRow:
     status: str
     considered: int
     corpus_seq: int
-    message: bytes
     attempts: int
     error: str | None
     claimed_at: str
     sent_at: str | None
     owner: str | None = None  # "host:pid" of the process that claimed it (None: before v5)
+    # The rendered email when it came with the row (a claim has it in hand); else None and
+    # ``message`` reads it through ``reader`` (``Store.digest_message``) when asked.
+    body: bytes | None = field(default=None, repr=False, compare=False)
+    reader: Callable[[int], bytes] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def message(self) -> bytes:
+        """The rendered email (bytes, 30-50 KB): the one read of its BLOB, when it is needed.
+
+        Raises StoreError when the row came with no way to read it.
+        """
+        if self.body is not None:
+            return self.body
+        if self.reader is None:
+            raise StoreError(f"digest {self.id}: its message was not read with the row")
+        return self.reader(self.id)
+
+
+# A digest's columns in DigestRow's order, without the message.
+_DIGEST_COLUMNS = ("id, subscriber, local_date, token, message_id, status, considered, corpus_seq,"
+                   " attempts, error, claimed_at, sent_at, owner")
 
 
 @dataclass(frozen=True)
@@ -294,6 +333,21 @@ class ItemRow:
     score: float
     reason: str
     explore: bool
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One digest to claim (``Store.claim_digests``): what ``claim_digest`` takes."""
+
+    subscriber: str
+    local_date: date
+    token: str
+    message_id: str
+    considered: int
+    corpus_seq: int
+    message: bytes
+    items: Sequence[ItemRow]
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -659,38 +713,98 @@ class Store:
         )
         return [_paper(row) for row in rows]
 
+    def papers_since(self, since_seq: int) -> list[tuple[int, Paper]]:
+        """(seq, paper) for the papers ingested after ``since_seq``, in ingest order.
+
+        A dispatch reads them once, from the lowest ``since`` of its subscribers, and
+        takes each one's candidates from them: the papers after that subscriber's own
+        ``since`` (bisect on seq) without ``sent_paper_ids``.
+        """
+        rows = self._db.execute("SELECT * FROM papers WHERE seq > ? ORDER BY seq", (since_seq,))
+        return [(int(row["seq"]), _paper(row)) for row in rows]
+
+    def sent_paper_ids(self, subscriber: str, since_seq: int) -> set[str]:
+        """Ids of the papers ingested after ``since_seq`` that the subscriber was sent (or has
+        claimed): ``candidate_papers(s, n)`` is ``papers_since(n)`` without these."""
+        rows = self._db.execute(
+            "SELECT i.paper_id FROM digests d JOIN digest_items i ON i.digest_id = d.id"
+            " JOIN papers p ON p.id = i.paper_id"
+            " WHERE d.subscriber = ? AND d.status IN ('sent', 'claimed') AND p.seq > ?",
+            (subscriber.lower(), since_seq),
+        )
+        return {row[0] for row in rows}
+
+    def last_sent_seqs(self) -> dict[str, int]:
+        """Every subscriber's last sent digest's ``corpus_seq`` (``last_sent_digest(s).corpus_seq``
+        for all at once; a subscriber never sent a digest is absent)."""
+        # SQLite takes the bare column corpus_seq from the row holding MAX(local_date)
+        # (https://www.sqlite.org/lang_select.html#bareagg); (subscriber, local_date) is unique.
+        rows = self._db.execute(
+            "SELECT subscriber, corpus_seq, MAX(local_date) FROM digests WHERE status = 'sent'"
+            " GROUP BY subscriber")
+        return {row[0]: int(row[1]) for row in rows}
+
+    def newest_digest_dates(self) -> dict[str, date]:
+        """Every subscriber's newest digest's local date, whatever its status
+        (``digests_of(s, limit=1)[0].local_date`` for all at once)."""
+        rows = self._db.execute("SELECT subscriber, MAX(local_date) FROM digests"
+                                " GROUP BY subscriber")
+        return {row[0]: date.fromisoformat(row[1]) for row in rows}
+
     def first_seq_since(self, moment: datetime) -> int:
         """The seq just before the first paper ingested at or after ``moment``."""
+        # Without INDEXED BY SQLite walks the rowids up from the oldest paper looking for the
+        # first recent one (MIN(seq) on the primary key): nearly the whole table, per subscriber.
         row = self._db.execute(
-            "SELECT MIN(seq) FROM papers WHERE ingested_at >= ?", (_iso(moment),)
+            "SELECT MIN(seq) FROM papers INDEXED BY papers_ingested_at WHERE ingested_at >= ?",
+            (_iso(moment),)
         ).fetchone()
         return (row[0] - 1) if row[0] is not None else self.corpus_seq()
 
     def last_sent_digest(self, subscriber: str) -> DigestRow | None:
         row = self._db.execute(
-            "SELECT * FROM digests WHERE subscriber = ? AND status = 'sent'"
+            f"SELECT {_DIGEST_COLUMNS} FROM digests WHERE subscriber = ? AND status = 'sent'"
             " ORDER BY local_date DESC, id DESC LIMIT 1",
             (subscriber.lower(),),
         ).fetchone()
-        return _digest(row) if row else None
+        return self._digest(row) if row else None
 
     def digest_on(self, subscriber: str, local_date: date) -> DigestRow | None:
         row = self._db.execute(
-            "SELECT * FROM digests WHERE subscriber = ? AND local_date = ?",
+            f"SELECT {_DIGEST_COLUMNS} FROM digests WHERE subscriber = ? AND local_date = ?",
             (subscriber.lower(), local_date.isoformat()),
         ).fetchone()
-        return _digest(row) if row else None
+        return self._digest(row) if row else None
 
     def digest_by_token(self, token: str) -> DigestRow | None:
-        row = self._db.execute("SELECT * FROM digests WHERE token = ?", (token,)).fetchone()
-        return _digest(row) if row else None
+        row = self._db.execute(f"SELECT {_DIGEST_COLUMNS} FROM digests WHERE token = ?",
+                               (token,)).fetchone()
+        return self._digest(row) if row else None
 
     def digests_of(self, subscriber: str, limit: int = 30) -> list[DigestRow]:
         rows = self._db.execute(
-            "SELECT * FROM digests WHERE subscriber = ? ORDER BY local_date DESC, id DESC LIMIT ?",
+            f"SELECT {_DIGEST_COLUMNS} FROM digests WHERE subscriber = ?"
+            " ORDER BY local_date DESC, id DESC LIMIT ?",
             (subscriber.lower(), limit),
         )
-        return [_digest(row) for row in rows]
+        return [self._digest(row) for row in rows]
+
+    def digest_message(self, digest_id: int) -> bytes:
+        """The rendered email of a digest (30-50 KB), as claimed: what a resend sends.
+
+        Raises StoreError when no digest has that id.
+        """
+        row = self._db.execute("SELECT message FROM digest_messages WHERE digest_id = ?",
+                               (digest_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: digest {digest_id} has no stored message")
+        return bytes(row[0])
+
+    def _digest(self, row: sqlite3.Row) -> DigestRow:
+        """A row of ``SELECT {_DIGEST_COLUMNS}``; its message is read when asked for."""
+        return DigestRow(row[0], row[1], date.fromisoformat(row[2]), row[3], row[4], row[5],
+                         row[6], row[7], row[8], row[9], row[10], row[11], row[12],
+                         reader=self.digest_message)
 
     def claim_digest(
         self,
@@ -712,25 +826,66 @@ class Store:
         ("host:pid") is recorded: only that process resends the digest while
         it lives (see ``take_over_claim``).
         """
+        claim = Claim(subscriber=subscriber, local_date=local_date, token=token,
+                      message_id=message_id, considered=considered, corpus_seq=corpus_seq,
+                      message=message, items=tuple(items), owner=owner)
         with self.transaction() as db:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO digests (subscriber, local_date, token, message_id, status,"
-                " considered, corpus_seq, message, claimed_at, owner)"
-                " VALUES (?, ?, ?, ?, 'claimed', ?, ?, ?, ?, ?)",
-                (subscriber.lower(), local_date.isoformat(), token, message_id, considered,
-                 corpus_seq, message, _iso(utc_now()), owner),
-            )
-            if cursor.rowcount == 0:
-                return None
-            digest_id = cursor.lastrowid
-            db.executemany(
-                "INSERT INTO digest_items (digest_id, position, paper_id, score, reason, explore)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(digest_id, item.position, item.paper_id, item.score, item.reason,
-                  int(item.explore)) for item in items],
-            )
-        row = db.execute("SELECT * FROM digests WHERE id = ?", (digest_id,)).fetchone()
-        return _digest(row)
+            return self._claim(db, claim, _iso(utc_now()))
+
+    def claim_digests(self, claims: Sequence[Claim]) -> list[DigestRow | None | Exception]:
+        """Claim many digests in one transaction; one answer per claim, in order.
+
+        Each claim has exactly ``claim_digest``'s meaning: its row (claimed,
+        with its frozen items), or None when that subscriber's day already has
+        a digest (claimed or sent before, or earlier in this batch). A claim
+        whose own rows the database refuses (a constraint, such as an item
+        naming no stored paper; a value SQLite cannot hold) is undone alone,
+        to its savepoint, and its exception is its answer (as
+        ``asyncio.gather(..., return_exceptions=True)`` answers): that
+        subscriber's failure, the other claims stand. A failure of the
+        database itself (full, read-only: StoreWriteError; locked, corrupt)
+        raises and claims nothing. One transaction instead of one per claim
+        spares a lock, a commit and a WAL frame per subscriber.
+        """
+        answers: list[DigestRow | None | Exception] = []
+        now = _iso(utc_now())
+        with self.transaction() as db:
+            for claim in claims:
+                db.execute("SAVEPOINT claim")
+                try:
+                    answers.append(self._claim(db, claim, now))
+                except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+                        OverflowError, UnicodeEncodeError) as exc:
+                    db.execute("ROLLBACK TO claim")
+                    answers.append(exc)
+                db.execute("RELEASE claim")
+        return answers
+
+    def _claim(self, db: sqlite3.Connection, claim: Claim, now: str) -> DigestRow | None:
+        """Insert one claim's digest, message and items inside the caller's transaction."""
+        subscriber = claim.subscriber.lower()
+        day = claim.local_date.isoformat()
+        cursor = db.execute(
+            "INSERT OR IGNORE INTO digests (subscriber, local_date, token, message_id, status,"
+            " considered, corpus_seq, message, claimed_at, owner)"
+            " VALUES (?, ?, ?, ?, 'claimed', ?, ?, x'', ?, ?)",
+            (subscriber, day, claim.token, claim.message_id, claim.considered,
+             claim.corpus_seq, now, claim.owner),
+        )
+        if cursor.rowcount == 0:
+            return None
+        digest_id = int(cursor.lastrowid or 0)
+        db.execute("INSERT INTO digest_messages (digest_id, message) VALUES (?, ?)",
+                   (digest_id, claim.message))
+        db.executemany(
+            "INSERT INTO digest_items (digest_id, position, paper_id, score, reason, explore)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(digest_id, item.position, item.paper_id, item.score, item.reason,
+              int(item.explore)) for item in claim.items],
+        )
+        return DigestRow(digest_id, subscriber, claim.local_date, claim.token, claim.message_id,
+                         "claimed", claim.considered, claim.corpus_seq, 0, None, now, None,
+                         claim.owner, body=claim.message, reader=self.digest_message)
 
     def take_over_claim(self, digest_id: int, previous: str | None, owner: str) -> bool:
         """Make ``owner`` the owner of a claimed digest still owned by ``previous``.
@@ -762,11 +917,16 @@ class Store:
             )
 
     def unsent_digests(self) -> list[DigestRow]:
-        """Digests claimed and not (yet) delivered: a crash or an outage left them."""
+        """Digests claimed and not (yet) delivered: a crash or an outage left them.
+
+        Without their messages (``DigestRow.message`` reads each when it is resent):
+        after an outage at 100,000 subscribers they would be gigabytes.
+        """
         rows = self._db.execute(
-            "SELECT * FROM digests WHERE status = 'claimed' ORDER BY claimed_at, id"
+            f"SELECT {_DIGEST_COLUMNS} FROM digests WHERE status = 'claimed'"
+            " ORDER BY claimed_at, id"
         )
-        return [_digest(row) for row in rows]
+        return [self._digest(row) for row in rows]
 
     def digest_items(self, digest_id: int) -> list[ItemRow]:
         rows = self._db.execute(
@@ -1223,9 +1383,3 @@ def _paper(row: sqlite3.Row) -> Paper:
         source=row["source"],
         abstract_is_summary=bool(row["abstract_is_summary"]),
     )
-
-
-def _digest(row: sqlite3.Row) -> DigestRow:
-    values = dict(row)
-    values["local_date"] = date.fromisoformat(values["local_date"])
-    return DigestRow(**values)

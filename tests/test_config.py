@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from digest.config import load_config
+from digest.config import MAX_CONFIG_BYTES, load_config
 from digest.errors import ConfigError
 
 from .helpers import ROOT, write_config
@@ -233,8 +233,8 @@ def test_a_folder_or_a_huge_file_is_not_a_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)
     huge = tmp_path / "huge.toml"
-    huge.write_bytes(b"#" * (5 * 1024 * 1024))
-    with pytest.raises(ConfigError, match="larger than 4 MiB"):
+    huge.write_bytes(b"#" * (MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match=f"larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB"):
         load_config(huge)
 
 

@@ -137,3 +137,37 @@ def test_any_config_shaped_document_loads_or_is_a_config_error(config_path: Path
 def test_any_bytes_load_or_are_a_config_error(config_path: Path, raw: bytes) -> None:
     config_path.write_bytes(raw)
     check_outcome(config_path)
+
+
+# Domains the address shortcut meets: plain, upper-case, private names, IDNA, special-use,
+# malformed, and long enough that the 254-octet limit of the whole address bites.
+DOMAINS = ["example.org", "Lab.EXAMPLE.org", "localhost", "mail.test", "box.local",
+           "under_score.org", "-dash.org", "example.org.", "foo.invalid", "onion", "1.2.3.4",
+           "xn--bcher-kva.example", "bücher.example", "例え.jp",
+           ".".join(["a" * 60] * 3) + ".org", ".".join(["b" * 63] * 3) + ".org"]
+LOCAL_PARTS = st.one_of(
+    st.from_regex(r"[A-Za-z0-9_+-]{1,30}(\.[A-Za-z0-9_+-]{1,30}){0,3}", fullmatch=True),
+    st.text(alphabet="ab.+-_\"!#é ", max_size=70))
+
+
+@settings(SETTINGS, max_examples=400)  # email-validator is slow; these cover the paths
+@given(local=LOCAL_PARTS, domain=st.sampled_from(DOMAINS), ascii_only=st.booleans())
+def test_the_address_shortcut_answers_as_email_validator(local: str, domain: str,
+                                                         ascii_only: bool) -> None:
+    """check_address skips email-validator for a plain local part at a domain it has checked:
+    the address it returns, or the error it raises, is the whole check's."""
+    from digest.config import _Bad, _check_whole_address, check_address
+
+    address = f"{local}@{domain}"
+
+    def outcome(check: Any) -> tuple[str, str]:
+        try:
+            return ("ok", check())
+        except _Bad as exc:
+            return ("bad", str(exc))
+
+    fast = outcome(lambda: check_address(address, ascii_only=ascii_only))
+    if ascii_only and not address.isascii():
+        assert fast[0] == "bad"  # refused before either path
+        return
+    assert fast == outcome(lambda: _check_whole_address(address, ascii_only))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from ..config import MAX_CONFIG_BYTES
 from ..paper import Paper
 from ..store import Store
 from .faults import AreaResult
@@ -283,7 +284,8 @@ def cases() -> list[Case]:
         Case("binary garbage", bytes(range(256)) * 4, ": not UTF-8"),
         Case("a TOML syntax error", config_text() + "\nname = \"unterminated\n", ": TOML syntax"),
         Case("an empty file", b"", "smtp.host: missing"),
-        Case("larger than 4 MiB", b"# " + b"x" * (5 * 1024 * 1024) + b"\n", ": larger than"),
+        Case("larger than the size limit", b"# " + b"x" * MAX_CONFIG_BYTES + b"\n",
+             ": larger than"),
         Case("a folder", b"", ": is a folder", setup=_folder_as_config),
         Case("no such file", b"", ": cannot read config",
              setup=lambda folder: folder / "missing.toml"),
