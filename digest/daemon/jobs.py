@@ -47,7 +47,7 @@ from ..render import (
     render_digest,
 )
 from ..replies.process import CONFIRMATION_ATTEMPTS
-from ..store import DigestRow, ItemRow, Store, utc_now
+from ..store import Claim, DigestRow, ItemRow, Store, utc_now
 from .lock import StateLock, owner_alive, process_owner
 from .schedule import SCHEDULE_LOOKBACK_DAYS, due, effective_subscriber, local_now
 
@@ -247,28 +247,31 @@ def prepare(
 
 def claim(runtime: Runtime, prepared: Prepared) -> DigestRow | None:
     """Claim one prepared digest (None when its day was claimed already)."""
-    return claim_batch(runtime, [prepared])[0]
+    row = claim_batch(runtime, [prepared])[0]
+    if isinstance(row, Exception):
+        raise row
+    return row
 
 
-def claim_batch(runtime: Runtime, batch: Sequence[Prepared]) -> list[DigestRow | None]:
-    """Claim prepared digests, each with its rendered bytes and owner; None where the day
-    was claimed already (by another process, or an earlier dispatch)."""
-    rows = []
-    for prepared in batch:
-        content = prepared.content
-        rows.append(runtime.store.claim_digest(
-            subscriber=prepared.subscriber.email,
-            local_date=prepared.local_date,
-            token=content.token,
-            message_id=message_id_for(content.token, runtime.config.smtp.sender),
-            considered=content.considered,
-            corpus_seq=prepared.corpus_seq,
-            message=prepared.message.as_bytes(),
-            items=[ItemRow(item.position, item.paper.id, item.score, item.reason, item.explore)
-                   for item in content.items],
-            owner=runtime.owner,
-        ))
-    return rows
+def claim_batch(runtime: Runtime, batch: Sequence[Prepared]) -> list[DigestRow | None | Exception]:
+    """Claim prepared digests in one transaction, each with its rendered bytes and owner.
+
+    Per digest: its row; None where the day was claimed already (by another
+    process, or an earlier dispatch); the exception where the database refused
+    that digest's own rows (it alone is undone). Raises what the database as a
+    whole raises (``StoreWriteError``, ``StoreError``): nothing is claimed then.
+    """
+    smtp = runtime.config.smtp
+    return runtime.store.claim_digests([
+        Claim(subscriber=prepared.subscriber.email, local_date=prepared.local_date,
+              token=prepared.content.token,
+              message_id=message_id_for(prepared.content.token, smtp.sender),
+              considered=prepared.content.considered, corpus_seq=prepared.corpus_seq,
+              message=prepared.message,
+              items=[ItemRow(item.position, item.paper.id, item.score, item.reason,
+                             item.explore) for item in prepared.content.items],
+              owner=runtime.owner)
+        for prepared in batch])
 
 
 # --- sending ------------------------------------------------------------------
@@ -429,27 +432,17 @@ def delivery_window(smtp: SmtpConfig) -> int:
 
 def _claim_each(runtime: Runtime, batch: list[tuple[int, Prepared]]
                 ) -> list[DigestRow | None | Outcome]:
-    """Claim a batch in one transaction; when the database refuses it, claim one by one,
-    so a row only one subscriber's data breaks fails that subscriber alone."""
-    try:
-        return list(claim_batch(runtime, [prepared for _, prepared in batch]))
-    except StoreWriteError:
-        raise
-    except FATAL_ERRORS:
-        runtime.store.probe()  # unusable: the daemon's failure; else one claim's data
+    """Claim a batch; a digest whose rows the database refused fails its subscriber alone."""
     results: list[DigestRow | None | Outcome] = []
-    for _, prepared in batch:
-        email = prepared.subscriber.email
-        try:
-            results.append(claim_batch(runtime, [prepared])[0])
-        except StoreWriteError:
-            raise
-        except FATAL_ERRORS as exc:
-            runtime.store.probe()
-            reason = _exc_reason(exc)
+    rows = claim_batch(runtime, [prepared for _, prepared in batch])
+    for (_, prepared), row in zip(batch, rows, strict=True):
+        if isinstance(row, Exception):
+            reason = _exc_reason(row)
             log.error("subscriber %s: the digest could not be claimed in the state database: "
-                      "%s", email, reason)
-            results.append(Outcome(email, "failed", reason))
+                      "%s", prepared.subscriber.email, reason)
+            results.append(Outcome(prepared.subscriber.email, "failed", reason))
+        else:
+            results.append(row)
     return results
 
 
