@@ -74,7 +74,8 @@ RELEVANCE_BAR_LENGTH = 3
 
 TEXT_TEMPLATE = "digest.txt.j2"
 HTML_TEMPLATE = "digest.html.j2"
-PAPER_TEMPLATE = "digest-paper.html.j2"  # one paper's row of the HTML part
+PAPER_TEMPLATE = "digest-paper.html.j2"  # one paper's row of the HTML part, in pieces
+PAPER_TEXT_TEMPLATE = "digest-paper.txt.j2"  # one paper of the text part, in pieces
 STYLESHEET = "digest.css"
 
 # Memo sizes: what is a pure function of a paper, a field or a line is worked out once per
@@ -83,12 +84,13 @@ STYLESHEET = "digest.css"
 # hold about a week of them, and cap the memory they take at a few tens of MB whatever the
 # number of subscribers (least recently used entries go first).
 PAPER_MEMO = 4096  # per-paper views: title, snippet, authors, links (~1.5 KB each)
-ROW_MEMO = 8192  # rendered paper rows of the HTML part (~2 KB each)
+ROW_MEMO = 16384  # rendered pieces of papers, HTML and text (~1 KB each)
 TEXT_MEMO = 32768  # LaTeX-to-text conversions and wrapped paragraphs of titles, reasons...
 LINE_MEMO = 65536  # lines checked with the reply reader's test (a line is ~80 bytes)
 # Bodies are 7bit when ASCII with lines of at most this many characters, as the email
 # package decides (its policy's max_line_length); else quoted-printable or base64.
 SEVEN_BIT_LINE = 78
+MAX_LINE_OCTETS = 998  # RFC 5322's limit on a line of a message, CRLF excluded
 
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -147,13 +149,22 @@ def message_id_for(token: str, sender: str) -> str:
     Replies quote it in In-Reply-To/References, so the token comes back even
     when a client replies to the From address instead of Reply-To.
     """
-    address = parseaddr(sender)[1]
-    domain = address.rpartition("@")[2] or "localhost"
+    domain = _plain_address(sender).rpartition("@")[2] or "localhost"
     return f"<digest.{token}@{domain}>"
+
+
+@lru_cache(maxsize=64)
+def _plain_address(text: str) -> str:
+    """The address of a configured sender or reply-to (parsed once: parseaddr is slow)."""
+    return parseaddr(text)[1]
 
 
 def reply_address(smtp: SmtpConfig, token: str) -> str:
     """The plain address a reply to this digest goes to (``reply_to`` with its token)."""
+    if token.isalnum() and token.isascii():
+        # Letters and digits parse the same anywhere in an address: parse the setting once.
+        plain = _plain_address(smtp.reply_to)
+        return (plain or smtp.reply_to).replace("{token}", token)
     filled = smtp.reply_to.replace("{token}", token)
     return parseaddr(filled)[1] or filled
 
@@ -248,7 +259,7 @@ def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
     sender = one_line(smtp.sender)
     # An internationalised address (RFC 6531) goes out as UTF-8 headers: encoded words are
     # not allowed in an address, and the mailer then asks the server for SMTPUTF8.
-    smtputf8 = not (recipient.isascii() and parseaddr(sender)[1].isascii())
+    smtputf8 = not (recipient.isascii() and _plain_address(sender).isascii())
     policy = _wire_policy(smtputf8)
     subject = subject_for(content)
     message_id = message_id_for(content.token, smtp.sender)
@@ -273,8 +284,9 @@ def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
         b"\r\n",
     ]
     delimiter = f"--{boundary}".encode("ascii")
-    body = [_part("plain", render_text(content, smtp), delimiter),
-            _part("html", render_html(content, smtp), delimiter)]
+    views = _Views(content)
+    body = [_part("plain", _render_text(content, views), delimiter),
+            _part("html", _render_html(content, smtp, views), delimiter)]
     data = b"".join([*head, *body, delimiter, b"--\r\n"])
     return RenderedDigest(data=data, message_id=message_id, subject=subject, smtputf8=smtputf8)
 
@@ -309,11 +321,21 @@ def _header(name: str, value: str | Address, policy: email.policy.EmailPolicy) -
     The common case (a short printable ASCII value) is written directly; anything else
     goes through the email package's own folding (a test checks the two agree)."""
     text = str(value)
-    if (len(name) + 2 + len(text) <= policy.max_line_length and "=?" not in text
-            and _PLAIN_HEADER_VALUE.fullmatch(text) and text == text.strip()):
+    plain = ("=?" not in text and text == text.strip()
+             and _PLAIN_HEADER_VALUE.fullmatch(text) is not None)
+    if plain and len(name) + 2 + len(text) <= policy.max_line_length:
         return f"{name}: {text}\r\n".encode("ascii")
-    stored = policy.header_store_parse(name, value)[1]
-    return policy.fold_binary(name, stored)
+    if plain and name.lower() in EMAIL_POLICY.unfolded_headers \
+            and len(name) + 2 + len(text) <= MAX_LINE_OCTETS:
+        return f"{name}: {text}\r\n".encode("ascii")  # a URL header stays one line
+    if isinstance(value, str):
+        return _folded(name, value, policy)  # subjects repeat: many share a top paper
+    return policy.fold_binary(name, policy.header_store_parse(name, value)[1])
+
+
+@lru_cache(maxsize=PAPER_MEMO)
+def _folded(name: str, value: str, policy: email.policy.EmailPolicy) -> bytes:
+    return policy.fold_binary(name, policy.header_store_parse(name, value)[1])
 
 
 def _part(subtype: str, content: str, delimiter: bytes) -> bytes:
@@ -328,8 +350,7 @@ def _part(subtype: str, content: str, delimiter: bytes) -> bytes:
             and delimiter not in raw:
         cte, body = "7bit", raw
     else:
-        # binascii's encoder (C) keeps lines within 76 characters, as RFC 2045 asks.
-        cte, body = "quoted-printable", binascii.b2a_qp(raw, istext=True)
+        cte, body = "quoted-printable", b"".join(map(_quoted_printable, lines))
         if len(body) > len(raw) * 4 // 3:  # worth comparing with base64's size
             encoded = base64.encodebytes(raw)
             if len(encoded) < len(body):
@@ -337,7 +358,17 @@ def _part(subtype: str, content: str, delimiter: bytes) -> bytes:
     body = body.replace(b"\n", b"\r\n")
     head = (f'\r\nContent-Type: text/{subtype}; charset="utf-8"\r\n'
             f"Content-Transfer-Encoding: {cte}\r\n\r\n")
-    return delimiter + head.encode("ascii") + body
+    # The CRLF before the next delimiter belongs to it (RFC 2046), not to this body.
+    return delimiter + head.encode("ascii") + body + b"\r\n"
+
+
+@lru_cache(maxsize=LINE_MEMO)
+def _quoted_printable(line: bytes) -> bytes:
+    """One line (no line end) quoted-printable, with its line end; memoised, as lines repeat
+    from one digest to the next. Quoted-printable encodes each line on its own, so the lines'
+    encodings joined are the body's (a test checks). binascii's encoder keeps lines within
+    76 characters, as RFC 2045 asks."""
+    return binascii.b2a_qp(line + b"\n", istext=True)
 
 
 class UnsafeDigest(DigestError):
@@ -373,9 +404,33 @@ def render_text(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
     """The plain-text part, wrapped for reading and for being quoted in a reply.
 
     Raises :class:`UnsafeDigest` if a line would still read as a command."""
+    return _render_text(content, _Views(content))
+
+
+class _Views:
+    """The views of a digest's items in order, unlabelled and labelled, each worked out
+    once for both parts."""
+
+    def __init__(self, content: DigestContent) -> None:
+        self.content = content
+        self.items = sorted(content.items, key=lambda item: item.position)
+        self._views: dict[bool, list[_ItemView]] = {}
+
+    def __call__(self, *, label_all: bool) -> list[_ItemView]:
+        if label_all not in self._views:
+            self._views[label_all] = [_view_of(item, self.content.local_date,
+                                               label_all=label_all) for item in self.items]
+        return self._views[label_all]
+
+
+def _render_text(content: DigestContent, views_of: _Views) -> str:
+    items = views_of.items
     for force in (False, True):
-        context = _context(content, smtp, label_all=force)
-        text = defuse_command_lines(_environment().get_template(TEXT_TEMPLATE).render(context))
+        views = views_of(label_all=force)
+        papers = "".join(map(_text_paper, views))
+        page = _environment().get_template(TEXT_TEMPLATE).render(
+            _page_context(content, items), items=views, papers=papers)
+        text = defuse_command_lines(page)
         if not command_lines(text):
             return text
     raise UnsafeDigest(f"the text part has lines a reply would read as commands: "
@@ -387,9 +442,14 @@ def render_html(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
 
     Built from pieces (:func:`html_pieces`) whose reader text is checked once each;
     raises :class:`UnsafeDigest` if a line would still read as a command."""
-    reply = reply_address(smtp or SmtpConfig(), content.token)
+    return _render_html(content, smtp or SmtpConfig(), _Views(content))
+
+
+def _render_html(content: DigestContent, smtp: SmtpConfig, views_of: _Views) -> str:
+    reply = reply_address(smtp, content.token)
     # The reply address goes into mailto links only, URL-quoted: it can never be text.
-    return "".join(html_pieces(content)).replace(_REPLY_SLOT, quote(reply, safe="@+"))
+    pieces = _html_pieces(content, views_of)
+    return "".join(pieces).replace(_REPLY_SLOT, quote(reply, safe="@+"))
 
 
 def html_pieces(content: DigestContent) -> list[str]:
@@ -402,38 +462,89 @@ def html_pieces(content: DigestContent) -> list[str]:
     and each piece is checked once: a paper row once per process, not per subscriber.
     A row that holds a command is rendered again with every field labelled.
     """
-    items = sorted(content.items, key=lambda item: item.position)
-    rows = []
-    for item in items:
-        row = _paper_row(_view_of(item, content.local_date, label_all=False))
+    return _html_pieces(content, _Views(content))
+
+
+def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
+    items = views_of.items
+    rows: list[str] = []
+    for n, item in enumerate(items):
+        row = _html_row(views_of(label_all=False)[n])
         if row is None:
-            row = _paper_row(_view_of(item, content.local_date, label_all=True))
+            row = _html_row(views_of(label_all=True)[n])
         if row is None:
             raise UnsafeDigest(f"the HTML part of paper {item.position} has lines a reply "
                                "would read as commands, even with every field labelled")
-        rows.append(row)
+        rows.extend(row)
+    markup = jinja2.filters.Markup
     page = _environment().get_template(HTML_TEMPLATE).render(
-        _page_context(content, items), papers=jinja2.filters.Markup(_PAPERS_SLOT))
-    head, _, footer = page.partition(_PAPERS_SLOT)
-    for piece in (head, footer):
+        _page_context(content, items), papers=markup(_PAPERS_SLOT), cut=markup(_CUT_SLOT))
+    before, _, footer = page.partition(_PAPERS_SLOT)
+    head, _, intro = before.partition(_CUT_SLOT)
+    for piece in (head, intro, footer):
         unsafe = _page_command_lines(piece)
         if unsafe:
             raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
                                f"{list(unsafe[:3])!r}")
-    return [head, *rows, footer]
+    return [head, intro, *rows, footer]
 
 
 # Stand-ins, random per process so that no listing can hold them: the reply address (in
-# mailto links of cached paper rows) and where the paper rows go in the page.
+# mailto links of cached pieces), where the paper rows go in the page, where it is cut.
 _REPLY_SLOT = "reply-" + secrets.token_hex(16)
 _PAPERS_SLOT = "<!--papers-" + secrets.token_hex(16) + "-->"
+_CUT_SLOT = "<!--cut-" + secrets.token_hex(16) + "-->"
+
+
+def _html_row(view: _ItemView) -> list[str] | None:
+    """One paper's row of the HTML part, in pieces; None when a line reads as a command.
+
+    Each piece shows a few fields and is memoised on them: a paper's title at a position,
+    its authors and level, its snippet, a reason, its links are each rendered and checked
+    once per process, however many subscribers get them."""
+    pieces = [
+        _html_piece("opening", view.explore),
+        _html_piece("title", view.position, view.title_label, view.title, view.title_link),
+        _html_piece("meta", view.authors, view.arxiv_id, view.listed, view.relevance,
+                    view.relevance_dots),
+        _html_piece("snippet", view.snippet_label, view.snippet),
+        _html_piece("why", view.reason_label, view.reason),
+        _html_piece("links", view.links),
+        _html_piece("rate", view.position, view.like_link, view.skip_link),
+    ]
+    return None if None in pieces else [piece for piece in pieces if piece is not None]
+
+
+def _text_paper(view: _ItemView) -> str:
+    """One paper of the text part, from memoised pieces (as :func:`_html_row`)."""
+    return "".join((
+        _text_piece("title", view.position, view.title_label, view.title),
+        _text_piece("meta", view.authors, view.text_meta),
+        _text_piece("wildcard", view.explore),
+        _text_piece("snippet", view.snippet_label, view.snippet),
+        _text_piece("why", view.reason_label, view.reason),
+        _text_piece("links", view.links),
+    ))
 
 
 @lru_cache(maxsize=ROW_MEMO)
-def _paper_row(view: _ItemView) -> str | None:
-    """One paper's row of the HTML part; None when a line of it reads as a command."""
-    row = _environment().get_template(PAPER_TEMPLATE).render(item=view)
-    return None if _html_command_lines(row) else row
+def _html_piece(kind: str, *fields: Any) -> str | None:
+    """A piece of a paper's HTML row (the macro ``kind`` of PAPER_TEMPLATE); None when a
+    line of it, as the reply reader reads HTML, reads as a command."""
+    piece = str(getattr(_macros(PAPER_TEMPLATE), kind)(*fields))
+    return None if _html_command_lines(piece) else piece
+
+
+@lru_cache(maxsize=ROW_MEMO)
+def _text_piece(kind: str, *fields: Any) -> str:
+    """A piece of a paper in the text part (the macro ``kind`` of PAPER_TEXT_TEMPLATE)."""
+    return str(getattr(_macros(PAPER_TEXT_TEMPLATE), kind)(*fields))
+
+
+@cache
+def _macros(name: str) -> Any:
+    """A template's macros, callable from here."""
+    return _environment().get_template(name).module
 
 
 def _html_command_lines(piece: str) -> tuple[str, ...]:
@@ -783,16 +894,6 @@ def _page_context(content: DigestContent, items: Sequence[DigestItem]) -> dict[s
 @cache
 def _command_links() -> dict[str, str]:
     return {word: mailto(_REPLY_SLOT, word) for word in ("pause", "unsubscribe", "help")}
-
-
-def _context(content: DigestContent, smtp: SmtpConfig | None, *,
-             label_all: bool = False) -> dict[str, Any]:
-    """The text template's context: the page's, and a view of every paper in order."""
-    items = sorted(content.items, key=lambda item: item.position)
-    context = _page_context(content, items)
-    context["items"] = [_view_of(item, content.local_date, label_all=label_all)
-                        for item in items]
-    return context
 
 
 def _staleness(today: date, listed: list[date]) -> str:
