@@ -344,7 +344,7 @@ def _part(subtype: str, content: str, delimiter: bytes) -> bytes:
     As the email package does with a 7bit policy: ASCII with short lines stays 7bit, other
     text goes quoted-printable, or base64 when that is shorter (mostly non-Latin text).
     """
-    lines = content.encode("utf-8").splitlines()  # CR, LF or CRLF, as the email package
+    lines = content.encode("utf-8").splitlines() or [b""]  # CR, LF or CRLF, as email does
     raw = b"\n".join(lines) + b"\n"
     if raw.isascii() and max(map(len, lines), default=0) <= SEVEN_BIT_LINE \
             and delimiter not in raw:
