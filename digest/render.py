@@ -323,7 +323,7 @@ def _header(name: str, value: str | Address, policy: email.policy.EmailPolicy) -
     text = str(value)
     plain = ("=?" not in text and text == text.strip()
              and _PLAIN_HEADER_VALUE.fullmatch(text) is not None)
-    if plain and len(name) + 2 + len(text) <= policy.max_line_length:
+    if plain and len(name) + 2 + len(text) <= (policy.max_line_length or MAX_LINE_OCTETS):
         return f"{name}: {text}\r\n".encode("ascii")
     if plain and name.lower() in EMAIL_POLICY.unfolded_headers \
             and len(name) + 2 + len(text) <= MAX_LINE_OCTETS:
@@ -626,7 +626,7 @@ _BIDI_CONTROLS = dict.fromkeys(
 # The characters of Unicode's categories Cc (controls), Zl and Zp (line and paragraph
 # separators): a fixed set, so one translate replaces them all (a test checks it against
 # unicodedata for every code point).
-LINE_BREAKING = frozenset([*range(0x00, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029])
+LINE_BREAKING = frozenset([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029])
 _ONE_LINE = str.maketrans({**dict.fromkeys(LINE_BREAKING, " "), **_BIDI_CONTROLS})
 
 
