@@ -506,7 +506,7 @@ def _html_row(view: _ItemView) -> list[str] | None:
         _html_piece("opening", view.explore),
         _html_piece("title", view.position, view.title_label, view.title, view.title_link),
         _html_piece("meta", view.authors, view.arxiv_id, view.listed, view.relevance,
-                    view.relevance_dots),
+                    view.relevance_dots, view.relevance_rest),
         _html_piece("snippet", view.snippet_label, view.snippet),
         _html_piece("why", view.reason_label, view.reason),
         _html_piece("links", view.links),
