@@ -1,22 +1,30 @@
 """Render stage: turns one ranked digest into an email message.
 
-Runs after ranking, once per subscriber and digest, and hands an
-``email.message.EmailMessage`` (multipart/alternative: plain text, then HTML
-with inlined CSS) to the mailer. It knows nothing of SMTP or of the database:
-everything it shows arrives in a ``DigestContent``.
+Runs after ranking, once per subscriber and digest, and hands the mailer the
+message built once as the bytes that go on the wire (:func:`render_digest_bytes`:
+multipart/alternative, plain text then HTML with inline styles), or the same
+message as an ``email.message.EmailMessage`` (:func:`render_digest`, parsed from
+those bytes so the two never disagree). It knows nothing of SMTP or of the
+database: everything it shows arrives in a ``DigestContent``.
 
 What a paper shows is prepared once for both parts (``_ItemView``): its title,
 abstract, authors and the reason it was picked with their LaTeX as text
 (pylatexenc), its arXiv id, listing date and relevance level, and its links.
+All of it is a pure function of the paper (and of the reason, position and
+level), so it is memoised per process in bounded caches (``PAPER_MEMO`` and the
+other ``*_MEMO`` sizes): a dispatch converts a paper's LaTeX and renders its
+pieces once, not once per subscriber. Templates are compiled, and the
+stylesheet inlined into them, once per process too.
 
 Replies are read as commands, and a reply often quotes the original without
 ``>`` marks, so no line of the email (text part, or the HTML read as text the
 way the reply reader reads it) is ever read as a command: templates name
 commands only inside sentences, and every line of both parts is checked with
-the reply parser's own test (:func:`digest.replies.parse.reads_as_command`).
-A title, author list or abstract that would read as one gets a label
-("Title:", "Authors:", "Abstract:"); a wrapped line that would is joined onto
-the line before it.
+the reply parser's own test (:func:`digest.replies.parse.reads_as_command`);
+the HTML part is checked in pieces whose lines cover the whole part's
+(:func:`html_pieces`), each once per process. A title, author list or abstract
+that would read as one gets a label ("Title:", "Authors:", "Abstract:"); a
+wrapped line that would is joined onto the line before it.
 """
 
 from __future__ import annotations
