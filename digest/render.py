@@ -1,41 +1,52 @@
 """Render stage: turns one ranked digest into an email message.
 
-Runs after ranking, once per subscriber and digest, and hands an
-``email.message.EmailMessage`` (multipart/alternative: plain text, then HTML
-with inlined CSS) to the mailer. It knows nothing of SMTP or of the database:
-everything it shows arrives in a ``DigestContent``.
+Runs after ranking, once per subscriber and digest, and hands the mailer the
+message built once as the bytes that go on the wire (:func:`render_digest_bytes`:
+multipart/alternative, plain text then HTML with inline styles), or the same
+message as an ``email.message.EmailMessage`` (:func:`render_digest`, parsed from
+those bytes so the two never disagree). It knows nothing of SMTP or of the
+database: everything it shows arrives in a ``DigestContent``.
 
 What a paper shows is prepared once for both parts (``_ItemView``): its title,
 abstract, authors and the reason it was picked with their LaTeX as text
 (pylatexenc), its arXiv id, listing date and relevance level, and its links.
+All of it is a pure function of the paper (and of the reason, position and
+level), so it is memoised per process in bounded caches (``PAPER_MEMO`` and the
+other ``*_MEMO`` sizes): a dispatch converts a paper's LaTeX and renders its
+pieces once, not once per subscriber. Templates are compiled, and the
+stylesheet inlined into them, once per process too.
 
 Replies are read as commands, and a reply often quotes the original without
 ``>`` marks, so no line of the email (text part, or the HTML read as text the
 way the reply reader reads it) is ever read as a command: templates name
 commands only inside sentences, and every line of both parts is checked with
-the reply parser's own test (:func:`digest.replies.parse.reads_as_command`).
-A title, author list or abstract that would read as one gets a label
-("Title:", "Authors:", "Abstract:"); a wrapped line that would is joined onto
-the line before it.
+the reply parser's own test (:func:`digest.replies.parse.reads_as_command`);
+the HTML part is checked in pieces whose lines cover the whole part's
+(:func:`html_pieces`), each once per process. A title, author list or abstract
+that would read as one gets a label ("Title:", "Authors:", "Abstract:"); a
+wrapped line that would is joined onto the line before it.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import email.policy
+import hashlib
 import importlib.resources
 import logging
 import re
 import secrets
 import textwrap
-import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from email import message_from_bytes
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
-from functools import cache
+from functools import cache, lru_cache
+from html.parser import HTMLParser
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
@@ -71,7 +82,23 @@ RELEVANCE_BAR_LENGTH = 3
 
 TEXT_TEMPLATE = "digest.txt.j2"
 HTML_TEMPLATE = "digest.html.j2"
+PAPER_TEMPLATE = "digest-paper.html.j2"  # one paper's row of the HTML part, in pieces
+PAPER_TEXT_TEMPLATE = "digest-paper.txt.j2"  # one paper of the text part, in pieces
 STYLESHEET = "digest.css"
+
+# Memo sizes: what is a pure function of a paper, a field or a line is worked out once per
+# process, not once per subscriber. A day's dispatch shows a few hundred candidate papers to
+# every subscriber (a paper at each of its positions, with each relevance level); these bounds
+# hold about a week of them, and cap the memory they take at a few tens of MB whatever the
+# number of subscribers (least recently used entries go first).
+PAPER_MEMO = 4096  # per-paper views: title, snippet, authors, links (~1.5 KB each)
+ROW_MEMO = 16384  # rendered pieces of papers, HTML and text (~1 KB each)
+TEXT_MEMO = 32768  # LaTeX-to-text conversions and wrapped paragraphs of titles, reasons...
+LINE_MEMO = 65536  # lines checked with the reply reader's test (a line is ~80 bytes)
+# Bodies are 7bit when ASCII with lines of at most this many characters, as the email
+# package decides (its policy's max_line_length); else quoted-printable or base64.
+SEVEN_BIT_LINE = 78
+MAX_LINE_OCTETS = 998  # RFC 5322's limit on a line of a message, CRLF excluded
 
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -130,13 +157,22 @@ def message_id_for(token: str, sender: str) -> str:
     Replies quote it in In-Reply-To/References, so the token comes back even
     when a client replies to the From address instead of Reply-To.
     """
-    address = parseaddr(sender)[1]
-    domain = address.rpartition("@")[2] or "localhost"
+    domain = _plain_address(sender).rpartition("@")[2] or "localhost"
     return f"<digest.{token}@{domain}>"
+
+
+@lru_cache(maxsize=64)
+def _plain_address(text: str) -> str:
+    """The address of a configured sender or reply-to (parsed once: parseaddr is slow)."""
+    return parseaddr(text)[1]
 
 
 def reply_address(smtp: SmtpConfig, token: str) -> str:
     """The plain address a reply to this digest goes to (``reply_to`` with its token)."""
+    if token.isalnum() and token.isascii():
+        # Letters and digits parse the same anywhere in an address: parse the setting once.
+        plain = _plain_address(smtp.reply_to)
+        return (plain or smtp.reply_to).replace("{token}", token)
     filled = smtp.reply_to.replace("{token}", token)
     return parseaddr(filled)[1] or filled
 
@@ -199,35 +235,148 @@ class _UrlHeaderPolicy(email.policy.EmailPolicy):
 EMAIL_POLICY = _UrlHeaderPolicy(cte_type="7bit")
 
 
-def render_digest(content: DigestContent, smtp: SmtpConfig, *, now: datetime) -> EmailMessage:
-    """The complete email for one digest: headers, a text part and an HTML part.
+@dataclass(frozen=True)
+class RenderedDigest:
+    """One digest as it goes on the wire, built once: claimed as these bytes, sent as they are.
 
-    ``now`` must be timezone-aware; it becomes the Date header.
+    ``data`` is the complete RFC 5322 message (CRLF line ends, headers folded by
+    ``EMAIL_POLICY``, bodies quoted-printable, base64 or 7bit, so every line stays ASCII
+    and within 998 octets); ``smtputf8`` is True when an address (the recipient's or the
+    sender's) is not ASCII: the headers are then UTF-8 (RFC 6532) and the message needs a
+    server that offers SMTPUTF8.
+    """
+
+    data: bytes
+    message_id: str
+    subject: str
+    smtputf8: bool
+
+
+def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
+                        now: datetime) -> RenderedDigest:
+    """The complete email for one digest, serialised: headers, a text part and an HTML part
+    (multipart/alternative). ``now`` must be timezone-aware; it becomes the Date header.
+
+    Raises ``ValueError`` for a naive ``now`` and :class:`UnsafeDigest` when a line would
+    read as a reply command even with every field labelled.
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("render_digest: now must be a timezone-aware datetime")
     reply = reply_address(smtp, content.token)
     recipient = one_line(content.subscriber.email)
+    sender = one_line(smtp.sender)
     # An internationalised address (RFC 6531) goes out as UTF-8 headers: encoded words are
     # not allowed in an address, and the mailer then asks the server for SMTPUTF8.
-    message = EmailMessage(policy=EMAIL_POLICY if recipient.isascii()
-                           else EMAIL_POLICY.clone(utf8=True))
-    message["Subject"] = subject_for(content)
-    message["From"] = one_line(smtp.sender)
+    smtputf8 = not (recipient.isascii() and _plain_address(sender).isascii())
+    policy = _wire_policy(smtputf8)
+    subject = subject_for(content)
+    message_id = message_id_for(content.token, smtp.sender)
     # username/domain, not addr_spec: the addr_spec parser rejects a non-ASCII local part.
     local, _, domain = recipient.rpartition("@")
-    message["To"] = Address(display_name=one_line(content.subscriber.name), username=local,
-                            domain=domain)
-    message["Date"] = format_datetime(now)
-    message["Message-ID"] = message_id_for(content.token, smtp.sender)
-    message["Reply-To"] = one_line(smtp.reply_to.replace("{token}", content.token))
-    message["List-Unsubscribe"] = f"<{mailto(reply, 'unsubscribe', body=False)}>"
-    message["Auto-Submitted"] = "auto-generated"
-    # Exchange and Outlook honour this instead of Auto-Submitted: no out-of-office replies.
-    message["X-Auto-Response-Suppress"] = "OOF, AutoReply"
-    message.set_content(render_text(content, smtp))
-    message.add_alternative(render_html(content, smtp), subtype="html")
+    to = Address(display_name=one_line(content.subscriber.name), username=local, domain=domain)
+    boundary = "=_" + hashlib.sha256(content.token.encode("utf-8")).hexdigest()[:32]
+    head = [
+        _header("Subject", subject, policy),
+        _header("From", sender, policy),
+        _header("To", to, policy),
+        _header("Date", format_datetime(now), policy),
+        _header("Message-ID", message_id, policy),
+        _header("Reply-To", one_line(smtp.reply_to.replace("{token}", content.token)), policy),
+        _header("List-Unsubscribe", f"<{mailto(reply, 'unsubscribe', body=False)}>", policy),
+        b"Auto-Submitted: auto-generated\r\n",
+        # Exchange and Outlook honour this instead of Auto-Submitted: no out-of-office replies.
+        b"X-Auto-Response-Suppress: OOF, AutoReply\r\n",
+        b"MIME-Version: 1.0\r\n",
+        # The boundary starts "=_", which quoted-printable and base64 never write.
+        f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n'.encode("ascii"),
+        b"\r\n",
+    ]
+    delimiter = f"--{boundary}".encode("ascii")
+    views = _Views(content)
+    body = [_part("plain", _render_text(content, views), delimiter),
+            _part("html", _render_html(content, smtp, views), delimiter)]
+    data = b"".join([*head, *body, delimiter, b"--\r\n"])
+    return RenderedDigest(data=data, message_id=message_id, subject=subject, smtputf8=smtputf8)
+
+
+def render_digest(content: DigestContent, smtp: SmtpConfig, *, now: datetime) -> EmailMessage:
+    """The complete email for one digest as an ``EmailMessage``: :func:`render_digest_bytes`
+    parsed back, so the two never disagree. ``now`` must be timezone-aware."""
+    rendered = render_digest_bytes(content, smtp, now=now)
+    policy = EMAIL_POLICY.clone(utf8=True) if rendered.smtputf8 else EMAIL_POLICY
+    # Parsed with this policy's own line ends: the parser keeps a 7bit body's CRLFs as text.
+    message = message_from_bytes(rendered.data.replace(b"\r\n", b"\n"), policy=policy)
+    if not isinstance(message, EmailMessage):  # pragma: no cover - an EmailPolicy makes one
+        raise TypeError("the email policy did not parse to an EmailMessage")
     return message
+
+
+@cache
+def _wire_policy(utf8: bool) -> email.policy.EmailPolicy:
+    """``EMAIL_POLICY`` with CRLF line ends, as the bytes go to the server."""
+    return EMAIL_POLICY.clone(linesep="\r\n", utf8=utf8)
+
+
+# A header value the email package would write as it is: printable ASCII, no encoded-word
+# look-alike ("=?"), short enough that nothing folds.
+_PLAIN_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+def _header(name: str, value: str | Address, policy: email.policy.EmailPolicy) -> bytes:
+    """One header line as the email package writes it with ``policy``: folded to 78
+    columns, RFC 2047 encoded words for non-ASCII text unless the policy is UTF-8.
+
+    The common case (a short printable ASCII value) is written directly; anything else
+    goes through the email package's own folding (a test checks the two agree)."""
+    text = str(value)
+    plain = ("=?" not in text and text == text.strip()
+             and _PLAIN_HEADER_VALUE.fullmatch(text) is not None)
+    if plain and len(name) + 2 + len(text) <= (policy.max_line_length or MAX_LINE_OCTETS):
+        return f"{name}: {text}\r\n".encode("ascii")
+    if plain and name.lower() in EMAIL_POLICY.unfolded_headers \
+            and len(name) + 2 + len(text) <= MAX_LINE_OCTETS:
+        return f"{name}: {text}\r\n".encode("ascii")  # a URL header stays one line
+    if isinstance(value, str):
+        return _folded(name, value, policy)  # subjects repeat: many share a top paper
+    return policy.fold_binary(name, policy.header_store_parse(name, value)[1])
+
+
+@lru_cache(maxsize=PAPER_MEMO)
+def _folded(name: str, value: str, policy: email.policy.EmailPolicy) -> bytes:
+    return policy.fold_binary(name, policy.header_store_parse(name, value)[1])
+
+
+def _part(subtype: str, content: str, delimiter: bytes) -> bytes:
+    """One text part (UTF-8) after its delimiter line: its headers and its encoded body.
+
+    As the email package does with a 7bit policy: ASCII with short lines stays 7bit, other
+    text goes quoted-printable, or base64 when that is shorter (mostly non-Latin text).
+    """
+    lines = content.encode("utf-8").splitlines() or [b""]  # CR, LF or CRLF, as email does
+    raw = b"\n".join(lines) + b"\n"
+    if raw.isascii() and max(map(len, lines), default=0) <= SEVEN_BIT_LINE \
+            and delimiter not in raw:
+        cte, body = "7bit", raw
+    else:
+        cte, body = "quoted-printable", b"".join(map(_quoted_printable, lines))
+        if len(body) > len(raw) * 4 // 3:  # worth comparing with base64's size
+            encoded = base64.encodebytes(raw)
+            if len(encoded) < len(body):
+                cte, body = "base64", encoded
+    body = body.replace(b"\n", b"\r\n")
+    head = (f'\r\nContent-Type: text/{subtype}; charset="utf-8"\r\n'
+            f"Content-Transfer-Encoding: {cte}\r\n\r\n")
+    # The CRLF before the next delimiter belongs to it (RFC 2046), not to this body.
+    return delimiter + head.encode("ascii") + body + b"\r\n"
+
+
+@lru_cache(maxsize=LINE_MEMO)
+def _quoted_printable(line: bytes) -> bytes:
+    """One line (no line end) quoted-printable, with its line end; memoised, as lines repeat
+    from one digest to the next. Quoted-printable encodes each line on its own, so the lines'
+    encodings joined are the body's (a test checks). binascii's encoder keeps lines within
+    76 characters, as RFC 2045 asks."""
+    return binascii.b2a_qp(line + b"\n", istext=True)
 
 
 class UnsafeDigest(DigestError):
@@ -236,9 +385,10 @@ class UnsafeDigest(DigestError):
     cause this); the digest is not sent."""
 
 
+@lru_cache(maxsize=LINE_MEMO)
 def reads_as_command(line: str) -> bool:
     """The reply reader's own test: True when a reply holding ``line`` alone would apply a
-    command from it (:func:`digest.replies.parse.reads_as_command`)."""
+    command from it (:func:`digest.replies.parse.reads_as_command`); memoised per line."""
     # Imported on use: the replies stage imports this module (its confirmations use our
     # email policy), so a module-level import would be circular.
     from .replies.parse import reads_as_command as reader_test
@@ -262,36 +412,157 @@ def render_text(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
     """The plain-text part, wrapped for reading and for being quoted in a reply.
 
     Raises :class:`UnsafeDigest` if a line would still read as a command."""
+    return _render_text(content, _Views(content))
+
+
+class _Views:
+    """The views of a digest's items in order, unlabelled and labelled, each worked out
+    once for both parts."""
+
+    def __init__(self, content: DigestContent) -> None:
+        self.content = content
+        self.items = sorted(content.items, key=lambda item: item.position)
+        self._views: dict[bool, list[_ItemView]] = {}
+
+    def __call__(self, *, label_all: bool) -> list[_ItemView]:
+        if label_all not in self._views:
+            self._views[label_all] = [_view_of(item, self.content.local_date,
+                                               label_all=label_all) for item in self.items]
+        return self._views[label_all]
+
+
+def _render_text(content: DigestContent, views_of: _Views) -> str:
+    items = views_of.items
     for force in (False, True):
-        context = _context(content, smtp, label_all=force)
-        text = defuse_command_lines(_environment().get_template(TEXT_TEMPLATE).render(context))
+        views = views_of(label_all=force)
+        papers = "".join(map(_text_paper, views))
+        page = _environment().get_template(TEXT_TEMPLATE).render(
+            _page_context(content, items), items=views, papers=papers)
+        text = defuse_command_lines(page)
         if not command_lines(text):
             return text
     raise UnsafeDigest(f"the text part has lines a reply would read as commands: "
                        f"{command_lines(text)[:3]!r}")
 
 
-# The class attributes the inliner has served: nothing reads them after inlining. The pattern
-# cannot match text, since autoescaping turns every '"' in text into an entity.
-_CLASS_ATTRIBUTE = re.compile(r' class="[^"<>]*"')
-
-
 def render_html(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
-    """The HTML part: a table layout with every style inlined (some webmail drops <style>),
-    and class attributes dropped once inlined, which keeps a 10-paper digest under 25 KB."""
-    inliner = css_inline.CSSInliner(
-        extra_css=_read_template(STYLESHEET),
-        keep_style_tags=False,
-        load_remote_stylesheets=False,
-    )
-    for force in (False, True):
-        html = _environment().get_template(HTML_TEMPLATE).render(
-            _context(content, smtp, label_all=force))
-        html = _CLASS_ATTRIBUTE.sub("", inliner.inline(html))
-        unsafe = command_lines(reader_text(html))
-        if not unsafe:
-            return html
-    raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: {unsafe[:3]!r}")
+    """The HTML part: a table layout with every style inlined (some webmail drops <style>).
+
+    Built from pieces (:func:`html_pieces`) whose reader text is checked once each;
+    raises :class:`UnsafeDigest` if a line would still read as a command."""
+    return _render_html(content, smtp or SmtpConfig(), _Views(content))
+
+
+def _render_html(content: DigestContent, smtp: SmtpConfig, views_of: _Views) -> str:
+    reply = reply_address(smtp, content.token)
+    # The reply address goes into mailto links only, URL-quoted: it can never be text.
+    pieces = _html_pieces(content, views_of)
+    return "".join(pieces).replace(_REPLY_SLOT, quote(reply, safe="@+"))
+
+
+def html_pieces(content: DigestContent) -> list[str]:
+    """The HTML part in pieces, with a stand-in for the reply address (render_html puts the
+    address in): the page's head, a row per paper and the footer.
+
+    Every piece starts and ends where the reply reader starts a new line (a ``<tr>`` or
+    ``<p>`` boundary, outside any element the reader hides), so the lines of the whole
+    part as the reader sees it are the lines of the pieces (a property test checks this),
+    and each piece is checked once: a paper row once per process, not per subscriber.
+    A row that holds a command is rendered again with every field labelled.
+    """
+    return _html_pieces(content, _Views(content))
+
+
+def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
+    items = views_of.items
+    rows: list[str] = []
+    for n, item in enumerate(items):
+        row = _html_row(views_of(label_all=False)[n])
+        if row is None:
+            row = _html_row(views_of(label_all=True)[n])
+        if row is None:
+            raise UnsafeDigest(f"the HTML part of paper {item.position} has lines a reply "
+                               "would read as commands, even with every field labelled")
+        rows.extend(row)
+    markup = jinja2.filters.Markup
+    page = _environment().get_template(HTML_TEMPLATE).render(
+        _page_context(content, items), papers=markup(_PAPERS_SLOT), cut=markup(_CUT_SLOT))
+    before, _, footer = page.partition(_PAPERS_SLOT)
+    head, _, intro = before.partition(_CUT_SLOT)
+    for piece in (head, intro, footer):
+        unsafe = _page_command_lines(piece)
+        if unsafe:
+            raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
+                               f"{list(unsafe[:3])!r}")
+    return [head, intro, *rows, footer]
+
+
+# Stand-ins, random per process so that no listing can hold them: the reply address (in
+# mailto links of cached pieces), where the paper rows go in the page, where it is cut.
+_REPLY_SLOT = "reply-" + secrets.token_hex(16)
+_PAPERS_SLOT = "<!--papers-" + secrets.token_hex(16) + "-->"
+_CUT_SLOT = "<!--cut-" + secrets.token_hex(16) + "-->"
+
+
+def _html_row(view: _ItemView) -> list[str] | None:
+    """One paper's row of the HTML part, in pieces; None when a line reads as a command.
+
+    Each piece shows a few fields and is memoised on them: a paper's title at a position,
+    its authors and level, its snippet, a reason, its links are each rendered and checked
+    once per process, however many subscribers get them."""
+    pieces = [
+        _html_piece("opening", view.explore),
+        _html_piece("title", view.position, view.title_label, view.title, view.title_link),
+        _html_piece("meta", view.authors, view.arxiv_id, view.listed, view.relevance,
+                    view.relevance_dots, view.relevance_rest),
+        _html_piece("snippet", view.snippet_label, view.snippet),
+        _html_piece("why", view.reason_label, view.reason),
+        _html_piece("links", view.links),
+        _html_piece("rate", view.position, view.like_link, view.skip_link),
+    ]
+    return None if None in pieces else [piece for piece in pieces if piece is not None]
+
+
+def _text_paper(view: _ItemView) -> str:
+    """One paper of the text part, from memoised pieces (as :func:`_html_row`)."""
+    return "".join((
+        _text_piece("title", view.position, view.title_label, view.title),
+        _text_piece("meta", view.authors, view.text_meta),
+        _text_piece("wildcard", view.explore),
+        _text_piece("snippet", view.snippet_label, view.snippet),
+        _text_piece("why", view.reason_label, view.reason),
+        _text_piece("links", view.links),
+    ))
+
+
+@lru_cache(maxsize=ROW_MEMO)
+def _html_piece(kind: str, *fields: Any) -> str | None:
+    """A piece of a paper's HTML row (the macro ``kind`` of PAPER_TEMPLATE); None when a
+    line of it, as the reply reader reads HTML, reads as a command."""
+    piece = str(getattr(_macros(PAPER_TEMPLATE), kind)(*fields))
+    return None if _html_command_lines(piece) else piece
+
+
+@lru_cache(maxsize=ROW_MEMO)
+def _text_piece(kind: str, *fields: Any) -> str:
+    """A piece of a paper in the text part (the macro ``kind`` of PAPER_TEXT_TEMPLATE)."""
+    return str(getattr(_macros(PAPER_TEXT_TEMPLATE), kind)(*fields))
+
+
+@cache
+def _macros(name: str) -> Any:
+    """A template's macros, callable from here."""
+    return _environment().get_template(name).module
+
+
+def _html_command_lines(piece: str) -> tuple[str, ...]:
+    """The lines of an HTML piece, read as the reply reader reads HTML, that it would take
+    a command from."""
+    return tuple(command_lines(reader_text(piece)))
+
+
+# The footer is the same for every subscriber; the head holds their name and counts.
+_page_command_lines = lru_cache(maxsize=256)(_html_command_lines)
 
 
 def subject_for(content: DigestContent) -> str:
@@ -333,6 +604,7 @@ def listing_span(days: list[date]) -> str:
     return f"{format_short_day(first)}-{format_short_day(last)}"
 
 
+@lru_cache(maxsize=TEXT_MEMO)
 def format_authors(authors: tuple[str, ...]) -> str:
     """Up to SHOWN_AUTHORS names, then ``et al. (N authors)``; '' when none are known.
 
@@ -359,12 +631,17 @@ _BIDI_CONTROLS = dict.fromkeys(
     [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C], None)
 
 
+# The characters of Unicode's categories Cc (controls), Zl and Zp (line and paragraph
+# separators): a fixed set, so one translate replaces them all (a test checks it against
+# unicodedata for every code point).
+LINE_BREAKING = frozenset([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029])
+_ONE_LINE = str.maketrans({**dict.fromkeys(LINE_BREAKING, " "), **_BIDI_CONTROLS})
+
+
 def one_line(text: str) -> str:
     """Text fit for a header or a single line: line breaks and control characters gone,
     bidirectional controls dropped."""
-    kept = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
-                   for ch in text.translate(_BIDI_CONTROLS))
-    return " ".join(kept.split())
+    return " ".join(text.translate(_ONE_LINE).split())
 
 
 # Signs that a title or abstract holds LaTeX markup; text without them is left as it is,
@@ -449,6 +726,7 @@ def _latex_converter() -> tuple[LatexNodes2Text, Any]:
     return converter, walker_context
 
 
+@lru_cache(maxsize=TEXT_MEMO)
 def plain_text(text: str) -> str:
     """Listing text with its LaTeX markup as readable Unicode, on one line.
 
@@ -520,6 +798,11 @@ def starts_with_command(line: str) -> bool:
     return is_bare_command(re.split(r"[,;]", line, maxsplit=1)[0])
 
 
+@lru_cache(maxsize=LINE_MEMO)
+def _needs_defusing(line: str) -> bool:
+    return starts_with_command(line) or reads_as_command(line)
+
+
 def defuse_command_lines(text: str) -> str:
     """Join any line a reply reader would take a command from (:func:`reads_as_command`,
     or a command word opening it) onto the text line before it.
@@ -531,7 +814,7 @@ def defuse_command_lines(text: str) -> str:
     """
     lines: list[str] = []
     for line in text.split("\n"):
-        if not (starts_with_command(line) or reads_as_command(line)):
+        if not _needs_defusing(line):
             lines.append(line)
             continue
         if any(kept.strip() for kept in lines):
@@ -600,10 +883,8 @@ class _ItemView:
         return " · ".join(parts)
 
 
-def _context(content: DigestContent, smtp: SmtpConfig | None, *,
-             label_all: bool = False) -> dict[str, Any]:
-    reply = reply_address(smtp or SmtpConfig(), content.token)
-    items = sorted(content.items, key=lambda item: item.position)
+def _page_context(content: DigestContent, items: Sequence[DigestItem]) -> dict[str, Any]:
+    """What the page around the papers shows; mailto links hold the reply-address stand-in."""
     listed = [item.paper.listed_on for item in items if item.paper.listed_on]
     return {
         "name": one_line(content.subscriber.name),
@@ -613,12 +894,14 @@ def _context(content: DigestContent, smtp: SmtpConfig | None, *,
         "considered": content.considered,
         "shown": len(items),
         "personalised": content.personalised,
-        "items": [_item_view(item, reply, content.local_date, label_all=label_all)
-                  for item in items],
-        "reply_address": reply,
-        "command_links": {word: mailto(reply, word) for word in ("pause", "unsubscribe", "help")},
-        "preheader": _preheader(content, items),
+        "command_links": _command_links(),
+        "preheader": _preheader(content, list(items)),
     }
+
+
+@cache
+def _command_links() -> dict[str, str]:
+    return {word: mailto(_REPLY_SLOT, word) for word in ("pause", "unsubscribe", "help")}
 
 
 def _staleness(today: date, listed: list[date]) -> str:
@@ -657,6 +940,7 @@ def _paper_links(paper: Paper) -> tuple[_Link, ...]:
     return tuple(links)
 
 
+@lru_cache(maxsize=TEXT_MEMO)
 def _opens_as_command(text: str, first: str = "") -> bool:
     """True when ``text`` shown on a line of its own (HTML) or wrapped after ``first``
     (text part) would give a first line a reply reader takes a command from."""
@@ -667,48 +951,90 @@ def _opens_as_command(text: str, first: str = "") -> bool:
             or is_bare_command(text))
 
 
-def _item_view(item: DigestItem, reply: str, local_date: date, *,
-               label_all: bool = False) -> _ItemView:
-    paper = item.paper
-    snippet = cut_abstract(plain_text(_opening(paper.abstract)))
+@dataclass(frozen=True)
+class _PaperParts:
+    """What a paper shows whoever gets it: worked out once per process and paper."""
+
+    title: str
+    snippet: str
+    snippet_label: str
+    authors: str
+    arxiv_id: str
+    listed: str
+    links: tuple[_Link, ...]
+
+
+@lru_cache(maxsize=PAPER_MEMO)
+def _paper_parts(paper: Paper, label_all: bool) -> _PaperParts:
+    snippet = _snippet(paper.abstract)
     label = "Summary" if paper.abstract_is_summary and snippet else ""
     if not label and snippet and (label_all or _opens_as_command(snippet)):
         label = "Abstract"
-    title = plain_text(paper.title) or "(untitled)"
-    number = f"{item.position}.".ljust(3) + " "
-    title_label = "Title: " if label_all or _opens_as_command(title, number) else ""
     authors = format_authors(paper.authors)
-    reason = plain_text(item.reason)  # reasons quote titles, LaTeX and all
-    if paper.listed_on is not None and paper.listed_on < local_date:
-        # Ranking words its reasons for the day's listing; a paper listed days ago is not.
+    if authors and (label_all or _opens_as_command(authors)):
+        authors = f"Authors: {authors}"
+    return _PaperParts(
+        title=plain_text(paper.title) or "(untitled)",
+        snippet=snippet,
+        snippet_label=label,
+        authors=authors,
+        arxiv_id=paper.arxiv_id or "",
+        listed=format_short_day(paper.listed_on) if paper.listed_on else "",
+        links=_paper_links(paper),
+    )
+
+
+@lru_cache(maxsize=TEXT_MEMO)
+def _snippet(abstract: str) -> str:
+    """The opening of an abstract a digest shows, LaTeX as text."""
+    return cut_abstract(plain_text(_opening(abstract)))
+
+
+def _view_of(item: DigestItem, local_date: date, *, label_all: bool) -> _ItemView:
+    """The view of one item of a digest for ``local_date`` (memoised by what it shows:
+    the score, never shown, is left out of the key)."""
+    paper = item.paper
+    # Ranking words its reasons for the day's listing; a paper listed days ago is not.
+    stale = paper.listed_on is not None and paper.listed_on < local_date
+    return _item_view(paper, item.position, item.reason, item.explore, item.relevance,
+                      stale, label_all)
+
+
+@lru_cache(maxsize=PAPER_MEMO)
+def _item_view(paper: Paper, position: int, raw_reason: str, explore: bool,
+               raw_relevance: str | None, stale: bool, label_all: bool) -> _ItemView:
+    parts = _paper_parts(paper, label_all)
+    number = f"{position}.".ljust(3) + " "
+    title_label = "Title: " if label_all or _opens_as_command(parts.title, number) else ""
+    reason = plain_text(raw_reason)  # reasons quote titles, LaTeX and all
+    if stale:
         reason = reason.replace("popular today", "popular when listed").replace(
             "in today's listing", "in its listing")
     reason_label = "Why"
     if reason and (label_all or _opens_as_command(reason, "    Why:   ")):
         reason_label = "Reason"
-    if authors and (label_all or _opens_as_command(authors)):
-        authors = f"Authors: {authors}"
-    relevance = one_line(item.relevance or "").lower()
+    relevance = one_line(raw_relevance or "").lower()
     if relevance not in RELEVANCE_DOTS:
         relevance = ""  # only the ranking's known levels mean something to a reader
     return _ItemView(
-        position=item.position,
-        title=title,
+        position=position,
+        title=parts.title,
         title_label=title_label,
         title_link=paper.link,
-        authors=authors,
-        arxiv_id=paper.arxiv_id or "",
-        listed=format_short_day(paper.listed_on) if paper.listed_on else "",
+        authors=parts.authors,
+        arxiv_id=parts.arxiv_id,
+        listed=parts.listed,
         relevance=relevance,
         relevance_dots=RELEVANCE_DOTS.get(relevance, 0),
-        snippet=snippet,
-        snippet_label=label,
-        links=_paper_links(paper),
+        snippet=parts.snippet,
+        snippet_label=parts.snippet_label,
+        links=parts.links,
         reason=reason,
         reason_label=reason_label,
-        explore=item.explore,
-        like_link=mailto(reply, f"like {item.position}"),
-        skip_link=mailto(reply, f"skip {item.position}"),
+        explore=explore,
+        # The stand-in for the reply address: render_html puts the subscriber's in.
+        like_link=mailto(_REPLY_SLOT, f"like {position}"),
+        skip_link=mailto(_REPLY_SLOT, f"skip {position}"),
     )
 
 
@@ -730,6 +1056,7 @@ def _preheader(content: DigestContent, items: list[DigestItem]) -> str:
     return f"{len(items)} papers picked from {content.considered} new ones."
 
 
+@lru_cache(maxsize=TEXT_MEMO)
 def _wrap(text: str, indent: str = "", first: str | None = None) -> str:
     """A Jinja filter: wrap a paragraph, leaving long URLs whole."""
     return textwrap.fill(
@@ -759,7 +1086,76 @@ def _environment() -> jinja2.Environment:
 
 
 def _load_template(name: str) -> tuple[str, str, Callable[[], bool]]:
-    return _read_template(name), name, lambda: True
+    source = _read_template(name)
+    if name.endswith(".html.j2"):
+        source = inline_styles(source)
+    return source, name, lambda: True
+
+
+# A start tag with a literal class attribute, in a template's source.
+_CLASSED_TAG = re.compile(r'<([a-z][a-z0-9]*)\b([^<>]*?) class="([^"{}<>]*)"([^<>]*)>')
+# The stylesheet's selectors: classes only, alone or in comma lists.
+_CLASS_SELECTOR = re.compile(r"\.[a-z][a-z0-9-]*")
+
+
+def inline_styles(source: str) -> str:
+    """An HTML template's source with every ``class="..."`` replaced by the style attribute
+    css-inline gives that class list from STYLESHEET: inlined once per process and template,
+    not once per message. Some webmail drops ``<style>``, so styles must be inline.
+
+    The stylesheet may only select by class (``.a``, ``.a, .b``): a class list's style then
+    never depends on the element or its ancestors. Raises ``ValueError`` naming the
+    selector otherwise."""
+    matches = list(_CLASSED_TAG.finditer(source))
+    styles = _class_styles(tuple(sorted({match.group(3) for match in matches})))
+    out: list[str] = []
+    end = 0
+    for match in matches:
+        tag, before, classes, after = match.groups()
+        style = styles[classes]
+        attribute = f' style="{style}"' if style else ""
+        out.append(source[end:match.start()])
+        out.append(f"<{tag}{before}{after}{attribute}>")
+        end = match.end()
+    out.append(source[end:])
+    return "".join(out)
+
+
+class _ProbeStyles(HTMLParser):
+    """The style attribute of every ``data-probe`` element of css-inline's output."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.styles: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        probe = values.get("data-probe")
+        if probe is not None:
+            self.styles[probe] = values.get("style") or ""
+
+
+def _class_styles(class_lists: tuple[str, ...]) -> dict[str, str]:
+    """Each class list's inline style, as css-inline gives it from STYLESHEET."""
+    css = _read_template(STYLESHEET)
+    for block in re.findall(r"([^{}]*)\{", re.sub(r"/\*.*?\*/", "", css, flags=re.DOTALL)):
+        for selector in block.split(","):
+            if not _CLASS_SELECTOR.fullmatch(selector.strip()):
+                raise ValueError(f"{STYLESHEET}: selector {selector.strip()!r} is not a "
+                                 "class (.name): styles are inlined per class list")
+    probes = "".join(f'<div class="{classes}" data-probe="{n}"></div>'
+                     for n, classes in enumerate(class_lists))
+    inliner = css_inline.CSSInliner(extra_css=css, keep_style_tags=False,
+                                    load_remote_stylesheets=False)
+    parser = _ProbeStyles()
+    parser.feed(inliner.inline(f"<!DOCTYPE html><html><head></head><body>{probes}</body></html>"))
+    parser.close()
+    styles = {}
+    for n, classes in enumerate(class_lists):
+        style = parser.styles.get(str(n), "")
+        # As an attribute value: '&', '<' and '"' escaped; Jinja syntax cannot occur in CSS.
+        styles[classes] = style.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+    return styles
 
 
 def _read_template(name: str) -> str:
