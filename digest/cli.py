@@ -324,7 +324,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     if prepared is None:
         print(f"{sub.email}: no new papers; the next digest would be empty (not sent)")
         return EXIT_OK
-    print(f"Subject: {prepared.message['Subject']}\n")
+    print(f"Subject: {prepared.message.subject}\n")
     print(render_text(prepared.content, config.smtp))
     if args.html:
         Path(args.html).write_text(render_html(prepared.content, config.smtp), encoding="utf-8")

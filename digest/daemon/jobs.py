@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from email import message_from_bytes
-from email.message import EmailMessage
 from typing import TypeVar
 
 from ..config import Config, SmtpConfig, Subscriber
@@ -42,9 +41,10 @@ from ..render import (
     EMAIL_POLICY,
     DigestContent,
     DigestItem,
+    RenderedDigest,
     message_id_for,
     new_token,
-    render_digest,
+    render_digest_bytes,
 )
 from ..replies.process import CONFIRMATION_ATTEMPTS
 from ..store import Claim, DigestRow, ItemRow, Store, utc_now
@@ -173,7 +173,7 @@ class Prepared:
     subscriber: Subscriber
     local_date: date
     content: DigestContent
-    message: EmailMessage
+    message: RenderedDigest  # the bytes claimed and sent as they are
     corpus_seq: int
 
 
@@ -241,7 +241,7 @@ def prepare(
         items=items,
         personalised=personalised,
     )
-    message = render_digest(content, runtime.config.smtp, now=now)
+    message = render_digest_bytes(content, runtime.config.smtp, now=now)
     return Prepared(sub, content.local_date, content, message, corpus_seq)
 
 
@@ -267,7 +267,7 @@ def claim_batch(runtime: Runtime, batch: Sequence[Prepared]) -> list[DigestRow |
               token=prepared.content.token,
               message_id=message_id_for(prepared.content.token, smtp.sender),
               considered=prepared.content.considered, corpus_seq=prepared.corpus_seq,
-              message=prepared.message,
+              message=prepared.message.data,
               items=[ItemRow(item.position, item.paper.id, item.score, item.reason,
                              item.explore) for item in prepared.content.items],
               owner=runtime.owner)
@@ -702,7 +702,7 @@ async def _prepare_one(
     shown = len(prepared.content.items)
     considered = prepared.content.considered
     if dry_run:
-        return Outcome(sub.email, "dry-run", str(prepared.message["Subject"]), None, shown,
+        return Outcome(sub.email, "dry-run", prepared.message.subject, None, shown,
                        considered)
     return prepared
 
