@@ -84,6 +84,7 @@ SVD_SEED = 0  # the topic space must be the same on every fit of the same corpus
 # listings (~1,000 rows) even at 33,000 papers, a quarter of the 1 GB the issue allows.
 SIMILARITY_MEMO_BYTES = 256 * 2**20
 SIMILARITY_BATCH = 256  # candidate rows per product: bounds the temporary sparse result
+SMALL_PRODUCT = 65536  # entries below which a topic product skips BLAS (see _topic_products)
 # Distinct interest phrases are few (a lab's subscribers share most of theirs); each kept
 # match holds its cosine to every paper, 8 bytes per paper: 64 MiB is ~800 phrases at
 # 10,000 papers, ~250 at 33,000.
@@ -104,6 +105,8 @@ FEEDBACK_TOP = 10  # today's best picks that vote in that second pass: a digest'
 COHESION_BROAD = 0.02  # mean pairwise topic cosine of a random pool of papers is ~0
 COHESION_NARROW = 0.10  # one day's listing of one archive measures 0.11 to 0.20
 MIN_EXPLORE_LIMIT = 5  # from this digest size on, a positive explore fraction gives >= 1 slot
+# float32 products round at ~1e-7 of their size; a spread under 100x that is rounding, not signal
+SPREAD_NOISE = 1e-5
 
 # --- Reasons and relevance levels -----------------------------------------------
 # Nearest-positive similarity (both views averaged) from which a reason names the liked paper
@@ -371,7 +374,7 @@ class CorpusIndex:
         batches, and kept (up to SIMILARITY_MEMO_BYTES, least recently used
         rows dropped beyond it); past the bound it is computed directly. Both
         ways give the same specific cosines (the same products summed in the
-        same order) and topic cosines equal within float32 rounding.
+        same order) and the same topic cosines (see :func:`_topic_products`).
         """
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
@@ -423,12 +426,19 @@ def _sparse_products(a: sparse.csr_matrix, b: sparse.csr_matrix) -> np.ndarray:
 
 
 def _topic_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b.T in float32 (len(a) x len(b)), as the scoring always computed it.
+    """a @ b.T summed in float64 and rounded to float32 (len(a) x len(b)).
 
-    Not in float64: OpenBLAS runs small float64 products on threads, which on
-    a busy machine took 60 ms for a 20 x 150 product instead of 0.4 ms.
+    In float64 an entry hardly depends on how the product is blocked (a
+    batch of rows or one, all the corpus or a few columns), and rounding to
+    float32 removes what is left, so a memoised similarity and one computed
+    again after eviction are the same float32: the same state gives the same
+    digest. Small products go through einsum: OpenBLAS runs even a 20 x 150
+    float64 product on threads, 60 ms on a busy machine instead of 0.4 ms.
     """
-    return np.asarray(a @ b.T, dtype=np.float32)
+    wide_a, wide_b = a.astype(np.float64), b.astype(np.float64)
+    if a.shape[0] * b.shape[0] <= SMALL_PRODUCT:
+        return np.einsum("ik,jk->ij", wide_a, wide_b).astype(np.float32)
+    return np.asarray(wide_a @ wide_b.T).astype(np.float32)
 
 
 class _IndexMemo:
@@ -1060,9 +1070,16 @@ class _Pool:
 
 
 def _standardise(values: np.ndarray) -> np.ndarray:
-    """Zero mean, unit spread over today's candidates (all zero when they are all equal)."""
+    """Zero mean, unit spread over today's candidates (all zero when they are all equal).
+
+    Equal means within SPREAD_NOISE of the largest value: similarities are
+    float32, so two papers equally close (a candidate that is itself a
+    skipped paper, say) differ by rounding alone, which standardising would
+    blow up to a whole unit.
+    """
     spread = float(values.std())
-    if not math.isfinite(spread) or spread < 1e-9:
+    scale = float(np.abs(values).max(initial=0.0))
+    if not math.isfinite(spread) or spread < max(1e-9, SPREAD_NOISE * scale):
         return np.zeros_like(values, dtype=np.float64)
     return (values - values.mean()) / spread
 
