@@ -1158,6 +1158,8 @@ def _agreement(pool: _Pool, score: np.ndarray, weight: float) -> np.ndarray:
     counts = len(top) - own.sum(axis=1)
     spec_sims, topic_sims = pool.pairs(pool.rows[top])
     spec = np.where(own, 0.0, spec_sims).sum(axis=1) / counts
+    if topic_sims is None:  # no topic space: the caller never asks then
+        return _standardise(spec)
     topi = np.where(own, 0.0, topic_sims).sum(axis=1) / counts
     return (_standardise(spec) + weight * _standardise(topi)) / (1.0 + weight)
 

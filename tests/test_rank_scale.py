@@ -107,7 +107,7 @@ def test_a_phrase_is_matched_once_per_index(papers: list[Paper]) -> None:
         interests = (PHRASES[n % 3], PHRASES[(n + 1) % 3])
         rank(index, Profile(interests=interests), candidates, limit=10)
     assert index.memo_counts()[0] == 3
-    rows, specific, topic = index.phrase_matches(PHRASES[0])
+    rows, specific, _ = index.phrase_matches(PHRASES[0])
     assert index.memo_counts()[0] == 3 and len(rows) > 0 and specific.nnz > 0
 
 
