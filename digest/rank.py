@@ -46,7 +46,9 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Sequence
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -75,6 +77,23 @@ PHRASE_MATCHES = 5  # an interest phrase shares its weight with its 5 best-match
 TOPIC_SCALES = (16, 32, 64, 128)  # LSA ranks compared at once: coarse topics and finer ones
 SVD_SEED = 0  # the topic space must be the same on every fit of the same corpus
 
+# --- What a fitted index keeps between subscribers (issue 13), each with its reason ----
+# Today's candidates are shared by thousands of subscribers: each candidate's cosines to the
+# whole corpus (both views, float32) are computed once and kept. A row costs 8 bytes per
+# corpus paper (80 KB at 10,000 papers, 264 KB at 33,000), so 256 MiB holds a week of daily
+# listings (~1,000 rows) even at 33,000 papers, a quarter of the 1 GB the issue allows.
+SIMILARITY_MEMO_BYTES = 256 * 2**20
+SIMILARITY_BATCH = 256  # candidate rows per product: bounds the temporary sparse result
+SMALL_PRODUCT = 65536  # entries below which a topic product skips BLAS (see _topic_products)
+# Distinct interest phrases are few (a lab's subscribers share most of theirs); each kept
+# match holds its cosine to every paper, 8 bytes per paper: 64 MiB is ~800 phrases at
+# 10,000 papers, ~250 at 33,000.
+PHRASE_MEMO_BYTES = 64 * 2**20
+# A day's dispatch refits each subscriber's model once anyway (their unrated papers changed);
+# the cache serves the same subscriber again within the day (levels, preview, explain, a
+# reply). Recent subscribers are enough, and memory no longer grows with the subscriber count.
+MODEL_CACHE_ENTRIES = 4096
+
 # --- Model settings (per subscriber), each with its reason ---------------------
 TOPIC_MAX_SHARE = 0.3  # share of the nearest positive in topic similarity: several interests count
 CENTRALITY_PENALTY = 1.0  # papers close to the corpus average are close to everyone: discount them
@@ -86,6 +105,8 @@ FEEDBACK_TOP = 10  # today's best picks that vote in that second pass: a digest'
 COHESION_BROAD = 0.02  # mean pairwise topic cosine of a random pool of papers is ~0
 COHESION_NARROW = 0.10  # one day's listing of one archive measures 0.11 to 0.20
 MIN_EXPLORE_LIMIT = 5  # from this digest size on, a positive explore fraction gives >= 1 slot
+# float32 products round at ~1e-7 of their size; a spread under 100x that is rounding, not signal
+SPREAD_NOISE = 1e-5
 
 # --- Reasons and relevance levels -----------------------------------------------
 # Nearest-positive similarity (both views averaged) from which a reason names the liked paper
@@ -145,6 +166,22 @@ def _multi_scale(latent: np.ndarray, scales: Sequence[int]) -> np.ndarray:
     return (np.hstack(parts) / math.sqrt(len(parts))).astype(np.float32)
 
 
+def _multi_scale_rows(latent: np.ndarray, scales: Sequence[int]) -> np.ndarray:
+    """:func:`_multi_scale` for a few rows, without sklearn's per-call checks (2 ms a phrase).
+
+    The same arithmetic as ``sklearn.preprocessing.normalize``: l2 norms by
+    einsum, a norm under 10 eps counts as 1.
+    """
+    parts = []
+    for k in scales:
+        part = np.array(latent[:, :k])
+        norms = np.sqrt(np.einsum("ij,ij->i", part, part))
+        norms[norms < 10 * np.finfo(norms.dtype).eps] = 1.0
+        part /= norms[:, None]
+        parts.append(part)
+    return (np.hstack(parts) / math.sqrt(len(parts))).astype(np.float32)
+
+
 class CorpusIndex:
     """Features fitted (unsupervised) on the stored corpus of papers.
 
@@ -177,6 +214,20 @@ class CorpusIndex:
         self.centrality = np.asarray(specific @ mean).ravel().astype(np.float32)
         self._terms = vectorizer.get_feature_names_out()
         self.vocabulary_key = _vocabulary_key(self._terms, self._idf, scales)
+        # Names this fitted index: a model holds index rows, valid for this index only.
+        self.fit_id = uuid.uuid4().hex
+        self._memo = _IndexMemo(self.specific, self.topic)
+        self._popularity: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled without the memos (a lock, and caches the other process refills)."""
+        state = dict(self.__dict__)
+        del state["_memo"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._memo = _IndexMemo(self.specific, self.topic)
 
     @classmethod
     def fit(cls, papers: Sequence[Paper]) -> CorpusIndex:
@@ -248,10 +299,24 @@ class CorpusIndex:
         """A text outside the corpus (a library entry) in both views, as a paper would be."""
         weighted = self.vectorizer.transform([text]).astype(np.float32)
         specific = _unit_rows(weighted @ sparse.diags(self._idf ** (SPECIFIC_IDF_POWER - 1)))
-        if self._svd is None or self._topic_mean is None or weighted.nnz == 0:
+        if weighted.nnz == 0:
             return specific, None
-        latent = self._svd.transform(_unit_rows(weighted)) - self._topic_mean
-        return specific, _multi_scale(latent, self._scales)
+        return specific, self._topic_of(weighted)
+
+    def _topic_of(self, weighted: sparse.csr_matrix) -> np.ndarray | None:
+        """One tf*idf row in the topic space (1 x sum(scales)); None without a topic space.
+
+        The same as ``svd.transform`` but gathering only the row's own terms'
+        components: ``transform`` multiplies by ``components_.T``, which scipy
+        first copies whole (128 x terms) on every call, about 20 ms on the
+        580-day corpus for a two-word phrase.
+        """
+        if self._svd is None or self._topic_mean is None:
+            return None
+        unit = _unit_rows(weighted)
+        components = self._svd.components_
+        latent = (components[:, unit.indices] @ unit.data.astype(components.dtype))[None, :]
+        return _multi_scale_rows(latent - self._topic_mean, self._scales)
 
     def phrase_matches(
         self, phrase: str
@@ -262,21 +327,226 @@ class CorpusIndex:
         larger than paper-to-paper ones, so a phrase alone would drown the likes.
         It shares its weight with its best matches among the stored papers
         (those sharing at least one term), which compare as papers do.
+        Matched once per distinct phrase and fitted index (memoised, bounded by
+        PHRASE_MEMO_BYTES); thread-safe.
         """
+        match = self._phrase(phrase)
+        return match.rows, match.specific, match.topic
+
+    def _phrase(self, phrase: str) -> _PhraseMatch:
+        """The memoised match of a phrase: best rows, own vectors, similarity to every paper."""
+        found = self._memo.phrase(phrase)
+        if found is not None:
+            return found
         weighted = self.vectorizer.transform([phrase]).astype(np.float32)
         specific = _unit_rows(weighted @ sparse.diags(self._idf ** (SPECIFIC_IDF_POWER - 1)))
-        topic = None
-        if self._svd is not None and self._topic_mean is not None:
-            latent = self._svd.transform(_unit_rows(weighted)) - self._topic_mean
+        topic = self._topic_of(weighted)
+        if topic is not None:
             # No known term: no topic either (centring would point it at the anti-mean).
-            topic = _multi_scale(latent, self._scales) * (weighted.nnz > 0)
+            topic = topic * (weighted.nnz > 0)
         shared = _dense(self.specific @ specific.T).ravel()
         sims = shared.copy()
+        topic_sims = None
         if self.topic is not None and topic is not None:
-            sims = (sims + self.topic @ topic[0]) / 2
+            topic_sims = _topic_products(self.topic, topic).ravel()
+            sims = (sims + topic_sims) / 2
         order = np.argsort(-sims, kind="stable")
-        rows = order[shared[order] > 0][:PHRASE_MATCHES]
-        return rows.astype(np.int64), specific, topic
+        rows = order[shared[order] > 0][:PHRASE_MATCHES].astype(np.int64)
+        match = _PhraseMatch(rows, specific, topic, shared, topic_sims)
+        self._memo.keep_phrase(phrase, match)
+        return match
+
+    def popularity(self, rows: np.ndarray) -> np.ndarray:
+        """Per row: upvotes plus 0.5 / listing rank (see :func:`_popularity`), float64."""
+        if self._popularity is None:
+            self._popularity = np.array([_popularity_of(p) for p in self._papers],
+                                        dtype=np.float64)
+        return self._popularity[rows]
+
+    def similarities(
+        self, rows: np.ndarray, cols: np.ndarray, *, shared: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Cosines of papers ``rows`` to papers ``cols`` in both views: (len(rows) x len(cols))
+        float32 arrays, the topic one None without a topic space.
+
+        ``shared=True`` for rows many subscribers ask about (today's candidates):
+        each such row's similarity to the whole corpus is computed once, in
+        batches, and kept (up to SIMILARITY_MEMO_BYTES, least recently used
+        rows dropped beyond it); past the bound it is computed directly. Both
+        ways give the same specific cosines (the same products summed in the
+        same order) and the same topic cosines (see :func:`_topic_products`).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        if shared:
+            found = self._memo.gather(rows, cols)
+            if found is not None:
+                return found
+        return self.direct_similarities(rows, cols)
+
+    def limit_memo(self, *, similarity_bytes: int, phrase_bytes: int) -> None:
+        """Start the memos afresh with these bounds in bytes (0 keeps nothing)."""
+        self._memo = _IndexMemo(self.specific, self.topic, similarity_bytes=similarity_bytes,
+                                phrase_bytes=phrase_bytes)
+
+    def memo_counts(self) -> tuple[int, int]:
+        """(distinct phrases matched, candidate rows computed against the corpus) so far."""
+        return self._memo.phrases_matched, self._memo.rows_computed
+
+    def direct_similarities(
+        self, rows: np.ndarray, cols: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`similarities` computed now, nothing kept (few rows, or rows asked once)."""
+        spec = _sparse_products(self.specific[rows], self.specific[cols])
+        topic = _topic_products(self.topic[rows], self.topic[cols]) if self.topic is not None \
+            else None
+        return spec, topic
+
+
+@dataclass(frozen=True)
+class _PhraseMatch:
+    """An interest phrase matched against one fitted index, kept for every subscriber."""
+
+    rows: np.ndarray  # its best-matching corpus rows (PHRASE_MATCHES at most)
+    specific: sparse.csr_matrix  # 1 x terms, unit length (empty when no term is known)
+    topic: np.ndarray | None  # 1 x sum(scales)
+    spec_sims: np.ndarray  # float32, its specific cosine to every corpus paper
+    topic_sims: np.ndarray | None  # float32, its topic cosine to every corpus paper
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.rows, self.spec_sims, self.specific.data, self.specific.indices]
+        arrays += [a for a in (self.topic, self.topic_sims) if a is not None]
+        return sum(a.nbytes for a in arrays)
+
+
+def _sparse_products(a: sparse.csr_matrix, b: sparse.csr_matrix) -> np.ndarray:
+    """a @ b.T as a dense float32 array (each entry sums a's row terms in a's order)."""
+    return _dense(a @ b.T)
+
+
+def _topic_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T summed in float64 and rounded to float32 (len(a) x len(b)).
+
+    In float64 an entry hardly depends on how the product is blocked (a
+    batch of rows or one, all the corpus or a few columns), and rounding to
+    float32 removes what is left, so a memoised similarity and one computed
+    again after eviction are the same float32: the same state gives the same
+    digest. Small products go through einsum: OpenBLAS runs even a 20 x 150
+    float64 product on threads, 60 ms on a busy machine instead of 0.4 ms.
+    """
+    wide_a, wide_b = a.astype(np.float64), b.astype(np.float64)
+    if a.shape[0] * b.shape[0] <= SMALL_PRODUCT:
+        return np.einsum("ik,jk->ij", wide_a, wide_b).astype(np.float32)
+    return np.asarray(wide_a @ wide_b.T).astype(np.float32)
+
+
+class _IndexMemo:
+    """What a fitted index keeps between subscribers: phrase matches and candidate similarities.
+
+    Candidate similarities live in two preallocated float32 slabs (slots x
+    corpus papers; pages are only touched when written), one slot per
+    candidate row, the least recently used slot reused when full. Both parts
+    are bounded in bytes and thread-safe.
+    """
+
+    def __init__(
+        self,
+        specific: sparse.csr_matrix,
+        topic: np.ndarray | None,
+        *,
+        similarity_bytes: int = SIMILARITY_MEMO_BYTES,
+        phrase_bytes: int = PHRASE_MEMO_BYTES,
+    ):
+        self._specific = specific
+        self._topic = topic
+        n = specific.shape[0]
+        row_bytes = 4 * n * (1 if topic is None else 2)
+        self.capacity = min(n, similarity_bytes // row_bytes) if row_bytes else 0
+        self._lock = threading.Lock()
+        self._slot_of_row = np.full(n, -1, dtype=np.int64)
+        self._row_of_slot = np.full(self.capacity, -1, dtype=np.int64)
+        self._used = np.zeros(self.capacity, dtype=np.int64)
+        self._tick = 0
+        self._spec: np.ndarray | None = None
+        self._topic_rows: np.ndarray | None = None
+        self._specific_t: sparse.csr_matrix | None = None
+        self.rows_computed = 0  # candidate rows computed against the corpus (tests, logs)
+        self._phrase_lock = threading.Lock()
+        self._phrases: OrderedDict[str, _PhraseMatch] = OrderedDict()
+        self._phrase_bytes = 0
+        self._phrase_limit = phrase_bytes
+        self.phrases_matched = 0  # distinct phrases matched against the corpus (tests, logs)
+
+    def phrase(self, phrase: str) -> _PhraseMatch | None:
+        with self._phrase_lock:
+            found = self._phrases.get(phrase)
+            if found is not None:
+                self._phrases.move_to_end(phrase)
+            return found
+
+    def keep_phrase(self, phrase: str, match: _PhraseMatch) -> None:
+        with self._phrase_lock:
+            self.phrases_matched += 1
+            if phrase in self._phrases:  # another thread matched it meanwhile (the same match)
+                return
+            self._phrases[phrase] = match
+            self._phrase_bytes += match.nbytes
+            while self._phrase_bytes > self._phrase_limit and self._phrases:
+                _, dropped = self._phrases.popitem(last=False)
+                self._phrase_bytes -= dropped.nbytes
+
+    def gather(
+        self, rows: np.ndarray, cols: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Similarities of ``rows`` to ``cols`` from the slabs (filling them); None past capacity."""
+        if self.capacity == 0:
+            return None
+        with self._lock:
+            wanted = np.unique(rows)
+            if len(wanted) > self.capacity:
+                return None
+            slots = self._slot_of_row[wanted]
+            missing = wanted[slots < 0]
+            if len(missing):
+                self._fill(missing, keep=slots[slots >= 0])
+            slots = self._slot_of_row[rows]
+            self._tick += 1
+            self._used[slots] = self._tick
+            if self._spec is None:  # pragma: no cover - _fill allocated it
+                return None
+            at = (slots[:, None], cols[None, :])
+            spec = self._spec[at]
+            topic = self._topic_rows[at] if self._topic_rows is not None else None
+        return spec, topic
+
+    def _fill(self, missing: np.ndarray, keep: np.ndarray) -> None:
+        """Compute ``missing`` rows into free slots, or the least recently used not in ``keep``."""
+        n = self._specific.shape[0]
+        if self._spec is None or self._specific_t is None:
+            self._spec = np.empty((self.capacity, n), dtype=np.float32)
+            if self._topic is not None:
+                self._topic_rows = np.empty((self.capacity, n), dtype=np.float32)
+            self._specific_t = self._specific.T.tocsr()
+        free = np.flatnonzero(self._row_of_slot < 0)
+        need = len(missing) - len(free)
+        if need > 0:
+            held = np.flatnonzero(self._row_of_slot >= 0)
+            held = held[~np.isin(held, keep)]
+            oldest = held[np.argsort(self._used[held], kind="stable")[:need]]
+            self._slot_of_row[self._row_of_slot[oldest]] = -1
+            self._row_of_slot[oldest] = -1
+            free = np.concatenate([free, oldest])
+        slots = free[: len(missing)]
+        for start in range(0, len(missing), SIMILARITY_BATCH):
+            part = missing[start : start + SIMILARITY_BATCH]
+            where = slots[start : start + SIMILARITY_BATCH]
+            self._spec[where] = _dense(self._specific[part] @ self._specific_t)
+            if self._topic_rows is not None and self._topic is not None:
+                self._topic_rows[where] = _topic_products(self._topic[part], self._topic)
+        self.rows_computed += len(missing)
+        self._row_of_slot[slots] = missing
+        self._slot_of_row[missing] = slots
 
 
 def _fit_topics(
@@ -431,38 +701,55 @@ def is_personalised(profile: Profile) -> bool:
 
 @dataclass
 class SubscriberModel:
-    """A subscriber's positives and negatives in both views; fitted once per state."""
+    """A subscriber's positives and negatives as points of the index; fitted once per state.
+
+    Light on purpose (issue 13): papers of the corpus are kept as index rows
+    (their vectors and similarities come from the index), only points without
+    a corpus row keep vectors of their own: a library entry's text and an
+    interest phrase (whose similarities to every paper the index memoises).
+    Valid only with the index it was fitted on (``ModelCache`` keys on it).
+    """
 
     positive_ids: tuple[str, ...]  # liked then seed papers (deduplicated): the first points below
     positive_labels: tuple[str, ...]  # "you liked", "your seed paper", "in your library"
     positive_titles: tuple[str, ...]  # one per named point (library texts have no corpus row)
     interest_phrases: tuple[str, ...]
-    pos_rows: np.ndarray  # index row of each positive point, -1 for a phrase's own vector
+    pos_rows: np.ndarray  # index row of each positive point, -1 for a point with its own vector
     pos_phrase: np.ndarray  # which interest phrase a point stands for, -1 for named papers
-    pos_specific: sparse.csr_matrix  # one unit row per positive point
-    pos_topic: np.ndarray | None
     pos_weights: np.ndarray  # 1 per named paper; an interest's points share 1
+    own_specific: tuple[sparse.csr_matrix, ...]  # 1 x terms per point with pos_rows == -1
+    own_topic: np.ndarray | None  # the same points in the topic view
+    own_phrase: tuple[str | None, ...]  # per own point: its interest phrase, None for a text
     negative_ids: tuple[str, ...]
-    neg_specific: sparse.csr_matrix
-    neg_topic: np.ndarray | None
+    neg_rows: np.ndarray  # index row of each negative
     neg_weights: np.ndarray  # recency of each negative (1 = now, 0.5 = one half-life ago)
     neg_skipped: np.ndarray  # True for an explicit skip, False for a paper left unrated
     unrated_weight: float = 1.0  # how much the unrated negatives count against the skips
     unknown_seeds: tuple[str, ...] = ()
 
-    def centroid(self) -> sparse.csr_matrix:
+    def positive_matrix(self, index: CorpusIndex) -> sparse.csr_matrix:
+        """points x terms: every positive point's unit row in the specific view, in point order."""
+        own = self.pos_rows < 0
+        rows = np.where(own, 0, self.pos_rows)
+        matrix = index.specific[rows].tolil()
+        for point, vector in zip(np.flatnonzero(own), self.own_specific, strict=True):
+            matrix[point] = vector
+        return sparse.csr_matrix(matrix)
+
+    def centroid(self, index: CorpusIndex) -> sparse.csr_matrix:
         """1 x terms: the weighted centroid of the positives in the specific view."""
         return sparse.csr_matrix(
-            self.pos_weights @ self.pos_specific / max(float(self.pos_weights.sum()), 1e-9)
+            self.pos_weights @ self.positive_matrix(index)
+            / max(float(self.pos_weights.sum()), 1e-9)
         )
 
     @property
     def has_positives(self) -> bool:
-        return self.pos_specific.shape[0] > 0
+        return len(self.pos_rows) > 0
 
     @property
     def has_negatives(self) -> bool:
-        return self.neg_specific.shape[0] > 0
+        return len(self.neg_rows) > 0
 
 
 def _known(index: CorpusIndex, ids: Sequence[str], what: str) -> list[str]:
@@ -474,54 +761,70 @@ def _known(index: CorpusIndex, ids: Sequence[str], what: str) -> list[str]:
     return kept
 
 
+@dataclass(frozen=True)
+class _Points:
+    """Positive points of a model: rows, phrase tags, weights and the own vectors."""
+
+    rows: np.ndarray
+    phrase: np.ndarray
+    weights: np.ndarray
+    own_specific: tuple[sparse.csr_matrix, ...]
+    own_topic: np.ndarray | None
+    own_phrase: tuple[str | None, ...]
+
+
 def _positive_points(
     index: CorpusIndex,
     papers: list[str],
     recency: np.ndarray,
     texts: Sequence[tuple[str, str]],
     phrases: tuple[str, ...],
-) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix, np.ndarray | None, np.ndarray]:
-    """Rows, phrase tags, vectors and weights of every positive point.
+) -> _Points:
+    """Rows, phrase tags, weights and own vectors of every positive point.
 
     Named papers count their recency each (1 when fresh); a library entry's
     own text counts 1 (it has no corpus row, so its row is -1); an interest
-    phrase counts 1 in all, shared by the phrase itself and its best matches
-    in the corpus.
+    phrase counts 1 in all, shared by the phrase itself (row -1) and its best
+    matches in the corpus.
     """
     rows = [index.rows(papers)]
     tags = [np.full(len(papers), -1)]
     weights = [recency.astype(np.float64)]
-    spec = [index.specific[rows[0]]]
-    topic = [index.topic[rows[0]]] if index.topic is not None else None
+    own_spec: list[sparse.csr_matrix] = []
+    own_topic: list[np.ndarray] = []
+    own_phrase: list[str | None] = []
+    width = index.topic.shape[1] if index.topic is not None else 0
     for title, abstract in texts:
-        own_specific, own_topic = index.text_vectors(
-            " ".join([title] * TITLE_REPEATS + [abstract]))
+        specific, topic = index.text_vectors(" ".join([title] * TITLE_REPEATS + [abstract]))
         rows.append(np.array([-1]))
         tags.append(np.array([-1]))
         weights.append(np.ones(1))
-        spec.append(own_specific)
-        if topic is not None:
-            topic.append(own_topic if own_topic is not None
-                         else np.zeros((1, topic[0].shape[1]), dtype=np.float32))
+        own_spec.append(specific)
+        own_topic.append(topic if topic is not None else np.zeros((1, width), dtype=np.float32))
+        own_phrase.append(None)
     for j, phrase in enumerate(phrases):
-        matched, own_specific, own_topic = index.phrase_matches(phrase)
-        if own_specific.nnz == 0:
+        match = index._phrase(phrase)
+        if match.specific.nnz == 0:
             log.info("profile: interest %r has no word the corpus knows yet, ignored", phrase)
             continue
-        if len(matched) == 0:
+        if len(match.rows) == 0:
             log.info("profile: interest %r matches no stored paper yet", phrase)
-        rows.append(np.concatenate([[-1], matched]))
-        spec.append(sparse.vstack([own_specific, index.specific[matched]]))
-        if topic is not None and own_topic is not None and index.topic is not None:
-            topic.append(np.vstack([own_topic, index.topic[matched]]))
+        rows.append(np.concatenate([[-1], match.rows]))
+        own_spec.append(match.specific)
+        own_topic.append(match.topic if match.topic is not None
+                         else np.zeros((1, width), dtype=np.float32))
+        own_phrase.append(phrase)
         tags.append(np.full(len(rows[-1]), j))
         weights.append(np.full(len(rows[-1]), 1.0 / len(rows[-1])))
-    return (
-        np.concatenate(rows).astype(np.int64),
-        np.concatenate(tags).astype(np.int64),
-        sparse.vstack(spec).tocsr(),
-        np.vstack(topic).astype(np.float32) if topic is not None else None,
-        np.concatenate(weights).astype(np.float32),
+    return _Points(
+        rows=np.concatenate(rows).astype(np.int64),
+        phrase=np.concatenate(tags).astype(np.int64),
+        weights=np.concatenate(weights).astype(np.float32),
+        own_specific=tuple(own_spec),
+        own_topic=(np.vstack(own_topic).astype(np.float32) if own_topic
+                   else np.zeros((0, width), dtype=np.float32)) if index.topic is not None
+        else None,
+        own_phrase=tuple(own_phrase),
     )
 
 
@@ -555,43 +858,52 @@ def fit_model(
         log.info("profile: %d seed papers not in the corpus yet (pending): %s", len(unknown),
                  ", ".join(unknown[:5]))
     positives = liked + seeds
-    known_titles = {normalise_title(index.paper(i).title) for i in positives}
-    texts = [(t, a) for t, a in dict.fromkeys(profile.seed_texts)
-             if a.strip() and normalise_title(t) not in known_titles
-             and index.resolve(t) is None]
+    texts: list[tuple[str, str]] = []
+    if profile.seed_texts:  # titles normalised only when there is a library text to compare
+        known_titles = {normalise_title(index.paper(i).title) for i in positives}
+        texts = [(t, a) for t, a in dict.fromkeys(profile.seed_texts)
+                 if a.strip() and normalise_title(t) not in known_titles
+                 and index.resolve(t) is None]
     labels = tuple(["you liked"] * len(liked) + ["your seed paper"] * len(seeds)
                    + ["in your library"] * len(texts))
     titles = tuple([index.paper(i).title for i in positives] + [t for t, _ in texts])
     phrases = tuple(p for p in dict.fromkeys(s.strip() for s in profile.interests) if p)
     half_life = settings.half_life_days
-    pos_recency = np.array([recency(ages.get(i), half_life) for i in positives])
+    by_age: dict[int | None, float] = {}  # ages are whole days: few distinct values
+
+    def aged(paper_id: str) -> float:
+        age = ages.get(paper_id)
+        if age not in by_age:
+            by_age[age] = recency(age, half_life)
+        return by_age[age]
+
+    pos_recency = np.array([aged(i) for i in positives])
 
     points = _positive_points(index, positives, pos_recency, texts, phrases)
-    pos_rows, pos_phrase, pos_specific, pos_topic, pos_weights = points
 
-    skipped = [i for i in _known(index, profile.skipped, "skipped") if i not in positives]
+    positive_set = set(positives)
+    skipped = [i for i in _known(index, profile.skipped, "skipped") if i not in positive_set]
+    skipped_set = set(skipped)
     unrated = [
         i
         for i in _known(index, profile.unrated, "unrated")
-        if i not in positives and i not in skipped
+        if i not in positive_set and i not in skipped_set
     ]
     negatives = skipped + unrated
-    neg_rows = index.rows(negatives)
-    neg_weights = np.array([recency(ages.get(i), half_life) for i in negatives],
-                           dtype=np.float32)
+    neg_weights = np.array([aged(i) for i in negatives], dtype=np.float32)
     return SubscriberModel(
         positive_ids=tuple(positives) + tuple(f"library:{n}" for n in range(len(texts))),
         positive_labels=labels,
         positive_titles=titles,
         interest_phrases=phrases,
-        pos_rows=pos_rows,
-        pos_phrase=pos_phrase,
-        pos_specific=pos_specific,
-        pos_topic=pos_topic,
-        pos_weights=pos_weights,
+        pos_rows=points.rows,
+        pos_phrase=points.phrase,
+        pos_weights=points.weights,
+        own_specific=points.own_specific,
+        own_topic=points.own_topic,
+        own_phrase=points.own_phrase,
         negative_ids=tuple(negatives),
-        neg_specific=index.specific[neg_rows],
-        neg_topic=index.topic[neg_rows] if index.topic is not None else None,
+        neg_rows=index.rows(negatives),
         neg_weights=neg_weights,
         neg_skipped=np.array([True] * len(skipped) + [False] * len(unrated), dtype=bool),
         unrated_weight=settings.unrated_weight,
@@ -602,13 +914,17 @@ def fit_model(
 class ModelCache:
     """Fitted models per subscriber, refitted only when their state changed.
 
-    The state is the profile's fingerprint, the unrated weight and the
-    index's vocabulary key; one entry per subscriber key. Thread-safe.
+    The state is the profile's fingerprint, the unrated weight, the half-life
+    and the fitted index (a model holds its rows). At most ``max_entries``
+    subscribers are kept (MODEL_CACHE_ENTRIES by default), the least recently
+    used dropped first, so memory does not grow with the subscriber count.
+    Thread-safe.
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[str, SubscriberModel]] = {}
+    def __init__(self, max_entries: int = MODEL_CACHE_ENTRIES) -> None:
+        self._entries: OrderedDict[str, tuple[str, SubscriberModel]] = OrderedDict()
         self._lock = threading.Lock()
+        self.max_entries = max(max_entries, 1)
         self.fits = 0  # how many models were fitted (for tests and logs)
 
     def __len__(self) -> int:
@@ -618,14 +934,18 @@ class ModelCache:
         self, key: str, index: CorpusIndex, profile: Profile, settings: RankingConfig
     ) -> SubscriberModel:
         state = (f"{profile.fingerprint()}:{settings.unrated_weight!r}:"
-                 f"{settings.half_life_days!r}:{index.vocabulary_key}")
+                 f"{settings.half_life_days!r}:{index.vocabulary_key}:{index.fit_id}")
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry[0] == state:
+                self._entries.move_to_end(key)
                 return entry[1]
         fitted = fit_model(index, profile, settings=settings)
         with self._lock:
             self._entries[key] = (state, fitted)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
             self.fits += 1
         log.debug("subscriber %s: model refitted", key)
         return fitted
@@ -647,13 +967,119 @@ def _get_model(
     return fit_model(index, profile, settings=settings)
 
 
+# --- Similarities of the papers being scored ----------------------------------------
+
+
+class _Pool:
+    """Papers scored together (index rows) and their similarities to a model's points.
+
+    Each similarity is computed once per scoring and shared by the score, the
+    levels, the reasons and the exploration picks. They come from the index's
+    memo: today's candidates are asked about by every subscriber, and the
+    liked papers placed among them to calibrate levels are recent papers that
+    many subscribers liked (a paper asked about once is the least recently
+    used and goes first).
+    """
+
+    def __init__(
+        self,
+        index: CorpusIndex,
+        model: SubscriberModel,
+        rows: np.ndarray,
+        base: _Pool | None = None,
+    ):
+        self.index = index
+        self.model = model
+        self.rows = rows
+        self._base = base  # a pool of the first rows, whose similarities are reused
+        self._positives: tuple[np.ndarray, np.ndarray | None] | None = None
+        self._negatives: tuple[np.ndarray, np.ndarray | None] | None = None
+        self.topic = index.topic[rows] if index.topic is not None else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def extended(self, extra: np.ndarray) -> _Pool:
+        """This pool plus ``extra`` rows, reusing the similarities computed already."""
+        return _Pool(self.index, self.model, np.concatenate([self.rows, extra]), base=self)
+
+    def pairs(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Similarities of every row to the papers ``cols`` (rows x cols, float32, both views)."""
+        return self.index.similarities(self.rows, cols, shared=True)
+
+    def positives(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """rows x positive points, in point order: (specific, topic or None)."""
+        if self._positives is None:
+            self._positives = self._points(self._base.positives() if self._base else None,
+                                           self._positive_block)
+        return self._positives
+
+    def negatives(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """rows x negatives: (specific, topic or None)."""
+        if self._negatives is None:
+            self._negatives = self._points(self._base.negatives() if self._base else None,
+                                           lambda pool: pool.pairs(self.model.neg_rows))
+        return self._negatives
+
+    def _points(
+        self,
+        known: tuple[np.ndarray, np.ndarray | None] | None,
+        compute: Callable[[_Pool], tuple[np.ndarray, np.ndarray | None]],
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if known is None:
+            return compute(self)
+        done = known[0].shape[0]
+        rest = compute(_Pool(self.index, self.model, self.rows[done:]))
+        spec = np.vstack([known[0], rest[0]])
+        topic = (np.vstack([known[1], rest[1]])
+                 if known[1] is not None and rest[1] is not None else None)
+        return spec, topic
+
+    @staticmethod
+    def _positive_block(pool: _Pool) -> tuple[np.ndarray, np.ndarray | None]:
+        index, model, rows = pool.index, pool.model, pool.rows
+        named = model.pos_rows >= 0
+        spec = np.empty((len(rows), len(model.pos_rows)), dtype=np.float32)
+        topic = (np.empty_like(spec) if index.topic is not None and model.own_topic is not None
+                 else None)
+        if named.any():
+            got_spec, got_topic = pool.pairs(model.pos_rows[named])
+            spec[:, named] = got_spec
+            if topic is not None and got_topic is not None:
+                topic[:, named] = got_topic
+        own = np.flatnonzero(~named)
+        texts = [k for k, phrase in enumerate(model.own_phrase) if phrase is None]
+        for k, phrase in enumerate(model.own_phrase):
+            if phrase is None:
+                continue
+            match = index._phrase(phrase)
+            spec[:, own[k]] = match.spec_sims[rows]
+            if topic is not None and match.topic_sims is not None:
+                topic[:, own[k]] = match.topic_sims[rows]
+        if texts:
+            chosen = np.array(texts)
+            vectors = sparse.vstack([model.own_specific[k] for k in texts]).tocsr()
+            spec[:, own[chosen]] = _sparse_products(index.specific[rows], vectors)
+            if topic is not None and model.own_topic is not None and index.topic is not None:
+                topic[:, own[chosen]] = _topic_products(index.topic[rows],
+                                                        model.own_topic[chosen])
+        return spec, topic
+
+
 # --- Scoring ----------------------------------------------------------------------
 
 
 def _standardise(values: np.ndarray) -> np.ndarray:
-    """Zero mean, unit spread over today's candidates (all zero when they are all equal)."""
+    """Zero mean, unit spread over today's candidates (all zero when they are all equal).
+
+    Equal means within SPREAD_NOISE of the largest value: similarities are
+    float32, so two papers equally close (a candidate that is itself a
+    skipped paper, say) differ by rounding alone, which standardising would
+    blow up to a whole unit.
+    """
     spread = float(values.std())
-    if not math.isfinite(spread) or spread < 1e-9:
+    scale = float(np.abs(values).max(initial=0.0))
+    if not math.isfinite(spread) or spread < max(1e-9, SPREAD_NOISE * scale):
         return np.zeros_like(values, dtype=np.float64)
     return (values - values.mean()) / spread
 
@@ -697,49 +1123,30 @@ def _topic_affinity(sims: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (1 - TOPIC_MAX_SHARE) * _weighted_mean(sims, weights) + TOPIC_MAX_SHARE * best
 
 
-@dataclass(frozen=True)
-class _Candidates:
-    """Today's candidates in both views, sliced from the index once per scoring."""
-
-    rows: np.ndarray
-    specific: sparse.csr_matrix
-    topic: np.ndarray | None
-
-    @classmethod
-    def of(cls, index: CorpusIndex, candidates: Sequence[str]) -> _Candidates:
-        rows = index.rows(candidates)
-        topic = index.topic[rows] if index.topic is not None else None
-        return cls(rows, index.specific[rows], topic)
-
-
 def _dense(product: sparse.spmatrix | np.ndarray) -> np.ndarray:
     if isinstance(product, np.ndarray):
         return product
     return np.asarray(product.toarray())
 
 
-def _positive_score(
-    index: CorpusIndex, model: SubscriberModel, cands: _Candidates
-) -> tuple[np.ndarray, float]:
+def _positive_score(index: CorpusIndex, model: SubscriberModel, pool: _Pool) -> tuple[np.ndarray, float]:
     """Standardised closeness to the positives, and the topic weight used for it."""
-    weights = _evidence_weights(cands.rows, model)
-    sims = _dense(cands.specific @ model.pos_specific.T)
-    specific = _weighted_mean(sims, weights) - CENTRALITY_PENALTY * index.centrality[cands.rows]
-    if cands.topic is None or model.pos_topic is None:
+    weights = _evidence_weights(pool.rows, model)
+    spec_sims, topic_sims = pool.positives()
+    specific = _weighted_mean(spec_sims, weights) - CENTRALITY_PENALTY * index.centrality[pool.rows]
+    if pool.topic is None or topic_sims is None:
         return _standardise(specific), 0.0
-    topic = _topic_affinity(cands.topic @ model.pos_topic.T, weights)
-    narrow = _narrowness(cands.topic)
+    topic = _topic_affinity(topic_sims, weights)
+    narrow = _narrowness(pool.topic)
     weight = TOPIC_WEIGHT_BROAD + (TOPIC_WEIGHT_NARROW - TOPIC_WEIGHT_BROAD) * narrow
     score = _standardise(specific) + weight * _standardise(topic)
     feedback = FEEDBACK_WEIGHT_BROAD * (1.0 - narrow)
     if feedback > 0 and len(score) > FEEDBACK_TOP + 1:
-        score = score + feedback * _agreement(cands.specific, cands.topic, score, weight)
+        score = score + feedback * _agreement(pool, score, weight)
     return score, weight
 
 
-def _agreement(
-    specific: sparse.csr_matrix, topic: np.ndarray, score: np.ndarray, weight: float
-) -> np.ndarray:
+def _agreement(pool: _Pool, score: np.ndarray, weight: float) -> np.ndarray:
     """How close each candidate is to today's best picks (pseudo relevance feedback).
 
     Papers a subscriber wants on one day tend to resemble each other; the top
@@ -749,12 +1156,15 @@ def _agreement(
     own = np.zeros((len(score), len(top)), dtype=bool)
     own[top, np.arange(len(top))] = True
     counts = len(top) - own.sum(axis=1)
-    spec = np.where(own, 0.0, _dense(specific @ specific[top].T)).sum(axis=1) / counts
-    topi = np.where(own, 0.0, topic @ topic[top].T).sum(axis=1) / counts
+    spec_sims, topic_sims = pool.pairs(pool.rows[top])
+    spec = np.where(own, 0.0, spec_sims).sum(axis=1) / counts
+    if topic_sims is None:  # no topic space: the caller never asks then
+        return _standardise(spec)
+    topi = np.where(own, 0.0, topic_sims).sum(axis=1) / counts
     return (_standardise(spec) + weight * _standardise(topi)) / (1.0 + weight)
 
 
-def _negative_score(model: SubscriberModel, cands: _Candidates, weight: float) -> np.ndarray:
+def _negative_score(model: SubscriberModel, pool: _Pool, weight: float) -> np.ndarray:
     """Closeness to the nearest negative, per kind, each kind at its own strength.
 
     The nearest one, not the centroid: one skipped paper says little about a
@@ -764,23 +1174,24 @@ def _negative_score(model: SubscriberModel, cands: _Candidates, weight: float) -
     whose negatives are all unrated is pushed down less than the same papers
     skipped. Within a kind, an older negative's similarity counts less.
     """
-    result = np.zeros(len(cands.rows))
+    result = np.zeros(len(pool))
     for kind, strength in ((True, 1.0), (False, model.unrated_weight)):
         chosen = model.neg_skipped == kind
         if strength <= 0 or not chosen.any():
             continue
-        result += strength * _nearest_negative(model, cands, weight, chosen)
+        result += strength * _nearest_negative(model, pool, weight, chosen)
     return result
 
 
 def _nearest_negative(
-    model: SubscriberModel, cands: _Candidates, weight: float, chosen: np.ndarray
+    model: SubscriberModel, pool: _Pool, weight: float, chosen: np.ndarray
 ) -> np.ndarray:
     decay = model.neg_weights[chosen]
-    spec = _aged(_dense(cands.specific @ model.neg_specific[np.flatnonzero(chosen)].T), decay)
+    spec_sims, topic_sims = pool.negatives()
+    spec = _aged(spec_sims[:, chosen], decay)
     result = _standardise(spec.max(axis=1))
-    if cands.topic is not None and model.neg_topic is not None:
-        topi = _aged(cands.topic @ model.neg_topic[chosen].T, decay)
+    if pool.topic is not None and topic_sims is not None:
+        topi = _aged(topic_sims[:, chosen], decay)
         result = (result + weight * _standardise(topi.max(axis=1))) / (1.0 + weight)
     return result
 
@@ -790,33 +1201,28 @@ def _aged(sims: np.ndarray, decay: np.ndarray) -> np.ndarray:
     return np.where(sims > 0, sims * decay, sims)
 
 
+def _popularity_of(paper: Paper) -> float:
+    rank_part = 0.5 / paper.listing_rank if paper.listing_rank and paper.listing_rank > 0 else 0.0
+    return float(paper.upvotes or 0) + rank_part
+
+
 def _popularity(index: CorpusIndex, candidates: Sequence[str]) -> np.ndarray:
     """Upvotes first, then the listing's own order; equal values keep candidate order."""
-    scores = np.zeros(len(candidates))
-    for i, pid in enumerate(candidates):
-        paper = index.paper(pid)
-        rank_part = (
-            0.5 / paper.listing_rank if paper.listing_rank and paper.listing_rank > 0 else 0.0
-        )
-        scores[i] = float(paper.upvotes or 0) + rank_part
-    return scores
+    return index.popularity(index.rows(candidates))
 
 
-def _model_scores(
-    index: CorpusIndex, model: SubscriberModel, candidates: Sequence[str]
-) -> np.ndarray:
+def _model_scores(index: CorpusIndex, model: SubscriberModel, pool: _Pool) -> np.ndarray:
     """Positives pull up, negatives push down; popularity stands in when there are no positives."""
-    cands = _Candidates.of(index, candidates)
     if not model.has_positives:  # skips only: today's order, minus what resembles a skip
-        order = np.argsort(-_popularity(index, candidates), kind="stable")
+        order = np.argsort(-index.popularity(pool.rows), kind="stable")
         place = np.empty(len(order))
         place[order] = np.arange(len(order))
-        return _standardise(-place) - _negative_score(model, cands, TOPIC_WEIGHT_NARROW)
-    score, weight = _positive_score(index, model, cands)
+        return _standardise(-place) - _negative_score(model, pool, TOPIC_WEIGHT_NARROW)
+    score, weight = _positive_score(index, model, pool)
     if model.has_negatives:
-        score = score - NEGATIVE_WEIGHT * _negative_score(model, cands, weight)
+        score = score - NEGATIVE_WEIGHT * _negative_score(model, pool, weight)
     if float(np.ptp(score)) == 0.0:  # the profile says nothing about today's papers
-        return _popularity(index, candidates)
+        return index.popularity(pool.rows)
     return score
 
 
@@ -853,12 +1259,17 @@ def _model_for(
     return model if model.has_positives or model.has_negatives else None
 
 
+def _pool_scores(index: CorpusIndex, model: SubscriberModel, pool: _Pool) -> np.ndarray:
+    return np.nan_to_num(_model_scores(index, model, pool), nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _scores(
     index: CorpusIndex, model: SubscriberModel | None, candidates: Sequence[str]
 ) -> np.ndarray:
+    rows = index.rows(candidates)
     if model is None:
-        return _popularity(index, candidates)
-    return np.nan_to_num(_model_scores(index, model, candidates), nan=0.0, posinf=0.0, neginf=0.0)
+        return index.popularity(rows)
+    return _pool_scores(index, model, _Pool(index, model, rows))
 
 
 # --- Digest: ranking with exploration and reasons ---------------------------------
@@ -880,45 +1291,44 @@ def _short(title: str, width: int = 70) -> str:
     return title if len(title) <= width else title[: width - 1].rstrip() + "…"
 
 
-def _positive_similarities(index: CorpusIndex, model: SubscriberModel, row: int) -> np.ndarray:
-    """Similarity of one paper to each positive point, both views averaged.
+def _mixed(spec: np.ndarray, topic: np.ndarray | None) -> np.ndarray:
+    """Both views averaged (the specific view alone without a topic space), float32."""
+    return spec if topic is None else (spec + topic) / 2
+
+
+def _positive_similarities(pool: _Pool, at: int) -> np.ndarray:
+    """Similarity of the pool's paper ``at`` to each positive point, both views averaged.
 
     A point that is the paper itself (an interest's match) says -1: no evidence.
     """
-    sims = np.asarray((index.specific[row] @ model.pos_specific.T).todense()).ravel()
-    if index.topic is not None and model.pos_topic is not None:
-        sims = (sims + index.topic[row] @ model.pos_topic.T) / 2
-    return np.where(model.pos_rows == row, -1.0, sims)
+    spec, topic = pool.positives()
+    sims = _mixed(spec[at], topic[at] if topic is not None else None)
+    return np.where(pool.model.pos_rows == pool.rows[at], -1.0, sims)
 
 
-def _best_positive(index: CorpusIndex, model: SubscriberModel, rows: np.ndarray) -> np.ndarray:
+def _best_positive(pool: _Pool) -> np.ndarray:
     """Per paper, :func:`_positive_similarities`' maximum (-1 without a positive), vectorised."""
-    if model.pos_specific.shape[0] == 0:
-        return np.full(len(rows), -1.0)
-    sims = _dense(index.specific[rows] @ model.pos_specific.T)
-    if index.topic is not None and model.pos_topic is not None:
-        sims = (sims + index.topic[rows] @ model.pos_topic.T) / 2
-    sims = np.where(rows[:, None] == model.pos_rows[None, :], -1.0, sims)
+    if len(pool.model.pos_rows) == 0:
+        return np.full(len(pool), -1.0)
+    sims = _mixed(*pool.positives())
+    sims = np.where(pool.rows[:, None] == pool.model.pos_rows[None, :], -1.0, sims)
     return np.asarray(sims.max(axis=1))
 
 
-def _negative_similarities(index: CorpusIndex, model: SubscriberModel, row: int) -> np.ndarray:
-    spec = np.asarray((index.specific[row] @ model.neg_specific.T).todense()).ravel()
-    if index.topic is None or model.neg_topic is None:
-        return spec
-    return (spec + index.topic[row] @ model.neg_topic.T) / 2
+def _negative_similarities(pool: _Pool, at: int) -> np.ndarray:
+    spec, topic = pool.negatives()
+    return _mixed(spec[at], topic[at] if topic is not None else None)
 
 
-def _model_reason(
-    index: CorpusIndex, model: SubscriberModel, paper_id: str, considered: int, limit: int
-) -> str:
+def _model_reason(pool: _Pool, at: int, considered: int, limit: int) -> str:
     """The positive (liked paper, seed, library entry or interest) this paper is closest to.
 
     Named only when the similarity reaches REASON_MIN_SIMILARITY; below it the
     item says what it is: filling a short day, popular today, or a weak match.
     """
-    sims = _positive_similarities(index, model, int(index.rows([paper_id])[0]))
-    paper = index.paper(paper_id)
+    model = pool.model
+    sims = _positive_similarities(pool, at)
+    paper = pool.index._papers[int(pool.rows[at])]
     if len(sims) == 0:  # skips only: the listing's order, skip-like papers pushed down
         return _popularity_reason(paper)
     best = int(np.argmax(sims))
@@ -935,11 +1345,11 @@ def _model_reason(
 
 
 def _item_reason(
-    index: CorpusIndex, model: SubscriberModel | None, paper_id: str, considered: int, limit: int
+    index: CorpusIndex, pool: _Pool | None, paper_id: str, at: int, considered: int, limit: int
 ) -> str:
-    if model is None:
+    if pool is None:
         return _popularity_reason(index.paper(paper_id))
-    return _model_reason(index, model, paper_id, considered, limit)
+    return _model_reason(pool, at, considered, limit)
 
 
 def _popularity_reason(paper: Paper) -> str:
@@ -950,23 +1360,23 @@ def _popularity_reason(paper: Paper) -> str:
     return "in today's listing"
 
 
-def _familiarity(index: CorpusIndex, model: SubscriberModel, rows: np.ndarray) -> np.ndarray:
+def _familiarity(pool: _Pool, chosen: np.ndarray) -> np.ndarray:
     """Per paper, its similarity to the closest thing the subscriber rated (both views averaged)."""
-    parts = [(model.pos_specific, model.pos_topic), (model.neg_specific, model.neg_topic)]
-    best = np.full(len(rows), -np.inf)
-    for spec_rows, topic_rows in parts:
-        if spec_rows.shape[0] == 0:
+    model = pool.model
+    best = np.full(len(chosen), -np.inf)
+    for count, similarities in ((len(model.pos_rows), pool.positives),
+                                (len(model.neg_rows), pool.negatives)):
+        if count == 0:
             continue
-        sims = _dense(index.specific[rows] @ spec_rows.T)
-        if index.topic is not None and topic_rows is not None:
-            sims = (sims + index.topic[rows] @ topic_rows.T) / 2
+        spec_sims, topic_sims = similarities()
+        sims = _mixed(spec_sims[chosen], topic_sims[chosen] if topic_sims is not None else None)
         best = np.maximum(best, sims.max(axis=1))
     return np.where(np.isfinite(best), best, 0.0)
 
 
 def _pick_explore(
     index: CorpusIndex,
-    model: SubscriberModel | None,
+    pool: _Pool | None,
     candidates: list[str],
     remaining: list[int],
     count: int,
@@ -981,16 +1391,15 @@ def _pick_explore(
         return []
     pops = _popularity(index, [candidates[i] for i in remaining])
     familiarity = np.zeros(len(remaining))
-    if model is not None:
-        rows = index.rows([candidates[i] for i in remaining])
-        familiarity = _familiarity(index, model, rows)
+    if pool is not None:
+        familiarity = _familiarity(pool, np.array(remaining, dtype=np.int64))
     # The least familiar half (at least `count`), then most popular, then least familiar.
     order = np.lexsort((np.arange(len(remaining)), familiarity))
-    pool = sorted(
+    pool_order = sorted(
         order[: max(count, (len(remaining) + 1) // 2)], key=lambda j: (-pops[j], familiarity[j], j)
     )
     picks = []
-    for j in pool[:count]:
+    for j in pool_order[:count]:
         paper = index.paper(candidates[remaining[j]])
         if paper.upvotes:
             why = f"explore: popular today ({paper.upvotes} upvotes), outside your usual topics"
@@ -1029,19 +1438,21 @@ def rank(
     if limit <= 0 or not known:
         return []
     model = _model_for(index, profile, settings, cache, key)
-    scores = _scores(index, model, known)
+    rows = index.rows(known)
+    pool = _Pool(index, model, rows) if model is not None else None
+    scores = _pool_scores(index, model, pool) if model and pool else index.popularity(rows)
     order = [int(i) for i in np.argsort(-scores, kind="stable")]
     personal = model is not None and is_personalised(profile)
     explore = explore_slots(limit, settings.explore_fraction) if personal else 0
     explore = min(explore, max(len(order) - (limit - explore), 0))
     top = order[: min(limit, len(order)) - explore]
-    levels = _levels(index, model, known, scores) if personal and model is not None else None
+    levels = _levels(index, pool, known, scores) if personal and pool is not None else None
     items = []
     for i in top:
-        why = _item_reason(index, model, known[i], len(known), limit)
+        why = _item_reason(index, pool, known[i], i, len(known), limit)
         items.append(Ranked(known[i], float(scores[i]), why, False,
                             levels.level(float(scores[i])) if levels else None))
-    for i, why in _pick_explore(index, model, known, order[len(top) :], explore):
+    for i, why in _pick_explore(index, pool, known, order[len(top) :], explore):
         items.append(Ranked(known[i], float(scores[i]), why, True,
                             levels.level(float(scores[i])) if levels else None))
     return items
@@ -1066,9 +1477,7 @@ class Levels:
         return "good" if score >= self.good else "weak"
 
 
-def _levels(
-    index: CorpusIndex, model: SubscriberModel, candidates: list[str], scores: np.ndarray
-) -> Levels:
+def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.ndarray) -> Levels:
     """Levels calibrated against the subscriber's own positives.
 
     With at least CALIBRATION_MIN positives that are corpus papers (likes,
@@ -1081,20 +1490,23 @@ def _levels(
     from the evidence thresholds of the reasons (nearest positive at
     STRONG_SIMILARITY / REASON_MIN_SIMILARITY). Either way the counts are
     turned into score thresholds, so the level is monotone in the score.
+    ``pool`` holds ``candidates`` (their similarities are reused).
     """
+    model = pool.model
     order = np.sort(scores)[::-1]
+    today = set(candidates)
     named = [p for p, phrase in zip(model.positive_ids, model.pos_phrase, strict=False)
-             if phrase < 0 and p in index and p not in set(candidates)]
+             if phrase < 0 and p in index and p not in today]
     calib = list(dict.fromkeys(reversed(named)))[:CALIBRATION_PAPERS]
     if len(calib) >= CALIBRATION_MIN:
-        pooled = _scores(index, model, candidates + calib)
+        pooled = _pool_scores(index, model, pool.extended(index.rows(calib)))
         own, theirs = pooled[: len(candidates)], pooled[len(candidates):]
         strong_n = int((own >= np.median(theirs)).sum())
         good_n = int((own >= theirs.min()).sum())
         method = (f"against {len(calib)} of your own papers scored among today's: strong = at "
                   f"least their median, good = at least the lowest of them")
     else:
-        best = _best_positive(index, model, index.rows(candidates))
+        best = _best_positive(pool)
         strong_n = int((best >= STRONG_SIMILARITY).sum())
         good_n = int((best >= REASON_MIN_SIMILARITY).sum())
         method = (f"too few rated papers to calibrate: strong = nearest positive at least "
@@ -1118,7 +1530,9 @@ def levels_for(
     model = _model_for(index, profile, settings, cache, key)
     if model is None or not is_personalised(profile) or not known:
         return None
-    return _levels(index, model, known, _scores(index, model, known))
+    rows = index.rows(known)
+    pool = _Pool(index, model, rows)
+    return _levels(index, pool, known, _pool_scores(index, model, pool))
 
 
 # --- Explanations -------------------------------------------------------------------
@@ -1128,7 +1542,7 @@ def _shared_terms(
     index: CorpusIndex, model: SubscriberModel, row: int, top: int
 ) -> tuple[tuple[str, float], ...]:
     """Terms whose weight in both the paper and the profile contributes most to their match."""
-    product = index.specific[row].multiply(model.centroid()).tocsr()
+    product = index.specific[row].multiply(model.centroid(index)).tocsr()
     if product.nnz == 0:
         return ()
     order = np.argsort(-product.data, kind="stable")[:top]
@@ -1186,12 +1600,15 @@ def explain(
             break
     else:
         model = _model_for(index, profile, settings, cache, key)
-        scores = _scores(index, model, pool)
+        rows = index.rows(pool)
+        scored = _Pool(index, model, rows) if model is not None else None
+        scores = _pool_scores(index, model, scored) if model and scored else index.popularity(rows)
         order = np.argsort(-scores, kind="stable")
         at = pool.index(paper_id)
         position = int(np.flatnonzero(order == at)[0]) + 1
-        reason = _item_reason(index, model, paper_id, len(pool), limit)
-        levels = _levels(index, model, pool, scores) if model and is_personalised(profile) else None
+        reason = _item_reason(index, scored, paper_id, at, len(pool), limit)
+        levels = (_levels(index, scored, pool, scores)
+                  if scored is not None and is_personalised(profile) else None)
         item = Ranked(paper_id, float(scores[at]), reason, False,
                       levels.level(float(scores[at])) if levels else None)
     levels = levels_for(index, profile, pool, settings=settings, cache=cache, key=key)
@@ -1223,11 +1640,12 @@ def _explanation(
     if is_personalised(profile) or profile.unrated:
         model = _get_model(index, profile, settings, cache, key)
         row = int(index.rows([paper_id])[0])
-        pos = _positive_similarities(index, model, row)
+        one = _Pool(index, model, np.array([row], dtype=np.int64))
+        pos = _positive_similarities(one, 0)
         terms = _shared_terms(index, model, row, top_terms) if model.has_positives else ()
         liked = _neighbours(model.positive_ids, model.positive_titles, pos, top_neighbours,
                             paper_id)
-        neg = _negative_similarities(index, model, row)
+        neg = _negative_similarities(one, 0)
         kinds: dict[bool, tuple[Neighbour, ...]] = {}
         for kind in (True, False):
             chosen = np.flatnonzero(model.neg_skipped == kind)
