@@ -88,16 +88,19 @@ class FitBounds:
     min_df/max_df cut); ``None`` keeps them all. ``svd_iterations``: power
     iterations of the randomized SVD (scikit-learn's default is 5). The
     SVD already runs in float32 (scikit-learn keeps the input's float32).
+    ``spread``: the ``window`` papers are spread evenly over the whole corpus
+    (a sample) instead of being the most recent ones.
     """
 
     window: int | None = None
     max_terms: int | None = None
     svd_iterations: int = 5
+    spread: bool = False
 
 
 FIT_CHUNK = 2000  # texts counted at a time when weighting old papers: bounds the term lists
 UNBOUNDED_FIT = FitBounds()  # the fit before issue 13: every paper, every term; a baseline
-CORPUS_FIT = FitBounds(window=None, max_terms=None)  # set from measurements below
+CORPUS_FIT = FitBounds(window=8_000, max_terms=50_000)
 
 # --- Model settings (per subscriber), each with its reason ---------------------
 TOPIC_MAX_SHARE = 0.3  # share of the nearest positive in topic similarity: several interests count
@@ -257,8 +260,9 @@ class CorpusIndex:
         bounds = bounds or CORPUS_FIT
         unique = list({p.id: p for p in papers}.values())
         texts = [_paper_text(p) for p in unique]
-        recent = len(texts) if bounds.window is None else min(bounds.window, len(texts))
-        older, window = texts[: len(texts) - recent], texts[len(texts) - recent :]
+        chosen = _fit_rows(len(texts), bounds)
+        rest = np.setdiff1d(np.arange(len(texts)), chosen)  # sorted, as chosen is
+        older, window = [texts[i] for i in rest], [texts[i] for i in chosen]
         vectorizer = _make_vectorizer(len(window), bounds.max_terms)
         try:
             fitted = vectorizer.fit_transform(window or [""])
@@ -269,10 +273,12 @@ class CorpusIndex:
         # The older papers are weighted with the window's terms: one pass over each text.
         parts = [_weigh(vectorizer, older)] if older else []
         weighted = sparse.vstack([*parts, fitted[: len(window)]], format="csr", dtype=np.float32)
+        if len(rest) and rest[-1] > chosen[0]:  # a spread sample: rows back in corpus order
+            weighted = weighted[np.argsort(np.concatenate([rest, chosen]), kind="stable")]
         idf = vectorizer.idf_.astype(np.float32)
         specific = _unit_rows(weighted @ sparse.diags(idf ** (SPECIFIC_IDF_POWER - 1)))
         topic, svd, topic_mean, scales = (
-            _fit_topics(_unit_rows(weighted), len(older), bounds)
+            _fit_topics(_unit_rows(weighted), chosen, bounds)
             if unique
             else (None, None, None, ())
         )
@@ -358,17 +364,27 @@ class CorpusIndex:
         return rows.astype(np.int64), specific, topic
 
 
+def _fit_rows(count: int, bounds: FitBounds) -> np.ndarray:
+    """Which of ``count`` papers (in corpus order) the vocabulary, idf and SVD are fitted on."""
+    if bounds.window is None or bounds.window >= count:
+        return np.arange(count)
+    if bounds.spread:  # evenly spaced over the whole corpus, first and last included
+        return np.unique(np.linspace(0, count - 1, bounds.window).round().astype(np.int64))
+    return np.arange(count - bounds.window, count)
+
+
 def _fit_topics(
-    unit_tfidf: sparse.csr_matrix, first_fit_row: int, bounds: FitBounds
+    unit_tfidf: sparse.csr_matrix, fit_rows: np.ndarray, bounds: FitBounds
 ) -> tuple[np.ndarray | None, TruncatedSVD | None, np.ndarray | None, tuple[int, ...]]:
     """The multi-scale LSA space, centred on the corpus mean; none for a tiny corpus.
 
-    The SVD is fitted on the rows from ``first_fit_row`` on (the window) and
-    every row is projected with it, so old and new papers, phrases and library
-    entries all get the same ``transform``.
+    The SVD is fitted on the rows ``fit_rows`` (the window or sample) and
+    every row is projected with the same ``transform`` that projects phrases
+    and library entries, FIT_CHUNK rows at a time into one float32 array, so
+    the projection needs no more memory than the topic rows themselves.
     """
-    fit_rows = unit_tfidf[first_fit_row:]
-    rank = min(max(TOPIC_SCALES), fit_rows.shape[0] - 1, fit_rows.shape[1] - 1)
+    fitted = unit_tfidf[fit_rows]
+    rank = min(max(TOPIC_SCALES), fitted.shape[0] - 1, fitted.shape[1] - 1)
     scales = tuple(k for k in TOPIC_SCALES if k <= rank) or ((rank,) if rank >= 2 else ())
     if not scales:
         return None, None, None, ()
@@ -382,13 +398,14 @@ def _fit_topics(
     # SVD (measured 3.2 s vs 16 s at 8,000 x 50,000), and the result is then the same on
     # machines with any core count.
     with threadpool_limits(limits=1, user_api="blas"):
-        if first_fit_row == 0:
-            latent = svd.fit_transform(unit_tfidf)
-        else:
-            svd.fit(fit_rows)
-            latent = svd.transform(unit_tfidf)
-    mean = latent.mean(axis=0)
-    return _multi_scale(latent - mean, scales), svd, mean, scales
+        svd.fit(fitted)
+        # The projection is linear: the mean of the projected rows is the projected mean row.
+        mean = svd.transform(sparse.csr_matrix(unit_tfidf.mean(axis=0), dtype=np.float32))[0]
+        topic = np.empty((unit_tfidf.shape[0], sum(scales)), dtype=np.float32)
+        for start in range(0, unit_tfidf.shape[0], FIT_CHUNK):
+            rows = unit_tfidf[start : start + FIT_CHUNK]
+            topic[start : start + rows.shape[0]] = _multi_scale(svd.transform(rows) - mean, scales)
+    return topic, svd, mean, scales
 
 
 def _vocabulary_key(terms: np.ndarray, idf: np.ndarray, scales: tuple[int, ...]) -> str:
