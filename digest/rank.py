@@ -49,6 +49,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import pairwise
 
 import numpy as np
 from scipy import sparse
@@ -185,7 +186,7 @@ def _weigh(vectorizer: TfidfVectorizer, texts: Sequence[str]) -> sparse.csr_matr
         ends = [0]
         for text in texts[start : start + FIT_CHUNK]:
             words = [w for w in tokenize(preprocess(text)) if w not in stop]
-            pairs = [f"{a} {b}" for a, b in zip(words, words[1:])]
+            pairs = [f"{a} {b}" for a, b in pairwise(words)]
             columns.extend(j for j in map(column, words + pairs) if j is not None)
             ends.append(len(columns))
         counts = sparse.csr_matrix(
