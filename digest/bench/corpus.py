@@ -34,6 +34,8 @@ METHODS: dict[str, FitBounds] = {
     "cap-50k": FitBounds(max_terms=50_000),
     "window-8k": FitBounds(window=8_000),
     "window-8k-cap-50k": FitBounds(window=8_000, max_terms=50_000),
+    "sample-8k-cap-50k": FitBounds(window=8_000, max_terms=50_000, spread=True),
+    "window-4k-cap-50k": FitBounds(window=4_000, max_terms=50_000),
     "shipped": CORPUS_FIT,
 }
 DEFAULT_METHODS = ("all", "shipped")
