@@ -292,7 +292,7 @@ class CorpusIndex:
             else (None, None, None, ())
         )
         log.info(
-            "corpus index: %d papers, %d terms (fitted on the last %d), topic space %s",
+            "corpus index: %d papers, %d terms (fitted on %d of the papers), topic space %s",
             len(unique),
             len(idf),
             len(window),
