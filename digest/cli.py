@@ -597,6 +597,17 @@ def cmd_bench_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_corpus(args: argparse.Namespace) -> int:
+    from .bench.corpus import DEFAULT_METHODS, result_json, run_corpus_bench
+
+    result = run_corpus_bench(args.dataset, methods=args.method or DEFAULT_METHODS,
+                              runs=args.runs, repeat=args.repeat)
+    if not args.json:
+        print(result["table"])
+    print(result_json(result))
+    return EXIT_OK
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .daemon import (
         Runtime,
@@ -828,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reply_commands(commands, bench_commands)
     _add_bench_dispatch(bench_commands)
     _add_bench_config(bench_commands)
+    _add_bench_corpus(bench_commands)
     return parser
 
 
@@ -900,6 +912,29 @@ def _add_bench_config(bench_commands: argparse._SubParsersAction) -> None:  # ty
     p.add_argument("--runs", type=int, default=3, help="how many runs (medians are reported)")
     p.add_argument("--baseline", type=int, default=BASELINE_SUBSCRIBERS, metavar="N",
                    help=f"the size measured beside it (default {BASELINE_SUBSCRIBERS})")
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
+
+
+def _add_bench_corpus(bench_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``digest bench corpus``: the corpus fit's time and memory, bounded against unbounded."""
+    from .bench.corpus import DEFAULT_METHODS, METHODS
+
+    text = "Corpus fit: wall and CPU seconds and peak memory, per fitting method."
+    p = bench_commands.add_parser(
+        "corpus", help=text, description=text + " Fits the corpus index on a dataset's "
+        "papers once per method and run, each in a fresh process, and prints medians: papers, "
+        "terms kept, wall s, CPU s, peak RSS over the process before the fit.")
+    p.set_defaults(func=cmd_bench_corpus)
+    p.add_argument("--dataset", metavar="DIR",
+                   default=str(_shared() / "bench" / "datasets" / "arxiv-authors-public"),
+                   help="the dataset folder (default: ../shared/bench/datasets/"
+                   "arxiv-authors-public, 33k papers)")
+    p.add_argument("--method", action="append", choices=list(METHODS),
+                   help="a fitting method (repeatable; default: "
+                   f"{' and '.join(DEFAULT_METHODS)}; 'all' is the unbounded fit)")
+    p.add_argument("--runs", type=int, default=3, help="runs per method (medians are reported)")
+    p.add_argument("--repeat", type=int, default=1, metavar="K",
+                   help="repeat the papers K times under new ids (a larger corpus; default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
 
 

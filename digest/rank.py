@@ -51,12 +51,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import pairwise
 
 import numpy as np
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
+from threadpoolctl import threadpool_limits
 
 from .config import RankingConfig, Subscriber
 from .errors import DigestError
@@ -93,6 +95,39 @@ PHRASE_MEMO_BYTES = 64 * 2**20
 # the cache serves the same subscriber again within the day (levels, preview, explain, a
 # reply). Recent subscribers are enough, and memory no longer grows with the subscriber count.
 MODEL_CACHE_ENTRIES = 4096
+
+@dataclass(frozen=True)
+class FitBounds:
+    """What bounds the corpus fit as listings accumulate (``digest bench corpus`` measures them).
+
+    ``window``: the vocabulary, idf and topic space are fitted on the most
+    recent N papers (the last N of the sequence, i.e. the store's arrival
+    order); every paper is then transformed with them. ``None`` fits on all.
+    ``max_terms``: the vocabulary keeps the N most frequent terms (after the
+    min_df/max_df cut); ``None`` keeps them all. ``svd_iterations``: power
+    iterations of the randomized SVD (scikit-learn's default is 5). The
+    SVD already runs in float32 (scikit-learn keeps the input's float32).
+    ``spread``: the ``window`` papers are spread evenly over the whole corpus
+    (a sample) instead of being the most recent ones.
+    """
+
+    window: int | None = None
+    max_terms: int | None = None
+    svd_iterations: int = 5
+    spread: bool = False
+
+
+FIT_CHUNK = 2000  # texts counted at a time when weighting old papers: bounds the term lists
+UNBOUNDED_FIT = FitBounds()  # the fit before issue 13: every paper, every term; a baseline
+# The shipped bounds, from `digest bench corpus` and `digest bench quality` on the 32,837-paper
+# arxiv-authors-public corpus (machine at load ~20, so CPU s are ~2x a quiet machine's):
+# unbounded 70 CPU s, 1,290 MB over the process, nDCG@10 0.411; a 50,000-term cap alone still
+# 38 s, 650 MB; the last 8,000 papers + 50,000 terms 24 s, 435 MB, 0.396; a spread sample of
+# 8,000 0.395; 12,000 papers 0.396; 100,000 terms 0.397; the last 4,000 papers + 50,000 terms
+# 14 s, 282 MB, 0.394 (gate 0.385). Quality hardly moves with the window or the cap, the cost
+# does: 4,000 papers is about four months of daily listings, 50,000 terms keep every term seen
+# in 4 or more of them. citeulike-public (1,906 papers, 23,308 terms) is under both bounds.
+CORPUS_FIT = FitBounds(window=4_000, max_terms=50_000)
 
 # --- Model settings (per subscriber), each with its reason ---------------------
 TOPIC_MAX_SHARE = 0.3  # share of the nearest positive in topic similarity: several interests count
@@ -138,18 +173,62 @@ def _paper_text(paper: Paper) -> str:
     return " ".join([paper.title] * TITLE_REPEATS + [paper.abstract])
 
 
-def _make_vectorizer(corpus_size: int) -> TfidfVectorizer:
-    """Raw tf * idf (no norm): the two views re-weight and normalise it themselves."""
+def _make_vectorizer(corpus_size: int, max_terms: int | None = None) -> TfidfVectorizer:
+    """Raw tf * idf (no norm): the two views re-weight and normalise it themselves.
+
+    ``corpus_size`` is the number of papers the vocabulary is fitted on;
+    ``max_terms`` caps the vocabulary at the most frequent terms (None: no cap).
+    """
     return TfidfVectorizer(
         stop_words="english",
         ngram_range=NGRAMS,
         # A term seen once never links two corpus papers; in a small corpus it may match an interest.
         min_df=1 if corpus_size < SMALL_CORPUS else 2,
         max_df=MAX_DF if corpus_size >= 4 else 1.0,
+        max_features=max_terms,
         sublinear_tf=True,
         norm=None,
         dtype=np.float32,
     )
+
+
+def _weigh(vectorizer: TfidfVectorizer, texts: Sequence[str]) -> sparse.csr_matrix:
+    """``vectorizer.transform(texts)`` (float32 rows of tf * idf), computed faster.
+
+    scikit-learn counts a text's terms through a try/except per word and word
+    pair, and most word pairs of an old paper are not in a capped vocabulary:
+    the exceptions cost more than the tokenising. Here the same preprocessor,
+    tokenizer and stop words give the same terms, counted with ``dict.get``,
+    and the same float32 operations weight them (tests check the equality).
+    Chunks of FIT_CHUNK texts bound the memory of the term lists.
+    """
+    if tuple(vectorizer.ngram_range) != (1, 2) or vectorizer.analyzer != "word":
+        return sparse.csr_matrix(vectorizer.transform(texts), dtype=np.float32)
+    preprocess = vectorizer.build_preprocessor()
+    tokenize = vectorizer.build_tokenizer()
+    stop = vectorizer.get_stop_words() or frozenset()
+    column = vectorizer.vocabulary_.get
+    chunks = []
+    for start in range(0, len(texts), FIT_CHUNK):
+        columns: list[int] = []
+        ends = [0]
+        for text in texts[start : start + FIT_CHUNK]:
+            words = [w for w in tokenize(preprocess(text)) if w not in stop]
+            pairs = [f"{a} {b}" for a, b in pairwise(words)]
+            columns.extend(j for j in map(column, words + pairs) if j is not None)
+            ends.append(len(columns))
+        counts = sparse.csr_matrix(
+            (np.ones(len(columns), dtype=np.float32), np.asarray(columns, dtype=np.int32), ends),
+            shape=(len(ends) - 1, len(vectorizer.vocabulary_)),
+        )
+        counts.sum_duplicates()  # also sorts each row's columns, as scikit-learn does
+        chunks.append(counts)
+    weighted = sparse.vstack(chunks, format="csr", dtype=np.float32)
+    if vectorizer.sublinear_tf:
+        np.log(weighted.data, weighted.data)
+        weighted.data += 1.0
+    weighted.data *= vectorizer.idf_[weighted.indices]
+    return weighted
 
 
 def _unit_rows(matrix: sparse.spmatrix) -> sparse.csr_matrix:
@@ -230,29 +309,43 @@ class CorpusIndex:
         self._memo = _IndexMemo(self.specific, self.topic)
 
     @classmethod
-    def fit(cls, papers: Sequence[Paper]) -> CorpusIndex:
-        """Fit both views on the corpus (duplicates by id are kept once)."""
+    def fit(cls, papers: Sequence[Paper], bounds: FitBounds | None = None) -> CorpusIndex:
+        """Fit both views on the corpus (duplicates by id are kept once).
+
+        ``bounds`` (default CORPUS_FIT) limits what the vocabulary, idf and
+        topic space are fitted on, so the fit's time and memory stay bounded
+        as listings accumulate; every paper is still in the index.
+        """
+        bounds = bounds or CORPUS_FIT
         unique = list({p.id: p for p in papers}.values())
         texts = [_paper_text(p) for p in unique]
-        vectorizer = _make_vectorizer(len(unique))
+        chosen = _fit_rows(len(texts), bounds)
+        rest = np.setdiff1d(np.arange(len(texts)), chosen)  # sorted, as chosen is
+        older, window = [texts[i] for i in rest], [texts[i] for i in chosen]
+        vectorizer = _make_vectorizer(len(window), bounds.max_terms)
         try:
-            weighted = vectorizer.fit_transform(texts or [""])
+            fitted = vectorizer.fit_transform(window or [""])
         except ValueError:  # no usable term at all (empty corpus, stop words only)
             vectorizer = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", norm=None, dtype=np.float32)
-            weighted = vectorizer.fit_transform(texts + ["empty"])
-        weighted = weighted[: len(unique)].tocsr()
-        vectorizer.stop_words_ = (
-            None  # the terms cut by min_df/max_df: large and never needed again
-        )
+            fitted = vectorizer.fit_transform(window + ["empty"])
+        vectorizer.stop_words_ = None  # the terms cut by min_df/max_df: large, never needed again
+        # The older papers are weighted with the window's terms: one pass over each text.
+        parts = [_weigh(vectorizer, older)] if older else []
+        weighted = sparse.vstack([*parts, fitted[: len(window)]], format="csr", dtype=np.float32)
+        if len(rest) and rest[-1] > chosen[0]:  # a spread sample: rows back in corpus order
+            weighted = weighted[np.argsort(np.concatenate([rest, chosen]), kind="stable")]
         idf = vectorizer.idf_.astype(np.float32)
         specific = _unit_rows(weighted @ sparse.diags(idf ** (SPECIFIC_IDF_POWER - 1)))
         topic, svd, topic_mean, scales = (
-            _fit_topics(_unit_rows(weighted)) if unique else (None, None, None, ())
+            _fit_topics(_unit_rows(weighted), chosen, bounds)
+            if unique
+            else (None, None, None, ())
         )
         log.info(
-            "corpus index: %d papers, %d terms, topic space %s",
+            "corpus index: %d papers, %d terms (fitted on %d of the papers), topic space %s",
             len(unique),
             len(idf),
+            len(window),
             scales or "none",
         )
         return cls(unique, vectorizer, specific, topic, svd, topic_mean, scales)
@@ -549,18 +642,48 @@ class _IndexMemo:
         self._slot_of_row[missing] = slots
 
 
+def _fit_rows(count: int, bounds: FitBounds) -> np.ndarray:
+    """Which of ``count`` papers (in corpus order) the vocabulary, idf and SVD are fitted on."""
+    if bounds.window is None or bounds.window >= count:
+        return np.arange(count)
+    if bounds.spread:  # evenly spaced over the whole corpus, first and last included
+        return np.unique(np.linspace(0, count - 1, bounds.window).round().astype(np.int64))
+    return np.arange(count - bounds.window, count)
+
+
 def _fit_topics(
-    unit_tfidf: sparse.csr_matrix,
+    unit_tfidf: sparse.csr_matrix, fit_rows: np.ndarray, bounds: FitBounds
 ) -> tuple[np.ndarray | None, TruncatedSVD | None, np.ndarray | None, tuple[int, ...]]:
-    """The multi-scale LSA space, centred on the corpus mean; none for a tiny corpus."""
-    rank = min(max(TOPIC_SCALES), unit_tfidf.shape[0] - 1, unit_tfidf.shape[1] - 1)
+    """The multi-scale LSA space, centred on the corpus mean; none for a tiny corpus.
+
+    The SVD is fitted on the rows ``fit_rows`` (the window or sample) and
+    every row is projected with the same ``transform`` that projects phrases
+    and library entries, FIT_CHUNK rows at a time into one float32 array, so
+    the projection needs no more memory than the topic rows themselves.
+    """
+    fitted = unit_tfidf[fit_rows]
+    rank = min(max(TOPIC_SCALES), fitted.shape[0] - 1, fitted.shape[1] - 1)
     scales = tuple(k for k in TOPIC_SCALES if k <= rank) or ((rank,) if rank >= 2 else ())
     if not scales:
         return None, None, None, ()
-    svd = TruncatedSVD(n_components=max(scales), random_state=SVD_SEED, algorithm="randomized")
-    latent = svd.fit_transform(unit_tfidf)
-    mean = latent.mean(axis=0)
-    return _multi_scale(latent - mean, scales), svd, mean, scales
+    svd = TruncatedSVD(
+        n_components=max(scales),
+        random_state=SVD_SEED,
+        algorithm="randomized",
+        n_iter=bounds.svd_iterations,
+    )
+    # One BLAS thread: on a busy 2-core machine more threads cost 5x the CPU for the same
+    # SVD (measured 3.2 s vs 16 s at 8,000 x 50,000), and the result is then the same on
+    # machines with any core count.
+    with threadpool_limits(limits=1, user_api="blas"):
+        svd.fit(fitted)
+        # The projection is linear: the mean of the projected rows is the projected mean row.
+        mean = svd.transform(sparse.csr_matrix(unit_tfidf.mean(axis=0), dtype=np.float32))[0]
+        topic = np.empty((unit_tfidf.shape[0], sum(scales)), dtype=np.float32)
+        for start in range(0, unit_tfidf.shape[0], FIT_CHUNK):
+            rows = unit_tfidf[start : start + FIT_CHUNK]
+            topic[start : start + rows.shape[0]] = _multi_scale(svd.transform(rows) - mean, scales)
+    return topic, svd, mean, scales
 
 
 def _vocabulary_key(terms: np.ndarray, idf: np.ndarray, scales: tuple[int, ...]) -> str:
