@@ -22,6 +22,7 @@ sending back for a growing interval (``SmtpHold``).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import sqlite3
 import time
@@ -36,6 +37,7 @@ from ..errors import ConfigError, DigestError, SendError, StoreError, StoreWrite
 from ..ingest import IngestResult, scan_inbox
 from ..library import refresh_library
 from ..mailer import Mailer
+from ..paper import Paper
 from ..rank import CorpusIndex, ModelCache, Ranked, build_profile, is_personalised, rank
 from ..render import (
     EMAIL_POLICY,
@@ -101,6 +103,9 @@ class Runtime:
     # The sender lock; the daemon holds it for its life, else dispatch takes it per run.
     lock: StateLock | None = None
     smtp_hold: SmtpHold | None = None
+    # The papers after the lowest "since" a subscriber asked for, read once per corpus
+    # version and shared: (corpus_seq, since_seq, seqs, papers); see ``papers_after``.
+    _recent: tuple[int, int, list[int], list[Paper]] | None = None
     last_dispatch: str = ""  # one line about the last dispatch, for systemd's STATUS=
     progress_at: float = 0.0  # time.monotonic() of the last subscriber a dispatch finished
 
@@ -153,6 +158,21 @@ class Runtime:
             self._index = CorpusIndex.fit(self.store.all_papers())
             self._index_seq = seq
         return self._index
+
+    def papers_after(self, since_seq: int) -> list[Paper]:
+        """The stored papers ingested after ``since_seq``, in ingest order.
+
+        Read from the store once per corpus version for the lowest ``since_seq``
+        asked (a day's subscribers share most of their candidates), then sliced.
+        """
+        corpus_seq = self.store.corpus_seq()
+        recent = self._recent
+        if recent is None or recent[0] != corpus_seq or since_seq < recent[1]:
+            rows = self.store.papers_since(since_seq)
+            recent = (corpus_seq, since_seq, [seq for seq, _ in rows], [p for _, p in rows])
+            self._recent = recent
+        _, _, seqs, papers = recent
+        return papers[bisect.bisect_right(seqs, since_seq):]
 
     def first_time(self, email: str, day: date, what: str) -> bool:
         """True the first time (per process) this is noted for the subscriber's day."""
@@ -215,7 +235,9 @@ def prepare(
     """
     store = runtime.store
     corpus_seq = store.corpus_seq()
-    candidates = store.candidate_papers(sub.email, candidate_seq(store, sub, now))
+    since = candidate_seq(store, sub, now)
+    sent = store.sent_paper_ids(sub.email, since)
+    candidates = [p for p in runtime.papers_after(since) if p.id not in sent]
     if not candidates and not sub.send_empty:
         return None
     refresh_library(store, sub)
