@@ -41,7 +41,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from email import message_from_bytes
+from email import message_from_bytes, message_from_string
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -305,7 +305,11 @@ def render_digest(content: DigestContent, smtp: SmtpConfig, *, now: datetime) ->
     rendered = render_digest_bytes(content, smtp, now=now)
     policy = EMAIL_POLICY.clone(utf8=True) if rendered.smtputf8 else EMAIL_POLICY
     # Parsed with this policy's own line ends: the parser keeps a 7bit body's CRLFs as text.
-    message = message_from_bytes(rendered.data.replace(b"\r\n", b"\n"), policy=policy)
+    data = rendered.data.replace(b"\r\n", b"\n")
+    # UTF-8 headers (RFC 6532) are read from text: from bytes the parser would escape them.
+    # The bodies are ASCII (quoted-printable, base64 or 7bit) either way.
+    message = (message_from_string(data.decode("utf-8"), policy=policy) if rendered.smtputf8
+               else message_from_bytes(data, policy=policy))
     if not isinstance(message, EmailMessage):  # pragma: no cover - an EmailPolicy makes one
         raise TypeError("the email policy did not parse to an EmailMessage")
     return message
