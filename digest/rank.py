@@ -344,11 +344,13 @@ class CorpusIndex:
         if topic is not None:
             # No known term: no topic either (centring would point it at the anti-mean).
             topic = topic * (weighted.nnz > 0)
-        shared = _dense(self.specific @ specific.T).ravel()
+        # Through the postings of the phrase's own terms (the corpus transposed), not a pass
+        # over every term of every paper: 16 ms a phrase on the 580-day corpus otherwise.
+        shared = _dense(specific @ self._memo.transposed()).ravel()
         sims = shared.copy()
         topic_sims = None
         if self.topic is not None and topic is not None:
-            topic_sims = _topic_products(self.topic, topic).ravel()
+            topic_sims = np.asarray(self.topic @ topic[0], dtype=np.float32)
             sims = (sims + topic_sims) / 2
         order = np.argsort(-sims, kind="stable")
         rows = order[shared[order] > 0][:PHRASE_MATCHES].astype(np.int64)
@@ -496,6 +498,13 @@ class _IndexMemo:
                 _, dropped = self._phrases.popitem(last=False)
                 self._phrase_bytes -= dropped.nbytes
 
+    def transposed(self) -> sparse.csr_matrix:
+        """terms x papers: the specific view transposed (a term's row lists its papers)."""
+        with self._lock:
+            if self._specific_t is None:
+                self._specific_t = self._specific.T.tocsr()
+            return self._specific_t
+
     def gather(
         self, rows: np.ndarray, cols: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -523,11 +532,12 @@ class _IndexMemo:
     def _fill(self, missing: np.ndarray, keep: np.ndarray) -> None:
         """Compute ``missing`` rows into free slots, or the least recently used not in ``keep``."""
         n = self._specific.shape[0]
-        if self._spec is None or self._specific_t is None:
+        if self._specific_t is None:
+            self._specific_t = self._specific.T.tocsr()
+        if self._spec is None:
             self._spec = np.empty((self.capacity, n), dtype=np.float32)
             if self._topic is not None:
                 self._topic_rows = np.empty((self.capacity, n), dtype=np.float32)
-            self._specific_t = self._specific.T.tocsr()
         free = np.flatnonzero(self._row_of_slot < 0)
         need = len(missing) - len(free)
         if need > 0:
