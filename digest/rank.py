@@ -299,7 +299,7 @@ class CorpusIndex:
     def text_vectors(self, text: str) -> tuple[sparse.csr_matrix, np.ndarray | None]:
         """A text outside the corpus (a library entry) in both views, as a paper would be."""
         weighted = self.vectorizer.transform([text]).astype(np.float32)
-        specific = _unit_rows(weighted @ sparse.diags(self._idf ** (SPECIFIC_IDF_POWER - 1)))
+        specific = self._specific_row(weighted)
         if weighted.nnz == 0:
             return specific, None
         return specific, self._topic_of(weighted)
