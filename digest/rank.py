@@ -42,6 +42,7 @@ A subscriber with nothing to learn from gets the listing's own order
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -380,7 +381,7 @@ class CorpusIndex:
         return self._popularity[rows]
 
     def similarities(
-        self, rows: np.ndarray, cols: np.ndarray, *, shared: bool = False
+        self, rows: np.ndarray, cols: np.ndarray, *, shared: bool = False, asker: int = -2
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Cosines of papers ``rows`` to papers ``cols`` in both views: (len(rows) x len(cols))
         float32 arrays, the topic one None without a topic space.
@@ -388,14 +389,15 @@ class CorpusIndex:
         ``shared=True`` for rows many subscribers ask about (today's candidates):
         each such row's similarity to the whole corpus is computed once, in
         batches, and kept (up to SIMILARITY_MEMO_BYTES, least recently used
-        rows dropped beyond it); past the bound it is computed directly. Both
+        rows dropped beyond it) once a second scoring (``asker``) asks for
+        it; before that, and past the bound, it is computed directly. Both
         ways give the same specific cosines (the same products summed in the
         same order) and the same topic cosines (see :func:`_topic_products`).
         """
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
         if shared:
-            found = self._memo.gather(rows, cols)
+            found = self._memo.gather(rows, cols, asker)
             if found is not None:
                 return found
         return self.direct_similarities(rows, cols)
@@ -481,6 +483,9 @@ class _IndexMemo:
         self.capacity = min(n, similarity_bytes // row_bytes) if row_bytes else 0
         self._lock = threading.Lock()
         self._slot_of_row = np.full(n, -1, dtype=np.int64)
+        # Who asked for a row last: a row is kept only once a second scoring asks for it, so
+        # candidates nobody shares (the quality benchmark's cases) never cost a corpus pass.
+        self._asked_by = np.full(n, -1, dtype=np.int64)
         self._row_of_slot = np.full(self.capacity, -1, dtype=np.int64)
         self._used = np.zeros(self.capacity, dtype=np.int64)
         self._tick = 0
@@ -520,9 +525,11 @@ class _IndexMemo:
             return self._specific_t
 
     def gather(
-        self, rows: np.ndarray, cols: np.ndarray
+        self, rows: np.ndarray, cols: np.ndarray, asker: int
     ) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """Similarities of ``rows`` to ``cols`` from the slabs (filling them); None past capacity."""
+        """Similarities of ``rows`` to ``cols`` from the slabs (filling them); None past
+        capacity, or when a missing row was not yet asked for by another scoring than
+        ``asker`` (computed directly then)."""
         if self.capacity == 0:
             return None
         with self._lock:
@@ -531,6 +538,10 @@ class _IndexMemo:
                 return None
             slots = self._slot_of_row[wanted]
             missing = wanted[slots < 0]
+            first = self._asked_by[missing]
+            if len(missing) and np.any((first < 0) | (first == asker)):
+                self._asked_by[missing] = asker
+                return None
             if len(missing):
                 self._fill(missing, keep=slots[slots >= 0])
             slots = self._slot_of_row[rows]
@@ -994,6 +1005,9 @@ def _get_model(
 # --- Similarities of the papers being scored ----------------------------------------
 
 
+_ASKERS = itertools.count()  # numbers each scoring, for the memo's second-ask rule
+
+
 class _Pool:
     """Papers scored together (index rows) and their similarities to a model's points.
 
@@ -1015,6 +1029,7 @@ class _Pool:
         self.index = index
         self.model = model
         self.rows = rows
+        self.asker: int = base.asker if base is not None else next(_ASKERS)
         self._base = base  # a pool of the first rows, whose similarities are reused
         self._positives: tuple[np.ndarray, np.ndarray | None] | None = None
         self._negatives: tuple[np.ndarray, np.ndarray | None] | None = None
@@ -1029,7 +1044,7 @@ class _Pool:
 
     def pairs(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Similarities of every row to the papers ``cols`` (rows x cols, float32, both views)."""
-        return self.index.similarities(self.rows, cols, shared=True)
+        return self.index.similarities(self.rows, cols, shared=True, asker=self.asker)
 
     def positives(self) -> tuple[np.ndarray, np.ndarray | None]:
         """rows x positive points, in point order: (specific, topic or None)."""
@@ -1053,7 +1068,7 @@ class _Pool:
         if known is None:
             return compute(self)
         done = known[0].shape[0]
-        rest = compute(_Pool(self.index, self.model, self.rows[done:]))
+        rest = compute(_Pool(self.index, self.model, self.rows[done:], base=self))
         spec = np.vstack([known[0], rest[0]])
         topic = (np.vstack([known[1], rest[1]])
                  if known[1] is not None and rest[1] is not None else None)
