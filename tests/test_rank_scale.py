@@ -128,9 +128,13 @@ def test_past_its_bound_the_memo_drops_the_least_recently_used_rows(
     index.limit_memo(similarity_bytes=30 * row_bytes, phrase_bytes=0)
     first, second = [p.id for p in papers[:20]], [p.id for p in papers[20:40]]
     profile = Profile(liked=(papers[-1].id,))
-    before = rank(index, profile, first, limit=5)
-    rank(index, profile, second, limit=5)  # needs 20 rows: 10 of the first day's go
+    before = rank(index, profile, first, limit=5)  # asked once: computed directly
+    assert index.memo_counts()[1] == 0
+    assert rank(index, profile, first, limit=5) == before  # asked again: kept
+    rank(index, profile, second, limit=5)
+    rank(index, profile, second, limit=5)  # kept too: 10 of the first day's rows go
     assert index.memo_counts()[1] == 40
+    rank(index, profile, first, limit=5)
     assert rank(index, profile, first, limit=5) == before
     assert index.memo_counts()[1] == 50  # the 10 dropped rows computed again, the same numbers
     held = index._memo._row_of_slot
@@ -142,7 +146,8 @@ def test_the_specific_view_is_the_same_memoised_or_direct(
 ) -> None:
     rows = np.arange(0, len(index), 3)
     cols = np.arange(1, len(index), 2)
-    spec, topic = index.similarities(rows, cols, shared=True)
+    index.similarities(rows, cols, shared=True, asker=1)  # a first ask: computed directly
+    spec, topic = index.similarities(rows, cols, shared=True, asker=2)
     direct_spec, direct_topic = index.direct_similarities(rows, cols)
     assert np.array_equal(spec, direct_spec)  # the same products summed in the same order
     assert topic is not None and direct_topic is not None
