@@ -324,11 +324,11 @@ def cmd_preview(args: argparse.Namespace) -> int:
     if prepared is None:
         print(f"{sub.email}: no new papers; the next digest would be empty (not sent)")
         return EXIT_OK
-    print(f"Subject: {prepared.message.subject}\n")
-    print(render_text(prepared.content, config.smtp))
-    if args.html:
+    if args.html:  # first: a reader that stops early (``| head``) still gets the file
         Path(args.html).write_text(render_html(prepared.content, config.smtp), encoding="utf-8")
         print(f"HTML written to {args.html}", file=sys.stderr)
+    print(f"Subject: {prepared.message.subject}\n")
+    print(render_text(prepared.content, config.smtp))
     return EXIT_OK
 
 
@@ -959,6 +959,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output stopped early (``digest preview | head``): what it read is
+        # what it wanted. Point stdout at /dev/null so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

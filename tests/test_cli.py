@@ -105,3 +105,25 @@ def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     for module in sorted((ROOT / "digest").rglob("*.py")):  # every module, sub-packages too
         assert module.relative_to(ROOT).as_posix() in names
     assert any(name.endswith("entry_points.txt") for name in names)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    """``digest preview --html F | head -c 1``: the file is written, no BrokenPipeError."""
+    import subprocess
+    import sys
+
+    from .daemon_helpers import fill_inbox, write_daemon_config
+    from .helpers import ROOT
+
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=1, subscribers=[{"email": "ann@example.org"}])
+    html = tmp_path / "preview.html"
+    digest = f"{sys.executable} -m digest --config {config}"
+    command = (f"{digest} ingest >/dev/null && "
+               f"{digest} preview --user ann@example.org --html {html} | head -c 1")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, check=False)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "S"  # "Subject: ..."
+    assert html.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")

@@ -46,6 +46,24 @@ def digest_cli(config: Path, *args: str, **options: Any) -> subprocess.Completed
                           **options)
 
 
+def test_a_hard_linked_state_is_refused_with_one_error_line(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """Two names of one database would each get their own lock and write-ahead log: two
+    senders through them sent every digest twice. Refused; nothing is sent."""
+    server = smtp_server()
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(3),
+                                 digest=FAST)
+    assert digest_cli(config, "ingest").returncode == 0
+    state = tmp_path / "var" / "state.sqlite3"
+    (tmp_path / "var" / "second-name.sqlite3").hardlink_to(state)
+    send = digest_cli(config, "send", "--force")
+    assert (send.returncode, send.stderr) == (
+        1, (f"Error: {state}: the state database has 2 names (hard links); use one path for "
+            "it (a symlink is fine), or copy it\n"))
+    assert server.messages == []
+
+
 def test_the_lock_is_one_per_state_and_names_its_holder(tmp_path: Path) -> None:
     state = tmp_path / "state.sqlite3"
     first = StateLock(state)
@@ -68,8 +86,8 @@ def test_the_lock_is_one_per_state_and_names_its_holder(tmp_path: Path) -> None:
 def test_a_second_daemon_exits_at_once_and_send_refuses_while_one_dispatches(
         tmp_path: Path, smtp_server: StartServer) -> None:
     """30 subscribers through a slow server; ``send --force`` meanwhile: one digest each."""
-    server = smtp_server(delay=0.5)  # 15 s of dispatch on one connection: time for two
-    fill_inbox(tmp_path)              # child processes
+    server = smtp_server(delay=1.0)  # 30 s of dispatch on one connection: time for two
+    fill_inbox(tmp_path)              # child processes, even on a loaded machine
     config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(30),
                                  digest=FAST, smtp={"connections": 1})
     state = tmp_path / "var" / "state.sqlite3"

@@ -85,6 +85,7 @@ class StateLock:
     def acquire(self, role: str) -> None:
         if self._fd is not None:
             return
+        self._refuse_hard_links()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -109,6 +110,18 @@ class StateLock:
                              f"{exc.strerror or exc}") from exc
         self._fd = fd
         log.debug("state %s: locked by pid %d (%s)", self.state, os.getpid(), role)
+
+    def _refuse_hard_links(self) -> None:
+        """A state file with a second name (a hard link) would be locked under each name
+        apart, and SQLite keeps its write-ahead log per name: two senders could then send
+        every digest twice. A symlink is fine (the lock is named from the resolved path)."""
+        try:
+            links = os.stat(self.state).st_nlink
+        except OSError:
+            return  # not created yet: nothing can link to it
+        if links > 1:
+            raise StoreError(f"{self.state}: the state database has {links} names (hard "
+                             "links); use one path for it (a symlink is fine), or copy it")
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
