@@ -464,6 +464,22 @@ def test_state_commands_win_over_the_config_and_the_admin_sees_them(
     assert "send_at=07:30" in out and "like" in out
 
 
+def test_a_reply_cannot_grow_the_interests_past_the_configs_bounds(
+        tmp_path: Path, smtp_server: StartServer, dovecot: Dovecot) -> None:
+    """A 10,000-character phrase and a 250th interest are refused, as the config refuses them."""
+    world = make_world(tmp_path, smtp_server, dovecot)
+    digest = world.digests["alice@example.org"]
+    lines = ["interest add " + "x" * 10_000] + [f"interest add topic {n}" for n in range(250)]
+    world.append(reply(digest, "\n".join(lines)))
+    world.process()
+    with world.store() as store:
+        state = store.subscriber_state("alice@example.org")
+    alice = effective_subscriber(world.config().subscriber("alice@example.org"), state)  # type: ignore[arg-type]
+    assert len(alice.interests) == 200 and all(len(p) <= 300 for p in alice.interests)
+    text = digest_text(world.confirmations()[0])
+    assert "at most 300" in text and "the most there can be" in text
+
+
 def digest_date(world: World) -> str:
     with world.store() as store:
         return store.digests_of("alice@example.org")[0].local_date.isoformat()

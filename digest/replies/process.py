@@ -48,7 +48,7 @@ from zoneinfo import ZoneInfo
 import jinja2
 
 from .. import rank
-from ..config import Config, Subscriber
+from ..config import MAX_LIST_ITEMS, MAX_TEXT_CHARS, Config, Subscriber
 from ..errors import DigestError, SendError, StoreError
 from ..library import import_attachments
 from ..mailer import Mailer
@@ -555,6 +555,18 @@ class _Processor:
             added = [p for p in state.interests_added if p.casefold() != key]
             removed = [p for p in state.interests_removed if p.casefold() != key]
             if name == "interest-add":
+                # The config's own bounds: a reply cannot grow a profile past what the file may.
+                if len(phrase) > MAX_TEXT_CHARS:
+                    applied.refused.append(Problem(
+                        command.text, f"an interest is a phrase of at most {MAX_TEXT_CHARS} "
+                                      f"characters (this one has {len(phrase)})"))
+                    return state
+                current = {p.casefold() for p in self._interests(state)}
+                if key not in current and len(current) >= MAX_LIST_ITEMS:
+                    applied.refused.append(Problem(
+                        command.text, f"you have {len(current)} interests, the most there can "
+                                      "be; remove one first (“interest remove PHRASE”)"))
+                    return state
                 added.append(phrase)
                 applied.done.append(f"Added the interest “{phrase}”.")
                 applied.commands.append(f"interest add {phrase}")
