@@ -222,7 +222,7 @@ def test_an_empty_day_sends_nothing_and_the_next_digest_covers_everything_since(
     after_first = sim.store.paper_count()
     sim.run(utc("2026-03-02 07:50"), utc("2026-03-02 08:10"), TEN_MINUTES)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="digest.daemon"):
+    with caplog.at_level(logging.DEBUG, logger="digest.daemon"):  # "no new papers": a debug line
         sim.run(utc("2026-03-03 07:00"), utc("2026-03-03 21:50"), TEN_MINUTES)
         # The second dump arrives after 03-03's send time + max_late: it waits for 03-04.
         fill_inbox(tmp_path, [second])

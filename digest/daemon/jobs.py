@@ -49,9 +49,16 @@ from ..render import (
     render_digest_bytes,
 )
 from ..replies.process import CONFIRMATION_ATTEMPTS
-from ..store import Claim, DigestRow, ItemRow, Store, utc_now
+from ..store import Claim, DigestRow, ItemRow, Store, SubscriberState, utc_now
 from .lock import StateLock, owner_alive, process_owner
-from .schedule import SCHEDULE_LOOKBACK_DAYS, due, effective_subscriber, local_now
+from .schedule import (
+    SCHEDULE_LOOKBACK_DAYS,
+    due,
+    effective_subscriber,
+    is_paused,
+    latest_send_time,
+    local_now,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -410,9 +417,13 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             if not dry_run:
                 await _resend_unsent(runtime, mailer, deliveries, subscribers, stopped)
             batch: list[tuple[int, Prepared]] = []
+            settled = _Settled.read(runtime.store) if not force else None
             for place, sub in enumerate(subscribers, start=1):
                 if stopped():
                     break
+                if settled is not None and (quick := settled.outcome(sub, now)) is not None:
+                    placed.append((place, quick))
+                    continue
                 if mailer.unavailable is not None:
                     placed.append((place, Outcome(sub.email, "deferred",
                                                   _reason(mailer.unavailable))))
@@ -438,6 +449,43 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             outcomes.extend(await send_confirmations(runtime, mailer, stop))
     _after_dispatch(runtime, mailer, outcomes, now)
     return outcomes
+
+
+@dataclass(frozen=True)
+class _Settled:
+    """What a tick can settle from two bulk reads, without a query per subscriber.
+
+    At 100,000 subscribers most ticks find nearly everyone already sent,
+    paused or unsubscribed; a query or two each would make every tick cost
+    minutes. Both reads can only be stale in the safe direction for the
+    dispatch's span: a newest digest date only grows, and a state changed by a
+    reply meanwhile is seen on the next tick. Whoever is not settled here goes
+    through ``due`` with the store's current rows.
+    """
+
+    states: dict[str, SubscriberState]
+    newest: dict[str, date]  # each subscriber's newest digest's local date, any status
+
+    @classmethod
+    def read(cls, store: Store) -> _Settled:
+        return cls(store.all_subscriber_states(), store.newest_digest_dates())
+
+    def outcome(self, sub: Subscriber, now: datetime) -> Outcome | None:
+        """``unsubscribed``, ``paused``, ``not-due`` or ``already-sent``, or None: look closer."""
+        key = sub.email.lower()
+        state = self.states.get(key) or SubscriberState(subscriber=key)
+        effective = effective_subscriber(sub, state)
+        if state.unsubscribed:
+            return Outcome(sub.email, "unsubscribed")
+        if is_paused(state, local_now(effective, now).date()):
+            return Outcome(sub.email, "paused")
+        latest = latest_send_time(effective, now)
+        if latest is None:
+            return Outcome(sub.email, "not-due")
+        newest = self.newest.get(key)
+        if newest is not None and newest >= latest[0]:
+            return Outcome(sub.email, "already-sent")
+        return None
 
 
 # At most this many digests are claimed in one transaction (one commit for the batch). A
@@ -610,6 +658,9 @@ def _after_dispatch(runtime: Runtime, mailer: Mailer, outcomes: list[Outcome],
         return  # an idle tick: STATUS= keeps the last dispatch that did something
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"
     runtime.last_dispatch = f"last dispatch {now.strftime('%Y-%m-%d %H:%M UTC')}: {summary}"
+    # One line per dispatch that did something (a subscriber's own lines say what it was;
+    # "no new papers" is a debug line each, counted here as "empty").
+    log.info("dispatch: %s", summary)
 
 
 async def _unit(runtime: Runtime, who: str, work: Awaitable[T]) -> T | Outcome:
@@ -717,8 +768,8 @@ async def _prepare_one(
         for key in [k for k in runtime.empty_days if k[0] == empty_key[0]]:
             del runtime.empty_days[key]  # one remembered day per subscriber is enough
         runtime.empty_days[empty_key] = runtime.store.corpus_seq()
-        log.info("subscriber %s: no new papers for %s; nothing sent (looked again when "
-                 "papers arrive)", sub.email, verdict.local_date)
+        log.debug("subscriber %s: no new papers for %s; nothing sent (looked again when "
+                  "papers arrive)", sub.email, verdict.local_date)
         return Outcome(sub.email, "empty")
     runtime.empty_days.pop(empty_key, None)
     shown = len(prepared.content.items)
