@@ -417,7 +417,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             if not dry_run:
                 await _resend_unsent(runtime, mailer, deliveries, subscribers, stopped)
             batch: list[tuple[int, Prepared]] = []
-            settled = _Settled.read(runtime.store) if not force else None
+            settled = _Settled.read_or_none(runtime.store) if not force else None
             for place, sub in enumerate(subscribers, start=1):
                 if stopped():
                     break
@@ -467,8 +467,21 @@ class _Settled:
     newest: dict[str, date]  # each subscriber's newest digest's local date, any status
 
     @classmethod
-    def read(cls, store: Store) -> _Settled:
-        return cls(store.all_subscriber_states(), store.newest_digest_dates())
+    def read_or_none(cls, store: Store) -> _Settled | None:
+        """Both reads, or None when a row cannot be read (each subscriber is then looked at
+        alone, so a damaged row fails only its subscriber); an unusable database raises."""
+        try:
+            return cls(store.all_subscriber_states(), store.newest_digest_dates())
+        except StoreWriteError:
+            raise
+        except FATAL_ERRORS as exc:
+            store.probe()
+            reason = _exc_reason(exc)
+        except (ValueError, TypeError, KeyError) as exc:  # a damaged row: bad JSON, a bad date
+            reason = _exc_reason(exc)
+        log.warning("dispatch: the subscriber states cannot all be read at once (%s); each "
+                    "subscriber is looked at alone", reason)
+        return None
 
     def outcome(self, sub: Subscriber, now: datetime) -> Outcome | None:
         """``unsubscribed``, ``paused``, ``not-due`` or ``already-sent``, or None: look closer."""
