@@ -117,7 +117,7 @@ def test_sigterm_during_a_concurrent_dispatch_finishes_every_delivery_in_flight(
     assert store_counts(tmp_path) == Counter({"sent": received}) and received < 40
     assert max(m.connection for m in server.messages) > 1  # it did send concurrently
     with daemon_process(config, tmp_path / "second.log"):
-        wait_until(lambda: len(server.messages) >= 40, what="the rest of the digests")
+        wait_until(lambda: len(server.messages) >= 40, timeout=120, what="the rest of the digests")
         time.sleep(0.5)
     per_reader = Counter(recipient(m.message) for m in server.messages)
     assert len(per_reader) == 40 and set(per_reader.values()) == {1}

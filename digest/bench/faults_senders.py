@@ -190,6 +190,10 @@ def kill_campaign(folder: Path, *, subscribers: int, kills: int,
             daemon.kill()
             report.in_window += _accepted_but_claimed(state, server)
         daemon = _Daemon(config, folder / "daemon-final.log")
+        # Started first: the killed daemons may have served everyone already (several SMTP
+        # sessions send fast), and a SIGTERM before the daemon's handlers exist is no stop.
+        _wait(lambda: "daemon: started" in daemon.log() or daemon.proc.poll() is not None,
+              START_TIMEOUT)
         everyone = _wait(lambda: len({r.recipient for r in server.received}) >= subscribers
                          and not _claimed(state), START_TIMEOUT)
         time.sleep(0.5)
