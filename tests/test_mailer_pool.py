@@ -356,7 +356,7 @@ def test_a_server_capping_connections_per_client_shrinks_the_pool(
 def test_a_server_that_never_greets_sessions_beyond_its_cap_shrinks_the_pool(
         server_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
     server = server_factory(delay=0.02, cap=2, tarpit=True)
-    config = server.config(timeout=1.0)  # the wait for a greeting that never comes
+    config = server.config(timeout=2.0)  # the wait for a greeting that never comes
 
     async def dispatch() -> tuple[list[Any], Mailer]:
         async with Mailer(config, connections=4, **QUICK) as mailer:
