@@ -18,10 +18,15 @@ What each answer means (``SendError.kind``):
   server's setup; nobody is marked); a 5xx reply after DATA (552, 554) is final for that message only
   (``message``: the address is fine);
 * a server that cannot be reached, stays silent until the timeout or drops the
-  connection twice in a row for one message (once is retried at once, on a new
-  session) is ``server``: the mailer stops trying, and every
-  later ``send`` of the run raises the same error at once, so a hanging server
-  costs one timeout per run, not one per message;
+  connection twice in a row for one message before its recipients (once is
+  retried at once, on a new session) is ``server``: the mailer stops trying,
+  and every later ``send`` of the run raises the same error at once, so a
+  hanging server costs one timeout per run, not one per message;
+* a message whose RCPT or DATA makes the server drop a newly opened session
+  (it greeted and took MAIL FROM: the server works) after a first drop is
+  ``deferred`` alone (a content filter failing on it): the others go on, and
+  the caller tries it again at later dispatches; only ``DROP_LIMIT`` such
+  messages in a row, none accepted in between, are the server's failure;
 * login refused (535, 534), a TLS or greeting failure, or the sender address
   refused are ``config``: the settings must change, and the error says what to
   change (``port 465 usually means security = "tls"``, ``ca_file`` for a
@@ -74,6 +79,11 @@ SAME_REFUSAL_LIMIT = 3
 RELAY_HINT = ("the server refuses to relay: set username and password_env (or password_file) "
               "under [smtp], or use a server that accepts mail from this host")
 # A refusal about the sender's right to send (relaying, login), not about the address.
+# This many different messages in a row, each dropping a fresh session at RCPT or DATA and
+# none accepted in between, is a server that drops every message, not that many messages
+# its filter fails on: above the deliveries a dispatch has in flight at once (two per
+# session), so the claimed digests resent first cannot all be blamed on the server.
+DROP_LIMIT = 10
 _POLICY_REFUSAL = re.compile(
     r"relay|authenticat|auth(entication)? required|must (log ?in|authenticate)|sender "
     r"(address )?not (permitted|allowed)", re.IGNORECASE)
@@ -114,6 +124,28 @@ class _Outgoing:
         return self._built[eight_bit]
 
 
+class _Session(aiosmtplib.SMTP):
+    """aiosmtplib's client, remembering which command of the transaction is in flight.
+
+    A drop at RCPT or DATA on a session that greeted and took MAIL FROM is about
+    the message (a filter failing on it); a drop before that is about the server.
+    """
+
+    stage = ""  # "EHLO", "MAIL", "RCPT" or "DATA": the last command of the transaction
+
+    async def mail(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        self.stage = "MAIL"
+        return await super().mail(*args, **kwargs)
+
+    async def rcpt(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        self.stage = "RCPT"
+        return await super().rcpt(*args, **kwargs)
+
+    async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        self.stage = "DATA"
+        return await super().data(*args, **kwargs)
+
+
 class _Crowded(Exception):
     """The server refused one more session while others of ours are open (a cap per client)."""
 
@@ -129,8 +161,10 @@ class Mailer:
     closed, never reused. Until one login has succeeded, sessions are opened
     one at a time, so a wrong password costs one refused login, not
     ``connections``. A server that refuses one more session (a 4xx greeting)
-    while others of ours are open caps its clients: the pool shrinks to what
-    it took (``pool_size``), logged once per refusal, and nothing fails. ``close`` (or leaving the ``async with``) says QUIT on
+    (a 4xx greeting, a close or silence until the timeout before the greeting)
+    while others of ours are open caps its clients: the pool shrinks to the
+    sessions it took (``pool_size``), logged once when the opens in flight have
+    settled, and nothing fails. ``close`` (or leaving the ``async with``) says QUIT on
     every idle session. After a ``server`` or ``config`` failure,
     ``unavailable`` holds the error (set and logged once) and every later
     ``send``, and every send waiting for a session, raises it without
@@ -165,8 +199,12 @@ class Mailer:
         self.connections = 0  # how many connections this mailer has opened
         self.unavailable: SendError | None = None  # the session failure that ended this run
         self._password = password
-        self._idle: list[aiosmtplib.SMTP] = []  # open sessions no send is using
+        self._idle: list[_Session] = []  # open sessions no send is using
         self._slots = asyncio.Semaphore(size)  # one per session in use: at most ``size`` open
+        self._withheld = 0  # slots kept, not released, when the pool shrank by more than one
+        self._connecting = 0  # sessions being opened now
+        self._turned_away: list[str] = []  # refusals of one more session, not yet logged
+        self._dropped_streak = 0  # messages in a row that dropped a fresh session (DROP_LIMIT)
         self._opening = asyncio.Lock()  # opens one at a time until a login has succeeded
         self._proven = False  # a session was opened (and logged in) successfully
         self._open_count = 0  # sessions open now, idle or in use
@@ -262,7 +300,8 @@ class Mailer:
         Returns what the server offered (for ``check-config --connect``);
         raises ``SendError`` (kind ``server`` or ``config``, naming the fix).
         """
-        async with self._slots:
+        await self._slots.acquire()
+        try:
             client = await self._session(fresh=True)
             try:
                 if client.last_ehlo_response is None:  # no login, no STARTTLS: no EHLO yet
@@ -273,6 +312,8 @@ class Mailer:
             offered = " ".join(sorted(client.esmtp_extensions)) or "no extensions"
             tls = "TLS" if client.get_transport_info("sslcontext") is not None else "no TLS"
             self._idle.append(client)
+        finally:
+            self._release_slot()
         await self.close()
         return f"{tls}; offers {offered}"
 
@@ -282,7 +323,7 @@ class Mailer:
         self._open_count -= len(idle)
         await asyncio.gather(*(self._quit(client) for client in idle))
 
-    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+    async def _quit(self, client: _Session) -> None:
         if client.is_connected:
             try:
                 await client.quit()
@@ -348,7 +389,7 @@ class Mailer:
                 fresh = False  # the sessions still open are what there is
                 continue
             except BaseException:
-                self._slots.release()
+                self._release_slot()
                 raise
             try:
                 outcome = await self._attempt(client, outgoing, recipients, fresh=fresh)
@@ -356,7 +397,7 @@ class Mailer:
                 self._discard(client)  # failed or cancelled mid-way: never reused
                 raise
             finally:
-                self._slots.release()
+                self._release_slot()
             if outcome.broken or not client.is_connected:
                 self._discard(client)
             else:
@@ -364,18 +405,41 @@ class Mailer:
             return outcome
 
     def _shrink(self, crowded: _Crowded) -> None:
-        """The server caps how many sessions one client may open: use as many as it took."""
-        self.pool_size -= 1
-        log.warning("smtp %s: the server refused one more session while %d of ours are open "
-                    "(%s); sending over %d from now on (lower [smtp] connections)", self.where,
-                    self._open_count, crowded, self.pool_size)
+        """The server caps how many sessions one client may open: use as many as it took.
 
-    def _discard(self, client: aiosmtplib.SMTP) -> None:
+        The caller holds a slot and keeps it (that is one place fewer); the
+        pool becomes the sessions open now plus those still being opened (each
+        of which shrinks it again if refused), and the slots beyond that are
+        kept as they are handed back. Logged once the opens in flight settle.
+        """
+        size = max(1, min(self.pool_size - 1, self._open_count + self._connecting))
+        self._withheld += self.pool_size - 1 - size
+        self.pool_size = size
+        self._turned_away.append(str(crowded))
+        self._report_shrink()
+
+    def _report_shrink(self) -> None:
+        """One warning for the refusals of a burst of opens, with the pool size they left."""
+        if not self._turned_away or self._connecting:
+            return
+        refused, self._turned_away = self._turned_away, []
+        log.warning("smtp %s: the server refused %d more session(s) beyond the %d of ours it "
+                    "took (%s); sending over %d from now on (lower [smtp] connections)",
+                    self.where, len(refused), self.pool_size, refused[-1], self.pool_size)
+
+    def _release_slot(self) -> None:
+        """Hand a slot back, unless the pool shrank and this slot is one it gave up."""
+        if self._withheld:
+            self._withheld -= 1
+        else:
+            self._slots.release()
+
+    def _discard(self, client: _Session) -> None:
         """Close a session of the pool without a QUIT (it failed), freeing its place."""
         client.close()
         self._open_count -= 1
 
-    async def _attempt(self, client: aiosmtplib.SMTP, outgoing: _Outgoing,
+    async def _attempt(self, client: _Session, outgoing: _Outgoing,
                        recipients: list[str], *, fresh: bool) -> _Attempt:
         """One mail transaction on ``client``, its replies sorted out (see the module docstring)."""
         try:
@@ -408,13 +472,40 @@ class Mailer:
             if not fresh:  # an idle connection closed, a restart: once, at once, on a new one
                 return _Attempt(retry=list(recipients), problem=_describe(exc), at_once=True,
                                 broken=True)
+            if client.stage in ("RCPT", "DATA"):  # a new session got this far: the message
+                return self._dropped_twice(recipients, client.stage, exc)
             raise self._session_failure(exc) from exc  # a new session lost too: the server
         except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
             raise self._session_failure(exc) from exc
         except (aiosmtplib.SMTPException, ValueError) as exc:  # no SMTPUTF8, a bad address
             return _Attempt(refused=_refuse_all(recipients, _describe(exc), kind="message",
                                                 cause=exc))
+        else:
+            self._dropped_streak = 0  # the server took a message: it is not dropping them all
         return self._judge_refusals(recipients, errors)
+
+    def _dropped_twice(self, recipients: list[str], stage: str,
+                       exc: BaseException) -> _Attempt:
+        """A message that made two sessions drop, the second a new one, at its RCPT or DATA.
+
+        The new session greeted and took MAIL FROM, so the server works: the
+        message fails alone, ``deferred`` (tried again at the next dispatch),
+        unless ``DROP_LIMIT`` messages in a row did so with none accepted in
+        between (then raises the ``server`` failure, held for the run).
+        """
+        self._dropped_streak += 1
+        if self._dropped_streak >= DROP_LIMIT:
+            raise self._hold(SendError(
+                self.where, f"the server dropped the connection at {stage} for "
+                f"{self._dropped_streak} different messages in a row and took none in between "
+                f"({_describe(exc)}); the rest waits for the next dispatch", kind="server")
+            ) from exc
+        problem = (f"the server dropped the connection at {stage} for this message twice, "
+                   f"the second time on a new session ({_describe(exc)}), while it takes "
+                   "sessions (a filter failing on this message?); tried again at the next "
+                   "dispatch")
+        return _Attempt(refused=_refuse_all(recipients, problem, kind="deferred", cause=exc),
+                        broken=True)
 
     def _judge_refusals(self, recipients: list[str],
                         errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
@@ -457,9 +548,10 @@ class Mailer:
         return outcome
 
     async def _transaction(
-        self, client: aiosmtplib.SMTP, outgoing: _Outgoing, recipients: list[str]
+        self, client: _Session, outgoing: _Outgoing, recipients: list[str]
     ) -> dict[str, aiosmtplib.SMTPResponse]:
         """MAIL, RCPT and DATA for one message; returns the refused recipients' replies."""
+        client.stage = "EHLO"
         if client.is_ehlo_or_helo_needed:
             # Without TLS or a login, connect() sent no EHLO: the extensions are not known yet.
             try:
@@ -479,7 +571,7 @@ class Mailer:
                                           mail_options=options)
         return errors
 
-    async def _session(self, *, fresh: bool) -> aiosmtplib.SMTP:
+    async def _session(self, *, fresh: bool) -> _Session:
         """An idle session of the pool (unless ``fresh``), else a newly opened one.
 
         The caller holds a slot, so at most ``pool_size`` sessions are open.
@@ -501,7 +593,7 @@ class Mailer:
                     return await self._open()
         return await self._open()
 
-    def _take_idle(self) -> aiosmtplib.SMTP | None:
+    def _take_idle(self) -> _Session | None:
         """The most recently used idle session still connected (the server may close others)."""
         while self._idle:
             client = self._idle.pop()
@@ -510,12 +602,12 @@ class Mailer:
             self._discard(client)
         return None
 
-    async def _open(self) -> aiosmtplib.SMTP:
+    async def _open(self) -> _Session:
         """A new session: connect, and STARTTLS and log in as configured."""
         smtp = self.smtp
         username = smtp.username
         password = self._login_password() if username else None
-        client = aiosmtplib.SMTP(
+        client = _Session(
             hostname=smtp.host,
             port=smtp.port,
             use_tls=smtp.security == "tls",
@@ -526,22 +618,26 @@ class Mailer:
             username=username,
             password=password,
         )
+        self._connecting += 1
         try:
             await client.connect()
         except (aiosmtplib.SMTPException, OSError) as exc:
             client.close()
             if self.unavailable is not None:  # another session failed first: said already
                 raise self.unavailable from exc
-            if self._open_count > 0 and _crowded(exc):
+            if self._open_count > 0 and self.pool_size > 1 and _crowded(exc):
                 raise _Crowded(_describe(exc)) from exc
             if hostname_mismatch(exc):  # say which name the certificate is for
                 exc.certificate_names = await asyncio.to_thread(  # type: ignore[union-attr]
                     certificate_names, smtp.host, smtp.port, protocol="smtp",
                     security=smtp.security, ca_file=smtp.ca_file, timeout=smtp.timeout)
             raise self._session_failure(exc) from exc
+        finally:
+            self._connecting -= 1
         self._proven = True
         self.connections += 1
         self._open_count += 1
+        self._report_shrink()  # a burst of opens in which some were refused is over
         log.info("smtp %s: connected (%s%s)", self.where, smtp.security,
                  f", as {username}" if username else "")
         return client
@@ -727,10 +823,16 @@ def wire_format(message: EmailMessage | Message, *, utf8: bool, eight_bit: bool)
 
 def _crowded(exc: BaseException) -> bool:
     """A refusal of one more session, not of the server or the settings: a 4xx greeting
-    (421 "too many connections") or a connection closed before the greeting."""
+    (421 "too many connections"), a connection closed before the greeting, or no greeting
+    until the timeout (a tarpit for the sessions beyond a cap) on a connection it accepted."""
     if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
         return 400 <= exc.code < 500
-    return isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionResetError))
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
+        # aiosmtplib says "no greeting" with a read timeout as the cause; a timeout of the
+        # TCP connect itself (an unreachable host) has a plain TimeoutError there.
+        return isinstance(exc.__cause__, aiosmtplib.SMTPReadTimeoutError)
+    return _caused_by(exc, aiosmtplib.SMTPServerDisconnected) or \
+        _caused_by(exc, ConnectionResetError)
 
 
 def _unique(addresses: Sequence[str]) -> list[str]:

@@ -71,10 +71,18 @@ class Arrival:
 
 
 class _Handler:
-    def __init__(self, *, delay: float, closing_421_on: int | None, cap: int | None) -> None:
+    def __init__(self, *, delay: float, closing_421_on: int | None, cap: int | None,
+                 tarpit: bool = False, poison: str | None = None, drop_at: str = "RCPT",
+                 drop_every_data: bool = False) -> None:
         self.delay = delay
         self.cap = cap  # more sessions than this at once get a 421 greeting
+        self.tarpit = tarpit  # ... or, with this, no greeting at all (left waiting)
         self.turned_away = 0
+        self.poison = poison  # the session is dropped at this recipient's RCPT or DATA
+        self.drop_at = drop_at
+        self.drop_every_data = drop_every_data  # every DATA drops its session
+        self.drops = 0
+        self.drop_sessions = False  # set: every new connection is closed before the greeting
         self.closing_421_on = closing_421_on  # this connection answers 421 to its first DATA
         self.arrivals: list[Arrival] = []
         self.refused_421 = 0
@@ -83,8 +91,25 @@ class _Handler:
         self.most_open = 0  # the most sessions open at one time
         self.lock = threading.Lock()
 
+    def _drop(self, server: SMTP) -> str:
+        """Close the session without an answer, as a crashing content filter does."""
+        with self.lock:
+            self.drops += 1
+        assert server.transport is not None
+        server.transport.close()
+        return "421 4.3.0 (never seen: the connection is closed)"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if address == self.poison and self.drop_at == "RCPT":
+            return self._drop(server)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         number: int = getattr(server, "connection_number", 0)
+        if self.drop_every_data or (self.poison in envelope.rcpt_tos and self.drop_at == "DATA"):
+            return self._drop(server)
         if number == self.closing_421_on and not self.refused_421:
             self.refused_421 += 1
             return "421 4.3.2 Service shutting down, closing transmission channel"
@@ -127,6 +152,10 @@ class _TrackedSMTP(SMTP):
 
     def connection_made(self, transport: Any) -> None:
         tracker = self.tracker
+        if tracker.drop_sessions:  # a server that drops every session: gone before it greets
+            self.turned_away = True
+            transport.close()
+            return
         with tracker.lock:
             if tracker.cap is not None and tracker.open >= tracker.cap:
                 tracker.turned_away += 1
@@ -134,11 +163,18 @@ class _TrackedSMTP(SMTP):
             else:
                 tracker.open += 1
                 tracker.most_open = max(tracker.most_open, tracker.open)
+        if self.turned_away and tracker.tarpit:  # no greeting: the client waits until it gives up
+            return
         if self.turned_away:  # as a relay capping the connections of one client does
             transport.write(b"421 4.7.0 Too many connections from your host\r\n")
             transport.close()
             return
         super().connection_made(transport)
+
+    def eof_received(self) -> bool | None:
+        if self.turned_away:  # a session it never greeted: nothing of aiosmtpd's to close
+            return False
+        return super().eof_received()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.turned_away:
@@ -150,8 +186,10 @@ class _TrackedSMTP(SMTP):
 
 class Server:
     def __init__(self, *, delay: float = 0.0, closing_421_on: int | None = None,
-                 cap: int | None = None, smtputf8: bool = True, eight_bit: bool = True) -> None:
-        self.handler = _Handler(delay=delay, closing_421_on=closing_421_on, cap=cap)
+                 cap: int | None = None, smtputf8: bool = True, eight_bit: bool = True,
+                 **misbehaviour: Any) -> None:
+        self.handler = _Handler(delay=delay, closing_421_on=closing_421_on, cap=cap,
+                                **misbehaviour)
         # decode_data=True is how aiosmtpd stops offering 8BITMIME (a 7-bit server).
         self.controller = _NumberingController(self.handler, enable_SMTPUTF8=smtputf8,
                                                decode_data=not eight_bit)
@@ -310,7 +348,32 @@ def test_a_server_capping_connections_per_client_shrinks_the_pool(
     assert server.copies() == Counter({reader(n): 1 for n in range(16)})
     assert mailer.pool_size == 2 and server.handler.turned_away == 2
     assert server.handler.most_open == 2
-    assert any("sending over 2 from now on" in r.getMessage() for r in caplog.records)
+    [warning] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert "beyond the 2 of ours it took" in warning  # the numbers are the ones used
+    assert "sending over 2 from now on" in warning
+
+
+def test_a_server_that_never_greets_sessions_beyond_its_cap_shrinks_the_pool(
+        server_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    server = server_factory(delay=0.02, cap=2, tarpit=True)
+    config = server.config(timeout=2.0)  # the wait for a greeting that never comes
+
+    async def dispatch() -> tuple[list[Any], Mailer]:
+        async with Mailer(config, connections=4, **QUICK) as mailer:
+            results = await send_many(mailer, 40)
+        return results, mailer
+
+    with caplog.at_level(logging.WARNING, logger="digest.mailer"):
+        results, mailer = run(dispatch())
+
+    assert results == [{}] * 40
+    assert mailer.unavailable is None  # a tarpit for extra sessions is not a server down
+    assert server.copies() == Counter({reader(n): 1 for n in range(40)})
+    assert mailer.pool_size == 2 and server.handler.turned_away == 2
+    assert server.handler.most_open == 2
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "digest.mailer"]
+    assert "refused 2 more session(s) beyond the 2 of ours it took" in warning
+    assert "sending over 2 from now on" in warning
 
 
 def test_a_refused_login_with_k_tasks_waiting_is_one_login_and_one_error(
@@ -375,6 +438,86 @@ def test_a_server_gone_mid_dispatch_is_unavailable_once_for_every_task(
     assert all(result is mailer.unavailable for result in results)
     assert len([r for r in caplog.records if r.name == "digest.mailer"]) == 1
     assert server.copies() == Counter({reader(n): 1 for n in range(8)})
+
+
+@pytest.mark.parametrize("stage", ["RCPT", "DATA"])
+def test_a_message_that_drops_the_session_fails_alone_and_the_others_go_on(
+        server_factory: Any, stage: str) -> None:
+    poison = reader(17)
+    server = server_factory(delay=0.01, poison=poison, drop_at=stage)
+
+    async def dispatch() -> tuple[list[Any], Mailer]:
+        async with Mailer(server.config(), connections=4, **QUICK) as mailer:
+            results = await send_many(mailer, 40)
+        return results, mailer
+
+    results, mailer = run(dispatch())
+
+    failed = results.pop(17)
+    assert isinstance(failed, SendError) and failed.kind == "deferred"
+    assert f"dropped the connection at {stage} for this message twice" in str(failed)
+    assert results == [{}] * 39
+    assert mailer.unavailable is None  # the server works: one message is not its failure
+    assert server.copies() == Counter({reader(n): 1 for n in range(40) if n != 17})
+    assert server.handler.drops == 2  # tried once more on a new session, then left
+
+
+def test_a_message_that_dropped_sessions_is_deferred_at_the_start_of_a_run_too(
+        server_factory: Any) -> None:
+    server = server_factory(poison=reader(0), drop_at="DATA")
+
+    async def resend_first() -> tuple[Any, dict[str, SendError], Mailer]:
+        async with Mailer(server.config(), connections=4, **QUICK) as mailer:
+            try:
+                await mailer.send_bytes(letter(0), recipients=[reader(0)])
+            except SendError as exc:
+                first: Any = exc
+            later = await mailer.send_bytes(letter(1), recipients=[reader(1)])
+        return first, later, mailer
+
+    first, later, mailer = run(resend_first())
+
+    assert isinstance(first, SendError) and first.kind == "deferred"  # nothing sent before it
+    assert later == {} and mailer.unavailable is None
+    assert server.copies() == Counter({reader(1): 1})
+
+
+def test_a_server_that_drops_every_message_is_unavailable(server_factory: Any) -> None:
+    from digest.mailer import DROP_LIMIT
+
+    server = server_factory(drop_every_data=True)
+
+    async def dispatch() -> tuple[list[Any], Mailer]:
+        async with Mailer(server.config(), connections=4, **QUICK) as mailer:
+            results = await send_many(mailer, 40)
+        return results, mailer
+
+    results, mailer = run(dispatch())
+
+    error = mailer.unavailable
+    assert error is not None and error.kind == "server"
+    assert f"for {DROP_LIMIT} different messages in a row" in str(error)
+    assert all(isinstance(r, SendError) for r in results)
+    deferred = [r for r in results if r is not error]
+    assert all(r.kind == "deferred" for r in deferred) and len(deferred) < DROP_LIMIT
+    assert server.arrivals == []
+
+
+def test_a_server_that_drops_every_session_before_greeting_is_unavailable(
+        server_factory: Any) -> None:
+    server = server_factory()
+    server.handler.drop_sessions = True
+
+    async def dispatch() -> tuple[list[Any], Mailer]:
+        async with Mailer(server.config(), connections=4, **QUICK) as mailer:
+            results = await send_many(mailer, 40)
+        return results, mailer
+
+    results, mailer = run(dispatch())
+
+    assert mailer.unavailable is not None and mailer.unavailable.kind == "server"
+    assert all(result is mailer.unavailable for result in results)
+    assert server.connections == 1 and server.arrivals == []
 
 
 CONFIG = """
