@@ -55,8 +55,7 @@ from .schedule import (
     SCHEDULE_LOOKBACK_DAYS,
     due,
     effective_subscriber,
-    is_paused,
-    latest_send_time,
+    judge,
     local_now,
 )
 
@@ -421,7 +420,8 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             for place, sub in enumerate(subscribers, start=1):
                 if stopped():
                     break
-                if settled is not None and (quick := settled.outcome(sub, now)) is not None:
+                if settled is not None and (
+                        quick := settled.outcome(sub, now, runtime.config.max_late)) is not None:
                     placed.append((place, quick))
                     continue
                 if mailer.unavailable is not None:
@@ -449,6 +449,10 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             outcomes.extend(await send_confirmations(runtime, mailer, stop))
     _after_dispatch(runtime, mailer, outcomes, now)
     return outcomes
+
+
+# What a bulk read can settle for good during one dispatch (see ``_Settled``).
+SETTLED = frozenset({"unsubscribed", "paused", "not-due", "already-sent"})
 
 
 @dataclass(frozen=True)
@@ -483,22 +487,14 @@ class _Settled:
                     "subscriber is looked at alone", reason)
         return None
 
-    def outcome(self, sub: Subscriber, now: datetime) -> Outcome | None:
-        """``unsubscribed``, ``paused``, ``not-due`` or ``already-sent``, or None: look closer."""
+    def outcome(self, sub: Subscriber, now: datetime, max_late: timedelta) -> Outcome | None:
+        """``unsubscribed``, ``paused``, ``not-due`` or ``already-sent``, or None: look closer
+        (``due`` and ``late`` are judged again from the current rows)."""
         key = sub.email.lower()
         state = self.states.get(key) or SubscriberState(subscriber=key)
-        effective = effective_subscriber(sub, state)
-        if state.unsubscribed:
-            return Outcome(sub.email, "unsubscribed")
-        if is_paused(state, local_now(effective, now).date()):
-            return Outcome(sub.email, "paused")
-        latest = latest_send_time(effective, now)
-        if latest is None:
-            return Outcome(sub.email, "not-due")
-        newest = self.newest.get(key)
-        if newest is not None and newest >= latest[0]:
-            return Outcome(sub.email, "already-sent")
-        return None
+        verdict = judge(effective_subscriber(sub, state), state, self.newest.get(key), now,
+                        max_late)
+        return Outcome(sub.email, verdict.status) if verdict.status in SETTLED else None
 
 
 # At most this many digests are claimed in one transaction (one commit for the batch). A

@@ -134,15 +134,29 @@ def due(runtime: Runtime, sub: Subscriber, now: datetime, *, force: bool = False
     if force:
         status = "already-sent" if store.digest_on(sub.email, today) is not None else "due"
         return Due(status, today)
+    newest = store.digests_of(sub.email, limit=1)
+    return judge(sub, state, newest[0].local_date if newest else None, now,
+                 runtime.config.max_late)
+
+
+def judge(sub: Subscriber, state: SubscriberState, newest: date | None, now: datetime,
+          max_late: timedelta) -> Due:
+    """``due`` without ``force``, from what the store holds: the subscriber's state and the
+    local date of their newest digest (any status; None for none). A dispatch judges
+    everyone with it from two bulk reads; ``due`` from the current rows."""
+    today = local_now(sub, now).date()
+    if state.unsubscribed:
+        return Due("unsubscribed", today)
+    if is_paused(state, today):
+        return Due("paused", today)
     latest = latest_send_time(sub, now)
     if latest is None:  # pragma: no cover - days is never empty
         return Due("not-due", today)
     day, scheduled = latest
-    newest = store.digests_of(sub.email, limit=1)
-    if newest and newest[0].local_date >= day:
+    if newest is not None and newest >= day:
         return Due("already-sent", day, scheduled)
     if is_paused(state, day):
         return Due("paused", day, scheduled)
-    if now - scheduled > runtime.config.max_late:
+    if now - scheduled > max_late:
         return Due("late", day, scheduled)
     return Due("due", day, scheduled)
