@@ -420,10 +420,16 @@ def _escape(text: str) -> str:
     return "".join(f"\\u{ord(ch):04x}" if _is_control(ch) else ch for ch in text)
 
 
+# Bidirectional embeddings, overrides and isolates (Unicode UAX #9): invisible, and they show
+# text reversed, so a name with U+202E reads as someone else's in a To header or a log line.
+# The marks U+200E/U+200F are left alone: right-to-left names legitimately carry them.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _is_control(ch: str) -> bool:
     # Cc: C0/C1 controls (NUL, CR, LF, ESC...); Zl/Zp: line and paragraph separators,
     # which str.splitlines() and some terminals treat as line breaks; Cs: lone surrogates.
-    return unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs")
+    return unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") or ch in _BIDI_CONTROLS
 
 
 def _has_control(text: str) -> bool:
@@ -804,10 +810,38 @@ def load_zone(name: str) -> ZoneInfo:
     """
     if len(name) > 64:
         raise _Bad(f"unknown time zone {_show(name)}")
+    refused = _refused_zone(name)
+    if refused is not None:
+        raise _Bad(refused)
     try:
         return _zone(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise _Bad(f"unknown time zone {_show(name)}") from None
+
+
+def _refused_zone(name: str) -> str | None:
+    """Why a name the zone folder holds is still not a subscriber's zone, else None.
+
+    Debian's tzdata ships ``localtime`` (this machine's own zone: the config would
+    mean another time on another host), ``posix/`` (copies of the plain names),
+    ``right/`` (clocks that count leap seconds: every send time would be 27 s off,
+    tzfile(5)), ``posixrules`` (the rules for POSIX TZ strings) and ``Factory``
+    (tzdata's placeholder for "zone not set").
+    """
+    folded = name.strip().lower()
+    if folded == "localtime":
+        return (f"time zone {_show(name)} means whatever zone this machine is set to; "
+                'write an IANA name like "Europe/Berlin"')
+    if folded in ("factory", "posixrules"):
+        return (f"time zone {_show(name)} is a file of tzdata's, not a place; write an IANA "
+                'name like "Europe/Berlin"')
+    prefix, _, rest = name.partition("/")
+    if prefix.lower() == "right" and rest:
+        return (f"time zone {_show(name)} counts leap seconds, so send times would be 27 s "
+                f"off; write {_show(rest)}")
+    if prefix.lower() == "posix" and rest:
+        return f"time zone {_show(name)} is a copy of tzdata's {_show(rest)}; write {_show(rest)}"
+    return None
 
 
 # A config names a few dozen zones, each for many subscribers. Only zones found are kept

@@ -222,12 +222,21 @@ def cases() -> list[Case]:
              "subscribers[0].name"),
         Case("name: a number", config_text({sub: ["name = 7"]}, drop=("name",)),
              "subscribers[0].name"),
+        Case("name: a right-to-left override", config_text(
+            {sub: ['name = "Alice \u202eecilA"']}, drop=("name",)), "subscribers[0].name"),
+        Case("name: right-to-left letters", config_text(
+            {sub: ['name = "\u05e8\u05d7\u05dc \u200f(Rachel)"']}, drop=("name",)), None),
         # [[subscribers]]: time zones, times, days, lists, numbers.
         _line(sub, 'timezone = "Europe/Berln"', 'subscribers[0].timezone: unknown time zone'),
         _line(sub, 'timezone = "../../../etc/passwd"', "subscribers[0].timezone"),
         _line(sub, 'timezone = ""', "subscribers[0].timezone"),
         _line(sub, 'timezone = "zone.tab"', "subscribers[0].timezone"),
         _line(sub, "timezone = 1", "subscribers[0].timezone"),
+        # Files of Debian's tzdata that are not a place: this host's zone, leap-second clocks.
+        _line(sub, 'timezone = "localtime"', "subscribers[0].timezone"),
+        _line(sub, 'timezone = "right/Europe/Berlin"', "subscribers[0].timezone"),
+        _line(sub, 'timezone = "posix/Europe/Berlin"', "subscribers[0].timezone"),
+        _line(sub, 'timezone = "Factory"', "subscribers[0].timezone"),
         _line(sub, 'send_at = "8:60"', "subscribers[0].send_at"),
         _line(sub, "send_at = 800", "subscribers[0].send_at"),
         _line(sub, 'send_at = "\u0660\u0668:\u0660\u0660"', "subscribers[0].send_at"),
