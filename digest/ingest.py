@@ -18,6 +18,7 @@ own failure, and the file stays in the inbox for when the database is back.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -141,6 +142,10 @@ def move_to_failed(path: Path, reason: str) -> Path:
     is raised (the file stays where it was).
     """
     failed = path.parent / FAILED_DIR
+    if failed.is_symlink() or (failed.exists() and not failed.is_dir()):
+        # mkdir would say only "File exists"; the admin needs to know which file is in the way.
+        raise OSError(errno.ENOTDIR, f"{FAILED_DIR} in the inbox is a file, not a folder: "
+                      "rename or move that file")
     failed.mkdir(exist_ok=True)
     name = _short_name(path.name)
     target = failed / name

@@ -176,6 +176,22 @@ def test_failed_names_never_overwrite(tmp_path: Path) -> None:
     assert names == ["junk.1.txt", "junk.1.txt.reason", "junk.txt", "junk.txt.reason"]
 
 
+def test_a_file_named_failed_in_the_inbox_is_named_in_the_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Where failed/ should go sits a file: bad dumps stay put, the log says which file to move."""
+    inbox = tmp_path / "inbox"
+    copy_samples(inbox)
+    for name, data in (("failed", b"notes of mine\n"), ("junk.txt", b"not a dump\n")):
+        (inbox / name).write_bytes(data)
+        os.utime(inbox / name, (time.time() - 60,) * 2)
+    with Store(tmp_path / "s.sqlite3") as store:
+        results = scan_inbox(store, inbox, stable_seconds=5)
+        assert sorted(r.status for r in results) == ["failed"] * 2 + ["ingested"] * 2
+    assert (inbox / "junk.txt").read_bytes() == b"not a dump\n"  # kept, tried again later
+    assert (inbox / "failed").read_bytes() == b"notes of mine\n"
+    assert "failed in the inbox is a file, not a folder: rename or move that file" in caplog.text
+
+
 def test_explicit_file_ingest(tmp_path: Path) -> None:
     with Store(tmp_path / "s.sqlite3") as store:
         result = ingest_file(store, sample_dumps()[1])
