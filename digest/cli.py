@@ -803,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ndcg", type=float, metavar="X",
                    help="exit 1 when nDCG@10 is below X (a CI quality gate)")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
-    from .bench.learning import DEFAULT_DAYS, DEFAULT_READERS, VARIANTS
+    from .bench.options import DEFAULT_DAYS, DEFAULT_READERS, VARIANTS
 
     p = bench_commands.add_parser(
         "learning", help="Closed-loop learning: simulated readers reply to daily digests.",
@@ -917,7 +917,7 @@ def _add_bench_config(bench_commands: argparse._SubParsersAction) -> None:  # ty
 
 def _add_bench_corpus(bench_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """``digest bench corpus``: the corpus fit's time and memory, bounded against unbounded."""
-    from .bench.corpus import DEFAULT_METHODS, METHODS
+    from .bench.options import CORPUS_METHODS, DEFAULT_CORPUS_METHODS
 
     text = "Corpus fit: wall and CPU seconds and peak memory, per fitting method."
     p = bench_commands.add_parser(
@@ -929,9 +929,9 @@ def _add_bench_corpus(bench_commands: argparse._SubParsersAction) -> None:  # ty
                    default=str(_shared() / "bench" / "datasets" / "arxiv-authors-public"),
                    help="the dataset folder (default: ../shared/bench/datasets/"
                    "arxiv-authors-public, 33k papers)")
-    p.add_argument("--method", action="append", choices=list(METHODS),
+    p.add_argument("--method", action="append", choices=CORPUS_METHODS,
                    help="a fitting method (repeatable; default: "
-                   f"{' and '.join(DEFAULT_METHODS)}; 'all' is the unbounded fit)")
+                   f"{' and '.join(DEFAULT_CORPUS_METHODS)}; 'all' is the unbounded fit)")
     p.add_argument("--runs", type=int, default=3, help="runs per method (medians are reported)")
     p.add_argument("--repeat", type=int, default=1, metavar="K",
                    help="repeat the papers K times under new ids (a larger corpus; default 1)")

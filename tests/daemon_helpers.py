@@ -177,7 +177,7 @@ class DaemonProcess:
         return self.proc.returncode
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 20, what: str = "") -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

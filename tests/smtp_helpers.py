@@ -25,6 +25,7 @@ import email
 import email.policy
 import ssl
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -99,6 +100,10 @@ class SmtpServer:
     def data_commands(self) -> int:
         """How many DATA commands arrived, including the ones answered with a failure."""
         return self._handler.behaviour.data_commands
+
+    def set_delay(self, seconds: float) -> None:
+        """Make each DATA wait ``seconds`` from now on, the ones waiting already included."""
+        self._handler.behaviour.delay = seconds
 
     def smtp_config(self, **overrides: Any) -> SmtpConfig:
         """An ``SmtpConfig`` that reaches this server (self-signed cert accepted)."""
@@ -270,7 +275,10 @@ class _RecordingHandler:
         if behaviour.data_commands <= behaviour.drop_first + behaviour.fail_first:
             return behaviour.defer_reply
         if behaviour.delay:
-            await asyncio.sleep(behaviour.delay)
+            # In steps, so a test can change the delay (``set_delay``) while a message waits.
+            started = time.monotonic()
+            while time.monotonic() - started < behaviour.delay:
+                await asyncio.sleep(0.05)
         raw = envelope.original_content or b""
         message = email.message_from_bytes(raw, policy=email.policy.default)
         with self.lock:

@@ -127,3 +127,36 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == "S"  # "Subject: ..."
     assert html.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_the_parser_and_check_config_import_no_ranking_stack(tmp_path: Path) -> None:
+    """Every command builds the whole parser: it must not pay for numpy/scipy/scikit-learn
+    (about a second per command); only the commands that rank import them."""
+    config = write_config(tmp_path, """
+        [digest]
+        inbox = "inbox"
+        state = "state.sqlite3"
+        [smtp]
+        sink = "outbox"
+        [[subscribers]]
+        email = "a@example.org"
+        interests = ["graph neural networks"]
+    """)
+    (tmp_path / "inbox").mkdir()
+    probe = (
+        "import sys\n"
+        "from digest.cli import build_parser, main\n"
+        "build_parser().format_help()\n"
+        f"code = main(['--config', {str(config)!r}, 'check-config'])\n"
+        "heavy = sorted(m for m in ('sklearn', 'scipy', 'numpy', 'digest.rank') if m in sys.modules)\n"
+        "print(code, heavy)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
+
+
+def test_the_corpus_bench_choices_name_its_methods() -> None:
+    from digest.bench import corpus, options
+
+    assert options.CORPUS_METHODS == tuple(corpus.METHODS)
+    assert set(options.DEFAULT_CORPUS_METHODS) <= set(corpus.METHODS)

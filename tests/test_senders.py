@@ -233,8 +233,10 @@ def test_send_through_a_symlinked_state_does_not_take_over_the_daemons_claims(
                                  smtp={"connections": 1})
     with daemon_process(config, tmp_path / "daemon.log") as daemon:
         wait_until(lambda: len(server.messages) >= 1, timeout=60, what="the dispatch to start")
+        server.set_delay(600)  # the daemon's dispatch waits until the CLI has had its say
         send = digest_cli(linked, "send", "--force")
         assert len(server.messages) < 12  # it came while the daemon was still sending
+        server.set_delay(0.6)
         wait_until(lambda: len(server.messages) >= 12, timeout=60, what="all 12 digests")
         time.sleep(1)
         assert daemon.stop() == 0

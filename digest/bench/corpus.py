@@ -25,6 +25,7 @@ from typing import Any
 from ..errors import DigestError
 from ..paper import Paper
 from ..rank import CORPUS_FIT, UNBOUNDED_FIT, CorpusIndex, FitBounds
+from .options import DEFAULT_CORPUS_METHODS
 from .quality import load_dataset
 
 # The methods measured, by name: the fit before issue 13 (the baseline), the
@@ -38,7 +39,7 @@ METHODS: dict[str, FitBounds] = {
     "window-4k-cap-50k": FitBounds(window=4_000, max_terms=50_000),
     "shipped": CORPUS_FIT,
 }
-DEFAULT_METHODS = ("all", "shipped")
+DEFAULT_METHODS = DEFAULT_CORPUS_METHODS
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")  # writing "5" resets the peak RSS (Linux >= 4.0)
 

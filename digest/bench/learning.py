@@ -53,13 +53,11 @@ from ..replies import process_replies
 from ..replies.mailboxes import MaildirMailbox
 from ..store import utc_now
 from .ingest import render_page_dump
+from .options import DEFAULT_DAYS, DEFAULT_READERS, VARIANTS
 from .quality import Dataset, load_dataset
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("like-skip", "like-only", "top5")
-DEFAULT_DAYS = 15
-DEFAULT_READERS = 40
 LISTING_SIZE = 100  # a busy day of trending papers; a digest shows a tenth of it
 DIGEST_SIZE = 10
 MIN_LIBRARY = 10  # a reader needs a seed and enough papers to find over the days
