@@ -61,7 +61,7 @@ def test_run_sends_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path,
         started = time.monotonic()
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit() == 0
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 15  # a stop that hangs, not a speed (a shared CI)
     assert sorted(recipient(m.message) for m in server.messages) == [
         "reader00@example.org", "reader01@example.org"]
     log = daemon.log()
@@ -87,7 +87,7 @@ def test_sigterm_during_a_dispatch_loses_and_repeats_nothing(tmp_path: Path,
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit() == 0
         stop_seconds = time.monotonic() - started
-    assert stop_seconds < 3, stop_seconds
+    assert stop_seconds < 15, stop_seconds  # a hang; "received < 25" below is the behaviour
     received = len(server.messages)
     counts = store_counts(tmp_path)
     # The message in flight was finished and marked sent; nothing was left claimed.
@@ -154,7 +154,7 @@ def test_kill_9_then_restart_repeats_and_loses_nothing(tmp_path: Path,
 
 
 def test_a_second_sigterm_exits_at_once(tmp_path: Path, smtp_server: StartServer) -> None:
-    server = smtp_server(delay=5)
+    server = smtp_server(delay=30)
     fill_inbox(tmp_path)
     config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(2),
                                  digest=FAST)
@@ -166,7 +166,7 @@ def test_a_second_sigterm_exits_at_once(tmp_path: Path, smtp_server: StartServer
         started = time.monotonic()
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit() == 128 + signal.SIGTERM
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 10  # not the 30 s the message in flight needs
     assert "daemon: second SIGTERM, exiting at once" in daemon.log()
 
 
