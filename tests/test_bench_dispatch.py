@@ -6,10 +6,15 @@ that it runs the real dispatch, checks delivery and reports every field.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import multiprocessing
+import signal
 import sqlite3
+import time
 from collections.abc import Sequence
 from datetime import date
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -17,9 +22,12 @@ import pytest
 from digest.bench.dispatch import (
     SENDER,
     PastDigest,
+    SignalProbe,
+    SmtpSink,
     _check_once,
     build_state,
     interest_phrases,
+    peak_rss_mb,
 )
 from digest.cli import main
 from digest.errors import DigestError, StoreError
@@ -35,7 +43,9 @@ JSON_KEYS = {
     "peak_rss_mb", "sink_cpu_s", "message_kb", "raw_1_messages_per_s", "raw_8_messages_per_s",
     "ratio_to_raw_1", "ratio_to_raw_8", "ranking_subscribers_per_s", "candidates_mean_history",
     "candidates_mean_new", "stages_s", "delivered_exactly_once", "wall_s_runs",
-    "stages_cpu_s", "ranking_subscribers_per_cpu_s",
+    "stages_cpu_s", "ranking_subscribers_per_cpu_s", "sink", "sink_cpu_ms_per_message",
+    "raw_1_sink_cpu_ms_per_message", "raw_8_sink_cpu_ms_per_message", "signals_answered",
+    "signal_answer_median_s", "signal_answer_max_s",
 }
 STAGE_KEYS = {"corpus_fit", "prepare", "ranking", "rendering", "claiming", "sending",
               "prepare_other"}
@@ -69,6 +79,34 @@ def test_tiny_dispatch_delivers_once_per_subscriber_in_every_run(
         assert result["stages_s"][stage] > 0, stage
         assert result["stages_cpu_s"][stage] > 0, stage
     assert result["ranking_subscribers_per_cpu_s"] > 0
+    assert result["sink"] == "aiosmtpd"
+    for key in ("sink_cpu_s", "sink_cpu_ms_per_message", "raw_1_sink_cpu_ms_per_message",
+                "raw_8_sink_cpu_ms_per_message"):
+        assert result[key] > 0, key
+    assert result["signals_answered"] >= 0
+
+
+def test_the_lean_sink_receives_the_dispatch_and_the_raw_sends(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    data = require_shared("data", "hf-daily-papers.jsonl")
+    assert main(["bench", "dispatch", "--subscribers", "12", "--days", "2", "--runs", "1",
+                 "--sink", "lean", "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) == JSON_KEYS
+    assert result["sink"] == "lean" and result["delivered_exactly_once"] is True
+    assert result["message_kb"] > 1
+    for key in ("sink_cpu_ms_per_message", "raw_1_messages_per_s", "raw_8_messages_per_s",
+                "raw_1_sink_cpu_ms_per_message", "raw_8_sink_cpu_ms_per_message"):
+        assert result[key] > 0, key
+
+
+def test_an_unknown_sink_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "dispatch", "--subscribers", "1", "--sink", "postfix"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'postfix'" in capsys.readouterr().err
+    with pytest.raises(DigestError, match="unknown sink 'postfix'"):
+        SmtpSink("postfix")
 
 
 def test_the_table_names_the_dispatch_raw_rates_and_stages(
@@ -86,16 +124,26 @@ def test_the_table_names_the_dispatch_raw_rates_and_stages(
 
 def test_delivery_check_fails_loudly_on_a_missing_or_second_copy() -> None:
     expected = ["a@example.org", "b@example.org", "c@example.org"]
-    _check_once({"counts": {"a@example.org": 1, "b@example.org": 1, "c@example.org": 1}},
-                expected, "ok")
+    ids = ["<1@x>", "<2@x>", "<3@x>"]
+    _check_once({"counts": {"a@example.org": 1, "b@example.org": 1, "c@example.org": 1},
+                 "message_ids": ids}, expected, "ok")
     with pytest.raises(DigestError, match="1 recipient.s. got nothing"):
-        _check_once({"counts": {"a@example.org": 1, "b@example.org": 1}}, expected, "missing")
+        _check_once({"counts": {"a@example.org": 1, "b@example.org": 1},
+                     "message_ids": ids[:2]}, expected, "missing")
     with pytest.raises(DigestError, match="1 got more than one"):
-        _check_once({"counts": {"a@example.org": 1, "b@example.org": 2, "c@example.org": 1}},
-                    expected, "twice")
+        _check_once({"counts": {"a@example.org": 1, "b@example.org": 2, "c@example.org": 1},
+                     "message_ids": [*ids, "<4@x>"]}, expected, "twice")
     with pytest.raises(DigestError, match="1 unexpected"):
         _check_once({"counts": {"a@example.org": 1, "b@example.org": 1, "c@example.org": 1,
-                                "x@example.org": 1}}, expected, "stranger")
+                                "x@example.org": 1}, "message_ids": [*ids, "<4@x>"]},
+                    expected, "stranger")
+    everyone = {"a@example.org": 1, "b@example.org": 1, "c@example.org": 1}
+    with pytest.raises(DigestError, match="1 Message-ID.s. received more than once"):
+        _check_once({"counts": everyone, "message_ids": ["<1@x>", "<2@x>", "<1@x>"]},
+                    expected, "the same message to two recipients")
+    with pytest.raises(DigestError, match="1 message.s. without a Message-ID"):
+        _check_once({"counts": everyone, "message_ids": ["<1@x>", "", "<3@x>"]},
+                    expected, "no Message-ID")
 
 
 def test_interest_phrases_come_from_titles_without_system_names() -> None:
@@ -241,3 +289,49 @@ def test_bulk_writes_refuse_all_or_nothing(tmp_path: Path) -> None:
                 FeedbackEvent("ann@example.org", "2401.00000", "like", "reply"),
                 FeedbackEvent("ann@example.org", "2401.00001", "maybe", "reply")])
         assert store.signals_for("ann@example.org", ["2401.00000"]) == {}
+
+
+# --- what the dispatch process measures about itself ------------------------------------
+
+
+def _child_peak(conn: Connection) -> None:
+    conn.send(peak_rss_mb())
+
+
+def test_the_peak_rss_is_the_spawned_process_own_not_its_parents() -> None:
+    # Linux starts a spawned child's ru_maxrss at its parent's peak; VmHWM is its own.
+    ballast = bytearray(400 * 1024 * 1024)
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child_peak, args=(sender,))
+    child.start()
+    try:
+        child_peak = receiver.recv()
+    finally:
+        child.join()
+    ours = peak_rss_mb()
+    assert ours > 400
+    assert 0 < child_peak < ours - 300
+    del ballast
+
+
+def test_the_signal_probe_counts_answers_while_the_loop_is_busy() -> None:
+    probe = SignalProbe(period=0.02)
+
+    def hold() -> None:
+        time.sleep(0.03)  # a callback holding the loop, as ranking a digest does
+
+    async def busy() -> None:
+        loop = asyncio.get_running_loop()
+        with probe.running(loop):
+            for _ in range(10):
+                loop.call_soon(hold)
+                await asyncio.sleep(0.04)
+
+    asyncio.run(busy())
+    assert len(probe.answers) >= 1
+    assert all(answer >= 0 for answer in probe.answers)
+    # The handler is gone: SIGUSR1 is no longer the probe's.
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)

@@ -6,18 +6,22 @@ one day after another through ``ingest_file``; N subscribers in a config file
 (interests drawn from phrases of the real titles, a spread of time zones,
 everyone's send time a little before "now"); a share ``--history`` of them
 with a digest on each of the last ``HISTORY_DAYS`` listing days before today,
-claimed, marked sent and rated (likes and skips) through the store's own
-``claim_digest``/``mark_sent``/``add_feedback``.
+sent and rated (likes and skips), written by the store's bulk
+``add_sent_digests``/``add_feedback_events`` (the rows ``claim_digest``,
+``mark_sent`` and ``add_feedback`` would write, in a fraction of the time).
 
 Each run copies that SQLite file afresh (so every run sends the same day),
-starts the dispatch in a fresh process (so its peak RSS and CPU time are the
-dispatch's own) and calls ``dispatch`` as the daemon's dispatch tick does
-(only ``now`` is given, see below), with the real ``Mailer``, to an SMTP sink
-in a separate process (aiosmtpd, counting messages per recipient). Every
-subscriber must receive
-exactly one message, else the benchmark fails. In the same run, raw
-aiosmtplib sends messages of the same bytes to the same sink over 1 and over
-8 concurrent connections: the ceiling the dispatch is compared with.
+starts the dispatch in a fresh process (so its peak RSS, its own VmHWM, and
+its CPU time are the dispatch's own) and calls ``dispatch`` as the daemon's
+dispatch tick does (only ``now`` is given, see below), with the real
+``Mailer``, to an SMTP sink in a separate process (``--sink``: aiosmtpd, or
+the lean server of ``lean_smtp``; either records recipients and Message-ID
+per message). Every subscriber must receive exactly one message, each
+Message-ID once, else the benchmark fails. In the same run, raw aiosmtplib
+sends messages of the same bytes to the same sink over 1 and over 8
+concurrent connections: the ceiling the dispatch is compared with. While the
+dispatch runs, its process sends itself a signal every half second and
+times the event loop's answer (``SignalProbe``).
 
 Per-stage times come from timing wrappers the dispatch process puts around
 the daemon's own stage functions (``prepare``, ``rank``, ``render_digest_bytes``,
@@ -836,8 +840,8 @@ def _table(r: dict[str, Any]) -> str:
          f"state built in {r['build_s']} s; config loaded in {r['config_load_s']} s"),
         (f"SMTP sink: {r['sink']}, in its own process; peak RSS is the dispatch process's "
          f"own (VmHWM)"),
-        f"{'':<34}{'wall s':>9}{'msg/s':>9}{'CPU s':>8}{'peak RSS MB':>13}"
-        f"{'sink CPU ms/msg':>17}",
+        (f"{'':<34}{'wall s':>9}{'msg/s':>9}{'CPU s':>8}{'peak RSS MB':>13}"
+         f"{'sink CPU ms/msg':>17}"),
         (f"{'dispatch (as the daemon)':<34}{r['wall_s']:>9.2f}{r['messages_per_s']:>9.1f}"
          f"{r['cpu_s']:>8.1f}{r['peak_rss_mb']:>13.0f}{r['sink_cpu_ms_per_message']:>17.2f}"),
         (f"{'signals answered during it':<34}{r['signals_answered']:>9}   in "

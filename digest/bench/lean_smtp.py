@@ -92,7 +92,8 @@ def header_value(message: bytes, name: bytes) -> str | None:
                 if not continued[:1] in (b" ", b"\t"):
                     break
                 value.append(continued)
-            return b" ".join(part.strip() for part in value).decode("utf-8", "surrogateescape")
+            unfolded = b" ".join(part.strip() for part in value if part.strip())
+            return unfolded.decode("utf-8", "surrogateescape")
     return None
 
 
