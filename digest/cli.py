@@ -580,7 +580,8 @@ def cmd_bench_dispatch(args: argparse.Namespace) -> int:
 
     logging.getLogger("digest").setLevel(logging.WARNING)  # a line per message drowns the table
     result = run_dispatch_bench(Path(args.data), subscribers=args.subscribers, days=args.days,
-                                history=args.history, runs=args.runs, progress=not args.json)
+                                history=args.history, runs=args.runs, sink=args.sink,
+                                progress=not args.json)
     if not args.json:
         print(result["table"])
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, sort_keys=True))
@@ -891,6 +892,9 @@ def _add_bench_dispatch(bench_commands: argparse._SubParsersAction) -> None:  # 
                    help="share of subscribers with a month of past digests, likes and skips "
                    "(default 0.3)")
     p.add_argument("--runs", type=int, default=3, help="how many runs (medians are reported)")
+    p.add_argument("--sink", choices=("aiosmtpd", "lean"), default="aiosmtpd",
+                   help="the SMTP server that receives: aiosmtpd (default), or lean, a "
+                   "minimal server of the bench's own that costs about what a relay in C does")
     p.add_argument("--data", default=str(_shared() / "data" / "hf-daily-papers.jsonl"),
                    help="the daily-papers JSON lines file (default: ../shared/data/...)")
     p.add_argument("--json", action="store_true", help="print one JSON line only")

@@ -389,6 +389,17 @@ class FeedbackRow:
 
 
 @dataclass(frozen=True)
+class FeedbackEvent:
+    """One like or skip to append (``Store.add_feedback_events``): ``add_feedback``'s arguments."""
+
+    subscriber: str
+    paper_id: str
+    signal: str  # 'like' or 'skip'
+    source: str  # 'reply', 'cli', ...
+    digest_id: int | None = None
+
+
+@dataclass(frozen=True)
 class LibraryEntry:
     """One entry of a subscriber's library: a title, an abstract, an arXiv id (any may be empty)."""
 
@@ -887,6 +898,52 @@ class Store:
                          "claimed", claim.considered, claim.corpus_seq, 0, None, now, None,
                          claim.owner, body=claim.message, reader=self.digest_message)
 
+    def add_sent_digests(self, claims: Sequence[Claim]) -> list[int]:
+        """Store digests that were already sent, all in one transaction: their ids, in order.
+
+        A bulk import (the dispatch benchmark's month of past digests): each
+        claim is stored as ``claim_digest`` followed by ``mark_sent`` leaves it
+        (status 'sent', one attempt, no error, ``claimed_at`` and ``sent_at``
+        now, its message and frozen items), with the ids SQLite would have
+        given one by one (the largest id plus one, in order). Raises
+        StoreError, storing nothing, when a subscriber's day already has a
+        digest or a row is refused (a token used twice, an item naming no
+        stored paper); StoreWriteError when the disk is full or read-only.
+        """
+        if not claims:
+            return []
+        now = _iso(utc_now())
+        try:
+            with self.transaction() as db:
+                first = int(db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM digests")
+                            .fetchone()[0])
+                ids = list(range(first, first + len(claims)))
+                db.executemany(
+                    "INSERT INTO digests (id, subscriber, local_date, token, message_id, status,"
+                    " considered, corpus_seq, message, attempts, error, claimed_at, sent_at,"
+                    " owner) VALUES (?, ?, ?, ?, ?, 'sent', ?, ?, x'', 1, NULL, ?, ?, ?)",
+                    [(digest_id, claim.subscriber.lower(), claim.local_date.isoformat(),
+                      claim.token, claim.message_id, claim.considered, claim.corpus_seq, now,
+                      now, claim.owner) for digest_id, claim in zip(ids, claims, strict=True)],
+                )
+                db.executemany(
+                    "INSERT INTO digest_messages (digest_id, message) VALUES (?, ?)",
+                    [(digest_id, claim.message)
+                     for digest_id, claim in zip(ids, claims, strict=True)],
+                )
+                db.executemany(
+                    "INSERT INTO digest_items (digest_id, position, paper_id, score, reason,"
+                    " explore) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(digest_id, item.position, item.paper_id, item.score, item.reason,
+                      int(item.explore))
+                     for digest_id, claim in zip(ids, claims, strict=True)
+                     for item in claim.items],
+                )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"{self.path}: {len(claims)} sent digests were refused, none "
+                             f"stored: {exc}") from exc
+        return ids
+
     def take_over_claim(self, digest_id: int, previous: str | None, owner: str) -> bool:
         """Make ``owner`` the owner of a claimed digest still owned by ``previous``.
 
@@ -966,6 +1023,29 @@ class Store:
             return
         with self.transaction() as tx:
             tx.execute(sql, values)
+
+    def add_feedback_events(self, events: Sequence[FeedbackEvent]) -> None:
+        """Append many feedback events in one transaction, in order, as ``add_feedback`` would.
+
+        Every event gets the same ``at`` (now). Raises StoreError, storing
+        nothing, when a row is refused (a signal other than like or skip, a
+        paper or digest that is not stored); StoreWriteError when the disk is
+        full or read-only.
+        """
+        if not events:
+            return
+        now = _iso(utc_now())
+        try:
+            with self.transaction() as db:
+                db.executemany(
+                    "INSERT INTO feedback (subscriber, paper_id, signal, source, digest_id, at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(event.subscriber.lower(), event.paper_id, event.signal, event.source,
+                      event.digest_id, now) for event in events],
+                )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"{self.path}: {len(events)} feedback events were refused, none "
+                             f"stored: {exc}") from exc
 
     def shown_papers_at(self, subscriber: str) -> list[tuple[str, str]]:
         """(paper id, ISO time the digest was sent) for every paper sent, oldest first."""
