@@ -41,6 +41,8 @@ A subscriber with nothing to learn from gets the listing's own order
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -49,7 +51,7 @@ import math
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import pairwise
@@ -59,7 +61,7 @@ from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from .config import RankingConfig, Subscriber
 from .errors import DigestError
@@ -88,10 +90,17 @@ SVD_SEED = 0  # the topic space must be the same on every fit of the same corpus
 SIMILARITY_MEMO_BYTES = 256 * 2**20
 SIMILARITY_BATCH = 256  # candidate rows per product: bounds the temporary sparse result
 SMALL_PRODUCT = 65536  # entries below which a topic product skips BLAS (see _topic_products)
-# Distinct interest phrases are few (a lab's subscribers share most of theirs); each kept
-# match holds its cosine to every paper, 8 bytes per paper: 64 MiB is ~800 phrases at
-# 10,000 papers, ~250 at 33,000.
-PHRASE_MEMO_BYTES = 64 * 2**20
+# A kept phrase match is its 5 best rows and its own vectors, a few hundred bytes (its
+# similarities are computed with the papers scored): 16 MiB holds ~30,000 distinct phrases,
+# more than a lab's subscribers have (1,000 bench subscribers have 781 on 580 days).
+PHRASE_MEMO_BYTES = 16 * 2**20
+PHRASE_OVERHEAD = 300  # bytes a kept match costs beyond its arrays (objects, dict entry)
+# Phrases x papers in one product of warm_phrases: bounds its temporary results to 16 MB
+# each at any corpus size (424 phrases a batch at 9,877 papers).
+PHRASE_BATCH_ENTRIES = 2**22
+# How far a float32 topic cosine of unit vectors (240 terms summed) can be from the exact one:
+# the worst case of summing 240 products is 240 * 2**-24 = 1.4e-5; 1e-4 leaves room.
+SCREEN_ERROR = 1e-4
 # A day's dispatch refits each subscriber's model once anyway (their unrated papers changed);
 # the cache serves the same subscriber again within the day (levels, preview, explain, a
 # reply). Recent subscribers are enough, and memory no longer grows with the subscriber count.
@@ -403,27 +412,36 @@ class CorpusIndex:
 
         Each term scaled by its own weight (the same single products), without
         raising every idf of the vocabulary to the power and building a
-        terms x terms diagonal on each call (a few ms a phrase).
+        terms x terms diagonal on each call (a few ms a phrase). Row by row:
+        a row's result does not depend on the other rows.
         """
         if self._idf_scale is None:
             self._idf_scale = self._idf ** (SPECIFIC_IDF_POWER - 1)
         scaled = sparse.csr_matrix(weighted, dtype=np.float32, copy=True)
         scaled.data *= self._idf_scale[scaled.indices]
-        return _unit_rows(scaled)
+        unit = _unit_rows(scaled)
+        unit.sort_indices()  # terms in column order: sums over them run in one order everywhere
+        return unit
 
     def _topic_of(self, weighted: sparse.csr_matrix) -> np.ndarray | None:
-        """One tf*idf row in the topic space (1 x sum(scales)); None without a topic space.
+        """tf*idf rows in the topic space (rows x sum(scales)); None without a topic space.
 
-        The same as ``svd.transform`` but gathering only the row's own terms'
+        The same as ``svd.transform`` but gathering only each row's own terms'
         components: ``transform`` multiplies by ``components_.T``, which scipy
         first copies whole (128 x terms) on every call, about 20 ms on the
-        580-day corpus for a two-word phrase.
+        580-day corpus for a two-word phrase. Row by row, so a row's result
+        does not depend on the other rows (a batch of phrases gives what one
+        phrase at a time gives).
         """
         if self._svd is None or self._topic_mean is None:
             return None
         unit = _unit_rows(weighted)
         components = self._svd.components_
-        latent = (components[:, unit.indices] @ unit.data.astype(components.dtype))[None, :]
+        latent = np.zeros((unit.shape[0], components.shape[0]), dtype=components.dtype)
+        for i in range(unit.shape[0]):
+            terms = slice(unit.indptr[i], unit.indptr[i + 1])
+            latent[i] = components[:, unit.indices[terms]] @ unit.data[terms].astype(
+                components.dtype)
         return _multi_scale_rows(latent - self._topic_mean, self._scales)
 
     def phrase_matches(
@@ -436,35 +454,86 @@ class CorpusIndex:
         It shares its weight with its best matches among the stored papers
         (those sharing at least one term), which compare as papers do.
         Matched once per distinct phrase and fitted index (memoised, bounded by
-        PHRASE_MEMO_BYTES); thread-safe.
+        PHRASE_MEMO_BYTES); thread-safe. Returns (rows: int64, at most
+        PHRASE_MATCHES, best first; specific: 1 x terms, unit length or empty
+        when no term is known; topic: 1 x sum(scales) float32, or None without
+        a topic space).
         """
         match = self._phrase(phrase)
         return match.rows, match.specific, match.topic
 
+    def warm_phrases(self, phrases: Iterable[str]) -> int:
+        """Match every distinct phrase not matched yet, in batches; how many were matched.
+
+        For a dispatch: its subscribers' interest phrases all at once (one
+        transform, one sparse and one dense product per batch of phrases)
+        before they are ranked one by one. Each phrase's match is exactly what
+        :meth:`phrase_matches` gives for it alone (see :meth:`_match_phrases`).
+        Phrases are stripped as profiles strip them; empty ones are skipped.
+        Bounded by PHRASE_MEMO_BYTES like any match: past it, the least
+        recently used matches are dropped (and matched again when asked).
+        """
+        wanted = [p for p in dict.fromkeys(s.strip() for s in phrases)
+                  if p and self._memo.phrase(p) is None]
+        batch = max(1, PHRASE_BATCH_ENTRIES // max(len(self), 1))
+        for start in range(0, len(wanted), batch):
+            chunk = wanted[start : start + batch]
+            for phrase, match in zip(chunk, self._match_phrases(chunk), strict=True):
+                self._memo.keep_phrase(phrase, match)
+        return len(wanted)
+
     def _phrase(self, phrase: str) -> _PhraseMatch:
-        """The memoised match of a phrase: best rows, own vectors, similarity to every paper."""
+        """The memoised match of a phrase: its best rows and its own vectors."""
         found = self._memo.phrase(phrase)
         if found is not None:
             return found
-        weighted = self.vectorizer.transform([phrase]).astype(np.float32)
+        match = self._match_phrases([phrase])[0]
+        self._memo.keep_phrase(phrase, match)
+        return match
+
+    def _match_phrases(self, phrases: Sequence[str]) -> list[_PhraseMatch]:
+        """Match phrases against the corpus, all at once; each one as if matched alone.
+
+        All phrases are weighted in one pass and put in both views row by row
+        (a row's vectors do not depend on the other rows). Only papers sharing
+        a term with a phrase can be its match: one sparse product through the
+        postings of the phrases' terms (the corpus transposed) gives their
+        specific cosines, and one float32 product gives every topic cosine
+        roughly (BLAS blocks it by the batch, so the last bits depend on the
+        batch). The roughly best papers, all within twice SCREEN_ERROR of the
+        PHRASE_MATCHES-th, are then scored exactly (:func:`_topic_products`,
+        entry by entry), and the best PHRASE_MATCHES kept, equal scores in
+        corpus order: the same rows whatever the batch, and the rows a full
+        exact ranking of the corpus would give.
+        """
+        weighted = _weigh(self.vectorizer, phrases)
         specific = self._specific_row(weighted)
         topic = self._topic_of(weighted)
         if topic is not None:
             # No known term: no topic either (centring would point it at the anti-mean).
-            topic = topic * (weighted.nnz > 0)
-        # Through the postings of the phrase's own terms (the corpus transposed), not a pass
-        # over every term of every paper: 16 ms a phrase on the 580-day corpus otherwise.
-        shared = _dense(specific @ self._memo.transposed()).ravel()
-        sims = shared.copy()
-        topic_sims = None
+            topic *= (np.diff(weighted.indptr) > 0)[:, None]
+        shared = sparse.csr_matrix(specific @ self._memo.transposed())
+        shared.sort_indices()
+        rough = None
         if self.topic is not None and topic is not None:
-            topic_sims = np.asarray(self.topic @ topic[0], dtype=np.float32)
-            sims = (sims + topic_sims) / 2
-        order = np.argsort(-sims, kind="stable")
-        rows = order[shared[order] > 0][:PHRASE_MATCHES].astype(np.int64)
-        match = _PhraseMatch(rows, specific, topic, shared, topic_sims)
-        self._memo.keep_phrase(phrase, match)
-        return match
+            with _one_blas_thread():
+                rough = topic @ self.topic.T
+        matches = []
+        for i in range(len(phrases)):
+            cols = shared.indices[shared.indptr[i] : shared.indptr[i + 1]]
+            values = shared.data[shared.indptr[i] : shared.indptr[i + 1]]
+            eligible = values > 0
+            cols, values = cols[eligible], values[eligible]
+            own_topic = topic[i : i + 1] if topic is not None else None
+            if rough is not None and len(cols) > PHRASE_MATCHES:
+                near = _near_top((values + rough[i, cols]) / 2, PHRASE_MATCHES)
+                cols, values = cols[near], values[near]
+            sims = values
+            if self.topic is not None and own_topic is not None and len(cols):
+                sims = (values + _topic_products(self.topic[cols], own_topic)[:, 0]) / 2
+            rows = cols[_top_rows(sims, PHRASE_MATCHES)].astype(np.int64)
+            matches.append(_PhraseMatch(rows, specific[i], own_topic))
+        return matches
 
     def popularity(self, rows: np.ndarray) -> np.ndarray:
         """Per row: upvotes plus 0.5 / listing rank (see :func:`_popularity`), float64."""
@@ -495,6 +564,23 @@ class CorpusIndex:
                 return found
         return self.direct_similarities(rows, cols)
 
+    def postings_products(self, rows: np.ndarray, vector: sparse.csr_matrix) -> np.ndarray:
+        """The specific cosines of papers ``rows`` to a 1 x terms ``vector`` (float32, len(rows)).
+
+        Through the postings of the vector's few terms (the corpus transposed),
+        summed term by term in column order: the same sums, in the same order,
+        as ``vector @ corpus.T`` (a phrase matched against every paper) gives.
+        """
+        postings = self._memo.transposed()
+        result = np.zeros(len(rows), dtype=np.float32)
+        for term, weight in zip(vector.indices, vector.data, strict=True):
+            start, end = postings.indptr[term], postings.indptr[term + 1]
+            papers = postings.indices[start:end]
+            at = np.minimum(np.searchsorted(papers, rows), max(len(papers) - 1, 0))
+            found = (papers[at] == rows) if len(papers) else np.zeros(len(rows), dtype=bool)
+            result += weight * np.where(found, postings.data[start + at], np.float32(0))
+        return result
+
     def limit_memo(self, *, similarity_bytes: int, phrase_bytes: int) -> None:
         """Start the memos afresh with these bounds in bytes (0 keeps nothing)."""
         self._memo = _IndexMemo(self.specific, self.topic, similarity_bytes=similarity_bytes,
@@ -516,19 +602,51 @@ class CorpusIndex:
 
 @dataclass(frozen=True)
 class _PhraseMatch:
-    """An interest phrase matched against one fitted index, kept for every subscriber."""
+    """An interest phrase matched against one fitted index, kept for every subscriber.
+
+    Small (a few hundred bytes): its similarities to the papers being scored
+    are computed with theirs, as a library entry's are.
+    """
 
     rows: np.ndarray  # its best-matching corpus rows (PHRASE_MATCHES at most)
     specific: sparse.csr_matrix  # 1 x terms, unit length (empty when no term is known)
     topic: np.ndarray | None  # 1 x sum(scales)
-    spec_sims: np.ndarray  # float32, its specific cosine to every corpus paper
-    topic_sims: np.ndarray | None  # float32, its topic cosine to every corpus paper
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.rows, self.spec_sims, self.specific.data, self.specific.indices]
-        arrays += [a for a in (self.topic, self.topic_sims) if a is not None]
-        return sum(a.nbytes for a in arrays)
+        arrays = [self.rows, self.specific.data, self.specific.indices, self.specific.indptr]
+        arrays += [self.topic] if self.topic is not None else []
+        return sum(a.nbytes for a in arrays) + PHRASE_OVERHEAD
+
+
+def _near_top(rough: np.ndarray, k: int) -> np.ndarray:
+    """Positions whose rough value is within 2 * SCREEN_ERROR of the k-th largest (sorted).
+
+    If every rough value is within SCREEN_ERROR of its exact value, these
+    hold every position among the exact k largest, ties included: a position
+    in the exact top k is at least the exact k-th largest, minus the error;
+    the rough k-th largest is at most that plus the error. NaN (never
+    expected) keeps every position.
+    """
+    if len(rough) <= k or np.isnan(rough).any():
+        return np.arange(len(rough))
+    kth = np.partition(rough, len(rough) - k)[len(rough) - k]
+    return np.flatnonzero(rough >= kth - 2 * SCREEN_ERROR)
+
+
+def _top_rows(values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest values, largest first, equal values in position order.
+
+    What ``np.argsort(-values, kind="stable")[:k]`` gives, without sorting
+    them all: a partition finds the k-th largest value, and only the values
+    at least that large (ties included) are sorted. NaN (never expected)
+    sorts last, as argsort puts it.
+    """
+    if len(values) <= k or np.isnan(values).any():
+        return np.argsort(-values, kind="stable")[:k]
+    kth = np.partition(values, len(values) - k)[len(values) - k]
+    contenders = np.flatnonzero(values >= kth)
+    return contenders[np.argsort(-values[contenders], kind="stable")[:k]]
 
 
 def _sparse_products(a: sparse.csr_matrix, b: sparse.csr_matrix) -> np.ndarray:
@@ -614,7 +732,7 @@ class _IndexMemo:
         """terms x papers: the specific view transposed (a term's row lists its papers)."""
         with self._lock:
             if self._specific_t is None:
-                self._specific_t = self._specific.T.tocsr()
+                self._specific_t = _postings(self._specific)
             return self._specific_t
 
     def gather(
@@ -651,7 +769,7 @@ class _IndexMemo:
         """Compute ``missing`` rows into free slots, or the least recently used not in ``keep``."""
         n = self._specific.shape[0]
         if self._specific_t is None:
-            self._specific_t = self._specific.T.tocsr()
+            self._specific_t = _postings(self._specific)
         if self._spec is None:
             self._spec = np.empty((self.capacity, n), dtype=np.float32)
             if self._topic is not None:
@@ -675,6 +793,26 @@ class _IndexMemo:
         self.rows_computed += len(missing)
         self._row_of_slot[slots] = missing
         self._slot_of_row[missing] = slots
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """The process's BLAS libraries, found once (finding them costs ~4 ms a call)."""
+    return ThreadpoolController()
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """BLAS on one thread for the block: on a busy 2-core machine more threads cost 5x the
+    CPU for the same product (measured 3.2 s vs 16 s for the corpus SVD), and a product's
+    result is then the same on machines with any core count."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+def _postings(specific: sparse.csr_matrix) -> sparse.csr_matrix:
+    """terms x papers, each term's papers in row order (the specific view transposed)."""
+    postings = specific.T.tocsr()
+    postings.sort_indices()
+    return postings
 
 
 def _fit_rows(count: int, bounds: FitBounds) -> np.ndarray:
@@ -710,7 +848,7 @@ def _fit_topics(
     # One BLAS thread: on a busy 2-core machine more threads cost 5x the CPU for the same
     # SVD (measured 3.2 s vs 16 s at 8,000 x 50,000), and the result is then the same on
     # machines with any core count.
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _one_blas_thread():
         svd.fit(fitted)
         # The projection is linear: the mean of the projected rows is the projected mean row.
         mean = svd.transform(sparse.csr_matrix(unit_tfidf.mean(axis=0), dtype=np.float32))[0]
@@ -1212,19 +1350,14 @@ class _Pool:
         own = np.flatnonzero(~named)
         texts = [k for k, phrase in enumerate(model.own_phrase) if phrase is None]
         for k, phrase in enumerate(model.own_phrase):
-            if phrase is None:
-                continue
-            match = index._phrase(phrase)
-            spec[:, own[k]] = match.spec_sims[rows]
-            if topic is not None and match.topic_sims is not None:
-                topic[:, own[k]] = match.topic_sims[rows]
-        if texts:
-            chosen = np.array(texts)
+            if phrase is not None:  # a phrase has a few terms: through their postings
+                spec[:, own[k]] = index.postings_products(rows, model.own_specific[k])
+        if texts:  # a library entry has many: one sparse product
             vectors = sparse.vstack([model.own_specific[k] for k in texts]).tocsr()
-            spec[:, own[chosen]] = _sparse_products(index.specific[rows], vectors)
-            if topic is not None and model.own_topic is not None and index.topic is not None:
-                topic[:, own[chosen]] = _topic_products(index.topic[rows],
-                                                        model.own_topic[chosen])
+            spec[:, own[texts]] = _sparse_products(index.specific[rows], vectors)
+        if len(own) and topic is not None and model.own_topic is not None \
+                and index.topic is not None:
+            topic[:, own] = _topic_products(index.topic[rows], model.own_topic)
         return spec, topic
 
 
