@@ -329,10 +329,8 @@ class CorpusIndex:
         """
         bounds = bounds or CORPUS_FIT
         unique = list({p.id: p for p in papers}.values())
-        texts = [_paper_text(p) for p in unique]
-        chosen = _fit_rows(len(texts), bounds)
-        rest = np.setdiff1d(np.arange(len(texts)), chosen)  # sorted, as chosen is
-        older, window = [texts[i] for i in rest], [texts[i] for i in chosen]
+        chosen = _fit_rows(len(unique), bounds)
+        window = [_paper_text(unique[i]) for i in chosen]
         vectorizer = _make_vectorizer(len(window), bounds.max_terms)
         try:
             fitted = vectorizer.fit_transform(window or [""])
@@ -340,26 +338,28 @@ class CorpusIndex:
             vectorizer = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", norm=None, dtype=np.float32)
             fitted = vectorizer.fit_transform(window + ["empty"])
         vectorizer.stop_words_ = None  # the terms cut by min_df/max_df: large, never needed again
-        # The older papers are weighted with the window's terms: one pass over each text.
-        parts = [_weigh(vectorizer, older)] if older else []
-        weighted = sparse.vstack([*parts, fitted[: len(window)]], format="csr", dtype=np.float32)
-        if len(rest) and rest[-1] > chosen[0]:  # a spread sample: rows back in corpus order
-            weighted = weighted[np.argsort(np.concatenate([rest, chosen]), kind="stable")]
+        fitted = sparse.csr_matrix(fitted[: len(window)], dtype=np.float32)
+        del window
         idf = vectorizer.idf_.astype(np.float32)
-        specific = _unit_rows(weighted @ sparse.diags(idf ** (SPECIFIC_IDF_POWER - 1)))
-        topic, svd, topic_mean, scales = (
-            _fit_topics(_unit_rows(weighted), chosen, bounds)
-            if unique
-            else (None, None, None, ())
-        )
+        svd, scales = _fit_svd(_unit_rows(fitted), bounds) if unique else (None, ())
+        # Every paper, a chunk at a time: its text is made, weighted (the window's rows are
+        # reused) and dropped, so the fit holds no text or weighted matrix of the whole corpus.
+        specific, latent, unit_sum = _weigh_corpus(unique, chosen, fitted, vectorizer, svd,
+                                                   scales)
+        del fitted
+        topic, topic_mean = None, None
+        if svd is not None:
+            topic, topic_mean = _centred_topics(latent, unit_sum / max(len(unique), 1), svd,
+                                                scales)
         log.info(
             "corpus index: %d papers, %d terms (fitted on %d of the papers), topic space %s",
             len(unique),
             len(idf),
-            len(window),
+            len(chosen),
             scales or "none",
         )
-        return cls(unique, vectorizer, specific, topic, svd, topic_mean, scales)
+        return cls(unique, vectorizer, specific, topic, svd if topic is not None else None,
+                   topic_mean, scales)
 
     @property
     def matrix(self) -> sparse.csr_matrix:
@@ -824,39 +824,96 @@ def _fit_rows(count: int, bounds: FitBounds) -> np.ndarray:
     return np.arange(count - bounds.window, count)
 
 
-def _fit_topics(
-    unit_tfidf: sparse.csr_matrix, fit_rows: np.ndarray, bounds: FitBounds
-) -> tuple[np.ndarray | None, TruncatedSVD | None, np.ndarray | None, tuple[int, ...]]:
-    """The multi-scale LSA space, centred on the corpus mean; none for a tiny corpus.
-
-    The SVD is fitted on the rows ``fit_rows`` (the window or sample) and
-    every row is projected with the same ``transform`` that projects phrases
-    and library entries, FIT_CHUNK rows at a time into one float32 array, so
-    the projection needs no more memory than the topic rows themselves.
-    """
-    fitted = unit_tfidf[fit_rows]
-    rank = min(max(TOPIC_SCALES), fitted.shape[0] - 1, fitted.shape[1] - 1)
+def _fit_svd(
+    unit_window: sparse.csr_matrix, bounds: FitBounds
+) -> tuple[TruncatedSVD | None, tuple[int, ...]]:
+    """The LSA space of the window's unit tf*idf rows and its scales; none for a tiny corpus."""
+    rank = min(max(TOPIC_SCALES), unit_window.shape[0] - 1, unit_window.shape[1] - 1)
     scales = tuple(k for k in TOPIC_SCALES if k <= rank) or ((rank,) if rank >= 2 else ())
     if not scales:
-        return None, None, None, ()
+        return None, ()
     svd = TruncatedSVD(
         n_components=max(scales),
         random_state=SVD_SEED,
         algorithm="randomized",
         n_iter=bounds.svd_iterations,
     )
-    # One BLAS thread: on a busy 2-core machine more threads cost 5x the CPU for the same
-    # SVD (measured 3.2 s vs 16 s at 8,000 x 50,000), and the result is then the same on
-    # machines with any core count.
     with _one_blas_thread():
-        svd.fit(fitted)
-        # The projection is linear: the mean of the projected rows is the projected mean row.
-        mean = svd.transform(sparse.csr_matrix(unit_tfidf.mean(axis=0), dtype=np.float32))[0]
-        topic = np.empty((unit_tfidf.shape[0], sum(scales)), dtype=np.float32)
-        for start in range(0, unit_tfidf.shape[0], FIT_CHUNK):
-            rows = unit_tfidf[start : start + FIT_CHUNK]
-            topic[start : start + rows.shape[0]] = _multi_scale(svd.transform(rows) - mean, scales)
-    return topic, svd, mean, scales
+        svd.fit(unit_window)
+    return svd, scales
+
+
+def _weigh_corpus(
+    papers: Sequence[Paper],
+    fit_rows: np.ndarray,
+    fitted: sparse.csr_matrix,
+    vectorizer: TfidfVectorizer,
+    svd: TruncatedSVD | None,
+    scales: tuple[int, ...],
+) -> tuple[sparse.csr_matrix, np.ndarray | None, np.ndarray]:
+    """Every paper in the specific view, its topic-space projection, and the sum of its unit
+    tf*idf rows (float64, 1 x terms), FIT_CHUNK papers at a time.
+
+    ``fitted`` holds the tf*idf rows of the papers ``fit_rows`` (sorted): those
+    are reused, the others weighted with the same vocabulary (:func:`_weigh`).
+    Each step works row by row, so the chunking changes no result. The
+    projection is ``svd.transform`` (uncentred), in the first max(scales)
+    columns of a float32 papers x sum(scales) array that
+    :func:`_centred_topics` turns into the topic rows; None without a
+    topic space.
+    """
+    count = len(papers)
+    fit_at = np.full(count, -1, dtype=np.int64)
+    fit_at[fit_rows] = np.arange(len(fit_rows))
+    idf_scale = sparse.diags(vectorizer.idf_.astype(np.float32) ** (SPECIFIC_IDF_POWER - 1))
+    components = None
+    topic = None
+    if svd is not None and scales:
+        components = np.ascontiguousarray(svd.components_.T)
+        topic = np.empty((count, sum(scales)), dtype=np.float32)  # the latent rows, at first
+    unit_sum = np.zeros(len(vectorizer.idf_), dtype=np.float64)
+    parts: list[sparse.csr_matrix] = []
+    with _one_blas_thread():
+        for start in range(0, count, FIT_CHUNK):
+            rows = np.arange(start, min(start + FIT_CHUNK, count))
+            reused = fit_at[rows] >= 0
+            old = rows[~reused]
+            pieces = [_weigh(vectorizer, [_paper_text(papers[i]) for i in old])] if len(old) \
+                else []
+            pieces += [fitted[fit_at[rows[reused]]]] if reused.any() else []
+            weighted = sparse.vstack(pieces, format="csr", dtype=np.float32)
+            if len(old) and reused.any():  # back in corpus order
+                weighted = weighted[np.argsort(np.concatenate([old, rows[reused]]),
+                                               kind="stable")]
+            parts.append(_unit_rows(weighted @ idf_scale))
+            unit = _unit_rows(weighted)
+            unit_sum += np.asarray(unit.sum(axis=0, dtype=np.float64)).ravel()
+            if topic is not None and components is not None:
+                topic[rows, : components.shape[1]] = unit @ components  # = svd.transform
+    if not parts:
+        return sparse.csr_matrix((0, len(vectorizer.idf_)), dtype=np.float32), topic, unit_sum
+    return sparse.vstack(parts, format="csr", dtype=np.float32), topic, unit_sum
+
+
+def _centred_topics(
+    topic: np.ndarray | None, unit_mean: np.ndarray, svd: TruncatedSVD, scales: tuple[int, ...]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The multi-scale topic rows, centred on the corpus mean, and that mean (latent space).
+
+    ``topic`` holds each paper's projection (``svd.transform``) in its first
+    max(scales) columns; it is turned into the topic rows in place, FIT_CHUNK
+    rows at a time. The projection is linear: the mean of the projected rows
+    is the projected mean row (``unit_mean``, 1 x terms).
+    """
+    if topic is None:
+        return None, None
+    mean = (sparse.csr_matrix(unit_mean[None, :], dtype=np.float32)
+            @ np.ascontiguousarray(svd.components_.T))[0]
+    width = svd.components_.shape[0]
+    for start in range(0, topic.shape[0], FIT_CHUNK):
+        part = slice(start, start + FIT_CHUNK)
+        topic[part] = _multi_scale(topic[part, :width] - mean, scales)
+    return topic, mean
 
 
 def _vocabulary_key(terms: np.ndarray, idf: np.ndarray, scales: tuple[int, ...]) -> str:
