@@ -50,11 +50,12 @@ import logging
 import math
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import pairwise
+from itertools import filterfalse, repeat
 
 import numpy as np
 from scipy import sparse
@@ -90,16 +91,17 @@ SVD_SEED = 0  # the topic space must be the same on every fit of the same corpus
 SIMILARITY_MEMO_BYTES = 256 * 2**20
 SIMILARITY_BATCH = 256  # candidate rows per product: bounds the temporary sparse result
 SMALL_PRODUCT = 65536  # entries below which a topic product skips BLAS (see _topic_products)
-# A kept phrase match is its 5 best rows and its own vectors, a few hundred bytes (its
-# similarities are computed with the papers scored): 16 MiB holds ~30,000 distinct phrases,
-# more than a lab's subscribers have (1,000 bench subscribers have 781 on 580 days).
-PHRASE_MEMO_BYTES = 16 * 2**20
-PHRASE_OVERHEAD = 300  # bytes a kept match costs beyond its arrays (objects, dict entry)
+# A kept phrase match is its 5 best rows and its own vectors, about 2.5 KB (measured with
+# tracemalloc; the objects cost more than the arrays), its similarities being computed with
+# the papers scored: 32 MiB holds ~13,000 distinct phrases, more than a lab's subscribers have
+# (1,000 bench subscribers have 781 on 580 days). Bounded by this, not by the corpus size.
+PHRASE_MEMO_BYTES = 32 * 2**20
+PHRASE_OVERHEAD = 1500  # bytes a kept match costs beyond its arrays (objects, dict entry)
 # Phrases x papers in one product of warm_phrases: bounds its temporary results to 16 MB
 # each at any corpus size (424 phrases a batch at 9,877 papers).
 PHRASE_BATCH_ENTRIES = 2**22
-# How far a float32 topic cosine of unit vectors (240 terms summed) can be from the exact one:
-# the worst case of summing 240 products is 240 * 2**-24 = 1.4e-5; 1e-4 leaves room.
+# How far a float32 topic cosine of two unit vectors (240 products summed) can be from the
+# exact one: at worst 240 * 2**-24 = 1.4e-5 (rounding of each partial sum); 1e-4 leaves room.
 SCREEN_ERROR = 1e-4
 # A day's dispatch refits each subscriber's model once anyway (their unrated papers changed);
 # the cache serves the same subscriber again within the day (levels, preview, explain, a
@@ -202,37 +204,104 @@ def _make_vectorizer(corpus_size: int, max_terms: int | None = None) -> TfidfVec
     )
 
 
+@dataclass(frozen=True)
+class _TermTable:
+    """A fitted vocabulary of words and word pairs as numbers, for :func:`_weigh`.
+
+    Every word of a vocabulary term has an id; a word's own column (or -1)
+    is ``word_column[id]``, and a pair "a b" is found by its code
+    ``id(a) * words + id(b)`` among the sorted ``pair_codes``.
+    """
+
+    vocabulary: dict[str, int]  # the vectorizer's vocabulary_ the table was built from
+    word_id: dict[str, int]
+    word_column: np.ndarray  # int64, one more entry (-1) for the id -1 of an unknown word
+    pair_codes: np.ndarray  # int64, sorted
+    pair_columns: np.ndarray  # int64, the column of each code
+
+    @classmethod
+    def of(cls, vocabulary: dict[str, int]) -> _TermTable:
+        word_id: dict[str, int] = {}
+        singles: list[tuple[int, int]] = []
+        pairs: list[tuple[int, int, int]] = []
+        for term, column in vocabulary.items():
+            words = term.split(" ")
+            ids = [word_id.setdefault(w, len(word_id)) for w in words]
+            if len(ids) == 1:
+                singles.append((ids[0], column))
+            elif len(ids) == 2:
+                pairs.append((ids[0], ids[1], column))
+        word_column = np.full(len(word_id) + 1, -1, dtype=np.int64)
+        for wid, column in singles:
+            word_column[wid] = column
+        first, second, columns = (np.array(x, dtype=np.int64).reshape(-1)
+                                  for x in zip(*pairs, strict=True)) if pairs else \
+            (np.zeros(0, dtype=np.int64),) * 3
+        codes = first * len(word_id) + second
+        order = np.argsort(codes, kind="stable")
+        return cls(vocabulary, word_id, word_column, codes[order], columns[order])
+
+
+_TERM_TABLES: weakref.WeakKeyDictionary[TfidfVectorizer, _TermTable] = \
+    weakref.WeakKeyDictionary()
+
+
+def _term_table(vectorizer: TfidfVectorizer) -> _TermTable:
+    """The vectorizer's :class:`_TermTable`, built once per fitted vocabulary."""
+    table = _TERM_TABLES.get(vectorizer)
+    if table is None or table.vocabulary is not vectorizer.vocabulary_:
+        table = _TermTable.of(vectorizer.vocabulary_)
+        _TERM_TABLES[vectorizer] = table
+    return table
+
+
 def _weigh(vectorizer: TfidfVectorizer, texts: Sequence[str]) -> sparse.csr_matrix:
     """``vectorizer.transform(texts)`` (float32 rows of tf * idf), computed faster.
 
-    scikit-learn counts a text's terms through a try/except per word and word
-    pair, and most word pairs of an old paper are not in a capped vocabulary:
-    the exceptions cost more than the tokenising. Here the same preprocessor,
-    tokenizer and stop words give the same terms, counted with ``dict.get``,
-    and the same float32 operations weight them (tests check the equality).
-    Chunks of FIT_CHUNK texts bound the memory of the term lists.
+    scikit-learn builds every word pair of a text as a string and looks it up
+    (a try/except per term), and most word pairs of an old paper are not in a
+    capped vocabulary. Here the same preprocessor, tokenizer and stop words
+    give the same words; each word is looked up once (its id), and the words
+    and the pairs of adjacent words are found in the vocabulary by number
+    (:class:`_TermTable`), a chunk of FIT_CHUNK texts at a time; the same
+    float32 operations weight them (tests check the equality).
     """
     if tuple(vectorizer.ngram_range) != (1, 2) or vectorizer.analyzer != "word":
         return sparse.csr_matrix(vectorizer.transform(texts), dtype=np.float32)
     preprocess = vectorizer.build_preprocessor()
     tokenize = vectorizer.build_tokenizer()
     stop = vectorizer.get_stop_words() or frozenset()
-    column = vectorizer.vocabulary_.get
+    table = _term_table(vectorizer)
+    word_id = table.word_id.get
+    width = len(table.word_id)
     chunks = []
     for start in range(0, len(texts), FIT_CHUNK):
-        columns: list[int] = []
-        ends = [0]
+        ids: list[int] = []
+        lengths: list[int] = []
         for text in texts[start : start + FIT_CHUNK]:
-            words = [w for w in tokenize(preprocess(text)) if w not in stop]
-            pairs = [f"{a} {b}" for a, b in pairwise(words)]
-            columns.extend(j for j in map(column, words + pairs) if j is not None)
-            ends.append(len(columns))
+            before = len(ids)
+            ids.extend(map(word_id, filterfalse(stop.__contains__, tokenize(preprocess(text))),
+                           repeat(-1)))
+            lengths.append(len(ids) - before)
+        words = np.fromiter(ids, dtype=np.int64, count=len(ids))
+        text_of = np.repeat(np.arange(len(lengths)), lengths)
+        columns = table.word_column[words]  # an unknown word (-1) reads the last entry, -1
+        pair = (text_of[:-1] == text_of[1:]) & (words[:-1] >= 0) & (words[1:] >= 0)
+        codes = words[:-1][pair] * width + words[1:][pair]
+        at = np.minimum(np.searchsorted(table.pair_codes, codes),
+                        max(len(table.pair_codes) - 1, 0))
+        found = (table.pair_codes[at] == codes) if len(table.pair_codes) else \
+            np.zeros(len(codes), dtype=bool)
+        rows = np.concatenate([text_of[columns >= 0], text_of[:-1][pair][found]])
+        cols = np.concatenate([columns[columns >= 0], table.pair_columns[at[found]]])
         counts = sparse.csr_matrix(
-            (np.ones(len(columns), dtype=np.float32), np.asarray(columns, dtype=np.int32), ends),
-            shape=(len(ends) - 1, len(vectorizer.vocabulary_)),
+            (np.ones(len(cols), dtype=np.float32), (rows, cols.astype(np.int32))),
+            shape=(len(lengths), len(vectorizer.vocabulary_)),
         )
         counts.sum_duplicates()  # also sorts each row's columns, as scikit-learn does
         chunks.append(counts)
+    if not chunks:
+        return sparse.csr_matrix((0, len(vectorizer.vocabulary_)), dtype=np.float32)
     weighted = sparse.vstack(chunks, format="csr", dtype=np.float32)
     if vectorizer.sublinear_tf:
         np.log(weighted.data, weighted.data)
@@ -325,7 +394,10 @@ class CorpusIndex:
 
         ``bounds`` (default CORPUS_FIT) limits what the vocabulary, idf and
         topic space are fitted on, so the fit's time and memory stay bounded
-        as listings accumulate; every paper is still in the index.
+        as listings accumulate; every paper is still in the index. The papers
+        outside the window are weighted and projected FIT_CHUNK at a time
+        (:func:`_weigh_corpus`): beyond the window the fit costs the index's
+        own rows (about 2 KB a paper) and the time to read each paper once.
         """
         bounds = bounds or CORPUS_FIT
         unique = list({p.id: p for p in papers}.values())
