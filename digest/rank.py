@@ -41,6 +41,8 @@ A subscriber with nothing to learn from gets the listing's own order
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -48,18 +50,19 @@ import logging
 import math
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import pairwise
+from itertools import filterfalse, repeat
 
 import numpy as np
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from .config import RankingConfig, Subscriber
 from .errors import DigestError
@@ -88,10 +91,18 @@ SVD_SEED = 0  # the topic space must be the same on every fit of the same corpus
 SIMILARITY_MEMO_BYTES = 256 * 2**20
 SIMILARITY_BATCH = 256  # candidate rows per product: bounds the temporary sparse result
 SMALL_PRODUCT = 65536  # entries below which a topic product skips BLAS (see _topic_products)
-# Distinct interest phrases are few (a lab's subscribers share most of theirs); each kept
-# match holds its cosine to every paper, 8 bytes per paper: 64 MiB is ~800 phrases at
-# 10,000 papers, ~250 at 33,000.
-PHRASE_MEMO_BYTES = 64 * 2**20
+# A kept phrase match is its 5 best rows and its own vectors, about 2.5 KB (measured with
+# tracemalloc; the objects cost more than the arrays), its similarities being computed with
+# the papers scored: 32 MiB holds ~13,000 distinct phrases, more than a lab's subscribers have
+# (1,000 bench subscribers have 781 on 580 days). Bounded by this, not by the corpus size.
+PHRASE_MEMO_BYTES = 32 * 2**20
+PHRASE_OVERHEAD = 1500  # bytes a kept match costs beyond its arrays (objects, dict entry)
+# Phrases x papers in one product of warm_phrases: bounds its temporary results to 16 MB
+# each at any corpus size (424 phrases a batch at 9,877 papers).
+PHRASE_BATCH_ENTRIES = 2**22
+# How far a float32 topic cosine of two unit vectors (240 products summed) can be from the
+# exact one: at worst 240 * 2**-24 = 1.4e-5 (rounding of each partial sum); 1e-4 leaves room.
+SCREEN_ERROR = 1e-4
 # A day's dispatch refits each subscriber's model once anyway (their unrated papers changed);
 # the cache serves the same subscriber again within the day (levels, preview, explain, a
 # reply). Recent subscribers are enough, and memory no longer grows with the subscriber count.
@@ -193,37 +204,104 @@ def _make_vectorizer(corpus_size: int, max_terms: int | None = None) -> TfidfVec
     )
 
 
+@dataclass(frozen=True)
+class _TermTable:
+    """A fitted vocabulary of words and word pairs as numbers, for :func:`_weigh`.
+
+    Every word of a vocabulary term has an id; a word's own column (or -1)
+    is ``word_column[id]``, and a pair "a b" is found by its code
+    ``id(a) * words + id(b)`` among the sorted ``pair_codes``.
+    """
+
+    vocabulary: dict[str, int]  # the vectorizer's vocabulary_ the table was built from
+    word_id: dict[str, int]
+    word_column: np.ndarray  # int64, one more entry (-1) for the id -1 of an unknown word
+    pair_codes: np.ndarray  # int64, sorted
+    pair_columns: np.ndarray  # int64, the column of each code
+
+    @classmethod
+    def of(cls, vocabulary: dict[str, int]) -> _TermTable:
+        word_id: dict[str, int] = {}
+        singles: list[tuple[int, int]] = []
+        pairs: list[tuple[int, int, int]] = []
+        for term, column in vocabulary.items():
+            words = term.split(" ")
+            ids = [word_id.setdefault(w, len(word_id)) for w in words]
+            if len(ids) == 1:
+                singles.append((ids[0], column))
+            elif len(ids) == 2:
+                pairs.append((ids[0], ids[1], column))
+        word_column = np.full(len(word_id) + 1, -1, dtype=np.int64)
+        for wid, column in singles:
+            word_column[wid] = column
+        first, second, columns = (np.array(x, dtype=np.int64).reshape(-1)
+                                  for x in zip(*pairs, strict=True)) if pairs else \
+            (np.zeros(0, dtype=np.int64),) * 3
+        codes = first * len(word_id) + second
+        order = np.argsort(codes, kind="stable")
+        return cls(vocabulary, word_id, word_column, codes[order], columns[order])
+
+
+_TERM_TABLES: weakref.WeakKeyDictionary[TfidfVectorizer, _TermTable] = \
+    weakref.WeakKeyDictionary()
+
+
+def _term_table(vectorizer: TfidfVectorizer) -> _TermTable:
+    """The vectorizer's :class:`_TermTable`, built once per fitted vocabulary."""
+    table = _TERM_TABLES.get(vectorizer)
+    if table is None or table.vocabulary is not vectorizer.vocabulary_:
+        table = _TermTable.of(vectorizer.vocabulary_)
+        _TERM_TABLES[vectorizer] = table
+    return table
+
+
 def _weigh(vectorizer: TfidfVectorizer, texts: Sequence[str]) -> sparse.csr_matrix:
     """``vectorizer.transform(texts)`` (float32 rows of tf * idf), computed faster.
 
-    scikit-learn counts a text's terms through a try/except per word and word
-    pair, and most word pairs of an old paper are not in a capped vocabulary:
-    the exceptions cost more than the tokenising. Here the same preprocessor,
-    tokenizer and stop words give the same terms, counted with ``dict.get``,
-    and the same float32 operations weight them (tests check the equality).
-    Chunks of FIT_CHUNK texts bound the memory of the term lists.
+    scikit-learn builds every word pair of a text as a string and looks it up
+    (a try/except per term), and most word pairs of an old paper are not in a
+    capped vocabulary. Here the same preprocessor, tokenizer and stop words
+    give the same words; each word is looked up once (its id), and the words
+    and the pairs of adjacent words are found in the vocabulary by number
+    (:class:`_TermTable`), a chunk of FIT_CHUNK texts at a time; the same
+    float32 operations weight them (tests check the equality).
     """
     if tuple(vectorizer.ngram_range) != (1, 2) or vectorizer.analyzer != "word":
         return sparse.csr_matrix(vectorizer.transform(texts), dtype=np.float32)
     preprocess = vectorizer.build_preprocessor()
     tokenize = vectorizer.build_tokenizer()
     stop = vectorizer.get_stop_words() or frozenset()
-    column = vectorizer.vocabulary_.get
+    table = _term_table(vectorizer)
+    word_id = table.word_id.get
+    width = len(table.word_id)
     chunks = []
     for start in range(0, len(texts), FIT_CHUNK):
-        columns: list[int] = []
-        ends = [0]
+        ids: list[int] = []
+        lengths: list[int] = []
         for text in texts[start : start + FIT_CHUNK]:
-            words = [w for w in tokenize(preprocess(text)) if w not in stop]
-            pairs = [f"{a} {b}" for a, b in pairwise(words)]
-            columns.extend(j for j in map(column, words + pairs) if j is not None)
-            ends.append(len(columns))
+            before = len(ids)
+            ids.extend(map(word_id, filterfalse(stop.__contains__, tokenize(preprocess(text))),
+                           repeat(-1)))
+            lengths.append(len(ids) - before)
+        words = np.fromiter(ids, dtype=np.int64, count=len(ids))
+        text_of = np.repeat(np.arange(len(lengths)), lengths)
+        columns = table.word_column[words]  # an unknown word (-1) reads the last entry, -1
+        pair = (text_of[:-1] == text_of[1:]) & (words[:-1] >= 0) & (words[1:] >= 0)
+        codes = words[:-1][pair] * width + words[1:][pair]
+        at = np.minimum(np.searchsorted(table.pair_codes, codes),
+                        max(len(table.pair_codes) - 1, 0))
+        found = (table.pair_codes[at] == codes) if len(table.pair_codes) else \
+            np.zeros(len(codes), dtype=bool)
+        rows = np.concatenate([text_of[columns >= 0], text_of[:-1][pair][found]])
+        cols = np.concatenate([columns[columns >= 0], table.pair_columns[at[found]]])
         counts = sparse.csr_matrix(
-            (np.ones(len(columns), dtype=np.float32), np.asarray(columns, dtype=np.int32), ends),
-            shape=(len(ends) - 1, len(vectorizer.vocabulary_)),
+            (np.ones(len(cols), dtype=np.float32), (rows, cols.astype(np.int32))),
+            shape=(len(lengths), len(vectorizer.vocabulary_)),
         )
         counts.sum_duplicates()  # also sorts each row's columns, as scikit-learn does
         chunks.append(counts)
+    if not chunks:
+        return sparse.csr_matrix((0, len(vectorizer.vocabulary_)), dtype=np.float32)
     weighted = sparse.vstack(chunks, format="csr", dtype=np.float32)
     if vectorizer.sublinear_tf:
         np.log(weighted.data, weighted.data)
@@ -316,14 +394,15 @@ class CorpusIndex:
 
         ``bounds`` (default CORPUS_FIT) limits what the vocabulary, idf and
         topic space are fitted on, so the fit's time and memory stay bounded
-        as listings accumulate; every paper is still in the index.
+        as listings accumulate; every paper is still in the index. The papers
+        outside the window are weighted and projected FIT_CHUNK at a time
+        (:func:`_weigh_corpus`): beyond the window the fit costs the index's
+        own rows (about 2 KB a paper) and the time to read each paper once.
         """
         bounds = bounds or CORPUS_FIT
         unique = list({p.id: p for p in papers}.values())
-        texts = [_paper_text(p) for p in unique]
-        chosen = _fit_rows(len(texts), bounds)
-        rest = np.setdiff1d(np.arange(len(texts)), chosen)  # sorted, as chosen is
-        older, window = [texts[i] for i in rest], [texts[i] for i in chosen]
+        chosen = _fit_rows(len(unique), bounds)
+        window = [_paper_text(unique[i]) for i in chosen]
         vectorizer = _make_vectorizer(len(window), bounds.max_terms)
         try:
             fitted = vectorizer.fit_transform(window or [""])
@@ -331,26 +410,28 @@ class CorpusIndex:
             vectorizer = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", norm=None, dtype=np.float32)
             fitted = vectorizer.fit_transform(window + ["empty"])
         vectorizer.stop_words_ = None  # the terms cut by min_df/max_df: large, never needed again
-        # The older papers are weighted with the window's terms: one pass over each text.
-        parts = [_weigh(vectorizer, older)] if older else []
-        weighted = sparse.vstack([*parts, fitted[: len(window)]], format="csr", dtype=np.float32)
-        if len(rest) and rest[-1] > chosen[0]:  # a spread sample: rows back in corpus order
-            weighted = weighted[np.argsort(np.concatenate([rest, chosen]), kind="stable")]
+        fitted = sparse.csr_matrix(fitted[: len(window)], dtype=np.float32)
+        del window
         idf = vectorizer.idf_.astype(np.float32)
-        specific = _unit_rows(weighted @ sparse.diags(idf ** (SPECIFIC_IDF_POWER - 1)))
-        topic, svd, topic_mean, scales = (
-            _fit_topics(_unit_rows(weighted), chosen, bounds)
-            if unique
-            else (None, None, None, ())
-        )
+        svd, scales = _fit_svd(_unit_rows(fitted), bounds) if unique else (None, ())
+        # Every paper, a chunk at a time: its text is made, weighted (the window's rows are
+        # reused) and dropped, so the fit holds no text or weighted matrix of the whole corpus.
+        specific, latent, unit_sum = _weigh_corpus(unique, chosen, fitted, vectorizer, svd,
+                                                   scales)
+        del fitted
+        topic, topic_mean = None, None
+        if svd is not None:
+            topic, topic_mean = _centred_topics(latent, unit_sum / max(len(unique), 1), svd,
+                                                scales)
         log.info(
             "corpus index: %d papers, %d terms (fitted on %d of the papers), topic space %s",
             len(unique),
             len(idf),
-            len(window),
+            len(chosen),
             scales or "none",
         )
-        return cls(unique, vectorizer, specific, topic, svd, topic_mean, scales)
+        return cls(unique, vectorizer, specific, topic, svd if topic is not None else None,
+                   topic_mean, scales)
 
     @property
     def matrix(self) -> sparse.csr_matrix:
@@ -403,27 +484,36 @@ class CorpusIndex:
 
         Each term scaled by its own weight (the same single products), without
         raising every idf of the vocabulary to the power and building a
-        terms x terms diagonal on each call (a few ms a phrase).
+        terms x terms diagonal on each call (a few ms a phrase). Row by row:
+        a row's result does not depend on the other rows.
         """
         if self._idf_scale is None:
             self._idf_scale = self._idf ** (SPECIFIC_IDF_POWER - 1)
         scaled = sparse.csr_matrix(weighted, dtype=np.float32, copy=True)
         scaled.data *= self._idf_scale[scaled.indices]
-        return _unit_rows(scaled)
+        unit = _unit_rows(scaled)
+        unit.sort_indices()  # terms in column order: sums over them run in one order everywhere
+        return unit
 
     def _topic_of(self, weighted: sparse.csr_matrix) -> np.ndarray | None:
-        """One tf*idf row in the topic space (1 x sum(scales)); None without a topic space.
+        """tf*idf rows in the topic space (rows x sum(scales)); None without a topic space.
 
-        The same as ``svd.transform`` but gathering only the row's own terms'
+        The same as ``svd.transform`` but gathering only each row's own terms'
         components: ``transform`` multiplies by ``components_.T``, which scipy
         first copies whole (128 x terms) on every call, about 20 ms on the
-        580-day corpus for a two-word phrase.
+        580-day corpus for a two-word phrase. Row by row, so a row's result
+        does not depend on the other rows (a batch of phrases gives what one
+        phrase at a time gives).
         """
         if self._svd is None or self._topic_mean is None:
             return None
         unit = _unit_rows(weighted)
         components = self._svd.components_
-        latent = (components[:, unit.indices] @ unit.data.astype(components.dtype))[None, :]
+        latent = np.zeros((unit.shape[0], components.shape[0]), dtype=components.dtype)
+        for i in range(unit.shape[0]):
+            terms = slice(unit.indptr[i], unit.indptr[i + 1])
+            latent[i] = components[:, unit.indices[terms]] @ unit.data[terms].astype(
+                components.dtype)
         return _multi_scale_rows(latent - self._topic_mean, self._scales)
 
     def phrase_matches(
@@ -436,35 +526,86 @@ class CorpusIndex:
         It shares its weight with its best matches among the stored papers
         (those sharing at least one term), which compare as papers do.
         Matched once per distinct phrase and fitted index (memoised, bounded by
-        PHRASE_MEMO_BYTES); thread-safe.
+        PHRASE_MEMO_BYTES); thread-safe. Returns (rows: int64, at most
+        PHRASE_MATCHES, best first; specific: 1 x terms, unit length or empty
+        when no term is known; topic: 1 x sum(scales) float32, or None without
+        a topic space).
         """
         match = self._phrase(phrase)
         return match.rows, match.specific, match.topic
 
+    def warm_phrases(self, phrases: Iterable[str]) -> int:
+        """Match every distinct phrase not matched yet, in batches; how many were matched.
+
+        For a dispatch: its subscribers' interest phrases all at once (one
+        transform, one sparse and one dense product per batch of phrases)
+        before they are ranked one by one. Each phrase's match is exactly what
+        :meth:`phrase_matches` gives for it alone (see :meth:`_match_phrases`).
+        Phrases are stripped as profiles strip them; empty ones are skipped.
+        Bounded by PHRASE_MEMO_BYTES like any match: past it, the least
+        recently used matches are dropped (and matched again when asked).
+        """
+        wanted = [p for p in dict.fromkeys(s.strip() for s in phrases)
+                  if p and self._memo.phrase(p) is None]
+        batch = max(1, PHRASE_BATCH_ENTRIES // max(len(self), 1))
+        for start in range(0, len(wanted), batch):
+            chunk = wanted[start : start + batch]
+            for phrase, match in zip(chunk, self._match_phrases(chunk), strict=True):
+                self._memo.keep_phrase(phrase, match)
+        return len(wanted)
+
     def _phrase(self, phrase: str) -> _PhraseMatch:
-        """The memoised match of a phrase: best rows, own vectors, similarity to every paper."""
+        """The memoised match of a phrase: its best rows and its own vectors."""
         found = self._memo.phrase(phrase)
         if found is not None:
             return found
-        weighted = self.vectorizer.transform([phrase]).astype(np.float32)
+        match = self._match_phrases([phrase])[0]
+        self._memo.keep_phrase(phrase, match)
+        return match
+
+    def _match_phrases(self, phrases: Sequence[str]) -> list[_PhraseMatch]:
+        """Match phrases against the corpus, all at once; each one as if matched alone.
+
+        All phrases are weighted in one pass and put in both views row by row
+        (a row's vectors do not depend on the other rows). Only papers sharing
+        a term with a phrase can be its match: one sparse product through the
+        postings of the phrases' terms (the corpus transposed) gives their
+        specific cosines, and one float32 product gives every topic cosine
+        roughly (BLAS blocks it by the batch, so the last bits depend on the
+        batch). The roughly best papers, all within twice SCREEN_ERROR of the
+        PHRASE_MATCHES-th, are then scored exactly (:func:`_topic_products`,
+        entry by entry), and the best PHRASE_MATCHES kept, equal scores in
+        corpus order: the same rows whatever the batch, and the rows a full
+        exact ranking of the corpus would give.
+        """
+        weighted = _weigh(self.vectorizer, phrases)
         specific = self._specific_row(weighted)
         topic = self._topic_of(weighted)
         if topic is not None:
             # No known term: no topic either (centring would point it at the anti-mean).
-            topic = topic * (weighted.nnz > 0)
-        # Through the postings of the phrase's own terms (the corpus transposed), not a pass
-        # over every term of every paper: 16 ms a phrase on the 580-day corpus otherwise.
-        shared = _dense(specific @ self._memo.transposed()).ravel()
-        sims = shared.copy()
-        topic_sims = None
+            topic *= (np.diff(weighted.indptr) > 0)[:, None]
+        shared = sparse.csr_matrix(specific @ self._memo.transposed())
+        shared.sort_indices()
+        rough = None
         if self.topic is not None and topic is not None:
-            topic_sims = np.asarray(self.topic @ topic[0], dtype=np.float32)
-            sims = (sims + topic_sims) / 2
-        order = np.argsort(-sims, kind="stable")
-        rows = order[shared[order] > 0][:PHRASE_MATCHES].astype(np.int64)
-        match = _PhraseMatch(rows, specific, topic, shared, topic_sims)
-        self._memo.keep_phrase(phrase, match)
-        return match
+            with _one_blas_thread():
+                rough = topic @ self.topic.T
+        matches = []
+        for i in range(len(phrases)):
+            cols = shared.indices[shared.indptr[i] : shared.indptr[i + 1]]
+            values = shared.data[shared.indptr[i] : shared.indptr[i + 1]]
+            eligible = values > 0
+            cols, values = cols[eligible], values[eligible]
+            own_topic = topic[i : i + 1] if topic is not None else None
+            if rough is not None and len(cols) > PHRASE_MATCHES:
+                near = _near_top((values + rough[i, cols]) / 2, PHRASE_MATCHES)
+                cols, values = cols[near], values[near]
+            sims = values
+            if self.topic is not None and own_topic is not None and len(cols):
+                sims = (values + _topic_products(self.topic[cols], own_topic)[:, 0]) / 2
+            rows = cols[_top_rows(sims, PHRASE_MATCHES)].astype(np.int64)
+            matches.append(_PhraseMatch(rows, specific[i], own_topic))
+        return matches
 
     def popularity(self, rows: np.ndarray) -> np.ndarray:
         """Per row: upvotes plus 0.5 / listing rank (see :func:`_popularity`), float64."""
@@ -495,6 +636,23 @@ class CorpusIndex:
                 return found
         return self.direct_similarities(rows, cols)
 
+    def postings_products(self, rows: np.ndarray, vector: sparse.csr_matrix) -> np.ndarray:
+        """The specific cosines of papers ``rows`` to a 1 x terms ``vector`` (float32, len(rows)).
+
+        Through the postings of the vector's few terms (the corpus transposed),
+        summed term by term in column order: the same sums, in the same order,
+        as ``vector @ corpus.T`` (a phrase matched against every paper) gives.
+        """
+        postings = self._memo.transposed()
+        result = np.zeros(len(rows), dtype=np.float32)
+        for term, weight in zip(vector.indices, vector.data, strict=True):
+            start, end = postings.indptr[term], postings.indptr[term + 1]
+            papers = postings.indices[start:end]
+            at = np.minimum(np.searchsorted(papers, rows), max(len(papers) - 1, 0))
+            found = (papers[at] == rows) if len(papers) else np.zeros(len(rows), dtype=bool)
+            result += weight * np.where(found, postings.data[start + at], np.float32(0))
+        return result
+
     def limit_memo(self, *, similarity_bytes: int, phrase_bytes: int) -> None:
         """Start the memos afresh with these bounds in bytes (0 keeps nothing)."""
         self._memo = _IndexMemo(self.specific, self.topic, similarity_bytes=similarity_bytes,
@@ -516,19 +674,51 @@ class CorpusIndex:
 
 @dataclass(frozen=True)
 class _PhraseMatch:
-    """An interest phrase matched against one fitted index, kept for every subscriber."""
+    """An interest phrase matched against one fitted index, kept for every subscriber.
+
+    Small (a few hundred bytes): its similarities to the papers being scored
+    are computed with theirs, as a library entry's are.
+    """
 
     rows: np.ndarray  # its best-matching corpus rows (PHRASE_MATCHES at most)
     specific: sparse.csr_matrix  # 1 x terms, unit length (empty when no term is known)
     topic: np.ndarray | None  # 1 x sum(scales)
-    spec_sims: np.ndarray  # float32, its specific cosine to every corpus paper
-    topic_sims: np.ndarray | None  # float32, its topic cosine to every corpus paper
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.rows, self.spec_sims, self.specific.data, self.specific.indices]
-        arrays += [a for a in (self.topic, self.topic_sims) if a is not None]
-        return sum(a.nbytes for a in arrays)
+        arrays = [self.rows, self.specific.data, self.specific.indices, self.specific.indptr]
+        arrays += [self.topic] if self.topic is not None else []
+        return sum(a.nbytes for a in arrays) + PHRASE_OVERHEAD
+
+
+def _near_top(rough: np.ndarray, k: int) -> np.ndarray:
+    """Positions whose rough value is within 2 * SCREEN_ERROR of the k-th largest (sorted).
+
+    If every rough value is within SCREEN_ERROR of its exact value, these
+    hold every position among the exact k largest, ties included: a position
+    in the exact top k is at least the exact k-th largest, minus the error;
+    the rough k-th largest is at most that plus the error. NaN (never
+    expected) keeps every position.
+    """
+    if len(rough) <= k or np.isnan(rough).any():
+        return np.arange(len(rough))
+    kth = np.partition(rough, len(rough) - k)[len(rough) - k]
+    return np.flatnonzero(rough >= kth - 2 * SCREEN_ERROR)
+
+
+def _top_rows(values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest values, largest first, equal values in position order.
+
+    What ``np.argsort(-values, kind="stable")[:k]`` gives, without sorting
+    them all: a partition finds the k-th largest value, and only the values
+    at least that large (ties included) are sorted. NaN (never expected)
+    sorts last, as argsort puts it.
+    """
+    if len(values) <= k or np.isnan(values).any():
+        return np.argsort(-values, kind="stable")[:k]
+    kth = np.partition(values, len(values) - k)[len(values) - k]
+    contenders = np.flatnonzero(values >= kth)
+    return contenders[np.argsort(-values[contenders], kind="stable")[:k]]
 
 
 def _sparse_products(a: sparse.csr_matrix, b: sparse.csr_matrix) -> np.ndarray:
@@ -614,7 +804,7 @@ class _IndexMemo:
         """terms x papers: the specific view transposed (a term's row lists its papers)."""
         with self._lock:
             if self._specific_t is None:
-                self._specific_t = self._specific.T.tocsr()
+                self._specific_t = _postings(self._specific)
             return self._specific_t
 
     def gather(
@@ -651,7 +841,7 @@ class _IndexMemo:
         """Compute ``missing`` rows into free slots, or the least recently used not in ``keep``."""
         n = self._specific.shape[0]
         if self._specific_t is None:
-            self._specific_t = self._specific.T.tocsr()
+            self._specific_t = _postings(self._specific)
         if self._spec is None:
             self._spec = np.empty((self.capacity, n), dtype=np.float32)
             if self._topic is not None:
@@ -677,6 +867,26 @@ class _IndexMemo:
         self._slot_of_row[missing] = slots
 
 
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """The process's BLAS libraries, found once (finding them costs ~4 ms a call)."""
+    return ThreadpoolController()
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """BLAS on one thread for the block: on a busy 2-core machine more threads cost 5x the
+    CPU for the same product (measured 3.2 s vs 16 s for the corpus SVD), and a product's
+    result is then the same on machines with any core count."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+def _postings(specific: sparse.csr_matrix) -> sparse.csr_matrix:
+    """terms x papers, each term's papers in row order (the specific view transposed)."""
+    postings = specific.T.tocsr()
+    postings.sort_indices()
+    return postings
+
+
 def _fit_rows(count: int, bounds: FitBounds) -> np.ndarray:
     """Which of ``count`` papers (in corpus order) the vocabulary, idf and SVD are fitted on."""
     if bounds.window is None or bounds.window >= count:
@@ -686,39 +896,96 @@ def _fit_rows(count: int, bounds: FitBounds) -> np.ndarray:
     return np.arange(count - bounds.window, count)
 
 
-def _fit_topics(
-    unit_tfidf: sparse.csr_matrix, fit_rows: np.ndarray, bounds: FitBounds
-) -> tuple[np.ndarray | None, TruncatedSVD | None, np.ndarray | None, tuple[int, ...]]:
-    """The multi-scale LSA space, centred on the corpus mean; none for a tiny corpus.
-
-    The SVD is fitted on the rows ``fit_rows`` (the window or sample) and
-    every row is projected with the same ``transform`` that projects phrases
-    and library entries, FIT_CHUNK rows at a time into one float32 array, so
-    the projection needs no more memory than the topic rows themselves.
-    """
-    fitted = unit_tfidf[fit_rows]
-    rank = min(max(TOPIC_SCALES), fitted.shape[0] - 1, fitted.shape[1] - 1)
+def _fit_svd(
+    unit_window: sparse.csr_matrix, bounds: FitBounds
+) -> tuple[TruncatedSVD | None, tuple[int, ...]]:
+    """The LSA space of the window's unit tf*idf rows and its scales; none for a tiny corpus."""
+    rank = min(max(TOPIC_SCALES), unit_window.shape[0] - 1, unit_window.shape[1] - 1)
     scales = tuple(k for k in TOPIC_SCALES if k <= rank) or ((rank,) if rank >= 2 else ())
     if not scales:
-        return None, None, None, ()
+        return None, ()
     svd = TruncatedSVD(
         n_components=max(scales),
         random_state=SVD_SEED,
         algorithm="randomized",
         n_iter=bounds.svd_iterations,
     )
-    # One BLAS thread: on a busy 2-core machine more threads cost 5x the CPU for the same
-    # SVD (measured 3.2 s vs 16 s at 8,000 x 50,000), and the result is then the same on
-    # machines with any core count.
-    with threadpool_limits(limits=1, user_api="blas"):
-        svd.fit(fitted)
-        # The projection is linear: the mean of the projected rows is the projected mean row.
-        mean = svd.transform(sparse.csr_matrix(unit_tfidf.mean(axis=0), dtype=np.float32))[0]
-        topic = np.empty((unit_tfidf.shape[0], sum(scales)), dtype=np.float32)
-        for start in range(0, unit_tfidf.shape[0], FIT_CHUNK):
-            rows = unit_tfidf[start : start + FIT_CHUNK]
-            topic[start : start + rows.shape[0]] = _multi_scale(svd.transform(rows) - mean, scales)
-    return topic, svd, mean, scales
+    with _one_blas_thread():
+        svd.fit(unit_window)
+    return svd, scales
+
+
+def _weigh_corpus(
+    papers: Sequence[Paper],
+    fit_rows: np.ndarray,
+    fitted: sparse.csr_matrix,
+    vectorizer: TfidfVectorizer,
+    svd: TruncatedSVD | None,
+    scales: tuple[int, ...],
+) -> tuple[sparse.csr_matrix, np.ndarray | None, np.ndarray]:
+    """Every paper in the specific view, its topic-space projection, and the sum of its unit
+    tf*idf rows (float64, 1 x terms), FIT_CHUNK papers at a time.
+
+    ``fitted`` holds the tf*idf rows of the papers ``fit_rows`` (sorted): those
+    are reused, the others weighted with the same vocabulary (:func:`_weigh`).
+    Each step works row by row, so the chunking changes no result. The
+    projection is ``svd.transform`` (uncentred), in the first max(scales)
+    columns of a float32 papers x sum(scales) array that
+    :func:`_centred_topics` turns into the topic rows; None without a
+    topic space.
+    """
+    count = len(papers)
+    fit_at = np.full(count, -1, dtype=np.int64)
+    fit_at[fit_rows] = np.arange(len(fit_rows))
+    idf_scale = sparse.diags(vectorizer.idf_.astype(np.float32) ** (SPECIFIC_IDF_POWER - 1))
+    components = None
+    topic = None
+    if svd is not None and scales:
+        components = np.ascontiguousarray(svd.components_.T)
+        topic = np.empty((count, sum(scales)), dtype=np.float32)  # the latent rows, at first
+    unit_sum = np.zeros(len(vectorizer.idf_), dtype=np.float64)
+    parts: list[sparse.csr_matrix] = []
+    with _one_blas_thread():
+        for start in range(0, count, FIT_CHUNK):
+            rows = np.arange(start, min(start + FIT_CHUNK, count))
+            reused = fit_at[rows] >= 0
+            old = rows[~reused]
+            pieces = [_weigh(vectorizer, [_paper_text(papers[i]) for i in old])] if len(old) \
+                else []
+            pieces += [fitted[fit_at[rows[reused]]]] if reused.any() else []
+            weighted = sparse.vstack(pieces, format="csr", dtype=np.float32)
+            if len(old) and reused.any():  # back in corpus order
+                weighted = weighted[np.argsort(np.concatenate([old, rows[reused]]),
+                                               kind="stable")]
+            parts.append(_unit_rows(weighted @ idf_scale))
+            unit = _unit_rows(weighted)
+            unit_sum += np.asarray(unit.sum(axis=0, dtype=np.float64)).ravel()
+            if topic is not None and components is not None:
+                topic[rows, : components.shape[1]] = unit @ components  # = svd.transform
+    if not parts:
+        return sparse.csr_matrix((0, len(vectorizer.idf_)), dtype=np.float32), topic, unit_sum
+    return sparse.vstack(parts, format="csr", dtype=np.float32), topic, unit_sum
+
+
+def _centred_topics(
+    topic: np.ndarray | None, unit_mean: np.ndarray, svd: TruncatedSVD, scales: tuple[int, ...]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The multi-scale topic rows, centred on the corpus mean, and that mean (latent space).
+
+    ``topic`` holds each paper's projection (``svd.transform``) in its first
+    max(scales) columns; it is turned into the topic rows in place, FIT_CHUNK
+    rows at a time. The projection is linear: the mean of the projected rows
+    is the projected mean row (``unit_mean``, 1 x terms).
+    """
+    if topic is None:
+        return None, None
+    mean = (sparse.csr_matrix(unit_mean[None, :], dtype=np.float32)
+            @ np.ascontiguousarray(svd.components_.T))[0]
+    width = svd.components_.shape[0]
+    for start in range(0, topic.shape[0], FIT_CHUNK):
+        part = slice(start, start + FIT_CHUNK)
+        topic[part] = _multi_scale(topic[part, :width] - mean, scales)
+    return topic, mean
 
 
 def _vocabulary_key(terms: np.ndarray, idf: np.ndarray, scales: tuple[int, ...]) -> str:
@@ -1212,19 +1479,14 @@ class _Pool:
         own = np.flatnonzero(~named)
         texts = [k for k, phrase in enumerate(model.own_phrase) if phrase is None]
         for k, phrase in enumerate(model.own_phrase):
-            if phrase is None:
-                continue
-            match = index._phrase(phrase)
-            spec[:, own[k]] = match.spec_sims[rows]
-            if topic is not None and match.topic_sims is not None:
-                topic[:, own[k]] = match.topic_sims[rows]
-        if texts:
-            chosen = np.array(texts)
+            if phrase is not None:  # a phrase has a few terms: through their postings
+                spec[:, own[k]] = index.postings_products(rows, model.own_specific[k])
+        if texts:  # a library entry has many: one sparse product
             vectors = sparse.vstack([model.own_specific[k] for k in texts]).tocsr()
-            spec[:, own[chosen]] = _sparse_products(index.specific[rows], vectors)
-            if topic is not None and model.own_topic is not None and index.topic is not None:
-                topic[:, own[chosen]] = _topic_products(index.topic[rows],
-                                                        model.own_topic[chosen])
+            spec[:, own[texts]] = _sparse_products(index.specific[rows], vectors)
+        if len(own) and topic is not None and model.own_topic is not None \
+                and index.topic is not None:
+            topic[:, own] = _topic_products(index.topic[rows], model.own_topic)
         return spec, topic
 
 

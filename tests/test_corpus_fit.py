@@ -124,6 +124,33 @@ def test_bounded_fit_is_deterministic(papers: list[Paper]) -> None:
     assert np.array_equal(first.topic, second.topic)
 
 
+@pytest.mark.parametrize("bounds", [FitBounds(window=50, max_terms=400),
+                                    FitBounds(window=40, spread=True), UNBOUNDED_FIT])
+def test_fitting_in_chunks_gives_the_same_index(
+    papers: list[Paper], bounds: FitBounds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The corpus is weighted and projected a chunk at a time; the chunk size changes nothing
+    (window rows are reused in their corpus places, a spread sample's too)."""
+    whole = CorpusIndex.fit(papers, bounds)  # FIT_CHUNK is larger than the corpus
+    monkeypatch.setattr("digest.rank.FIT_CHUNK", 7)
+    chunked = CorpusIndex.fit(papers, bounds)
+    assert chunked.vocabulary_key == whole.vocabulary_key
+    assert (chunked.specific != whole.specific).nnz == 0
+    assert chunked.topic is not None and whole.topic is not None
+    np.testing.assert_allclose(chunked.topic, whole.topic, atol=1e-6)  # the mean sums in chunks
+    # every paper's row is its own text's: weighted with the fitted vocabulary as one text
+    texts = [_paper_text(p) for p in papers]
+    expected = _weigh(whole.vectorizer, texts)
+    again = CorpusIndex.fit(papers, bounds)
+    rows = again.rows([p.id for p in papers[::9]])
+    for row in rows:
+        mine = again.specific[row]
+        ref = expected[row].multiply(again._idf ** (2.0 - 1)).tocsr()
+        ref = ref / np.sqrt(ref.multiply(ref).sum())
+        assert set(mine.indices) == set(ref.indices)
+        np.testing.assert_allclose(mine.toarray(), ref.toarray(), rtol=1e-5, atol=1e-7)
+
+
 def test_shipped_bounds_leave_a_small_corpus_as_it_was(papers: list[Paper]) -> None:
     """Below the window and the cap the shipped fit is the unbounded one."""
     assert CORPUS_FIT.window is not None and CORPUS_FIT.max_terms is not None

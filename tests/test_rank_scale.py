@@ -16,12 +16,16 @@ from digest.config import RankingConfig
 from digest.dumps import parse_file
 from digest.paper import Paper
 from digest.rank import (
+    PHRASE_MATCHES,
+    SCREEN_ERROR,
     CorpusIndex,
     ModelCache,
     Profile,
     Ranked,
     _multi_scale,
     _multi_scale_rows,
+    _near_top,
+    _top_rows,
     rank,
     score_candidates,
 )
@@ -47,6 +51,14 @@ def papers() -> list[Paper]:
 @pytest.fixture(scope="module")
 def index(papers: list[Paper]) -> CorpusIndex:
     return CorpusIndex.fit(papers)
+
+
+@pytest.fixture(scope="module")
+def warmed(papers: list[Paper]) -> CorpusIndex:
+    """An index whose phrases were all matched in one batch first, as a dispatch does."""
+    fitted = CorpusIndex.fit(papers)
+    assert fitted.warm_phrases(PHRASES) == len(PHRASES)
+    return fitted
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +100,15 @@ def cases(draw: st.DrawFn, ids: list[str]) -> tuple[Profile, list[str], int, Ran
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_ranks_as_the_direct_computation_did(
-    papers: list[Paper], index: CorpusIndex, cramped: CorpusIndex, data: st.DataObject
+    papers: list[Paper], index: CorpusIndex, cramped: CorpusIndex, warmed: CorpusIndex,
+    data: st.DataObject
 ) -> None:
     profile, candidates, limit, config = data.draw(cases([p.id for p in papers]))
     expected = reference.rank(index, profile, candidates, limit=limit, settings=config)
-    _same(rank(index, profile, candidates, limit=limit, settings=config), expected)
+    got = rank(index, profile, candidates, limit=limit, settings=config)
+    _same(got, expected)
     _same(rank(cramped, profile, candidates, limit=limit, settings=config), expected)
+    assert rank(warmed, profile, candidates, limit=limit, settings=config) == got
     np.testing.assert_allclose(
         score_candidates(index, profile, candidates, settings=config),
         reference.score_candidates(index, profile, candidates, settings=config),
@@ -227,3 +242,110 @@ def test_a_pickled_index_ranks_the_same_with_fresh_memos(
     copy = pickle.loads(pickle.dumps(index))
     assert copy.memo_counts() == (0, 0)
     assert rank(copy, profile, candidates, limit=10) == before
+
+
+# --- phrases matched in batches (warm_phrases) ------------------------------------------
+
+# Phrases as subscribers type them: spaces around, case, a repeated word, words of several
+# interests at once, one word, stop words with a known word, nothing at all.
+MORE_PHRASES = PHRASES + ("  domain adaptation ", "Diffusion Models", "video video",
+                          "language models for video generation", "alignment", "the diffusion",
+                          "", "   ", "qqqq diffusion")
+
+
+def _match(index: CorpusIndex, phrase: str) -> tuple[np.ndarray, object, np.ndarray | None]:
+    rows, specific, topic = index.phrase_matches(phrase)
+    return rows, specific, topic
+
+
+def _same_match(a: tuple[np.ndarray, object, np.ndarray | None],
+                b: tuple[np.ndarray, object, np.ndarray | None]) -> None:
+    assert np.array_equal(a[0], b[0])
+    assert (a[1] != b[1]).nnz == 0  # type: ignore[attr-defined]
+    assert (a[2] is None) == (b[2] is None)
+    if a[2] is not None and b[2] is not None:
+        assert np.array_equal(a[2], b[2])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.lists(st.sampled_from(MORE_PHRASES), max_size=12))
+def test_a_batch_of_phrases_matches_each_as_one_phrase_alone(
+    papers: list[Paper], index: CorpusIndex, batch: list[str]
+) -> None:
+    alone, together = pickle.loads(pickle.dumps(index)), pickle.loads(pickle.dumps(index))
+    wanted = {p.strip() for p in batch if p.strip()}
+    assert together.warm_phrases(batch) == len(wanted)
+    assert together.memo_counts()[0] == len(wanted)
+    for phrase in wanted:
+        _same_match(_match(together, phrase), _match(alone, phrase))
+    assert together.memo_counts()[0] == len(wanted)  # nothing matched again
+    assert together.warm_phrases(batch) == 0
+
+
+def test_batched_matches_are_the_full_ranking_of_the_corpus(index: CorpusIndex) -> None:
+    """The screened top rows are the rows a stable sort of every paper's exact score gives."""
+    phrases = [p.strip() for p in MORE_PHRASES if p.strip()]
+    fresh = pickle.loads(pickle.dumps(index))  # memos start empty
+    fresh.warm_phrases(phrases)
+    for phrase in phrases:
+        rows, specific, topic = fresh.phrase_matches(phrase)
+        shared = np.asarray((specific @ fresh.specific.T).todense()).ravel()
+        sims = shared.copy()
+        if topic is not None and fresh.topic is not None:
+            exact = (fresh.topic.astype(np.float64) @ topic[0].astype(np.float64))
+            sims = (sims + exact.astype(np.float32)) / 2
+        order = np.argsort(-sims, kind="stable")
+        assert rows.tolist() == order[shared[order] > 0][:PHRASE_MATCHES].tolist()
+        if specific.nnz == 0:  # no known term: nothing to match, no topic either
+            assert len(rows) == 0 and (topic is None or not topic.any())
+
+
+def test_equal_papers_tie_in_corpus_order() -> None:
+    """Five copies of one paper and one near copy: a phrase's matches keep corpus order."""
+    copy = ("Sparse attention for long documents",
+            "We study sparse attention patterns for transformers on long documents.")
+    papers = [Paper(id=f"c{i}", title=copy[0], abstract=copy[1]) for i in range(7)]
+    papers += [Paper(id=f"o{i}", title=f"Protein folding {i}", abstract="Folding proteins with "
+                     f"graph networks and energy {i}.") for i in range(12)]
+    index = CorpusIndex.fit(papers)
+    batch = CorpusIndex.fit(papers)
+    batch.warm_phrases(["sparse attention", "protein folding", "long documents"])
+    rows, _, _ = batch.phrase_matches("sparse attention")
+    assert rows.tolist() == list(range(PHRASE_MATCHES))  # seven equal papers: the first five
+    for phrase in ("sparse attention", "protein folding", "long documents"):
+        _same_match(_match(batch, phrase), _match(index, phrase))
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.25, 0.5, 1.0, -0.3]) |
+                       st.floats(-1, 1, width=32), max_size=40),
+       k=st.integers(1, 8))
+def test_top_rows_is_a_stable_sort_cut_at_k(values: list[float], k: int) -> None:
+    array = np.array(values, dtype=np.float32)
+    assert _top_rows(array, k).tolist() == np.argsort(-array, kind="stable")[:k].tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(-1, 1, width=32), min_size=1, max_size=40),
+       noise=st.lists(st.floats(-SCREEN_ERROR, SCREEN_ERROR), min_size=40, max_size=40),
+       k=st.integers(1, 8))
+def test_screening_keeps_every_exact_top_row(
+    values: list[float], noise: list[float], k: int
+) -> None:
+    """Rough values within SCREEN_ERROR of the exact ones keep every exact top-k position."""
+    exact = np.array(values, dtype=np.float64)
+    rough = exact + np.array(noise[: len(values)])
+    near = _near_top(rough, k)
+    top = np.argsort(-exact, kind="stable")[:k]
+    tied = np.flatnonzero(exact >= exact[top[-1]])  # ties at the cut may take any of them
+    assert set(tied.tolist()) <= set(near.tolist())
+    assert np.all(np.diff(near) > 0)
+
+
+def test_postings_products_are_the_phrase_against_every_paper(index: CorpusIndex) -> None:
+    """A phrase's cosines to some papers, through postings, are its row of vector @ corpus.T."""
+    rows = np.array([5, 0, 77, 3, 3, len(index) - 1, 40], dtype=np.int64)
+    for phrase in ("domain adaptation", "diffusion", "zyxwvut qqqq", "video generation model"):
+        _, specific, _ = index.phrase_matches(phrase)
+        whole = np.asarray((specific @ index._memo.transposed()).todense()).ravel()
+        assert np.array_equal(index.postings_products(rows, specific), whole[rows])
