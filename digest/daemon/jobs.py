@@ -437,7 +437,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             settled = _Settled.read_or_none(runtime.store) if not force else None
             quick = await _quick_outcomes(settled, subscribers, now, runtime.config.max_late)
             # Forked before any SMTP connection opens: a worker holds no copy of a socket.
-            workers = await _start_workers(runtime, now, quick.count(None), dry_run)
+            workers = await _start_workers(runtime, now, quick.count(None), dry_run, stopped)
             if not dry_run:
                 await _resend_unsent(runtime, mailer, deliveries, subscribers, stopped)
             for place, sub in enumerate(subscribers, start=1):
@@ -956,7 +956,7 @@ Workers = PrepareWorkers[PrepareJob, Prepared | Unprepared]
 
 
 async def _start_workers(runtime: Runtime, now: datetime, to_look_at: int,
-                         dry_run: bool) -> Workers | None:
+                         dry_run: bool, stopped: Callable[[], bool]) -> Workers | None:
     """Fork the prepare workers when the dispatch is large enough, else None (in the loop).
 
     The corpus index is fitted first, so the workers share it copy-on-write. A
@@ -967,7 +967,7 @@ async def _start_workers(runtime: Runtime, now: datetime, to_look_at: int,
         return None
     await runtime.refresh_corpus_index()
     side = _WorkerSide(runtime, now)
-    workers: Workers = PrepareWorkers(side.build, side.setup, count=count)
+    workers: Workers = PrepareWorkers(side.build, side.setup, count=count, stopping=stopped)
     try:
         workers.start()
     except OSError as exc:

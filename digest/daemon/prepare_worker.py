@@ -73,10 +73,13 @@ class PrepareWorkers(Generic[J, A]):
     worker died before answering (the caller prepares that job itself).
     ``build`` must not raise: it returns the failure as an answer. Start and
     use it from the event loop's thread; ``close`` ends and reaps every worker.
+    ``stopping()`` true means the caller is stopping (SIGTERM): a worker that
+    ends then is not logged as a failure.
     """
 
     def __init__(self, build: Callable[[J], A], setup: Callable[[], None], *, count: int,
-                 ahead: int = AHEAD, chunk: int = CHUNK, name: str = "digest-prepare") -> None:
+                 ahead: int = AHEAD, chunk: int = CHUNK, name: str = "digest-prepare",
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         if count < 1 or ahead < 1 or chunk < 1:
             raise ValueError("count, ahead and chunk must be at least 1")
         self.build = build
@@ -85,6 +88,7 @@ class PrepareWorkers(Generic[J, A]):
         self.ahead = ahead
         self.chunk = chunk
         self.name = name
+        self.stopping = stopping  # the dispatch is stopping: a worker's end is expected
         self._workers: list[_Worker[J]] = []
         self._pending: list[tuple[int, J]] = []  # submitted, not sent to a worker yet
         self._ready: deque[tuple[int, J, A | None]] = deque()  # answered, not taken yet
@@ -236,7 +240,7 @@ class PrepareWorkers(Generic[J, A]):
         orphans = list(worker.sent.items())
         worker.sent.clear()
         self._ready.extend((key, job, None) for key, job in orphans)
-        if self._closing:
+        if self._closing or self.stopping():  # SIGTERM reached the worker with the daemon
             return
         self.died += 1
         if worker.process.is_alive():  # its pipe broke while it lives on: end it
