@@ -23,6 +23,7 @@ JSON_KEYS = {
     "ratio_to_raw_1", "ratio_to_raw_8", "ranking_subscribers_per_s", "candidates_mean_history",
     "candidates_mean_new", "stages_s", "delivered_exactly_once", "wall_s_runs",
     "stages_cpu_s", "ranking_subscribers_per_cpu_s",
+    "prepare_workers", "dispatch_cpu_s", "worker_cpu_s", "worker_peak_rss_mb",
 }
 STAGE_KEYS = {"corpus_fit", "prepare", "ranking", "rendering", "claiming", "sending",
               "prepare_other"}
@@ -56,6 +57,9 @@ def test_tiny_dispatch_delivers_once_per_subscriber_in_every_run(
         assert result["stages_s"][stage] > 0, stage
         assert result["stages_cpu_s"][stage] > 0, stage
     assert result["ranking_subscribers_per_cpu_s"] > 0
+    # 20 subscribers are prepared in the dispatching process: no worker is forked for so few.
+    assert result["prepare_workers"] == 1 and result["worker_cpu_s"] == 0
+    assert result["cpu_s"] == result["dispatch_cpu_s"]
 
 
 def test_the_table_names_the_dispatch_raw_rates_and_stages(

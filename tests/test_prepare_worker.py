@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import re
@@ -272,3 +273,22 @@ def test_sigterm_mid_dispatch_ends_the_worker_and_leaves_none_behind(
     copies = Counter(recipient(m.message) for m in server.messages)
     assert set(copies.values()) == {1}
     assert len(copies) < count  # stopped midway: the rest waits for the next start
+
+
+def test_the_bench_counts_the_workers_cpu_and_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    from digest.cli import main
+
+    from .helpers import require_shared
+
+    data = require_shared("data", "hf-daily-papers.jsonl")
+    count = jobs_module.PREPARE_WORKER_MIN + 10
+    assert main(["bench", "dispatch", "--subscribers", str(count), "--days", "2", "--runs", "1",
+                 "--prepare-workers", "1", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["delivered_exactly_once"] is True and result["prepare_workers"] == 1
+    assert result["worker_cpu_s"] > 0 and result["worker_peak_rss_mb"] > 0
+    assert result["cpu_s"] >= result["dispatch_cpu_s"] + result["worker_cpu_s"] - 0.02
+    assert "its prepare worker(s): 1" in out
+    assert main(["bench", "dispatch", "--subscribers", "3", "--prepare-workers", "17",
+                 "--data", str(data)]) == 1
