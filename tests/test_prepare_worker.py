@@ -292,3 +292,31 @@ def test_the_bench_counts_the_workers_cpu_and_memory(capsys: pytest.CaptureFixtu
     assert "its prepare worker(s): 1" in out
     assert main(["bench", "dispatch", "--subscribers", "3", "--prepare-workers", "17",
                  "--data", str(data)]) == 1
+
+
+def test_a_signal_sent_to_the_worker_alone_is_not_the_daemons(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    # The worker inherits the daemon's event loop; a signal to it must not reach that loop.
+    server = smtp_server(delay=0.02)
+    count = jobs_module.PREPARE_WORKER_MIN + 20
+    fill_inbox(tmp_path)
+    due = (datetime.now(UTC) - timedelta(minutes=2)).strftime("%H:%M")
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=[
+        {**sub, "send_at": due} for sub in subscribers(count)],
+        digest={"prepare_workers": 1}, smtp={"connections": 1})
+    with daemon_process(config, tmp_path / "daemon.log") as daemon:
+        wait_until(lambda: len(server.messages) >= 3, timeout=120, what="the dispatch to start")
+        [worker] = _children(daemon.proc.pid)
+        os.kill(worker, signal.SIGHUP)  # ignored by the worker: no reload of the daemon
+        time.sleep(0.2)
+        os.kill(worker, signal.SIGTERM)  # the worker ends; the dispatch goes on without it
+        wait_until(lambda: len(server.messages) >= count, timeout=180,
+                   what="every digest, prepared in the daemon after the worker ended")
+        time.sleep(0.5)
+        log = daemon.log()
+        assert daemon.proc.poll() is None, log
+    assert "SIGHUP received" not in log and "SIGTERM received" not in log
+    assert "ended unexpectedly (killed by SIGTERM)" in log
+    assert Counter(recipient(m.message) for m in server.messages) == {
+        sub["email"]: 1 for sub in subscribers(count)}
+    assert not _alive(worker)

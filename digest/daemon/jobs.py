@@ -457,12 +457,12 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                     judged = await _unit(runtime, sub.email,
                                          _judge_one(runtime, sub, now, force, library=True))
                     if isinstance(judged, PrepareJob):
-                        while workers.full:  # bounded: the deliveries take the answers first
+                        while workers.full and not stopped():  # bounded: answers taken first
                             await take(*await _from_worker(runtime, workers, now))
                         workers.submit(place, judged)
                     else:
                         await take(place, judged)
-                    while workers.has_answer:
+                    while workers.has_answer and not stopped():
                         await take(*await _from_worker(runtime, workers, now))
                 await asyncio.sleep(0)  # deliveries, signals and the other jobs get their turn
             while workers is not None and workers.outstanding and not stopped():
