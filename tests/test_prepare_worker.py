@@ -320,3 +320,21 @@ def test_a_signal_sent_to_the_worker_alone_is_not_the_daemons(
     assert Counter(recipient(m.message) for m in server.messages) == {
         sub["email"]: 1 for sub in subscribers(count)}
     assert not _alive(worker)
+
+
+def test_no_worker_is_forked_for_a_day_known_to_have_no_new_papers(
+        tmp_path: Path, smtp_server: StartServer, few_make_a_worker: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="digest.daemon.jobs")
+    server = smtp_server()
+    sim = make_state(tmp_path, server, 12, workers=1)
+    assert Counter(o.status for o in sim.tick(SEND)) == {"sent": 12}
+    next_day = SEND + timedelta(days=1)
+    # The next day has no new papers: a worker finds them all empty, once.
+    assert Counter(o.status for o in sim.tick(next_day)) == {"empty": 12}
+    assert caplog.text.count("prepare worker(s) for 12 subscribers") == 2
+    # Every later tick that day knows it: nothing to prepare, no fork.
+    assert Counter(o.status for o in sim.tick(next_day + timedelta(minutes=10))) == {"empty": 12}
+    assert caplog.text.count("prepare worker(s) for") == 2
+    assert len(server.messages) == 12
+    sim.close()

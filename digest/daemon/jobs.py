@@ -437,7 +437,8 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             settled = _Settled.read_or_none(runtime.store) if not force else None
             quick = await _quick_outcomes(settled, subscribers, now, runtime.config.max_late)
             # Forked before any SMTP connection opens: a worker holds no copy of a socket.
-            workers = await _start_workers(runtime, now, quick.count(None), dry_run, stopped)
+            workers = await _start_workers(runtime, now, _to_prepare(runtime, subscribers, quick),
+                                           dry_run, stopped)
             if not dry_run:
                 await _resend_unsent(runtime, mailer, deliveries, subscribers, stopped)
             for place, sub in enumerate(subscribers, start=1):
@@ -496,6 +497,17 @@ async def _quick_outcomes(settled: _Settled | None, subscribers: Sequence[Subscr
         if n % 1000 == 0:
             await asyncio.sleep(0)
     return quick
+
+
+def _to_prepare(runtime: Runtime, subscribers: Sequence[Subscriber],
+                quick: list[Outcome | None]) -> int:
+    """About how many digests this dispatch will prepare: those not settled by the bulk
+    reads, less those whose day had no new papers at this corpus version (a day without a
+    listing keeps thousands due and empty for hours: no worker is forked for them)."""
+    seq = runtime.store.corpus_seq()
+    empty = {email for (email, _), at in runtime.empty_days.items() if at == seq}
+    return sum(1 for sub, known in zip(subscribers, quick, strict=True)
+               if known is None and sub.email.lower() not in empty)
 
 
 # What a bulk read can settle for good during one dispatch (see ``_Settled``).
