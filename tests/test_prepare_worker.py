@@ -269,7 +269,7 @@ def test_sigterm_mid_dispatch_ends_the_worker_and_leaves_none_behind(
     time.sleep(0.2)
     assert not _alive(worker), log
     assert "Traceback" not in log
-    assert "ended unexpectedly" not in log  # a stop is not a death
+    assert "ended unexpectedly" not in log  # a stop is not a crash
     copies = Counter(recipient(m.message) for m in server.messages)
     assert set(copies.values()) == {1}
     assert len(copies) < count  # stopped midway: the rest waits for the next start
@@ -316,7 +316,7 @@ def test_a_signal_sent_to_the_worker_alone_is_not_the_daemons(
         log = daemon.log()
         assert daemon.proc.poll() is None, log
     assert "SIGHUP received" not in log and "SIGTERM received" not in log
-    assert "ended unexpectedly (killed by SIGTERM)" in log
+    assert "ended by a signal (killed by SIGTERM)" in log
     assert Counter(recipient(m.message) for m in server.messages) == {
         sub["email"]: 1 for sub in subscribers(count)}
     assert not _alive(worker)

@@ -245,10 +245,14 @@ class PrepareWorkers(Generic[J, A]):
         self.died += 1
         if worker.process.is_alive():  # its pipe broke while it lives on: end it
             worker.process.kill()
-        log.error("dispatch: prepare worker %s (pid %s) ended unexpectedly (%s); the %d "
-                  "digests it had not answered are prepared in the dispatching process",
-                  worker.process.name, worker.process.pid, _exit_text(worker.process),
-                  len(orphans))
+        # SIGTERM or SIGINT is someone's stop (systemd's reaches the daemon a moment later);
+        # anything else is a crash: the OOM killer, a segfault, a kill -9.
+        stopped = worker.process.exitcode in (-signal.SIGTERM, -signal.SIGINT)
+        log.log(logging.WARNING if stopped else logging.ERROR,
+                "dispatch: prepare worker %s (pid %s) ended %s (%s); the %d digests it had "
+                "not answered are prepared in the dispatching process", worker.process.name,
+                worker.process.pid, "by a signal" if stopped else "unexpectedly",
+                _exit_text(worker.process), len(orphans))
 
     # --- stopping ---
 
