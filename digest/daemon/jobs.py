@@ -986,8 +986,8 @@ async def _start_workers(runtime: Runtime, now: datetime, to_look_at: int,
         log.warning("dispatch: cannot start a prepare worker (%s); digests are prepared in "
                     "the dispatching process", exc)
         return None
-    log.debug("dispatch: %d prepare worker(s) for %d subscribers (pids %s)", count,
-              to_look_at, workers.pids)
+    log.info("dispatch: %d prepare worker(s) for %d subscribers (pid %s)", count, to_look_at,
+             ", ".join(str(pid) for pid in workers.pids))
     return workers
 
 
