@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import multiprocessing
 import os
@@ -123,9 +124,13 @@ class PrepareWorkers(Generic[J, A]):
         process = context.Process(
             target=_serve, args=(request_out, result_in, inherited, self.setup, self.build),
             name=f"{self.name}-{number}", daemon=not multiprocessing.current_process().daemon)
+        # Frozen, the inherited objects are never scanned by the child's garbage collector,
+        # which would otherwise write to (and so copy) every page of the shared index.
+        gc.freeze()
         try:
             process.start()
         finally:
+            gc.unfreeze()
             request_out.close()
             result_in.close()
         worker: _Worker[J] = _Worker(process, request_in, result_out)
