@@ -434,13 +434,14 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 batch = []
 
         try:
-            settled = _Settled.read_or_none(runtime.store) if not force else None
-            quick = await _quick_outcomes(settled, subscribers, now, runtime.config.max_late)
-            # Forked before any SMTP connection opens: a worker holds no copy of a socket.
-            workers = await _start_workers(runtime, now, _to_prepare(runtime, subscribers, quick),
-                                           dry_run, stopped)
             if not dry_run:
                 await _resend_unsent(runtime, mailer, deliveries, subscribers, stopped)
+            settled = _Settled.read_or_none(runtime.store) if not force else None
+            quick = await _quick_outcomes(settled, subscribers, now, runtime.config.max_late)
+            # A worker may inherit a resend's SMTP socket: harmless, it never touches it and
+            # ends (``close`` below) before the mailer closes its sessions.
+            workers = await _start_workers(runtime, now, _to_prepare(runtime, subscribers, quick),
+                                           dry_run, stopped)
             for place, sub in enumerate(subscribers, start=1):
                 if stopped():
                     break
