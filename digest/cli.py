@@ -581,7 +581,7 @@ def cmd_bench_dispatch(args: argparse.Namespace) -> int:
     logging.getLogger("digest").setLevel(logging.WARNING)  # a line per message drowns the table
     result = run_dispatch_bench(Path(args.data), subscribers=args.subscribers, days=args.days,
                                 history=args.history, runs=args.runs, sink=args.sink,
-                                progress=not args.json)
+                                progress=not args.json, prepare_workers=args.prepare_workers)
     if not args.json:
         print(result["table"])
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, sort_keys=True))
@@ -897,6 +897,9 @@ def _add_bench_dispatch(bench_commands: argparse._SubParsersAction) -> None:  # 
                    "minimal server of the bench's own that costs about what a relay in C does")
     p.add_argument("--data", default=str(_shared() / "data" / "hf-daily-papers.jsonl"),
                    help="the daily-papers JSON lines file (default: ../shared/data/...)")
+    p.add_argument("--prepare-workers", type=int, default=None, metavar="N",
+                   help="prepare digests in N worker processes (0: in the dispatching "
+                   "process; default: the config's default, as a daemon would)")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
 
 

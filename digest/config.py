@@ -56,6 +56,11 @@ DEFAULT_SCAN_SECONDS = 60  # dumps arrive daily; a minute's delay is invisible
 DEFAULT_DISPATCH_SECONDS = 60  # send times are given to the minute
 DEFAULT_MAX_LATE_HOURS = 12.0  # a digest half a day late is still today's news
 DEFAULT_STABLE_SECONDS = 5.0  # a file still being written changes within seconds
+# Worker processes that rank and render digests while the daemon's loop claims and sends:
+# one uses the second core of a small server (measured in README "Scaling"); 0 keeps it all
+# in the daemon's own process.
+DEFAULT_PREPARE_WORKERS = 1
+MAX_PREPARE_WORKERS = 16
 DEFAULT_SMTP_TIMEOUT = 30.0  # seconds; long enough for a slow relay, short enough to notice
 DEFAULT_SMTP_ATTEMPTS = 4  # a 4xx or a dropped connection: try again, a few times
 DEFAULT_SMTP_RETRY_SECONDS = 2.0  # first backoff; doubles per attempt (2, 4, 8 s)
@@ -285,6 +290,7 @@ class Config:
     dispatch_seconds: float = DEFAULT_DISPATCH_SECONDS
     max_late: timedelta = timedelta(hours=DEFAULT_MAX_LATE_HOURS)
     stable_seconds: float = DEFAULT_STABLE_SECONDS
+    prepare_workers: int = DEFAULT_PREPARE_WORKERS
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     subscribers: tuple[Subscriber, ...] = ()
@@ -966,6 +972,9 @@ DIGEST_KEYS: dict[str, Spec] = {
     "stable_seconds": Number(default=DEFAULT_STABLE_SECONDS, low=0, high=MAX_TICK_SECONDS,
                              unit="seconds",
                              why="a file still being written changes within seconds"),
+    "prepare_workers": Number(default=DEFAULT_PREPARE_WORKERS, low=0, high=MAX_PREPARE_WORKERS,
+                              whole=True, why="one more core ranks while the loop sends; 0 "
+                              "prepares in the daemon's own process"),
 }
 
 SMTP_KEYS: dict[str, Spec] = {

@@ -440,6 +440,27 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"{self.path}: cannot open the state database: {exc}") from exc
 
+    @classmethod
+    def reader(cls, path: str | Path) -> Store:
+        """A read-only connection to an existing state database (a prepare worker's).
+
+        No migration and no write: SQLite refuses any (``query_only``), so a
+        process that only ranks and renders can never change the state. Raises
+        ``StoreError`` when the file cannot be opened.
+        """
+        store = cls.__new__(cls)
+        store.path = Path(path)
+        try:
+            uri = f"{store.path.resolve().as_uri()}?mode=ro"
+            store._db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+            store._db.row_factory = sqlite3.Row
+            store._db.execute("PRAGMA query_only=ON")
+            store._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            raise StoreError(f"{store.path}: cannot open the state database to read: {exc}"
+                             ) from exc
+        return store
+
     def close(self) -> None:
         self._db.close()
 

@@ -46,6 +46,7 @@ JSON_KEYS = {
     "stages_cpu_s", "ranking_subscribers_per_cpu_s", "sink", "sink_cpu_ms_per_message",
     "raw_1_sink_cpu_ms_per_message", "raw_8_sink_cpu_ms_per_message", "signals_answered",
     "signal_answer_median_s", "signal_answer_max_s",
+    "prepare_workers", "dispatch_cpu_s", "worker_cpu_s", "worker_peak_rss_mb",
 }
 STAGE_KEYS = {"corpus_fit", "prepare", "ranking", "rendering", "claiming", "sending",
               "prepare_other"}
@@ -84,6 +85,9 @@ def test_tiny_dispatch_delivers_once_per_subscriber_in_every_run(
                 "raw_8_sink_cpu_ms_per_message"):
         assert result[key] > 0, key
     assert result["signals_answered"] >= 0
+    # 20 subscribers are prepared in the dispatching process: no worker is forked for so few.
+    assert result["prepare_workers"] == 1 and result["worker_cpu_s"] == 0
+    assert result["cpu_s"] == result["dispatch_cpu_s"]
 
 
 def test_the_lean_sink_receives_the_dispatch_and_the_raw_sends(

@@ -129,6 +129,17 @@ class StateLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    def forget_in_child(self) -> None:
+        """In a forked child: close the inherited descriptor, leaving the parent's lock held.
+
+        ``flock`` belongs to the open file, which the child shares: unlocking here
+        would unlock the parent, while keeping the descriptor would keep the lock
+        alive after the parent dies, until the child ends too.
+        """
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
     def holder(self) -> tuple[int | None, str]:
         """(pid, role) written by the process holding the lock; (None, "") when unknown."""
         try:

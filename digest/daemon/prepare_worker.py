@@ -1,0 +1,338 @@
+"""Digests prepared in worker processes, on the other cores, while the loop claims and sends.
+
+A dispatch with enough subscribers forks the workers once the corpus index is fitted,
+so each inherits the fitted index copy-on-write (nothing of it is pickled). In the
+child, ``setup`` runs once (the dispatch opens a read-only connection to the state
+database there), then the worker answers chunks of jobs with what ``build`` returns for
+each. What crosses the pipes is small: a job is a subscriber and the day of the digest,
+an answer a ``Prepared`` with its rendered bytes (or why there is none). Claims, sends
+and marks stay in the dispatching process, so claim before send is unchanged.
+
+Bounded: at most ``ahead`` jobs are submitted and not yet taken back by the loop, so
+memory does not grow with the number of subscribers and the workers are never more than
+a few claim batches ahead of the deliveries.
+
+A worker that dies (killed, out of memory) is noticed when its result pipe ends: the
+jobs it had not answered come back from ``next`` without an answer, for the caller to
+prepare itself, and no more jobs go to it. A worker ends when its request pipe ends (the
+dispatch is over, or the parent died), at once on SIGTERM or SIGINT (it writes nothing,
+so nothing needs finishing), and ignores SIGHUP (a reload is the parent's business).
+This module knows nothing of digests: ``jobs`` gives it ``setup`` and ``build``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import gc
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+J = TypeVar("J")
+A = TypeVar("A")
+
+# Jobs submitted and not yet taken back: two claim batches (jobs.CLAIM_BATCH = 32) keep
+# the deliveries fed while the worker prepares the next ones, and hold ~3 MB of messages.
+AHEAD = 64
+# Jobs per message to a worker: a pipe round trip per few digests, not per digest.
+CHUNK = 8
+# Request pipe size asked of Linux: AHEAD jobs (about 1 KB each) always fit, so sending a
+# chunk never blocks the event loop on a busy worker.
+PIPE_BYTES = 1 << 20
+# How long ``close`` waits for a worker to end after SIGTERM before it sends SIGKILL.
+STOP_SECONDS = 5.0
+
+
+@dataclass
+class _Worker(Generic[J]):
+    process: BaseProcess
+    requests: Connection  # the parent's sending end
+    results: Connection  # the parent's receiving end
+    sent: dict[int, J] = field(default_factory=dict)  # key -> job, not answered yet
+    alive: bool = True
+    reader: threading.Thread | None = None
+
+
+class PrepareWorkers(Generic[J, A]):
+    """``count`` forked processes answering ``build(job)`` for jobs keyed by an int.
+
+    ``submit(key, job)`` never blocks (check ``full`` first); ``next()`` waits
+    for an answer and returns ``(key, job, answer)``, the answer None when the
+    worker died before answering (the caller prepares that job itself).
+    ``build`` must not raise: it returns the failure as an answer. Start and
+    use it from the event loop's thread; ``close`` ends and reaps every worker.
+    ``stopping()`` true means the caller is stopping (SIGTERM): a worker that
+    ends then is not logged as a failure.
+    """
+
+    def __init__(self, build: Callable[[J], A], setup: Callable[[], None], *, count: int,
+                 ahead: int = AHEAD, chunk: int = CHUNK, name: str = "digest-prepare",
+                 stopping: Callable[[], bool] = lambda: False) -> None:
+        if count < 1 or ahead < 1 or chunk < 1:
+            raise ValueError("count, ahead and chunk must be at least 1")
+        self.build = build
+        self.setup = setup
+        self.count = count
+        self.ahead = ahead
+        self.chunk = chunk
+        self.name = name
+        self.stopping = stopping  # the dispatch is stopping: a worker's end is expected
+        self._workers: list[_Worker[J]] = []
+        self._pending: list[tuple[int, J]] = []  # submitted, not sent to a worker yet
+        self._ready: deque[tuple[int, J, A | None]] = deque()  # answered, not taken yet
+        self._arrival = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self.died = 0  # workers that ended before ``close``
+
+    # --- starting ---
+
+    def start(self) -> None:
+        """Fork the workers. Raises OSError when a process or pipe cannot be made."""
+        self._loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("fork")
+        try:
+            for number in range(1, self.count + 1):
+                self._workers.append(self._fork(context, number))
+        except BaseException:
+            self._kill_all()
+            raise
+
+    def _fork(self, context: multiprocessing.context.ForkContext, number: int) -> _Worker[J]:
+        request_out, request_in = context.Pipe(duplex=False)
+        result_out, result_in = context.Pipe(duplex=False)
+        with contextlib.suppress(OSError, AttributeError):  # Linux only; the default 64 KB
+            fcntl.fcntl(request_in.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # works, slower
+        # The child closes every parent end it inherits (its own and earlier workers'),
+        # so its pipes end when the parent's do: a dead parent ends its workers.
+        inherited = [request_in, result_out]
+        for earlier in self._workers:
+            inherited += [earlier.requests, earlier.results]
+        process = context.Process(
+            target=_serve, args=(request_out, result_in, inherited, self.setup, self.build),
+            name=f"{self.name}-{number}", daemon=not multiprocessing.current_process().daemon)
+        # Frozen, the inherited objects are never scanned by the child's garbage collector,
+        # which would otherwise write to (and so copy) every page of the shared index.
+        gc.freeze()
+        try:
+            process.start()
+        finally:
+            gc.unfreeze()
+            request_out.close()
+            result_in.close()
+        worker: _Worker[J] = _Worker(process, request_in, result_out)
+        worker.reader = threading.Thread(target=self._read, args=(worker,),
+                                         name=f"{self.name}-{number}-reader", daemon=True)
+        worker.reader.start()
+        log.debug("dispatch: prepare worker %d started (pid %s)", number, process.pid)
+        return worker
+
+    # --- the pipeline ---
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs submitted and not taken back yet."""
+        return (len(self._pending) + len(self._ready)
+                + sum(len(worker.sent) for worker in self._workers))
+
+    @property
+    def full(self) -> bool:
+        """``ahead`` jobs are out: take one back (``next``) before submitting another."""
+        return self.outstanding >= self.ahead
+
+    @property
+    def has_answer(self) -> bool:
+        """An answer is waiting: ``next`` returns at once."""
+        return bool(self._ready)
+
+    def submit(self, key: int, job: J) -> None:
+        """Queue ``job``; it goes to a worker with the next chunk (at once if one is idle)."""
+        self._pending.append((key, job))
+        if len(self._pending) >= self.chunk or self._hungry():
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the queued jobs to the least busy live worker now."""
+        if not self._pending:
+            return
+        chunk, self._pending = self._pending, []
+        live = [worker for worker in self._workers if worker.alive]
+        if not live:  # every worker died: the caller prepares these itself
+            self._ready.extend((key, job, None) for key, job in chunk)
+            self._arrival.set()
+            return
+        worker = min(live, key=lambda w: len(w.sent))
+        worker.sent.update(chunk)  # before sending: if the worker dies, its end returns them
+        try:
+            worker.requests.send(chunk)
+        except (OSError, ValueError):
+            # The worker is ending: its result pipe ends too, and ``_ended`` hands back
+            # everything in ``sent``, this chunk included.
+            log.debug("dispatch: prepare worker %s did not take a chunk", worker.process.pid)
+
+    def _hungry(self) -> bool:
+        """A live worker has less than a chunk to do: do not let it wait for a full one."""
+        return any(worker.alive and len(worker.sent) < self.chunk for worker in self._workers)
+
+    async def next(self) -> tuple[int, J, A | None]:
+        """The next answer: (key, job, answer), the answer None when its worker died.
+
+        Raises LookupError when nothing is outstanding.
+        """
+        while not self._ready:
+            if not self.outstanding:
+                raise LookupError("no job is outstanding")
+            self.flush()  # about to wait: the workers get whatever is queued
+            if self._ready:
+                break
+            self._arrival.clear()
+            await self._arrival.wait()
+        return self._ready.popleft()
+
+    # --- answers (the reader threads hand them to the loop) ---
+
+    def _read(self, worker: _Worker[J]) -> None:
+        """A worker's answers, read off the loop (a large answer never stalls it)."""
+        answers: list[tuple[int, A]] | None
+        while True:
+            try:
+                answers = worker.results.recv()
+            except (EOFError, OSError):
+                answers = None
+            except Exception:  # an answer that cannot be read: the pipe is no use any more
+                log.exception("dispatch: an answer of prepare worker %s cannot be read",
+                              worker.process.pid)
+                answers = None
+            if answers is None:
+                worker.process.join(timeout=1.0)  # its exit code, for the log
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                return
+            try:
+                loop.call_soon_threadsafe(self._arrived, worker, answers)
+            except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+                return
+            if answers is None:
+                return
+
+    def _arrived(self, worker: _Worker[J], answers: list[tuple[int, A]] | None) -> None:
+        if answers is None:
+            self._ended(worker)
+        else:
+            for key, answer in answers:
+                job = worker.sent.pop(key)
+                self._ready.append((key, job, answer))
+        self._arrival.set()
+
+    def _ended(self, worker: _Worker[J]) -> None:
+        """A worker's result pipe ended: what it had not answered comes back unanswered."""
+        if not worker.alive:
+            return
+        worker.alive = False
+        orphans = list(worker.sent.items())
+        worker.sent.clear()
+        self._ready.extend((key, job, None) for key, job in orphans)
+        if self._closing or self.stopping():  # SIGTERM reached the worker with the daemon
+            return
+        self.died += 1
+        if worker.process.is_alive():  # its pipe broke while it lives on: end it
+            worker.process.kill()
+        # SIGTERM or SIGINT is someone's stop (systemd's reaches the daemon a moment later);
+        # anything else is a crash: the OOM killer, a segfault, a kill -9.
+        stopped = worker.process.exitcode in (-signal.SIGTERM, -signal.SIGINT)
+        log.log(logging.WARNING if stopped else logging.ERROR,
+                "dispatch: prepare worker %s (pid %s) ended %s (%s); the %d digests it had "
+                "not answered are prepared in the dispatching process", worker.process.name,
+                worker.process.pid, "by a signal" if stopped else "unexpectedly",
+                _exit_text(worker.process), len(orphans))
+
+    # --- stopping ---
+
+    async def close(self) -> None:
+        """End every worker (SIGTERM, then SIGKILL after STOP_SECONDS) and reap it."""
+        self._closing = True
+        try:
+            for worker in self._workers:
+                with contextlib.suppress(OSError):
+                    worker.requests.close()
+                if worker.process.is_alive():
+                    worker.process.terminate()
+            deadline = time.monotonic() + STOP_SECONDS
+            while any(w.process.is_alive() for w in self._workers):
+                if time.monotonic() > deadline:
+                    log.warning("dispatch: a prepare worker did not end on SIGTERM within "
+                                "%gs; killing it", STOP_SECONDS)
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            self._kill_all()
+
+    def _kill_all(self) -> None:
+        """SIGKILL whatever still runs and reap it (the synchronous last resort)."""
+        self._closing = True
+        for worker in self._workers:
+            if worker.process.is_alive():
+                worker.process.kill()
+            worker.process.join(timeout=STOP_SECONDS)
+            with contextlib.suppress(OSError):
+                worker.requests.close()
+            if worker.reader is not None:
+                worker.reader.join(timeout=STOP_SECONDS)
+            with contextlib.suppress(OSError):
+                worker.results.close()
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids (for tests and logs)."""
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+
+def _exit_text(process: BaseProcess) -> str:
+    code = process.exitcode
+    if code is None:
+        return "still running, its pipe broke"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _serve(requests: Connection, results: Connection, inherited: list[Connection],
+           setup: Callable[[], None], build: Callable[[J], A]) -> None:
+    """The worker's life: set up, then answer chunks until the request pipe ends."""
+    # The parent's event loop set a wakeup fd and handlers that would turn a signal sent
+    # to this worker into one the parent acts on: this process has its own.
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for conn in inherited:
+        conn.close()
+    try:
+        setup()
+    except Exception as exc:  # noqa: BLE001 - e.g. no database: the parent prepares all
+        log.error("dispatch: prepare worker (pid %d) cannot start: %s", os.getpid(), exc)
+        os._exit(1)
+    while True:
+        try:
+            chunk: list[tuple[int, J]] = requests.recv()
+        except (EOFError, OSError):
+            return  # the dispatch is over, or the parent died
+        try:
+            results.send([(key, build(job)) for key, job in chunk])
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the parent is gone
