@@ -90,6 +90,12 @@ SVD_SEED = 0  # the topic space must be the same on every fit of the same corpus
 # listings (~1,000 rows) even at 33,000 papers, a quarter of the 1 GB the issue allows.
 SIMILARITY_MEMO_BYTES = 256 * 2**20
 SIMILARITY_BATCH = 256  # candidate rows per product: bounds the temporary sparse result
+# A memo whose rows were all replaced this many times over is thrashing: the candidates asked
+# about are far more than it holds (the quality benchmark's 2,667 cases, each with candidates
+# of its own, at 33,000 papers: a whole-corpus row computed for each, then dropped unused,
+# made it 30x slower). Past it, rows are computed for the columns asked only, as before the
+# memo; a dispatch asks about a day's candidates, a few hundred, and never gets near it.
+SIMILARITY_TURNOVERS = 4
 SMALL_PRODUCT = 65536  # entries below which a topic product skips BLAS (see _topic_products)
 # A kept phrase match is its 5 best rows and its own vectors, about 2.5 KB (measured with
 # tracemalloc; the objects cost more than the arrays), its similarities being computed with
@@ -811,9 +817,10 @@ class _IndexMemo:
         self, rows: np.ndarray, cols: np.ndarray, asker: int
     ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """Similarities of ``rows`` to ``cols`` from the slabs (filling them); None past
-        capacity, or when a missing row was not yet asked for by another scoring than
-        ``asker`` (computed directly then)."""
-        if self.capacity == 0:
+        capacity, when a missing row was not yet asked for by another scoring than
+        ``asker``, or once the memo thrashes (``SIMILARITY_TURNOVERS``): computed
+        directly then."""
+        if self.capacity == 0 or self.rows_computed > SIMILARITY_TURNOVERS * self.capacity:
             return None
         with self._lock:
             wanted = np.unique(rows)

@@ -18,6 +18,7 @@ from digest.paper import Paper
 from digest.rank import (
     PHRASE_MATCHES,
     SCREEN_ERROR,
+    SIMILARITY_TURNOVERS,
     CorpusIndex,
     ModelCache,
     Profile,
@@ -154,6 +155,27 @@ def test_past_its_bound_the_memo_drops_the_least_recently_used_rows(
     assert index.memo_counts()[1] == 50  # the 10 dropped rows computed again, the same numbers
     held = index._memo._row_of_slot
     assert len(held) == 30 and np.count_nonzero(held >= 0) == 30
+
+
+def test_a_thrashing_memo_stops_computing_whole_rows(papers: list[Paper]) -> None:
+    """Candidates far beyond what the memo holds (each asked twice, then never again): once
+    its rows were replaced SIMILARITY_TURNOVERS times over, rows are computed for the columns
+    asked only, and the rankings stay what they were."""
+    index = CorpusIndex.fit(papers)
+    row_bytes = 4 * len(index) * (2 if index.topic is not None else 1)
+    index.limit_memo(similarity_bytes=5 * row_bytes, phrase_bytes=0)
+    profile = Profile(liked=(papers[-1].id,))
+    groups = [[p.id for p in papers[i : i + 5]] for i in range(0, 60, 5)]
+    for group in groups:
+        alone = rank(index, profile, group, limit=3)
+        assert rank(index, profile, group, limit=3) == alone
+    computed = index.memo_counts()[1]
+    assert SIMILARITY_TURNOVERS * 5 < computed <= SIMILARITY_TURNOVERS * 5 + 5
+    fresh = CorpusIndex.fit(papers)
+    fresh.limit_memo(similarity_bytes=0, phrase_bytes=0)
+    for group in groups:
+        assert rank(index, profile, group, limit=3) == rank(fresh, profile, group, limit=3)
+    assert index.memo_counts()[1] == computed
 
 
 def test_the_specific_view_is_the_same_memoised_or_direct(
