@@ -216,6 +216,35 @@ def test_the_pipeline_is_bounded_and_answers_every_job_once() -> None:
     assert most <= 5
 
 
+def test_a_stalled_worker_is_killed_and_its_jobs_come_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that answers nothing (stopped with SIGSTOP) is killed after stall_seconds;
+    every job it held comes back unanswered (None), to be prepared by the caller."""
+    async def run() -> tuple[list[tuple[int, int | None]], list[int]]:
+        workers: PrepareWorkers[int, int] = PrepareWorkers(
+            lambda job: job * job, lambda: None, count=1, ahead=8, chunk=4, stall_seconds=1.0)
+        workers.start()
+        pids = workers.pids
+        os.kill(pids[0], signal.SIGSTOP)
+        got: list[tuple[int, int | None]] = []
+        try:
+            for job in range(6):
+                workers.submit(job, job)
+            workers.flush()
+            while workers.outstanding:
+                _, asked, answer = await workers.next()
+                got.append((asked, answer))
+        finally:
+            await workers.close()
+        return got, pids
+
+    got, pids = asyncio.run(run())
+    assert sorted(asked for asked, _ in got) == list(range(6))
+    assert all(answer is None for _, answer in got)
+    assert _zombie_or_gone(pids[0])
+    assert f"prepare worker {pids[0]} answered nothing for 1s" in caplog.text
+
+
 def _zombie_or_gone(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()

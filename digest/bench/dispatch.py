@@ -901,7 +901,11 @@ def _table(r: dict[str, Any]) -> str:
     if r["worker_cpu_s"]:
         rows.append("ranking, rendering and candidates ran in the prepare worker(s): their CPU "
                     "is the worker row's, not the stage rows'")
-    rows.append(f"ranking: {r['ranking_subscribers_per_s']} subscribers/s "
-                f"({r['ranking_subscribers_per_cpu_s']} per CPU second); "
-                f"every subscriber received exactly one message")
+    if r["ranking_subscribers_per_s"] is None:  # ranked in the workers: not timed apart
+        rows.append("ranking: in the prepare worker(s), not timed apart (--prepare-workers 0 "
+                    "times it); every subscriber received exactly one message")
+    else:
+        rows.append(f"ranking: {r['ranking_subscribers_per_s']} subscribers/s "
+                    f"({r['ranking_subscribers_per_cpu_s']} per CPU second); "
+                    f"every subscriber received exactly one message")
     return "\n".join(rows)

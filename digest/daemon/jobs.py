@@ -455,8 +455,11 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             quick = await _quick_outcomes(settled, subscribers, now, runtime.config.max_late)
             # A worker may inherit a resend's SMTP socket: harmless, it never touches it and
             # ends (``close`` below) before the mailer closes its sessions.
-            workers = await _start_workers(runtime, now, _to_prepare(runtime, subscribers, quick),
-                                           dry_run, stopped)
+            # Not for a dispatch that is stopping, nor one whose server already went away
+            # (every subscriber is deferred): a fork a tick would buy nothing.
+            workers = None if stopped() or mailer.unavailable is not None else (
+                await _start_workers(runtime, now, _to_prepare(runtime, subscribers, quick),
+                                     dry_run, stopped))
             for place, sub in enumerate(subscribers, start=1):
                 if stopped():
                     break

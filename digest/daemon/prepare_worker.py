@@ -54,6 +54,10 @@ CHUNK = 8
 PIPE_BYTES = 1 << 20
 # How long ``close`` waits for a worker to end after SIGTERM before it sends SIGKILL.
 STOP_SECONDS = 5.0
+# A worker holding jobs that answers nothing for this long is stuck (stopped with SIGSTOP,
+# swapping, a bug): it is killed and its jobs come back to be prepared in the loop. A chunk
+# takes well under a second; a worker's own refit after a scan, ~10 s at 33,000 papers.
+STALL_SECONDS = 120.0
 
 
 @dataclass
@@ -80,7 +84,8 @@ class PrepareWorkers(Generic[J, A]):
 
     def __init__(self, build: Callable[[J], A], setup: Callable[[], None], *, count: int,
                  ahead: int = AHEAD, chunk: int = CHUNK, name: str = "digest-prepare",
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False,
+                 stall_seconds: float = STALL_SECONDS) -> None:
         if count < 1 or ahead < 1 or chunk < 1:
             raise ValueError("count, ahead and chunk must be at least 1")
         self.build = build
@@ -90,6 +95,7 @@ class PrepareWorkers(Generic[J, A]):
         self.chunk = chunk
         self.name = name
         self.stopping = stopping  # the dispatch is stopping: a worker's end is expected
+        self.stall_seconds = stall_seconds  # see STALL_SECONDS
         self._workers: list[_Worker[J]] = []
         self._pending: list[tuple[int, J]] = []  # submitted, not sent to a worker yet
         self._ready: deque[tuple[int, J, A | None]] = deque()  # answered, not taken yet
@@ -199,8 +205,24 @@ class PrepareWorkers(Generic[J, A]):
             if self._ready:
                 break
             self._arrival.clear()
-            await self._arrival.wait()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), self.stall_seconds)
+            except TimeoutError:
+                self._kill_stalled()
         return self._ready.popleft()
+
+    def _kill_stalled(self) -> None:
+        """SIGKILL the workers that hold jobs and answered nothing for ``stall_seconds``.
+
+        Their reader threads then see the pipe end, and ``_ended`` hands their
+        jobs back (answer None), as for a worker that died by itself.
+        """
+        for worker in self._workers:
+            if worker.alive and worker.sent and worker.process.is_alive():
+                log.error("dispatch: prepare worker %s answered nothing for %gs; it is "
+                          "stopped and its digests are prepared in the dispatching process",
+                          worker.process.pid, self.stall_seconds)
+                worker.process.kill()
 
     # --- answers (the reader threads hand them to the loop) ---
 
