@@ -103,6 +103,11 @@ SMALL_PRODUCT = 65536  # entries below which a topic product skips BLAS (see _to
 # (1,000 bench subscribers have 781 on 580 days). Bounded by this, not by the corpus size.
 PHRASE_MEMO_BYTES = 32 * 2**20
 PHRASE_OVERHEAD = 1500  # bytes a kept match costs beyond its arrays (objects, dict entry)
+# A phrase's specific cosines to every corpus paper (float32, 4 bytes per paper), kept once a
+# subscriber's pool asked for them: read per pool with one index instead of a postings walk
+# per subscriber (~200 us). 64 MiB holds 1,600 phrases at 10,000 papers, 500 at 33,000; past
+# it the least recently used go, and computing a row again costs less than one walk did.
+PHRASE_ROW_MEMO_BYTES = 64 * 2**20
 # Phrases x papers in one product of warm_phrases: bounds its temporary results to 16 MB
 # each at any corpus size (424 phrases a batch at 9,877 papers).
 PHRASE_BATCH_ENTRIES = 2**22
@@ -664,10 +669,39 @@ class CorpusIndex:
             result += weight * np.where(found, postings.data[start + at], np.float32(0))
         return result
 
-    def limit_memo(self, *, similarity_bytes: int, phrase_bytes: int) -> None:
+    def phrase_products(self, phrase: str, vector: sparse.csr_matrix,
+                        rows: np.ndarray) -> np.ndarray:
+        """:meth:`postings_products` of an interest ``phrase``'s ``vector`` (float32, len(rows)).
+
+        Through the phrase's cosines to every corpus paper, summed term by term in the
+        same order and kept per phrase (PHRASE_ROW_MEMO_BYTES): the same floats.
+        ``vector`` must be the phrase's own (``_phrase(phrase).specific`` on this index).
+        """
+        whole = self._memo.phrase_row(phrase)
+        if whole is None:
+            whole = self._phrase_row(vector)
+            self._memo.keep_phrase_row(phrase, whole)
+        return whole[rows]
+
+    def _phrase_row(self, vector: sparse.csr_matrix) -> np.ndarray:
+        """A 1 x terms ``vector``'s specific cosines to every corpus paper (float32).
+
+        Each paper's sum runs over the vector's terms in column order, adding
+        ``weight * value`` as :meth:`postings_products` does (a term the paper
+        lacks adds nothing there either: x + 0.0 is x).
+        """
+        postings = self._memo.transposed()
+        result = np.zeros(self.specific.shape[0], dtype=np.float32)
+        for term, weight in zip(vector.indices, vector.data, strict=True):
+            start, end = postings.indptr[term], postings.indptr[term + 1]
+            result[postings.indices[start:end]] += weight * postings.data[start:end]
+        return result
+
+    def limit_memo(self, *, similarity_bytes: int, phrase_bytes: int,
+                   phrase_row_bytes: int = PHRASE_ROW_MEMO_BYTES) -> None:
         """Start the memos afresh with these bounds in bytes (0 keeps nothing)."""
         self._memo = _IndexMemo(self.specific, self.topic, similarity_bytes=similarity_bytes,
-                                phrase_bytes=phrase_bytes)
+                                phrase_bytes=phrase_bytes, phrase_row_bytes=phrase_row_bytes)
 
     def memo_counts(self) -> tuple[int, int]:
         """(distinct phrases matched, candidate rows computed against the corpus) so far."""
@@ -769,6 +803,7 @@ class _IndexMemo:
         *,
         similarity_bytes: int = SIMILARITY_MEMO_BYTES,
         phrase_bytes: int = PHRASE_MEMO_BYTES,
+        phrase_row_bytes: int = PHRASE_ROW_MEMO_BYTES,
     ):
         self._specific = specific
         self._topic = topic
@@ -792,6 +827,9 @@ class _IndexMemo:
         self._phrase_bytes = 0
         self._phrase_limit = phrase_bytes
         self.phrases_matched = 0  # distinct phrases matched against the corpus (tests, logs)
+        self._phrase_rows: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._phrase_row_bytes = 0
+        self._phrase_row_limit = phrase_row_bytes
 
     def phrase(self, phrase: str) -> _PhraseMatch | None:
         with self._phrase_lock:
@@ -811,6 +849,23 @@ class _IndexMemo:
                 _, dropped = self._phrases.popitem(last=False)
                 self._phrase_bytes -= dropped.nbytes
 
+    def phrase_row(self, phrase: str) -> np.ndarray | None:
+        with self._phrase_lock:
+            found = self._phrase_rows.get(phrase)
+            if found is not None:
+                self._phrase_rows.move_to_end(phrase)
+            return found
+
+    def keep_phrase_row(self, phrase: str, row: np.ndarray) -> None:
+        with self._phrase_lock:
+            if phrase in self._phrase_rows or row.nbytes > self._phrase_row_limit:
+                return
+            self._phrase_rows[phrase] = row
+            self._phrase_row_bytes += row.nbytes
+            while self._phrase_row_bytes > self._phrase_row_limit:
+                _, dropped = self._phrase_rows.popitem(last=False)
+                self._phrase_row_bytes -= dropped.nbytes
+
     def transposed(self) -> sparse.csr_matrix:
         """terms x papers: the specific view transposed (a term's row lists its papers)."""
         with self._lock:
@@ -828,18 +883,20 @@ class _IndexMemo:
         if self.capacity == 0 or self.rows_computed > SIMILARITY_TURNOVERS * self.capacity:
             return None
         with self._lock:
-            wanted = np.unique(rows)
-            if len(wanted) > self.capacity:
-                return None
-            slots = self._slot_of_row[wanted]
-            missing = wanted[slots < 0]
-            first = self._asked_by[missing]
-            if len(missing) and np.any((first < 0) | (first == asker)):
-                self._asked_by[missing] = asker
-                return None
-            if len(missing):
-                self._fill(missing, keep=slots[slots >= 0])
             slots = self._slot_of_row[rows]
+            if not (slots >= 0).all():  # all held (the usual case): nothing to look up
+                wanted = np.unique(rows)
+                if len(wanted) > self.capacity:
+                    return None
+                slots = self._slot_of_row[wanted]
+                missing = wanted[slots < 0]
+                first = self._asked_by[missing]
+                if len(missing) and np.any((first < 0) | (first == asker)):
+                    self._asked_by[missing] = asker
+                    return None
+                if len(missing):
+                    self._fill(missing, keep=slots[slots >= 0])
+                slots = self._slot_of_row[rows]
             self._tick += 1
             self._used[slots] = self._tick
             if self._spec is None:  # pragma: no cover - _fill allocated it
@@ -1521,8 +1578,8 @@ class _Pool:
         own = np.flatnonzero(~named)
         texts = [k for k, phrase in enumerate(model.own_phrase) if phrase is None]
         for k, phrase in enumerate(model.own_phrase):
-            if phrase is not None:  # a phrase has a few terms: through their postings
-                spec[:, own[k]] = index.postings_products(rows, model.own_specific[k])
+            if phrase is not None:  # a phrase has a few terms: through their postings, once
+                spec[:, own[k]] = index.phrase_products(phrase, model.own_specific[k], rows)
         if texts:  # a library entry has many: one sparse product
             vectors = sparse.vstack([model.own_specific[k] for k in texts]).tocsr()
             spec[:, own[texts]] = _sparse_products(index.specific[rows], vectors)
@@ -1583,8 +1640,7 @@ def _evidence_weights(cand_rows: np.ndarray, model: SubscriberModel) -> np.ndarr
     An interest phrase's best matches are often among today's candidates; a
     candidate must not count its own similarity of 1 as evidence.
     """
-    weights = np.broadcast_to(model.pos_weights, (len(cand_rows), len(model.pos_weights)))
-    return np.where(cand_rows[:, None] == model.pos_rows[None, :], 0.0, weights)
+    return np.where(cand_rows[:, None] == model.pos_rows[None, :], 0.0, model.pos_weights)
 
 
 def _weighted_mean(sims: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from .errors import StoreError, StoreWriteError
 from .paper import Paper, normalise_title
@@ -755,10 +755,20 @@ class Store:
         rows = self._db.execute("SELECT * FROM papers WHERE seq > ? ORDER BY seq", (since_seq,))
         return [(int(row["seq"]), _paper(row)) for row in rows]
 
+    def _tuples(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+        """All rows of a query as plain tuples: the per-subscriber queries of a dispatch read
+        hundreds of rows each, and a ``sqlite3.Row`` per row costs ~15% of their time."""
+        cursor = self._db.cursor()
+        cursor.row_factory = None
+        try:
+            return cursor.execute(sql, params).fetchall()
+        finally:
+            cursor.close()
+
     def sent_paper_ids(self, subscriber: str, since_seq: int) -> set[str]:
         """Ids of the papers ingested after ``since_seq`` that the subscriber was sent (or has
         claimed): ``candidate_papers(s, n)`` is ``papers_since(n)`` without these."""
-        rows = self._db.execute(
+        rows = self._tuples(
             "SELECT i.paper_id FROM digests d JOIN digest_items i ON i.digest_id = d.id"
             " JOIN papers p ON p.id = i.paper_id"
             " WHERE d.subscriber = ? AND d.status IN ('sent', 'claimed') AND p.seq > ?",
@@ -1070,13 +1080,12 @@ class Store:
 
     def shown_papers_at(self, subscriber: str) -> list[tuple[str, str]]:
         """(paper id, ISO time the digest was sent) for every paper sent, oldest first."""
-        rows = self._db.execute(
+        return self._tuples(
             "SELECT i.paper_id, COALESCE(d.sent_at, d.claimed_at) FROM digest_items i"
             " JOIN digests d ON d.id = i.digest_id"
             " WHERE d.subscriber = ? AND d.status = 'sent' ORDER BY d.local_date, i.position",
             (subscriber.lower(),),
         )
-        return [(row[0], row[1]) for row in rows]
 
     # --- a subscriber's library (seed papers) --------------------------------
 
@@ -1187,7 +1196,7 @@ class Store:
 
     def latest_feedback(self, subscriber: str) -> list[FeedbackRow]:
         """The latest event per paper (the one that wins), oldest first."""
-        rows = self._db.execute(
+        rows = self._tuples(
             "SELECT paper_id, signal, source, digest_id, at FROM feedback f"
             " WHERE subscriber = ? AND id = ("
             "   SELECT MAX(id) FROM feedback g"

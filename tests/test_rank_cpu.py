@@ -20,6 +20,7 @@ from digest.rank import (
     UnknownPaper,
     _best_positive,
     _days_since,
+    _evidence_weights,
     _familiarity,
     _model_for,
     _Pool,
@@ -127,13 +128,17 @@ def test_evidence_matrix_rows_are_the_per_paper_similarities(
     papers: list[Paper], index: CorpusIndex, data: st.DataObject
 ) -> None:
     """Reasons, levels and exploration read one matrix per pool: each row, each maximum and
-    each familiarity is what the per-paper computation gave, to the bit."""
+    each familiarity is what the per-paper computation gave, to the bit; so are the
+    evidence weights, without the broadcast copy."""
     profile, candidates, config = data.draw(pools([p.id for p in papers]))
     model = _model_for(index, profile, config, None, None)
     if model is None:
         return
     pool = _Pool(index, model, index.rows(candidates))
     _pool_scores(index, model, pool)
+    weights = np.broadcast_to(model.pos_weights, (len(pool), len(model.pos_weights)))
+    _same_bits(_evidence_weights(pool.rows, model),
+               np.where(pool.rows[:, None] == model.pos_rows[None, :], 0.0, weights))
     spec, topic = pool.positives()
     for at in range(len(pool)):
         row = spec[at] if topic is None else (spec[at] + topic[at]) / 2
@@ -152,3 +157,33 @@ def test_evidence_matrix_rows_are_the_per_paper_similarities(
             sims = s[chosen] if t is None else (s[chosen] + t[chosen]) / 2
             best = np.maximum(best, sims.max(axis=1))
     _same_bits(_familiarity(pool, chosen), np.where(np.isfinite(best), best, 0.0))
+
+
+@pytest.fixture(scope="module")
+def bounded(papers: list[Paper]) -> dict[int | None, CorpusIndex]:
+    """Indexes keeping 0, 1 or 2 phrase rows, and one with the shipped bound (None)."""
+    indexes: dict[int | None, CorpusIndex] = {None: CorpusIndex.fit(papers)}
+    for kept in (0, 1, 2):
+        indexes[kept] = CorpusIndex.fit(papers)
+        indexes[kept].limit_memo(similarity_bytes=0, phrase_bytes=0,
+                                 phrase_row_bytes=kept * 4 * len(indexes[kept]))
+    return indexes
+
+
+@settings(max_examples=80, deadline=None)
+@given(phrases=st.lists(st.sampled_from(PHRASES + ("graph neural networks", "large language")),
+                        min_size=1, max_size=6),
+       picks=st.lists(st.integers(0, 10_000), max_size=40),
+       kept=st.sampled_from([0, 1, 2, None]))
+def test_phrase_products_are_the_postings_walk(
+    bounded: dict[int | None, CorpusIndex], phrases: list[str], picks: list[int],
+    kept: int | None
+) -> None:
+    """A phrase's kept row gives each pool exactly the postings walk's floats, whether the
+    row was kept, dropped for another phrase or never kept (a bound of 0 or 1 row)."""
+    index = bounded[kept]
+    rows = np.array([p % len(index) for p in picks], dtype=np.int64)
+    for phrase in phrases:
+        vector = index._phrase(phrase).specific
+        _same_bits(index.phrase_products(phrase, vector, rows),
+                   index.postings_products(rows, vector))
