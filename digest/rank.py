@@ -1391,13 +1391,11 @@ def fit_model(
     positive_set = set(positives)
     skipped = [i for i in _known(index, profile.skipped, "skipped") if i not in positive_set]
     skipped_set = set(skipped)
-    unrated = [
-        i
-        for i in _known(index, profile.unrated, "unrated")
-        if i not in positive_set and i not in skipped_set
-    ]
+    # One set lookup per paper in C: a subscriber leaves hundreds of papers unrated.
+    unrated = list(filterfalse((positive_set | skipped_set).__contains__,
+                               _known(index, profile.unrated, "unrated")))
     negatives = skipped + unrated
-    neg_weights = np.array([aged(i) for i in negatives], dtype=np.float32)
+    neg_weights = np.array(list(map(aged, negatives)), dtype=np.float32)
     return SubscriberModel(
         positive_ids=tuple(positives) + tuple(f"library:{n}" for n in range(len(texts))),
         positive_labels=labels,
@@ -1968,7 +1966,7 @@ def rank(
     rows = index.rows(known)
     pool = _Pool(index, model, rows) if model is not None else None
     scores = _pool_scores(index, model, pool) if model and pool else index.popularity(rows)
-    order = [int(i) for i in np.argsort(-scores, kind="stable")]
+    order: list[int] = np.argsort(-scores, kind="stable").tolist()
     personal = model is not None and is_personalised(profile)
     explore = explore_slots(limit, settings.explore_fraction) if personal else 0
     explore = min(explore, max(len(order) - (limit - explore), 0))
@@ -2022,7 +2020,7 @@ def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.n
     model = pool.model
     order = np.sort(scores)[::-1]
     today = set(candidates)
-    named = [p for p, phrase in zip(model.positive_ids, model.pos_phrase, strict=False)
+    named = [p for p, phrase in zip(model.positive_ids, model.pos_phrase.tolist(), strict=False)
              if phrase < 0 and p in index and p not in today]
     calib = list(dict.fromkeys(reversed(named)))[:CALIBRATION_PAPERS]
     if len(calib) >= CALIBRATION_MIN:
