@@ -44,6 +44,7 @@ import copy
 import dataclasses
 import email
 import email.policy
+import functools
 import io
 import logging
 import re
@@ -60,6 +61,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiosmtplib
+from aiosmtplib.protocol import normalize_message_line_endings
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
@@ -211,13 +213,17 @@ class Mailer:
         self._accepted = False  # some address was accepted on this mailer: 5xx at RCPT is final
         self._first_refusals: dict[str, str] = {}  # recipient -> 5xx reply, before any accept
 
-    @property
+    @functools.cached_property
     def where(self) -> str:
         return f"{self.smtp.host}:{self.smtp.port}"
 
-    @property
+    @functools.cached_property
     def default_sender(self) -> str:
-        """The envelope sender ``send_bytes`` uses: the address of ``[smtp] from``."""
+        """The envelope sender ``send_bytes`` uses: the address of ``[smtp] from``.
+
+        Parsed once per mailer (the settings do not change during its run), not
+        once per message.
+        """
         return getaddresses([self.smtp.sender])[0][1]
 
     async def __aenter__(self) -> Self:
@@ -259,7 +265,8 @@ class Mailer:
         return await self._deliver(_Outgoing(sender, recipients, utf8, label, build))
 
     async def send_bytes(self, data: bytes, *, recipients: Sequence[str],
-                         sender: str | None = None, smtputf8: bool = False) -> dict[str, SendError]:
+                         sender: str | None = None, smtputf8: bool = False,
+                         label: str | None = None) -> dict[str, SendError]:
         """Deliver a message already serialised (a claimed digest) as it is.
 
         ``data``: the whole message, headers and body, CRLF or LF lines (sent as
@@ -270,7 +277,8 @@ class Mailer:
         sender (default: the address of ``[smtp] from``). ``smtputf8``: the
         message needs SMTPUTF8 (UTF-8 headers or a non-ASCII address); the
         server must offer it, else the message fails alone (kind ``message``),
-        as does a non-ASCII address without ``smtputf8``.
+        as does a non-ASCII address without ``smtputf8``. ``label``: the
+        message's Message-ID for the log (default: read from ``data``'s header).
 
         Returns and raises as ``send`` does (``SendError`` by kind).
         """
@@ -291,7 +299,8 @@ class Mailer:
             parsed = email.message_from_bytes(data, policy=email.policy.default)
             return wire_format(parsed, utf8=smtputf8, eight_bit=False)
 
-        outgoing = _Outgoing(envelope_from, targets, smtputf8, _message_id(data), build)
+        outgoing = _Outgoing(envelope_from, targets, smtputf8,
+                             _message_id(data) if label is None else label, build)
         return await self._deliver(outgoing)
 
     async def check_login(self) -> str:
@@ -385,7 +394,9 @@ class Mailer:
             try:
                 client = await self._session(fresh=fresh)
             except _Crowded as exc:
-                self._shrink(exc)  # this slot stays taken: one session fewer from now on
+                if not self._shrink(exc):  # the pool is the sessions open already
+                    self._release_slot()
+                # else this slot stays taken: one session fewer from now on
                 fresh = False  # the sessions still open are what there is
                 continue
             except BaseException:
@@ -404,19 +415,30 @@ class Mailer:
                 self._idle.append(client)
             return outcome
 
-    def _shrink(self, crowded: _Crowded) -> None:
+    def _shrink(self, crowded: _Crowded) -> bool:
         """The server caps how many sessions one client may open: use as many as it took.
 
-        The caller holds a slot and keeps it (that is one place fewer); the
-        pool becomes the sessions open now plus those still being opened (each
-        of which shrinks it again if refused), and the slots beyond that are
-        kept as they are handed back. Logged once the opens in flight settle.
+        The pool becomes the sessions open now plus those still being opened
+        (each of which shrinks it again if refused), never fewer than the
+        sessions open: those the server took are the pool, however many
+        refusals arrive (issue 13: with the slots of an earlier shrink not yet
+        handed back, later refusals used to shrink it below them, and a 421
+        greeting on a pool of one was read as an outage). True when it shrank:
+        the caller keeps its slot (one place fewer) and the slots beyond that
+        are kept as they are handed back; False when the pool already is the
+        sessions open (the caller hands its slot back and waits for one of
+        them). Logged once the opens in flight settle.
         """
-        size = max(1, min(self.pool_size - 1, self._open_count + self._connecting))
+        size = max(1, self._open_count,
+                   min(self.pool_size - 1, self._open_count + self._connecting))
+        self._turned_away.append(str(crowded))
+        if size >= self.pool_size:
+            self._report_shrink()
+            return False
         self._withheld += self.pool_size - 1 - size
         self.pool_size = size
-        self._turned_away.append(str(crowded))
         self._report_shrink()
+        return True
 
     def _report_shrink(self) -> None:
         """One warning for the refusals of a burst of opens, with the pool size they left."""
@@ -567,8 +589,32 @@ class Mailer:
         eight_bit = client.supports_extension("8bitmime")
         if eight_bit:
             options.append("BODY=8BITMIME")
-        errors, _ = await client.sendmail(outgoing.sender, recipients, outgoing.data(eight_bit),
-                                          mail_options=options)
+        data = outgoing.data(eight_bit)
+        if client.supports_extension("size"):
+            # RFC 1870: the octets as DATA carries them (CRLF lines), before dot-stuffing.
+            options.insert(0, f"SIZE={wire_size(data)}")
+        encoding = "utf-8" if outgoing.utf8 else "ascii"
+        # MAIL, RCPT and DATA as aiosmtplib's ``sendmail`` runs them, less its second pass
+        # over the whole message (to count its SIZE): ``wire_size`` counts claimed bytes,
+        # already CRLF, without a copy. A refusal or a bad address after MAIL resets the
+        # envelope, as ``sendmail`` does, so the session can carry the next message.
+        try:
+            await client.mail(outgoing.sender, options=options, encoding=encoding)
+            errors: dict[str, aiosmtplib.SMTPResponse] = {}
+            refusals: list[aiosmtplib.SMTPRecipientRefused] = []
+            for recipient in recipients:
+                try:
+                    await client.rcpt(recipient, encoding=encoding)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    refusals.append(exc)
+                    errors[exc.recipient] = aiosmtplib.SMTPResponse(exc.code, exc.message)
+            if len(refusals) == len(recipients):
+                raise aiosmtplib.SMTPRecipientsRefused(refusals)
+            await client.data(data)
+        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused,
+                ValueError):
+            await _reset(client)
+            raise
         return errors
 
     async def _session(self, *, fresh: bool) -> _Session:
@@ -625,7 +671,9 @@ class Mailer:
             client.close()
             if self.unavailable is not None:  # another session failed first: said already
                 raise self.unavailable from exc
-            if self._open_count > 0 and self.pool_size > 1 and _crowded(exc):
+            # Refused while sessions of ours are open: the server caps its clients (crowding),
+            # whatever the pool's size; with none open it is the server's own answer.
+            if self._open_count > 0 and _crowded(exc):
                 raise _Crowded(_describe(exc)) from exc
             if hostname_mismatch(exc):  # say which name the certificate is for
                 exc.certificate_names = await asyncio.to_thread(  # type: ignore[union-attr]
@@ -820,6 +868,28 @@ def wire_format(message: EmailMessage | Message, *, utf8: bool, eight_bit: bool)
     buffer = io.BytesIO()
     BytesGenerator(buffer, policy=policy).flatten(outgoing)
     return buffer.getvalue()
+
+def wire_size(data: bytes) -> int:
+    """The octets ``data`` takes in DATA once its lines end in CRLF (RFC 1870's SIZE).
+
+    Counted without a copy when every line already ends in CRLF (claimed
+    digests do); otherwise normalised as aiosmtplib will before it sends.
+    """
+    crlf = data.count(b"\r\n")
+    if crlf == data.count(b"\n") == data.count(b"\r"):
+        return len(data) if data.endswith(b"\r\n") else len(data) + 2
+    return len(normalize_message_line_endings(data))
+
+
+async def _reset(client: _Session) -> None:
+    """RSET after a failed transaction; a session that cannot even do that is closed later."""
+    if not client.is_connected:
+        return
+    try:
+        await client.rset()
+    except (aiosmtplib.SMTPException, ConnectionError) as exc:
+        log.debug("smtp: RSET failed: %s", exc)
+
 
 def _crowded(exc: BaseException) -> bool:
     """A refusal of one more session, not of the server or the settings: a 4xx greeting

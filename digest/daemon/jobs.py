@@ -363,9 +363,7 @@ async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow, recipient: s
             log.warning("subscriber %s: digest of %s not sent yet, will retry: %s",
                         row.subscriber, row.local_date, exc)
         return Outcome(row.subscriber, status, str(exc), row.id, shown, row.considered)
-    store.mark_sent(row.id)
-    if store.subscriber_state(row.subscriber).bouncing:
-        store.update_subscriber_state(row.subscriber, bouncing_since=None, bounce_reason=None)
+    store.mark_sent(row.id, clear_bounce=True)  # delivered: the address works
     log.info("subscriber %s: sent %d of %d papers (digest of %s)", row.subscriber, shown,
              row.considered, row.local_date)
     return Outcome(row.subscriber, "sent", "", row.id, shown, row.considered)
@@ -795,7 +793,7 @@ async def _send_claimed(mailer: Mailer, row: DigestRow, recipient: str) -> None:
     wrote UTF-8 headers for such a recipient, and only for one.
     """
     await mailer.send_bytes(row.message, recipients=[recipient],
-                            smtputf8=not recipient.isascii())
+                            smtputf8=not recipient.isascii(), label=row.message_id)
 
 
 async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow,
