@@ -113,3 +113,35 @@ def test_the_status_line_keeps_the_last_dispatch_that_did_something(
         assert sim.runtime.last_dispatch == sent
     finally:
         sim.close()
+
+
+def test_a_digest_left_claimed_is_counted_once_in_the_dispatch_summary(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """Issue 13: the resent digest was counted as retried (or sent) and as already sent."""
+    server = smtp_server(fail_first=2)  # reader0's two attempts get 451: left claimed
+    sim = sim_for(tmp_path, server.port)
+    try:
+        first = sim.tick(utc("2026-03-02 08:00"))
+        assert [o.status for o in first] == ["retry"] + ["sent"] * 4
+        assert sim.runtime.last_dispatch.endswith(": 1 retry, 4 sent")
+        server.stop()  # the relay goes away: the resend fails again
+        again = sim.tick(utc("2026-03-02 08:10"))
+        assert sorted(o.subscriber.lower() for o in again) == sorted(ADDRESSES)  # once each
+        assert {o.subscriber.lower(): o.status for o in again}[ADDRESSES[0]] == "retry"
+        assert sim.runtime.last_dispatch.endswith(": 4 already-sent, 1 retry")
+    finally:
+        sim.close()
+
+
+def test_a_digest_resent_and_delivered_is_counted_once_as_sent(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    server = smtp_server(fail_first=2)
+    sim = sim_for(tmp_path, server.port)
+    try:
+        sim.tick(utc("2026-03-02 08:00"))
+        again = sim.tick(utc("2026-03-02 08:10"))  # the resend goes through now
+        assert sorted(o.subscriber.lower() for o in again) == sorted(ADDRESSES)
+        assert sim.runtime.last_dispatch.endswith(": 4 already-sent, 1 sent")
+        assert len(server.messages) == 5
+    finally:
+        sim.close()

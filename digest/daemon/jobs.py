@@ -214,6 +214,9 @@ class Outcome:
     digest_id: int | None = None
     shown: int = 0
     considered: int = 0
+    # The day an ``already-sent`` is about: a digest of it resent by this dispatch is counted
+    # by the resend's outcome instead (see ``_count_once``).
+    local_date: date | None = None
 
 
 def _fit_and_warm(papers: Sequence[Paper], phrases: Sequence[str]) -> CorpusIndex:
@@ -446,9 +449,11 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 await _claim_and_send(runtime, deliveries, batch, placed)
                 batch = []
 
+        pending: list[DigestRow] = []  # the claimed digests this dispatch resends
         try:
             if not dry_run:
-                await _resend_unsent(runtime, mailer, deliveries, subscribers, stopped)
+                pending = await _resend_unsent(runtime, mailer, deliveries, subscribers,
+                                               stopped, placed)
             settled = _Settled.read_or_none(runtime.store) if not force else None
             quick = await _quick_outcomes(settled, subscribers, now, runtime.config.max_late)
             # A worker may inherit a resend's SMTP socket: harmless, it never touches it and
@@ -491,7 +496,8 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             if workers is not None:
                 await workers.close()
             placed.extend(await deliveries.drain())
-            outcomes.extend(outcome for _, outcome in sorted(placed, key=lambda p: p[0]))
+            outcomes.extend(outcome for _, outcome in sorted(_count_once(placed, pending),
+                                                             key=lambda p: p[0]))
         if not dry_run and mailer.unavailable is None and not stopped() and only_all(
                 runtime, subscribers):
             outcomes.extend(await send_confirmations(runtime, mailer, stop))
@@ -570,7 +576,9 @@ class _Settled:
         state = self.states.get(key) or SubscriberState(subscriber=key)
         verdict = judge(effective_subscriber(sub, state), state, self.newest.get(key), now,
                         max_late)
-        return Outcome(sub.email, verdict.status) if verdict.status in SETTLED else None
+        if verdict.status not in SETTLED:
+            return None
+        return Outcome(sub.email, verdict.status, local_date=verdict.local_date)
 
 
 # At most this many digests are claimed in one transaction (one commit for the batch). A
@@ -681,15 +689,46 @@ class Deliveries:
 
 
 async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliveries,
-                         subscribers: Sequence[Subscriber], stopped: Callable[[], bool]) -> None:
-    """Resend the digests left claimed (by this process, or by one that has stopped)."""
+                         subscribers: Sequence[Subscriber], stopped: Callable[[], bool],
+                         placed: list[tuple[int, Outcome]]) -> list[DigestRow]:
+    """Resend the digests left claimed (by this process, or by one that has stopped).
+
+    Returns the rows of this dispatch's subscribers looked at. Those not tried
+    (the server went away, or the dispatch is stopping) get a ``retry``
+    outcome in ``placed``: they stay claimed and are resent next time.
+    """
     wanted = {s.email.lower(): s.email for s in subscribers}
-    for row in runtime.store.unsent_digests():
+    rows = [row for row in runtime.store.unsent_digests() if row.subscriber in wanted]
+    for row in rows:
         if stopped() or mailer.unavailable is not None:
-            break
-        if row.subscriber in wanted:
-            await deliveries.submit(0, row, row.subscriber,
-                                    _resend(runtime, mailer, row, wanted[row.subscriber]))
+            reason = _reason(mailer.unavailable) if mailer.unavailable is not None else \
+                "the dispatch is stopping"
+            placed.append((0, Outcome(row.subscriber, "retry", reason, row.id,
+                                      considered=row.considered)))
+            continue
+        await deliveries.submit(0, row, row.subscriber,
+                                _resend(runtime, mailer, row, wanted[row.subscriber]))
+    return rows
+
+
+def _count_once(placed: list[tuple[int, Outcome]],
+                pending: Sequence[DigestRow]) -> list[tuple[int, Outcome]]:
+    """The outcomes without the ``already-sent`` of a day whose claimed digest was resent.
+
+    A digest left claimed makes its day look sent to ``due``; the resend's own
+    outcome (sent, retry, failed, ...) is what happened to it, so the day is
+    counted once, in that bucket (issue 13). A resend that left the claim to
+    its living owner (no outcome) keeps the ``already-sent``.
+    """
+    days = {row.id: (row.subscriber, row.local_date) for row in pending}
+    resent: dict[str, date] = {}
+    for _, outcome in placed:
+        if outcome.digest_id in days and outcome.status != "already-sent":
+            who, day = days[outcome.digest_id]
+            resent[who] = max(day, resent.get(who, day))
+    return [(place, outcome) for place, outcome in placed
+            if not (outcome.status == "already-sent" and outcome.local_date is not None
+                    and resent.get(outcome.subscriber.lower(), date.min) >= outcome.local_date)]
 
 
 async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
@@ -713,7 +752,8 @@ async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
         if isinstance(row, Outcome):
             placed.append((place, row))
         elif row is None:
-            placed.append((place, Outcome(email, "already-sent")))
+            placed.append((place, Outcome(email, "already-sent",
+                                          local_date=prepared.local_date)))
         elif mailer.unavailable is not None:
             placed.append((place, Outcome(email, "retry", _reason(mailer.unavailable), row.id,
                                           len(prepared.content.items),
@@ -875,7 +915,7 @@ async def _judge_one(runtime: Runtime, sub: Subscriber, now: datetime, force: bo
                         _when(verdict.scheduled), _hours(runtime.config.max_late))
         return Outcome(sub.email, "late")
     if verdict.status != "due":
-        return Outcome(sub.email, verdict.status)
+        return Outcome(sub.email, verdict.status, local_date=verdict.local_date)
     empty_key = (sub.email.lower(), verdict.local_date)
     if not sub.send_empty and runtime.empty_days.get(empty_key) == runtime.store.corpus_seq():
         return Outcome(sub.email, "empty")  # nothing was added since we last looked
