@@ -13,9 +13,14 @@ What each answer means (``SendError.kind``):
   idle then; a 421 closes its session), then reported ``deferred``;
 * a 5xx reply at RCPT is final for that recipient (``recipient``: the address
   bounces), except a refusal about relaying or login (530, 5.7.x "relay
-  access denied") and the same 5xx for the first ``SAME_REFUSAL_LIMIT``
-  different recipients before any was accepted: those are ``config`` (the
-  server's setup; nobody is marked); a 5xx reply after DATA (552, 554) is final for that message only
+  access denied") and the same 5xx, before any address was accepted, for
+  first tries at ``SAME_REFUSAL_LIMIT`` different domains (or
+  ``ONE_DOMAIN_REFUSAL_LIMIT`` different recipients): those are ``config`` (the
+  server's setup; nobody is marked). Before any address was accepted, other
+  5xx replies without a 5.1.x code (or words about the address, such as
+  "Unrouteable address") are ``deferred`` with ``held_back`` set: the caller
+  tries them once more after an address was accepted, and they are final
+  then. A 5xx reply after DATA (552, 554) is final for that message only
   (``message``: the address is fine);
 * a server that cannot be reached, stays silent until the timeout or drops the
   connection twice in a row for one message before its recipients (once is
@@ -74,10 +79,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ATTEMPTS = 4  # one try and three retries: about 14 s of patience at the default delay
 DEFAULT_BASE_DELAY = 2.0  # seconds before the first retry; doubles each time (2, 4, 8)
-# The same 5xx at RCPT for this many different recipients before any address was accepted
-# is the server's setup (it takes no mail from us at all), not this many bad addresses: a
-# dispatch of real addresses rarely opens with three identical refusals.
+# The same 5xx at RCPT, before any address was accepted, for recipients at this many
+# different domains is the server's setup (it takes no mail from us at all), not that many
+# bad addresses: bad addresses that come first are mostly at one domain (a retired lab's,
+# issue 13), while a relay that refuses everyone refuses every domain alike.
 SAME_REFUSAL_LIMIT = 3
+# ... or for this many different recipients whatever their domains: a group whose
+# addresses all share one domain (a relay refusing it costs this many claimed digests,
+# resent later, before the hold).
+ONE_DOMAIN_REFUSAL_LIMIT = 10
 RELAY_HINT = ("the server refuses to relay: set username and password_env (or password_file) "
               "under [smtp], or use a server that accepts mail from this host")
 # A refusal about the sender's right to send (relaying, login), not about the address.
@@ -111,8 +121,11 @@ class _Outgoing:
     """
 
     def __init__(self, sender: str, recipients: list[str], utf8: bool, label: str,
-                 build: Callable[[bool], bytes]) -> None:
+                 build: Callable[[bool], bytes], *, evidence: bool = True) -> None:
         self.sender = sender
+        # Its refusals may count toward the relay-refusal hold: a first try, not the resend
+        # of a message refused before (issue 13: resends re-armed the hold every tick).
+        self.evidence = evidence
         self.recipients = recipients
         self.utf8 = utf8  # MAIL FROM needs SMTPUTF8
         self.label = label  # the Message-ID, for the log
@@ -266,7 +279,8 @@ class Mailer:
 
     async def send_bytes(self, data: bytes, *, recipients: Sequence[str],
                          sender: str | None = None, smtputf8: bool = False,
-                         label: str | None = None) -> dict[str, SendError]:
+                         label: str | None = None,
+                         tried_before: bool = False) -> dict[str, SendError]:
         """Deliver a message already serialised (a claimed digest) as it is.
 
         ``data``: the whole message, headers and body, CRLF or LF lines (sent as
@@ -279,6 +293,8 @@ class Mailer:
         server must offer it, else the message fails alone (kind ``message``),
         as does a non-ASCII address without ``smtputf8``. ``label``: the
         message's Message-ID for the log (default: read from ``data``'s header).
+        ``tried_before``: a resend of a message refused or deferred before; a
+        refusal of it is no new evidence that the server refuses everyone.
 
         Returns and raises as ``send`` does (``SendError`` by kind).
         """
@@ -300,7 +316,8 @@ class Mailer:
             return wire_format(parsed, utf8=smtputf8, eight_bit=False)
 
         outgoing = _Outgoing(envelope_from, targets, smtputf8,
-                             _message_id(data) if label is None else label, build)
+                             _message_id(data) if label is None else label, build,
+                             evidence=not tried_before)
         return await self._deliver(outgoing)
 
     async def check_login(self) -> str:
@@ -504,7 +521,7 @@ class Mailer:
                                                 cause=exc))
         else:
             self._dropped_streak = 0  # the server took a message: it is not dropping them all
-        return self._judge_refusals(recipients, errors)
+        return self._judge_refusals(recipients, errors, evidence=outgoing.evidence)
 
     def _dropped_twice(self, recipients: list[str], stage: str,
                        exc: BaseException) -> _Attempt:
@@ -530,16 +547,20 @@ class Mailer:
                         broken=True)
 
     def _judge_refusals(self, recipients: list[str],
-                        errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
+                        errors: dict[str, aiosmtplib.SMTPResponse], *,
+                        evidence: bool) -> _Attempt:
         """Sort RCPT refusals, telling the server's setup from bad addresses.
 
         A 5.7.x/530 refusal about relaying or login is a configuration error
         (raised, held: nobody is marked bouncing). Before any address was
-        accepted, a 5xx not about the mailbox (5.1.x) is held back as
-        ``deferred`` (not retried in this dispatch) until ``SAME_REFUSAL_LIMIT`` different recipients got the
-        same reply (then: a configuration error) or another address is
-        accepted (then later refusals are final; the held ones are retried
-        at the next dispatch and judged then).
+        accepted, a 5xx not about the address (5.1.x, "unrouteable", "no such
+        user") is held back as ``deferred`` with ``held_back`` set (the caller
+        tries it once more after an address was accepted; it is final then),
+        until the same reply came for first tries (``evidence``) at
+        ``SAME_REFUSAL_LIMIT`` different domains or for
+        ``ONE_DOMAIN_REFUSAL_LIMIT`` different recipients: then the server
+        refuses everyone (a configuration error). Resends (``evidence``
+        False) never count: the same refused digests cannot arm it again.
         """
         for recipient, response in errors.items():
             if response.code >= 500 and _policy_refusal(response.code, response.message):
@@ -556,17 +577,21 @@ class Mailer:
             if _mailbox_refusal(response.message):
                 continue  # 5.1.x: this address, clearly
             reply = f"{response.code} {response.message}"
-            self._first_refusals.setdefault(recipient.lower(), reply)
-            same = [r for r, text in self._first_refusals.items() if text == reply]
-            if len(same) >= SAME_REFUSAL_LIMIT:
-                raise self._hold(SendError(
-                    self.where, f"the server refused the first {len(same)} different "
-                    f"recipients with the same answer ({reply}): that is its setup, not the "
-                    f"addresses; {RELAY_HINT}", kind="config"))
-            # Not retried now (it would be refused again): left for the next dispatch.
+            if evidence:
+                self._first_refusals.setdefault(recipient.lower(), reply)
+                same = [r for r, text in self._first_refusals.items() if text == reply]
+                domains = {r.rpartition("@")[2] for r in same}
+                if len(domains) >= SAME_REFUSAL_LIMIT or len(same) >= ONE_DOMAIN_REFUSAL_LIMIT:
+                    raise self._hold(SendError(
+                        self.where, f"the server refused the first {len(same)} different "
+                        f"recipients ({len(domains)} domain(s)) with the same answer ({reply}) "
+                        f"and accepted none: that is its setup, not the addresses; "
+                        f"{RELAY_HINT}", kind="config"))
+            # Not retried at once (it would be refused again): once an address was accepted.
             outcome.refused[recipient] = SendError(
                 recipient, f"refused ({reply}); not blamed on the address yet (the server "
-                "accepted no address so far; tried again at the next dispatch)", kind="deferred")
+                "accepted no address so far; tried again once it has)", kind="deferred",
+                held_back=True)
         return outcome
 
     async def _transaction(
@@ -953,9 +978,18 @@ def _policy_refusal(code: int, text: str) -> bool:
         re.match(r"\s*5\.7\.\d", text) is not None or "relay" in text.lower())
 
 
+# Words that only a refusal of the address itself uses (Exim's "Unrouteable address", the
+# usual "no such user" / "user unknown"), with or without an enhanced status code.
+_ADDRESS_REFUSAL = re.compile(
+    r"unrout(e)?able|no such (user|mailbox|recipient|address)|user unknown|unknown "
+    r"(user|recipient|mailbox)|(mailbox|user|recipient|address) does not exist",
+    re.IGNORECASE)
+
+
 def _mailbox_refusal(text: str) -> bool:
-    """An enhanced status 5.1.x (bad mailbox or address): the address, whatever else."""
-    return re.match(r"\s*5\.1\.\d", text) is not None
+    """An enhanced status 5.1.x (bad mailbox or address), or words only such a refusal uses:
+    the address, whatever else."""
+    return re.match(r"\s*5\.1\.\d", text) is not None or bool(_ADDRESS_REFUSAL.search(text))
 
 
 def _refuse_all(recipients: list[str], problem: str, *, kind: str,

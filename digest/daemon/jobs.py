@@ -217,6 +217,8 @@ class Outcome:
     # The day an ``already-sent`` is about: a digest of it resent by this dispatch is counted
     # by the resend's outcome instead (see ``_count_once``).
     local_date: date | None = None
+    # Refused before the server accepted any address: tried once more after it has.
+    held_back: bool = False
 
 
 def _fit_and_warm(papers: Sequence[Paper], phrases: Sequence[str]) -> CorpusIndex:
@@ -365,7 +367,8 @@ async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow, recipient: s
         elif not exc.session:  # a session failure is logged once, by the mailer
             log.warning("subscriber %s: digest of %s not sent yet, will retry: %s",
                         row.subscriber, row.local_date, exc)
-        return Outcome(row.subscriber, status, str(exc), row.id, shown, row.considered)
+        return Outcome(row.subscriber, status, str(exc), row.id, shown, row.considered,
+                       held_back=exc.held_back and not give_up)
     store.mark_sent(row.id, clear_bounce=True)  # delivered: the address works
     log.info("subscriber %s: sent %d of %d papers (digest of %s)", row.subscriber, shown,
              row.considered, row.local_date)
@@ -492,6 +495,8 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 await take(*await _from_worker(runtime, workers, now))
             if batch:
                 await _claim_and_send(runtime, deliveries, batch, placed)
+            if not stopped():
+                await deliveries.retry_held_back()
         finally:
             if workers is not None:
                 await workers.close()
@@ -630,6 +635,8 @@ class Deliveries:
         self._tasks: set[asyncio.Task[Outcome | None]] = set()
         self._done: list[tuple[int, asyncio.Task[Outcome | None]]] = []
         self._places: dict[asyncio.Task[Outcome | None], int] = {}
+        # What each delivery in flight sends, kept past its end only when it was held back.
+        self._sending: dict[asyncio.Task[Outcome | None], tuple[DigestRow, str]] = {}
 
     @property
     def batch(self) -> int:
@@ -654,19 +661,51 @@ class Deliveries:
                                    name=f"deliver-{row.id}")
         self._tasks.add(task)
         self._places[task] = place
+        self._sending[task] = (row, recipient)
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[Outcome | None]) -> None:
         self._tasks.discard(task)
         self._done.append((self._places.pop(task), task))
         self._slots.release()
+        held_back = False
         if not task.cancelled() and task.exception() is None:
             outcome = task.result()
             self.accepted = self.accepted or (outcome is not None and outcome.status == "sent")
+            held_back = outcome is not None and outcome.held_back
+        if not held_back:
+            self._sending.pop(task, None)
         self.runtime.progress_at = time.monotonic()
         if not task.cancelled() and task.exception() is not None:
             for other in self._tasks:  # not a unit's own failure (the database): stop sending
                 other.cancel()
+
+    async def retry_held_back(self) -> None:
+        """Send once more the digests refused before the server accepted any address.
+
+        Waits for the deliveries in flight. When the server has accepted an
+        address since (and is still usable), those refusals are about the
+        addresses: each is sent again (its new outcome replaces the old one),
+        and a refusal now is final. Otherwise they stay claimed (``retry``).
+        """
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        if not self.accepted or self.mailer.unavailable is not None:
+            return
+        again: list[tuple[int, DigestRow, str, int]] = []
+        kept: list[tuple[int, asyncio.Task[Outcome | None]]] = []
+        for place, task in self._done:
+            sending = self._sending.pop(task, None)
+            if sending is None:
+                kept.append((place, task))
+            else:
+                again.append((place, *sending, task.result().shown if task.result() else 0))
+        self._done = kept
+        for place, row, recipient, shown in again:
+            log.info("subscriber %s: the server accepts addresses now; the digest of %s, "
+                     "refused before it accepted any, is sent again", recipient, row.local_date)
+            await self.submit(place, row, recipient,
+                              deliver(self.runtime, self.mailer, row, recipient, shown=shown))
 
     async def drain(self) -> list[tuple[int, Outcome]]:
         """Wait for every delivery in flight; their (place, outcome) pairs."""
@@ -833,7 +872,8 @@ async def _send_claimed(mailer: Mailer, row: DigestRow, recipient: str) -> None:
     wrote UTF-8 headers for such a recipient, and only for one.
     """
     await mailer.send_bytes(row.message, recipients=[recipient],
-                            smtputf8=not recipient.isascii(), label=row.message_id)
+                            smtputf8=not recipient.isascii(), label=row.message_id,
+                            tried_before=row.attempts > 0)
 
 
 async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow,
