@@ -332,7 +332,7 @@ def claim_batch(runtime: Runtime, batch: Sequence[Prepared]) -> list[DigestRow |
 
 
 async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow, recipient: str, *,
-                  shown: int | None = None) -> Outcome:
+                  shown: int | None = None, marks: SentMarks | None = None) -> Outcome:
     """Send a claimed digest and record the result; one subscriber's failure stays theirs.
 
     Marked sent right after the server's 250 (the only window in which a crash
@@ -343,7 +343,8 @@ async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow, recipient: s
     been claimed for longer than ``max_late``: then it is marked failed (its
     papers stay candidates for the next digest). ``recipient`` is the
     subscriber's address as configured; ``shown`` the digest's item count
-    (read from the store when not given).
+    (read from the store when not given). ``marks``: record the delivery with
+    the others of this turn of the event loop (one commit), else at once.
     """
     store = runtime.store
     if shown is None:
@@ -369,7 +370,10 @@ async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow, recipient: s
                         row.subscriber, row.local_date, exc)
         return Outcome(row.subscriber, status, str(exc), row.id, shown, row.considered,
                        held_back=exc.held_back and not give_up)
-    store.mark_sent(row.id, clear_bounce=True)  # delivered: the address works
+    if marks is not None:
+        marks.add(row.id)
+    else:
+        store.mark_sent(row.id, clear_bounce=True)  # delivered: the address works
     log.info("subscriber %s: sent %d of %d papers (digest of %s)", row.subscriber, shown,
              row.considered, row.local_date)
     return Outcome(row.subscriber, "sent", "", row.id, shown, row.considered)
@@ -614,6 +618,57 @@ def _claim_each(runtime: Runtime, batch: list[tuple[int, Prepared]]
     return results
 
 
+class SentMarks:
+    """Digests the server took (its 250), marked sent together: one commit for a few.
+
+    A mark waits only for the end of the event loop's current turn: the
+    deliveries whose 250 arrived in the same turn add theirs, and the first
+    mark schedules one commit for all of them (``call_soon``), which runs
+    before the loop waits for the network again. So the span in which a
+    crash leaves a delivered digest claimed (resent after a restart, same
+    Message-ID) is still the one turn of the loop it always was, with no
+    await in between, while the commits go from one per message to one per
+    turn. A commit that fails (a full disk) keeps its marks pending and is
+    raised by the next ``add`` or ``flush``.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.pending: list[int] = []
+        self.commits = 0  # how many commits carried marks (for the tests and the curious)
+        self._scheduled = False
+        self._failure: BaseException | None = None
+
+    def add(self, digest_id: int) -> None:
+        """Mark ``digest_id`` sent at the end of this turn of the event loop."""
+        self._raise_failure()
+        self.pending.append(digest_id)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        try:
+            self.flush()
+        except (StoreError, sqlite3.Error) as exc:  # raised by the next add or flush
+            self._failure = exc
+
+    def flush(self) -> None:
+        """Commit the pending marks now (all or none); raises what the store raises."""
+        self._raise_failure()
+        if not self.pending:
+            return
+        self.store.mark_sent_many(self.pending, clear_bounce=True)  # delivered: addresses work
+        self.pending = []
+        self.commits += 1
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+
 class Deliveries:
     """Claimed digests being sent concurrently, at most ``window`` at a time.
 
@@ -637,6 +692,7 @@ class Deliveries:
         self._places: dict[asyncio.Task[Outcome | None], int] = {}
         # What each delivery in flight sends, kept past its end only when it was held back.
         self._sending: dict[asyncio.Task[Outcome | None], tuple[DigestRow, str]] = {}
+        self.marks = SentMarks(runtime.store)
 
     @property
     def batch(self) -> int:
@@ -705,7 +761,8 @@ class Deliveries:
             log.info("subscriber %s: the server accepts addresses now; the digest of %s, "
                      "refused before it accepted any, is sent again", recipient, row.local_date)
             await self.submit(place, row, recipient,
-                              deliver(self.runtime, self.mailer, row, recipient, shown=shown))
+                              deliver(self.runtime, self.mailer, row, recipient, shown=shown,
+                                      marks=self.marks))
 
     async def drain(self) -> list[tuple[int, Outcome]]:
         """Wait for every delivery in flight; their (place, outcome) pairs."""
@@ -722,6 +779,12 @@ class Deliveries:
             elif (outcome := task.result()) is not None:
                 outcomes.append((place, outcome))
         self._done.clear()
+        try:
+            self.marks.flush()  # every delivery that ended is marked before the dispatch ends
+        except (StoreError, sqlite3.Error):
+            if fatal is None:
+                raise
+            log.exception("dispatch: the digests sent could not be marked sent")
         if fatal is not None:
             raise fatal
         return outcomes
@@ -746,7 +809,8 @@ async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliverie
                                       considered=row.considered)))
             continue
         await deliveries.submit(0, row, row.subscriber,
-                                _resend(runtime, mailer, row, wanted[row.subscriber]))
+                                _resend(runtime, mailer, row, wanted[row.subscriber],
+                                        deliveries.marks))
     return rows
 
 
@@ -799,7 +863,8 @@ async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
                                           prepared.content.considered)))
         else:
             await deliveries.submit(place, row, email, deliver(
-                runtime, mailer, row, email, shown=len(prepared.content.items)))
+                runtime, mailer, row, email, shown=len(prepared.content.items),
+                marks=deliveries.marks))
 
 
 def only_all(runtime: Runtime, subscribers: Sequence[Subscriber]) -> bool:
@@ -877,7 +942,7 @@ async def _send_claimed(mailer: Mailer, row: DigestRow, recipient: str) -> None:
 
 
 async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow,
-                  recipient: str) -> Outcome | None:
+                  recipient: str, marks: SentMarks | None = None) -> Outcome | None:
     """A digest claimed and not marked sent: resend the stored bytes (same Message-ID).
 
     Only by its owner, or, when another process claimed it, once that owner is
@@ -902,7 +967,7 @@ async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow,
         return Outcome(row.subscriber, "unsubscribed", "", row.id)
     log.info("subscriber %s: resending the digest of %s (claimed at %s, %s)", row.subscriber,
              row.local_date, row.claimed_at, row.message_id)
-    return await deliver(runtime, mailer, row, recipient)
+    return await deliver(runtime, mailer, row, recipient, marks=marks)
 
 
 @dataclass(frozen=True)
