@@ -66,6 +66,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiosmtplib
+import aiosmtplib.email
 from aiosmtplib.protocol import normalize_message_line_endings
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
@@ -148,17 +149,41 @@ class _Session(aiosmtplib.SMTP):
 
     stage = ""  # "EHLO", "MAIL", "RCPT" or "DATA": the last command of the transaction
 
-    async def mail(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
-        self.stage = "MAIL"
-        return await super().mail(*args, **kwargs)
+    # MAIL and RCPT as aiosmtplib's own ``mail`` and ``rcpt`` send them (its ``quote_address``
+    # checks and quotes the address; its ``execute_command`` sends and reads), less a parse
+    # of the same address per message: ``quote_address`` runs the email package's address
+    # parser, and the sender is the same for every message (``_quoted`` keeps its answers).
+    # Called once EHLO was said (``Mailer._transaction`` says it first).
 
-    async def rcpt(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+    async def mail(self, sender: str, /, *, options: Sequence[str] = (),  # type: ignore[override]
+                   encoding: str = "ascii") -> aiosmtplib.SMTPResponse:
+        self.stage = "MAIL"
+        response = await self.execute_command(
+            b"MAIL", b"FROM:" + _quoted(sender).encode(encoding),
+            *(option.encode("ascii") for option in options))
+        if response.code != 250:
+            raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+        return response
+
+    async def rcpt(self, recipient: str, /, *,  # type: ignore[override]
+                   encoding: str = "ascii") -> aiosmtplib.SMTPResponse:
         self.stage = "RCPT"
-        return await super().rcpt(*args, **kwargs)
+        response = await self.execute_command(
+            b"RCPT", b"TO:" + _quoted(recipient).encode(encoding))
+        if response.code not in (250, 251):
+            raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
+        return response
 
     async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
         self.stage = "DATA"
         return await super().data(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _quoted(address: str) -> str:
+    """aiosmtplib's ``<address>`` for a command line (raises its ValueError for an address
+    that cannot be sent safely); remembered for the sender and recent recipients."""
+    return aiosmtplib.email.quote_address(address)
 
 
 class _Crowded(Exception):
