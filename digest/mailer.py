@@ -67,10 +67,10 @@ from typing import Any, Self
 
 import aiosmtplib
 import aiosmtplib.email
-from aiosmtplib.protocol import normalize_message_line_endings
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from .config import SmtpConfig
 from .errors import ConfigError, SendError

@@ -752,10 +752,11 @@ class Deliveries:
         kept: list[tuple[int, asyncio.Task[Outcome | None]]] = []
         for place, task in self._done:
             sending = self._sending.pop(task, None)
-            if sending is None:
+            outcome = task.result() if sending is not None else None
+            if sending is None or outcome is None:
                 kept.append((place, task))
             else:
-                again.append((place, *sending, task.result().shown if task.result() else 0))
+                again.append((place, *sending, outcome.shown))
         self._done = kept
         for place, row, recipient, shown in again:
             log.info("subscriber %s: the server accepts addresses now; the digest of %s, "
