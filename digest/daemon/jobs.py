@@ -628,8 +628,9 @@ class SentMarks:
     crash leaves a delivered digest claimed (resent after a restart, same
     Message-ID) is still the one turn of the loop it always was, with no
     await in between, while the commits go from one per message to one per
-    turn. A commit that fails (a full disk) keeps its marks pending and is
-    raised by the next ``add`` or ``flush``.
+    turn. A commit that fails (a full disk) keeps its marks pending (tried
+    again by the next commit) and is raised by the next ``add`` (ending the
+    dispatch, as a failed ``mark_sent`` did) or by ``flush``.
     """
 
     def __init__(self, store: Store) -> None:
@@ -640,9 +641,14 @@ class SentMarks:
         self._failure: BaseException | None = None
 
     def add(self, digest_id: int) -> None:
-        """Mark ``digest_id`` sent at the end of this turn of the event loop."""
-        self._raise_failure()
+        """Mark ``digest_id`` sent at the end of this turn of the event loop.
+
+        Raises the failure of an earlier commit (its marks, and this one, stay pending).
+        """
         self.pending.append(digest_id)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_soon)
@@ -651,22 +657,17 @@ class SentMarks:
         self._scheduled = False
         try:
             self.flush()
-        except (StoreError, sqlite3.Error) as exc:  # raised by the next add or flush
+        except (StoreError, sqlite3.Error) as exc:  # raised by the next add (or flush)
             self._failure = exc
 
     def flush(self) -> None:
         """Commit the pending marks now (all or none); raises what the store raises."""
-        self._raise_failure()
         if not self.pending:
             return
         self.store.mark_sent_many(self.pending, clear_bounce=True)  # delivered: addresses work
         self.pending = []
+        self._failure = None
         self.commits += 1
-
-    def _raise_failure(self) -> None:
-        failure, self._failure = self._failure, None
-        if failure is not None:
-            raise failure
 
 
 class Deliveries:
