@@ -500,7 +500,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             if batch:
                 await _claim_and_send(runtime, deliveries, batch, placed)
             if not stopped():
-                await deliveries.retry_held_back()
+                await deliveries.retry_held_back(stopped)
         finally:
             if workers is not None:
                 await workers.close()
@@ -737,7 +737,7 @@ class Deliveries:
             for other in self._tasks:  # not a unit's own failure (the database): stop sending
                 other.cancel()
 
-    async def retry_held_back(self) -> None:
+    async def retry_held_back(self, stopped: Callable[[], bool]) -> None:
         """Send once more the digests refused before the server accepted any address.
 
         Waits for the deliveries in flight. When the server has accepted an
@@ -747,7 +747,7 @@ class Deliveries:
         """
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-        if not self.accepted or self.mailer.unavailable is not None:
+        if not self.accepted or self.mailer.unavailable is not None or stopped():
             return
         again: list[tuple[int, DigestRow, str, int]] = []
         kept: list[tuple[int, asyncio.Task[Outcome | None]]] = []
