@@ -179,10 +179,21 @@ class _Session(aiosmtplib.SMTP):
         return await super().data(*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=4096)
+# A plain addr-spec (RFC 5322 dot-atoms, no quotes, comments, spaces or angle brackets): the
+# email package's parser returns it unchanged and aiosmtplib's check passes it, so its quoted
+# form is ``<address>`` (tests/test_mailer_pool.py checks this against aiosmtplib).
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
+@functools.lru_cache(maxsize=65536)  # about a subscriber list: a few MB at most
 def _quoted(address: str) -> str:
     """aiosmtplib's ``<address>`` for a command line (raises its ValueError for an address
-    that cannot be sent safely); remembered for the sender and recent recipients."""
+    that cannot be sent safely): a plain address as it is, any other parsed by aiosmtplib's
+    ``quote_address`` once, not once per message (the email package's parser is slow)."""
+    if _PLAIN_ADDRESS.fullmatch(address):
+        return f"<{address}>"
     return aiosmtplib.email.quote_address(address)
 
 

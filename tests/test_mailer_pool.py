@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from hypothesis import given
+from hypothesis import strategies as st
 
 from digest.config import SmtpConfig, load_config
 from digest.errors import ConfigError, SendError
@@ -779,3 +781,28 @@ def test_a_pool_far_above_a_servers_cap_never_shrinks_below_the_sessions_open(
     assert mailer.pool_size == 2  # the sessions it took, never fewer
     assert server.handler.most_open == 2
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+_ATOM = st.text(alphabet="abcxyzABC0129!#$%&'*+/=?^_`{|}~-.@ \"<>()[]\\,;:é", min_size=1,
+                max_size=24)
+
+
+@given(address=st.one_of(
+    _ATOM, st.from_regex(r"[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9+_-]+)*@[a-z0-9-]+(\.[a-z]+)*",
+                         fullmatch=True)))
+def test_mail_and_rcpt_quote_an_address_exactly_as_aiosmtplib_does(address: str) -> None:
+    """The plain-address shortcut (issue 13: no parse per message) never changes the command
+    line nor lets through an address aiosmtplib refuses."""
+    import aiosmtplib.email
+
+    from digest.mailer import _quoted
+
+    try:
+        expected: str | type[ValueError] = aiosmtplib.email.quote_address(address)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: str | type[ValueError] = _quoted(address)
+    except ValueError:
+        got = ValueError
+    assert got == expected
