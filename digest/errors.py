@@ -69,7 +69,7 @@ class SendError(DigestError, ConnectionError):
     KINDS = ("recipient", "message", "deferred", "server", "config")
 
     def __init__(self, recipient: str, message: str, permanent: bool | None = None,
-                 *, kind: str | None = None):
+                 *, kind: str | None = None, held_back: bool = False):
         if kind is None:
             kind = "recipient" if permanent else "deferred"
         if kind not in self.KINDS:
@@ -77,6 +77,9 @@ class SendError(DigestError, ConnectionError):
         self.recipient = recipient
         self.kind = kind
         self.permanent = kind in ("recipient", "message")
+        # A 5xx at RCPT before the server accepted any address: not blamed on the address
+        # yet (kind ``deferred``); worth one more try once the server has accepted one.
+        self.held_back = held_back
         super().__init__(f"{recipient}: {message}")
 
     @property

@@ -13,9 +13,14 @@ What each answer means (``SendError.kind``):
   idle then; a 421 closes its session), then reported ``deferred``;
 * a 5xx reply at RCPT is final for that recipient (``recipient``: the address
   bounces), except a refusal about relaying or login (530, 5.7.x "relay
-  access denied") and the same 5xx for the first ``SAME_REFUSAL_LIMIT``
-  different recipients before any was accepted: those are ``config`` (the
-  server's setup; nobody is marked); a 5xx reply after DATA (552, 554) is final for that message only
+  access denied") and the same 5xx, before any address was accepted, for
+  first tries at ``SAME_REFUSAL_LIMIT`` different domains (or
+  ``ONE_DOMAIN_REFUSAL_LIMIT`` different recipients): those are ``config`` (the
+  server's setup; nobody is marked). Before any address was accepted, other
+  5xx replies without a 5.1.x code (or words about the address, such as
+  "Unrouteable address") are ``deferred`` with ``held_back`` set: the caller
+  tries them once more after an address was accepted, and they are final
+  then. A 5xx reply after DATA (552, 554) is final for that message only
   (``message``: the address is fine);
 * a server that cannot be reached, stays silent until the timeout or drops the
   connection twice in a row for one message before its recipients (once is
@@ -44,6 +49,7 @@ import copy
 import dataclasses
 import email
 import email.policy
+import functools
 import io
 import logging
 import re
@@ -60,9 +66,11 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiosmtplib
+import aiosmtplib.email
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from .config import SmtpConfig
 from .errors import ConfigError, SendError
@@ -72,10 +80,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ATTEMPTS = 4  # one try and three retries: about 14 s of patience at the default delay
 DEFAULT_BASE_DELAY = 2.0  # seconds before the first retry; doubles each time (2, 4, 8)
-# The same 5xx at RCPT for this many different recipients before any address was accepted
-# is the server's setup (it takes no mail from us at all), not this many bad addresses: a
-# dispatch of real addresses rarely opens with three identical refusals.
+# The same 5xx at RCPT, before any address was accepted, for recipients at this many
+# different domains is the server's setup (it takes no mail from us at all), not that many
+# bad addresses: bad addresses that come first are mostly at one domain (a retired lab's,
+# issue 13), while a relay that refuses everyone refuses every domain alike.
 SAME_REFUSAL_LIMIT = 3
+# ... or for this many different recipients whatever their domains: a group whose
+# addresses all share one domain (a relay refusing it costs this many claimed digests,
+# resent later, before the hold).
+ONE_DOMAIN_REFUSAL_LIMIT = 10
 RELAY_HINT = ("the server refuses to relay: set username and password_env (or password_file) "
               "under [smtp], or use a server that accepts mail from this host")
 # A refusal about the sender's right to send (relaying, login), not about the address.
@@ -109,8 +122,11 @@ class _Outgoing:
     """
 
     def __init__(self, sender: str, recipients: list[str], utf8: bool, label: str,
-                 build: Callable[[bool], bytes]) -> None:
+                 build: Callable[[bool], bytes], *, evidence: bool = True) -> None:
         self.sender = sender
+        # Its refusals may count toward the relay-refusal hold: a first try, not the resend
+        # of a message refused before (issue 13: resends re-armed the hold every tick).
+        self.evidence = evidence
         self.recipients = recipients
         self.utf8 = utf8  # MAIL FROM needs SMTPUTF8
         self.label = label  # the Message-ID, for the log
@@ -133,17 +149,52 @@ class _Session(aiosmtplib.SMTP):
 
     stage = ""  # "EHLO", "MAIL", "RCPT" or "DATA": the last command of the transaction
 
-    async def mail(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
-        self.stage = "MAIL"
-        return await super().mail(*args, **kwargs)
+    # MAIL and RCPT as aiosmtplib's own ``mail`` and ``rcpt`` send them (its ``quote_address``
+    # checks and quotes the address; its ``execute_command`` sends and reads), less a parse
+    # of the same address per message: ``quote_address`` runs the email package's address
+    # parser, and the sender is the same for every message (``_quoted`` keeps its answers).
+    # Called once EHLO was said (``Mailer._transaction`` says it first).
 
-    async def rcpt(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+    async def mail(self, sender: str, /, *, options: Sequence[str] = (),  # type: ignore[override]
+                   encoding: str = "ascii") -> aiosmtplib.SMTPResponse:
+        self.stage = "MAIL"
+        response = await self.execute_command(
+            b"MAIL", b"FROM:" + _quoted(sender).encode(encoding),
+            *(option.encode("ascii") for option in options))
+        if response.code != 250:
+            raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+        return response
+
+    async def rcpt(self, recipient: str, /, *,  # type: ignore[override]
+                   encoding: str = "ascii") -> aiosmtplib.SMTPResponse:
         self.stage = "RCPT"
-        return await super().rcpt(*args, **kwargs)
+        response = await self.execute_command(
+            b"RCPT", b"TO:" + _quoted(recipient).encode(encoding))
+        if response.code not in (250, 251):
+            raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
+        return response
 
     async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
         self.stage = "DATA"
         return await super().data(*args, **kwargs)
+
+
+# A plain addr-spec (RFC 5322 dot-atoms, no quotes, comments, spaces or angle brackets): the
+# email package's parser returns it unchanged and aiosmtplib's check passes it, so its quoted
+# form is ``<address>`` (tests/test_mailer_pool.py checks this against aiosmtplib).
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
+@functools.lru_cache(maxsize=65536)  # about a subscriber list: a few MB at most
+def _quoted(address: str) -> str:
+    """aiosmtplib's ``<address>`` for a command line (raises its ValueError for an address
+    that cannot be sent safely): a plain address as it is, any other parsed by aiosmtplib's
+    ``quote_address`` once, not once per message (the email package's parser is slow)."""
+    if _PLAIN_ADDRESS.fullmatch(address):
+        return f"<{address}>"
+    return aiosmtplib.email.quote_address(address)
 
 
 class _Crowded(Exception):
@@ -211,13 +262,17 @@ class Mailer:
         self._accepted = False  # some address was accepted on this mailer: 5xx at RCPT is final
         self._first_refusals: dict[str, str] = {}  # recipient -> 5xx reply, before any accept
 
-    @property
+    @functools.cached_property
     def where(self) -> str:
         return f"{self.smtp.host}:{self.smtp.port}"
 
-    @property
+    @functools.cached_property
     def default_sender(self) -> str:
-        """The envelope sender ``send_bytes`` uses: the address of ``[smtp] from``."""
+        """The envelope sender ``send_bytes`` uses: the address of ``[smtp] from``.
+
+        Parsed once per mailer (the settings do not change during its run), not
+        once per message.
+        """
         return getaddresses([self.smtp.sender])[0][1]
 
     async def __aenter__(self) -> Self:
@@ -259,7 +314,9 @@ class Mailer:
         return await self._deliver(_Outgoing(sender, recipients, utf8, label, build))
 
     async def send_bytes(self, data: bytes, *, recipients: Sequence[str],
-                         sender: str | None = None, smtputf8: bool = False) -> dict[str, SendError]:
+                         sender: str | None = None, smtputf8: bool = False,
+                         label: str | None = None,
+                         tried_before: bool = False) -> dict[str, SendError]:
         """Deliver a message already serialised (a claimed digest) as it is.
 
         ``data``: the whole message, headers and body, CRLF or LF lines (sent as
@@ -270,7 +327,10 @@ class Mailer:
         sender (default: the address of ``[smtp] from``). ``smtputf8``: the
         message needs SMTPUTF8 (UTF-8 headers or a non-ASCII address); the
         server must offer it, else the message fails alone (kind ``message``),
-        as does a non-ASCII address without ``smtputf8``.
+        as does a non-ASCII address without ``smtputf8``. ``label``: the
+        message's Message-ID for the log (default: read from ``data``'s header).
+        ``tried_before``: a resend of a message refused or deferred before; a
+        refusal of it is no new evidence that the server refuses everyone.
 
         Returns and raises as ``send`` does (``SendError`` by kind).
         """
@@ -291,7 +351,9 @@ class Mailer:
             parsed = email.message_from_bytes(data, policy=email.policy.default)
             return wire_format(parsed, utf8=smtputf8, eight_bit=False)
 
-        outgoing = _Outgoing(envelope_from, targets, smtputf8, _message_id(data), build)
+        outgoing = _Outgoing(envelope_from, targets, smtputf8,
+                             _message_id(data) if label is None else label, build,
+                             evidence=not tried_before)
         return await self._deliver(outgoing)
 
     async def check_login(self) -> str:
@@ -385,7 +447,9 @@ class Mailer:
             try:
                 client = await self._session(fresh=fresh)
             except _Crowded as exc:
-                self._shrink(exc)  # this slot stays taken: one session fewer from now on
+                if not self._shrink(exc):  # the pool is the sessions open already
+                    self._release_slot()
+                # else this slot stays taken: one session fewer from now on
                 fresh = False  # the sessions still open are what there is
                 continue
             except BaseException:
@@ -404,19 +468,30 @@ class Mailer:
                 self._idle.append(client)
             return outcome
 
-    def _shrink(self, crowded: _Crowded) -> None:
+    def _shrink(self, crowded: _Crowded) -> bool:
         """The server caps how many sessions one client may open: use as many as it took.
 
-        The caller holds a slot and keeps it (that is one place fewer); the
-        pool becomes the sessions open now plus those still being opened (each
-        of which shrinks it again if refused), and the slots beyond that are
-        kept as they are handed back. Logged once the opens in flight settle.
+        The pool becomes the sessions open now plus those still being opened
+        (each of which shrinks it again if refused), never fewer than the
+        sessions open: those the server took are the pool, however many
+        refusals arrive (issue 13: with the slots of an earlier shrink not yet
+        handed back, later refusals used to shrink it below them, and a 421
+        greeting on a pool of one was read as an outage). True when it shrank:
+        the caller keeps its slot (one place fewer) and the slots beyond that
+        are kept as they are handed back; False when the pool already is the
+        sessions open (the caller hands its slot back and waits for one of
+        them). Logged once the opens in flight settle.
         """
-        size = max(1, min(self.pool_size - 1, self._open_count + self._connecting))
+        size = max(1, self._open_count,
+                   min(self.pool_size - 1, self._open_count + self._connecting))
+        self._turned_away.append(str(crowded))
+        if size >= self.pool_size:
+            self._report_shrink()
+            return False
         self._withheld += self.pool_size - 1 - size
         self.pool_size = size
-        self._turned_away.append(str(crowded))
         self._report_shrink()
+        return True
 
     def _report_shrink(self) -> None:
         """One warning for the refusals of a burst of opens, with the pool size they left."""
@@ -482,7 +557,7 @@ class Mailer:
                                                 cause=exc))
         else:
             self._dropped_streak = 0  # the server took a message: it is not dropping them all
-        return self._judge_refusals(recipients, errors)
+        return self._judge_refusals(recipients, errors, evidence=outgoing.evidence)
 
     def _dropped_twice(self, recipients: list[str], stage: str,
                        exc: BaseException) -> _Attempt:
@@ -508,16 +583,20 @@ class Mailer:
                         broken=True)
 
     def _judge_refusals(self, recipients: list[str],
-                        errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
+                        errors: dict[str, aiosmtplib.SMTPResponse], *,
+                        evidence: bool) -> _Attempt:
         """Sort RCPT refusals, telling the server's setup from bad addresses.
 
         A 5.7.x/530 refusal about relaying or login is a configuration error
         (raised, held: nobody is marked bouncing). Before any address was
-        accepted, a 5xx not about the mailbox (5.1.x) is held back as
-        ``deferred`` (not retried in this dispatch) until ``SAME_REFUSAL_LIMIT`` different recipients got the
-        same reply (then: a configuration error) or another address is
-        accepted (then later refusals are final; the held ones are retried
-        at the next dispatch and judged then).
+        accepted, a 5xx not about the address (5.1.x, "unrouteable", "no such
+        user") is held back as ``deferred`` with ``held_back`` set (the caller
+        tries it once more after an address was accepted; it is final then),
+        until the same reply came for first tries (``evidence``) at
+        ``SAME_REFUSAL_LIMIT`` different domains or for
+        ``ONE_DOMAIN_REFUSAL_LIMIT`` different recipients: then the server
+        refuses everyone (a configuration error). Resends (``evidence``
+        False) never count: the same refused digests cannot arm it again.
         """
         for recipient, response in errors.items():
             if response.code >= 500 and _policy_refusal(response.code, response.message):
@@ -534,17 +613,21 @@ class Mailer:
             if _mailbox_refusal(response.message):
                 continue  # 5.1.x: this address, clearly
             reply = f"{response.code} {response.message}"
-            self._first_refusals.setdefault(recipient.lower(), reply)
-            same = [r for r, text in self._first_refusals.items() if text == reply]
-            if len(same) >= SAME_REFUSAL_LIMIT:
-                raise self._hold(SendError(
-                    self.where, f"the server refused the first {len(same)} different "
-                    f"recipients with the same answer ({reply}): that is its setup, not the "
-                    f"addresses; {RELAY_HINT}", kind="config"))
-            # Not retried now (it would be refused again): left for the next dispatch.
+            if evidence:
+                self._first_refusals.setdefault(recipient.lower(), reply)
+                same = [r for r, text in self._first_refusals.items() if text == reply]
+                domains = {r.rpartition("@")[2] for r in same}
+                if len(domains) >= SAME_REFUSAL_LIMIT or len(same) >= ONE_DOMAIN_REFUSAL_LIMIT:
+                    raise self._hold(SendError(
+                        self.where, f"the server refused the first {len(same)} different "
+                        f"recipients ({len(domains)} domain(s)) with the same answer ({reply}) "
+                        f"and accepted none: that is its setup, not the addresses; "
+                        f"{RELAY_HINT}", kind="config"))
+            # Not retried at once (it would be refused again): once an address was accepted.
             outcome.refused[recipient] = SendError(
                 recipient, f"refused ({reply}); not blamed on the address yet (the server "
-                "accepted no address so far; tried again at the next dispatch)", kind="deferred")
+                "accepted no address so far; tried again once it has)", kind="deferred",
+                held_back=True)
         return outcome
 
     async def _transaction(
@@ -567,8 +650,32 @@ class Mailer:
         eight_bit = client.supports_extension("8bitmime")
         if eight_bit:
             options.append("BODY=8BITMIME")
-        errors, _ = await client.sendmail(outgoing.sender, recipients, outgoing.data(eight_bit),
-                                          mail_options=options)
+        data = outgoing.data(eight_bit)
+        if client.supports_extension("size"):
+            # RFC 1870: the octets as DATA carries them (CRLF lines), before dot-stuffing.
+            options.insert(0, f"SIZE={wire_size(data)}")
+        encoding = "utf-8" if outgoing.utf8 else "ascii"
+        # MAIL, RCPT and DATA as aiosmtplib's ``sendmail`` runs them, less its second pass
+        # over the whole message (to count its SIZE): ``wire_size`` counts claimed bytes,
+        # already CRLF, without a copy. A refusal or a bad address after MAIL resets the
+        # envelope, as ``sendmail`` does, so the session can carry the next message.
+        try:
+            await client.mail(outgoing.sender, options=options, encoding=encoding)
+            errors: dict[str, aiosmtplib.SMTPResponse] = {}
+            refusals: list[aiosmtplib.SMTPRecipientRefused] = []
+            for recipient in recipients:
+                try:
+                    await client.rcpt(recipient, encoding=encoding)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    refusals.append(exc)
+                    errors[exc.recipient] = aiosmtplib.SMTPResponse(exc.code, exc.message)
+            if len(refusals) == len(recipients):
+                raise aiosmtplib.SMTPRecipientsRefused(refusals)
+            await client.data(data)
+        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused,
+                ValueError):
+            await _reset(client)
+            raise
         return errors
 
     async def _session(self, *, fresh: bool) -> _Session:
@@ -625,7 +732,9 @@ class Mailer:
             client.close()
             if self.unavailable is not None:  # another session failed first: said already
                 raise self.unavailable from exc
-            if self._open_count > 0 and self.pool_size > 1 and _crowded(exc):
+            # Refused while sessions of ours are open: the server caps its clients (crowding),
+            # whatever the pool's size; with none open it is the server's own answer.
+            if self._open_count > 0 and _crowded(exc):
                 raise _Crowded(_describe(exc)) from exc
             if hostname_mismatch(exc):  # say which name the certificate is for
                 exc.certificate_names = await asyncio.to_thread(  # type: ignore[union-attr]
@@ -821,6 +930,28 @@ def wire_format(message: EmailMessage | Message, *, utf8: bool, eight_bit: bool)
     BytesGenerator(buffer, policy=policy).flatten(outgoing)
     return buffer.getvalue()
 
+def wire_size(data: bytes) -> int:
+    """The octets ``data`` takes in DATA once its lines end in CRLF (RFC 1870's SIZE).
+
+    Counted without a copy when every line already ends in CRLF (claimed
+    digests do); otherwise normalised as aiosmtplib will before it sends.
+    """
+    crlf = data.count(b"\r\n")
+    if crlf == data.count(b"\n") == data.count(b"\r"):
+        return len(data) if data.endswith(b"\r\n") else len(data) + 2
+    return len(normalize_message_line_endings(data))
+
+
+async def _reset(client: _Session) -> None:
+    """RSET after a failed transaction; a session that cannot even do that is closed later."""
+    if not client.is_connected:
+        return
+    try:
+        await client.rset()
+    except (aiosmtplib.SMTPException, ConnectionError) as exc:
+        log.debug("smtp: RSET failed: %s", exc)
+
+
 def _crowded(exc: BaseException) -> bool:
     """A refusal of one more session, not of the server or the settings: a 4xx greeting
     (421 "too many connections"), a connection closed before the greeting, or no greeting
@@ -883,9 +1014,18 @@ def _policy_refusal(code: int, text: str) -> bool:
         re.match(r"\s*5\.7\.\d", text) is not None or "relay" in text.lower())
 
 
+# Words that only a refusal of the address itself uses (Exim's "Unrouteable address", the
+# usual "no such user" / "user unknown"), with or without an enhanced status code.
+_ADDRESS_REFUSAL = re.compile(
+    r"unrout(e)?able|no such (user|mailbox|recipient|address)|user unknown|unknown "
+    r"(user|recipient|mailbox)|(mailbox|user|recipient|address) does not exist",
+    re.IGNORECASE)
+
+
 def _mailbox_refusal(text: str) -> bool:
-    """An enhanced status 5.1.x (bad mailbox or address): the address, whatever else."""
-    return re.match(r"\s*5\.1\.\d", text) is not None
+    """An enhanced status 5.1.x (bad mailbox or address), or words only such a refusal uses:
+    the address, whatever else."""
+    return re.match(r"\s*5\.1\.\d", text) is not None or bool(_ADDRESS_REFUSAL.search(text))
 
 
 def _refuse_all(recipients: list[str], problem: str, *, kind: str,

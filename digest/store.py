@@ -988,13 +988,37 @@ class Store:
                 " AND owner IS ?", (owner, digest_id, previous))
             return cursor.rowcount == 1
 
-    def mark_sent(self, digest_id: int) -> None:
+    def mark_sent(self, digest_id: int, *, clear_bounce: bool = False) -> None:
+        """Record a delivered digest (the server's 250), in one transaction.
+
+        ``clear_bounce``: the delivery proves the address works, so its owner's
+        bouncing state (``bouncing_since``, ``bounce_reason``) is cleared in the
+        same transaction; a statement that changes nothing when it is not
+        bouncing, instead of a read of its state per message.
+        """
+        self.mark_sent_many([digest_id], clear_bounce=clear_bounce)
+
+    def mark_sent_many(self, digest_ids: Sequence[int], *, clear_bounce: bool = False) -> None:
+        """``mark_sent`` for several delivered digests in one transaction (one commit).
+
+        Raises ``StoreWriteError`` (nothing marked) when the disk is full or read-only.
+        """
+        if not digest_ids:
+            return
+        now = _iso(utc_now())
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "UPDATE digests SET status = 'sent', sent_at = ?, error = NULL,"
                 " attempts = attempts + 1 WHERE id = ?",
-                (_iso(utc_now()), digest_id),
+                [(now, digest_id) for digest_id in digest_ids],
             )
+            if clear_bounce:
+                db.executemany(
+                    "UPDATE subscriber_state SET bouncing_since = NULL, bounce_reason = NULL,"
+                    " updated_at = ? WHERE subscriber = (SELECT subscriber FROM digests"
+                    " WHERE id = ?) AND bouncing_since IS NOT NULL",
+                    [(now, digest_id) for digest_id in digest_ids],
+                )
 
     def mark_failed(self, digest_id: int, error: str, *, permanent: bool) -> None:
         """Record a failed delivery: permanent ends the day's digest, else it stays claimed."""

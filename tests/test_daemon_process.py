@@ -153,6 +153,37 @@ def test_kill_9_then_restart_repeats_and_loses_nothing(tmp_path: Path,
             "claimed at") in log and "resending it with the same Message-ID" in log
 
 
+def test_kill_9_during_a_concurrent_dispatch_repeats_at_most_what_was_in_flight(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """Marks are committed per turn of the event loop (issue 13): a kill -9 among four
+    sessions' deliveries loses nothing, and a second copy (same Message-ID) is possible
+    only for a digest whose 250 had just arrived: at most the deliveries in flight."""
+    server = smtp_server(delay=0.3)
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(30),
+                                 digest=FAST, smtp={"connections": 4})
+    with daemon_process(config, tmp_path / "first.log") as daemon:
+        wait_until(lambda: len(server.messages) >= 10, what="the dispatch under way")
+        daemon.signal(signal.SIGKILL)
+        assert daemon.wait_exit() == -signal.SIGKILL
+    time.sleep(0.5)
+    first = len(server.messages)
+    counts = store_counts(tmp_path)
+    assert counts["sent"] <= first <= counts["sent"] + counts["claimed"]  # no mark ahead
+    assert counts["claimed"] <= 8  # claims never run further ahead than the deliveries
+    with daemon_process(config, tmp_path / "second.log"):
+        wait_until(lambda: len({recipient(m.message) for m in server.messages}) >= 30,
+                   timeout=120, what="the rest of the digests")
+        time.sleep(0.5)
+    ids: dict[str, set[str]] = {}
+    for m in server.messages:
+        ids.setdefault(recipient(m.message), set()).add(str(m.message["Message-ID"]))
+    assert len(ids) == 30 and all(len(found) == 1 for found in ids.values())  # same ID
+    repeated = len(server.messages) - 30
+    assert repeated <= 8  # only deliveries that were in flight at the kill
+    assert store_counts(tmp_path) == Counter({"sent": 30})
+
+
 def test_a_second_sigterm_exits_at_once(tmp_path: Path, smtp_server: StartServer) -> None:
     server = smtp_server(delay=30)
     fill_inbox(tmp_path)

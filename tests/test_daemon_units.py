@@ -141,3 +141,39 @@ def test_each_queued_confirmation_is_its_own_unit(tmp_path: Path,
     assert left == []  # the two that failed for good are not tried again
     assert sorted(recipient(m.message) for m in server.messages if "Re:" in
                   str(m.message["Subject"])) == ["ann@example.org", "bob@example.org"]
+
+
+def test_marks_of_one_turn_of_the_event_loop_are_one_commit_made_before_the_next_turn(
+        tmp_path: Path) -> None:
+    """Issue 13: the deliveries whose 250 arrived together are marked sent in one commit,
+    made before the loop waits again; a bouncing address is cleared by its delivery."""
+    from datetime import date
+
+    from digest.daemon.jobs import SentMarks
+
+    with Store(tmp_path / "state.sqlite3") as store:
+        rows = [store.claim_digest(subscriber=f"r{n}@example.org", local_date=date(2026, 3, 2),
+                                   token=f"tok{n:04d}", message_id=f"<m{n}@example.org>",
+                                   considered=1, corpus_seq=1, message=b"Subject: x\r\n\r\nx\r\n",
+                                   items=[]) for n in range(5)]
+        ids = [row.id for row in rows if row is not None]
+        store.update_subscriber_state("r0@example.org", bouncing_since="2026-03-01T00:00:00Z",
+                                      bounce_reason="550 earlier")
+
+        async def turns() -> tuple[list[str], list[str], int]:
+            marks = SentMarks(store)
+            for digest_id in ids[:3]:  # three 250s handled in one turn
+                marks.add(digest_id)
+            during = [row.status for row in store.unsent_digests()]
+            await asyncio.sleep(0)  # the next turn: committed
+            after = [row.status for row in store.unsent_digests()]
+            marks.add(ids[3])
+            marks.flush()  # the end of a dispatch commits at once
+            return during, after, marks.commits
+
+        during, after, commits = asyncio.run(turns())
+        assert during == ["claimed"] * 5  # nothing committed in the turn itself
+        assert after == ["claimed"] * 2
+        assert commits == 2
+        assert [row.id for row in store.unsent_digests()] == [ids[4]]
+        assert not store.subscriber_state("r0@example.org").bouncing

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from hypothesis import given
+from hypothesis import strategies as st
 
 from digest.config import SmtpConfig, load_config
 from digest.errors import ConfigError, SendError
@@ -739,3 +741,68 @@ def test_send_bytes_rejected_after_data_is_a_message_error(tmp_path: Path) -> No
     finally:
         server.stop()
     assert mailer.unavailable is None
+
+
+
+async def send_staggered(mailer: Mailer, count: int, *, every: float) -> list[Any]:
+    """``count`` sends started one by one, ``every`` seconds apart, as claims arrive."""
+    async def one(n: int) -> Any:
+        await asyncio.sleep(n * every)
+        return await mailer.send_bytes(letter(n), recipients=[reader(n)])
+
+    return await asyncio.gather(*(one(n) for n in range(count)), return_exceptions=True)
+
+
+@pytest.mark.parametrize("connections", [8, 16])
+def test_a_pool_far_above_a_servers_cap_never_shrinks_below_the_sessions_open(
+        server_factory: Any, caplog: pytest.LogCaptureFixture, connections: int) -> None:
+    """Issue 13: [smtp] connections 8 or 16 against a relay that takes 2 sessions.
+
+    The sends start one at a time while both sessions are busy (a slow relay),
+    as a dispatch's deliveries do: each extra session is refused on its own.
+    Every refusal arrives while sessions of ours are open: crowding, so the
+    pool becomes the sessions the server took (never fewer), and every
+    message arrives.
+    """
+    server = server_factory(delay=0.2, cap=2)
+    count = 3 * connections
+
+    async def dispatch() -> tuple[list[Any], Mailer]:
+        async with Mailer(server.config(), connections=connections, **QUICK) as mailer:
+            results = await send_staggered(mailer, count, every=0.02)
+        return results, mailer
+
+    with caplog.at_level(logging.WARNING, logger="digest.mailer"):
+        results, mailer = run(dispatch())
+
+    assert results == [{}] * count
+    assert mailer.unavailable is None  # crowded, not down
+    assert server.copies() == Counter({reader(n): 1 for n in range(count)})
+    assert mailer.pool_size == 2  # the sessions it took, never fewer
+    assert server.handler.most_open == 2
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+_ATOM = st.text(alphabet="abcxyzABC0129!#$%&'*+/=?^_`{|}~-.@ \"<>()[]\\,;:é", min_size=1,
+                max_size=24)
+
+
+@given(address=st.one_of(
+    _ATOM, st.from_regex(r"[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9+_-]+)*@[a-z0-9-]+(\.[a-z]+)*",
+                         fullmatch=True)))
+def test_mail_and_rcpt_quote_an_address_exactly_as_aiosmtplib_does(address: str) -> None:
+    """The plain-address shortcut (issue 13: no parse per message) never changes the command
+    line nor lets through an address aiosmtplib refuses."""
+    import aiosmtplib.email
+
+    from digest.mailer import _quoted
+
+    try:
+        expected: str | type[ValueError] = aiosmtplib.email.quote_address(address)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: str | type[ValueError] = _quoted(address)
+    except ValueError:
+        got = ValueError
+    assert got == expected

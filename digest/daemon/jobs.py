@@ -214,6 +214,11 @@ class Outcome:
     digest_id: int | None = None
     shown: int = 0
     considered: int = 0
+    # The day an ``already-sent`` is about: a digest of it resent by this dispatch is counted
+    # by the resend's outcome instead (see ``_count_once``).
+    local_date: date | None = None
+    # Refused before the server accepted any address: tried once more after it has.
+    held_back: bool = False
 
 
 def _fit_and_warm(papers: Sequence[Paper], phrases: Sequence[str]) -> CorpusIndex:
@@ -327,7 +332,7 @@ def claim_batch(runtime: Runtime, batch: Sequence[Prepared]) -> list[DigestRow |
 
 
 async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow, recipient: str, *,
-                  shown: int | None = None) -> Outcome:
+                  shown: int | None = None, marks: SentMarks | None = None) -> Outcome:
     """Send a claimed digest and record the result; one subscriber's failure stays theirs.
 
     Marked sent right after the server's 250 (the only window in which a crash
@@ -338,7 +343,8 @@ async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow, recipient: s
     been claimed for longer than ``max_late``: then it is marked failed (its
     papers stay candidates for the next digest). ``recipient`` is the
     subscriber's address as configured; ``shown`` the digest's item count
-    (read from the store when not given).
+    (read from the store when not given). ``marks``: record the delivery with
+    the others of this turn of the event loop (one commit), else at once.
     """
     store = runtime.store
     if shown is None:
@@ -362,10 +368,12 @@ async def deliver(runtime: Runtime, mailer: Mailer, row: DigestRow, recipient: s
         elif not exc.session:  # a session failure is logged once, by the mailer
             log.warning("subscriber %s: digest of %s not sent yet, will retry: %s",
                         row.subscriber, row.local_date, exc)
-        return Outcome(row.subscriber, status, str(exc), row.id, shown, row.considered)
-    store.mark_sent(row.id)
-    if store.subscriber_state(row.subscriber).bouncing:
-        store.update_subscriber_state(row.subscriber, bouncing_since=None, bounce_reason=None)
+        return Outcome(row.subscriber, status, str(exc), row.id, shown, row.considered,
+                       held_back=exc.held_back and not give_up)
+    if marks is not None:
+        marks.add(row.id)
+    else:
+        store.mark_sent(row.id, clear_bounce=True)  # delivered: the address works
     log.info("subscriber %s: sent %d of %d papers (digest of %s)", row.subscriber, shown,
              row.considered, row.local_date)
     return Outcome(row.subscriber, "sent", "", row.id, shown, row.considered)
@@ -448,9 +456,11 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 await _claim_and_send(runtime, deliveries, batch, placed)
                 batch = []
 
+        pending: list[DigestRow] = []  # the claimed digests this dispatch resends
         try:
             if not dry_run:
-                await _resend_unsent(runtime, mailer, deliveries, subscribers, stopped)
+                pending = await _resend_unsent(runtime, mailer, deliveries, subscribers,
+                                               stopped, placed)
             settled = _Settled.read_or_none(runtime.store) if not force else None
             quick = await _quick_outcomes(settled, subscribers, now, runtime.config.max_late)
             # A worker may inherit a resend's SMTP socket: harmless, it never touches it and
@@ -489,11 +499,14 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 await take(*await _from_worker(runtime, workers, now))
             if batch:
                 await _claim_and_send(runtime, deliveries, batch, placed)
+            if not stopped():
+                await deliveries.retry_held_back(stopped)
         finally:
             if workers is not None:
                 await workers.close()
             placed.extend(await deliveries.drain())
-            outcomes.extend(outcome for _, outcome in sorted(placed, key=lambda p: p[0]))
+            outcomes.extend(outcome for _, outcome in sorted(_count_once(placed, pending),
+                                                             key=lambda p: p[0]))
         if not dry_run and mailer.unavailable is None and not stopped() and only_all(
                 runtime, subscribers):
             outcomes.extend(await send_confirmations(runtime, mailer, stop))
@@ -572,7 +585,9 @@ class _Settled:
         state = self.states.get(key) or SubscriberState(subscriber=key)
         verdict = judge(effective_subscriber(sub, state), state, self.newest.get(key), now,
                         max_late)
-        return Outcome(sub.email, verdict.status) if verdict.status in SETTLED else None
+        if verdict.status not in SETTLED:
+            return None
+        return Outcome(sub.email, verdict.status, local_date=verdict.local_date)
 
 
 # At most this many digests are claimed in one transaction (one commit for the batch). A
@@ -603,6 +618,58 @@ def _claim_each(runtime: Runtime, batch: list[tuple[int, Prepared]]
     return results
 
 
+class SentMarks:
+    """Digests the server took (its 250), marked sent together: one commit for a few.
+
+    A mark waits only for the end of the event loop's current turn: the
+    deliveries whose 250 arrived in the same turn add theirs, and the first
+    mark schedules one commit for all of them (``call_soon``), which runs
+    before the loop waits for the network again. So the span in which a
+    crash leaves a delivered digest claimed (resent after a restart, same
+    Message-ID) is still the one turn of the loop it always was, with no
+    await in between, while the commits go from one per message to one per
+    turn. A commit that fails (a full disk) keeps its marks pending (tried
+    again by the next commit) and is raised by the next ``add`` (ending the
+    dispatch, as a failed ``mark_sent`` did) or by ``flush``.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.pending: list[int] = []
+        self.commits = 0  # how many commits carried marks (for the tests and the curious)
+        self._scheduled = False
+        self._failure: BaseException | None = None
+
+    def add(self, digest_id: int) -> None:
+        """Mark ``digest_id`` sent at the end of this turn of the event loop.
+
+        Raises the failure of an earlier commit (its marks, and this one, stay pending).
+        """
+        self.pending.append(digest_id)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        try:
+            self.flush()
+        except (StoreError, sqlite3.Error) as exc:  # raised by the next add (or flush)
+            self._failure = exc
+
+    def flush(self) -> None:
+        """Commit the pending marks now (all or none); raises what the store raises."""
+        if not self.pending:
+            return
+        self.store.mark_sent_many(self.pending, clear_bounce=True)  # delivered: addresses work
+        self.pending = []
+        self._failure = None
+        self.commits += 1
+
+
 class Deliveries:
     """Claimed digests being sent concurrently, at most ``window`` at a time.
 
@@ -624,6 +691,9 @@ class Deliveries:
         self._tasks: set[asyncio.Task[Outcome | None]] = set()
         self._done: list[tuple[int, asyncio.Task[Outcome | None]]] = []
         self._places: dict[asyncio.Task[Outcome | None], int] = {}
+        # What each delivery in flight sends, kept past its end only when it was held back.
+        self._sending: dict[asyncio.Task[Outcome | None], tuple[DigestRow, str]] = {}
+        self.marks = SentMarks(runtime.store)
 
     @property
     def batch(self) -> int:
@@ -648,19 +718,53 @@ class Deliveries:
                                    name=f"deliver-{row.id}")
         self._tasks.add(task)
         self._places[task] = place
+        self._sending[task] = (row, recipient)
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[Outcome | None]) -> None:
         self._tasks.discard(task)
         self._done.append((self._places.pop(task), task))
         self._slots.release()
+        held_back = False
         if not task.cancelled() and task.exception() is None:
             outcome = task.result()
             self.accepted = self.accepted or (outcome is not None and outcome.status == "sent")
+            held_back = outcome is not None and outcome.held_back
+        if not held_back:
+            self._sending.pop(task, None)
         self.runtime.progress_at = time.monotonic()
         if not task.cancelled() and task.exception() is not None:
             for other in self._tasks:  # not a unit's own failure (the database): stop sending
                 other.cancel()
+
+    async def retry_held_back(self, stopped: Callable[[], bool]) -> None:
+        """Send once more the digests refused before the server accepted any address.
+
+        Waits for the deliveries in flight. When the server has accepted an
+        address since (and is still usable), those refusals are about the
+        addresses: each is sent again (its new outcome replaces the old one),
+        and a refusal now is final. Otherwise they stay claimed (``retry``).
+        """
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        if not self.accepted or self.mailer.unavailable is not None or stopped():
+            return
+        again: list[tuple[int, DigestRow, str, int]] = []
+        kept: list[tuple[int, asyncio.Task[Outcome | None]]] = []
+        for place, task in self._done:
+            sending = self._sending.pop(task, None)
+            outcome = task.result() if sending is not None else None
+            if sending is None or outcome is None:
+                kept.append((place, task))
+            else:
+                again.append((place, *sending, outcome.shown))
+        self._done = kept
+        for place, row, recipient, shown in again:
+            log.info("subscriber %s: the server accepts addresses now; the digest of %s, "
+                     "refused before it accepted any, is sent again", recipient, row.local_date)
+            await self.submit(place, row, recipient,
+                              deliver(self.runtime, self.mailer, row, recipient, shown=shown,
+                                      marks=self.marks))
 
     async def drain(self) -> list[tuple[int, Outcome]]:
         """Wait for every delivery in flight; their (place, outcome) pairs."""
@@ -677,21 +781,59 @@ class Deliveries:
             elif (outcome := task.result()) is not None:
                 outcomes.append((place, outcome))
         self._done.clear()
+        try:
+            self.marks.flush()  # every delivery that ended is marked before the dispatch ends
+        except (StoreError, sqlite3.Error):
+            if fatal is None:
+                raise
+            log.exception("dispatch: the digests sent could not be marked sent")
         if fatal is not None:
             raise fatal
         return outcomes
 
 
 async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliveries,
-                         subscribers: Sequence[Subscriber], stopped: Callable[[], bool]) -> None:
-    """Resend the digests left claimed (by this process, or by one that has stopped)."""
+                         subscribers: Sequence[Subscriber], stopped: Callable[[], bool],
+                         placed: list[tuple[int, Outcome]]) -> list[DigestRow]:
+    """Resend the digests left claimed (by this process, or by one that has stopped).
+
+    Returns the rows of this dispatch's subscribers looked at. Those not tried
+    (the server went away, or the dispatch is stopping) get a ``retry``
+    outcome in ``placed``: they stay claimed and are resent next time.
+    """
     wanted = {s.email.lower(): s.email for s in subscribers}
-    for row in runtime.store.unsent_digests():
+    rows = [row for row in runtime.store.unsent_digests() if row.subscriber in wanted]
+    for row in rows:
         if stopped() or mailer.unavailable is not None:
-            break
-        if row.subscriber in wanted:
-            await deliveries.submit(0, row, row.subscriber,
-                                    _resend(runtime, mailer, row, wanted[row.subscriber]))
+            reason = _reason(mailer.unavailable) if mailer.unavailable is not None else \
+                "the dispatch is stopping"
+            placed.append((0, Outcome(row.subscriber, "retry", reason, row.id,
+                                      considered=row.considered)))
+            continue
+        await deliveries.submit(0, row, row.subscriber,
+                                _resend(runtime, mailer, row, wanted[row.subscriber],
+                                        deliveries.marks))
+    return rows
+
+
+def _count_once(placed: list[tuple[int, Outcome]],
+                pending: Sequence[DigestRow]) -> list[tuple[int, Outcome]]:
+    """The outcomes without the ``already-sent`` of a day whose claimed digest was resent.
+
+    A digest left claimed makes its day look sent to ``due``; the resend's own
+    outcome (sent, retry, failed, ...) is what happened to it, so the day is
+    counted once, in that bucket (issue 13). A resend that left the claim to
+    its living owner (no outcome) keeps the ``already-sent``.
+    """
+    days = {row.id: (row.subscriber, row.local_date) for row in pending}
+    resent: dict[str, date] = {}
+    for _, outcome in placed:
+        if outcome.digest_id in days and outcome.status != "already-sent":
+            who, day = days[outcome.digest_id]
+            resent[who] = max(day, resent.get(who, day))
+    return [(place, outcome) for place, outcome in placed
+            if not (outcome.status == "already-sent" and outcome.local_date is not None
+                    and resent.get(outcome.subscriber.lower(), date.min) >= outcome.local_date)]
 
 
 async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
@@ -715,14 +857,16 @@ async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
         if isinstance(row, Outcome):
             placed.append((place, row))
         elif row is None:
-            placed.append((place, Outcome(email, "already-sent")))
+            placed.append((place, Outcome(email, "already-sent",
+                                          local_date=prepared.local_date)))
         elif mailer.unavailable is not None:
             placed.append((place, Outcome(email, "retry", _reason(mailer.unavailable), row.id,
                                           len(prepared.content.items),
                                           prepared.content.considered)))
         else:
             await deliveries.submit(place, row, email, deliver(
-                runtime, mailer, row, email, shown=len(prepared.content.items)))
+                runtime, mailer, row, email, shown=len(prepared.content.items),
+                marks=deliveries.marks))
 
 
 def only_all(runtime: Runtime, subscribers: Sequence[Subscriber]) -> bool:
@@ -795,11 +939,12 @@ async def _send_claimed(mailer: Mailer, row: DigestRow, recipient: str) -> None:
     wrote UTF-8 headers for such a recipient, and only for one.
     """
     await mailer.send_bytes(row.message, recipients=[recipient],
-                            smtputf8=not recipient.isascii())
+                            smtputf8=not recipient.isascii(), label=row.message_id,
+                            tried_before=row.attempts > 0)
 
 
 async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow,
-                  recipient: str) -> Outcome | None:
+                  recipient: str, marks: SentMarks | None = None) -> Outcome | None:
     """A digest claimed and not marked sent: resend the stored bytes (same Message-ID).
 
     Only by its owner, or, when another process claimed it, once that owner is
@@ -824,7 +969,7 @@ async def _resend(runtime: Runtime, mailer: Mailer, row: DigestRow,
         return Outcome(row.subscriber, "unsubscribed", "", row.id)
     log.info("subscriber %s: resending the digest of %s (claimed at %s, %s)", row.subscriber,
              row.local_date, row.claimed_at, row.message_id)
-    return await deliver(runtime, mailer, row, recipient)
+    return await deliver(runtime, mailer, row, recipient, marks=marks)
 
 
 @dataclass(frozen=True)
@@ -877,7 +1022,7 @@ async def _judge_one(runtime: Runtime, sub: Subscriber, now: datetime, force: bo
                         _when(verdict.scheduled), _hours(runtime.config.max_late))
         return Outcome(sub.email, "late")
     if verdict.status != "due":
-        return Outcome(sub.email, verdict.status)
+        return Outcome(sub.email, verdict.status, local_date=verdict.local_date)
     empty_key = (sub.email.lower(), verdict.local_date)
     if not sub.send_empty and runtime.empty_days.get(empty_key) == runtime.store.corpus_seq():
         return Outcome(sub.email, "empty")  # nothing was added since we last looked
