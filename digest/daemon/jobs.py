@@ -114,6 +114,10 @@ class Runtime:
     # The papers after the lowest "since" a subscriber asked for, read once per corpus
     # version and shared: (corpus_seq, since_seq, seqs, papers); see ``papers_after``.
     _recent: tuple[int, int, list[int], list[Paper]] | None = None
+    # A config a SIGHUP loaded and validated while a dispatch runs, applied in full once it
+    # ends: meanwhile the dispatch claims nobody it removed or no longer finds due (see
+    # ``reloaded_verdict``). None when no reload waits.
+    reloaded: Config | None = None
     last_dispatch: str = ""  # one line about the last dispatch, for systemd's STATUS=
     progress_at: float = 0.0  # time.monotonic() of the last subscriber a dispatch finished
 
@@ -445,7 +449,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             elif result is not None:
                 placed.append((place, result))
             if len(batch) >= deliveries.batch or (batch and deliveries.idle):
-                await _claim_and_send(runtime, deliveries, batch, placed)
+                await _claim_and_send(runtime, deliveries, batch, placed, now=now, force=force)
                 batch = []
 
         try:
@@ -466,6 +470,12 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 if (known := quick[place - 1]) is not None:
                     placed.append((place, known))
                     continue
+                if runtime.reloaded is not None:  # a SIGHUP meanwhile: its definition counts
+                    reloaded = runtime.reloaded.subscriber(sub.email)
+                    if reloaded is None:
+                        placed.append((place, _removed(sub.email)))
+                        continue
+                    sub = reloaded
                 if mailer.unavailable is not None:
                     placed.append((place, Outcome(sub.email, "deferred",
                                                   _reason(mailer.unavailable))))
@@ -488,7 +498,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             while workers is not None and workers.outstanding and not stopped():
                 await take(*await _from_worker(runtime, workers, now))
             if batch:
-                await _claim_and_send(runtime, deliveries, batch, placed)
+                await _claim_and_send(runtime, deliveries, batch, placed, now=now, force=force)
         finally:
             if workers is not None:
                 await workers.close()
@@ -499,6 +509,52 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             outcomes.extend(await send_confirmations(runtime, mailer, stop))
     _after_dispatch(runtime, mailer, outcomes, now)
     return outcomes
+
+
+def _removed(email: str) -> Outcome:
+    log.info("subscriber %s: not in the reloaded config; no digest is sent", email)
+    return Outcome(email, "removed")
+
+
+def reloaded_verdict(runtime: Runtime, email: str, now: datetime, force: bool) -> Outcome | None:
+    """After a reload during the dispatch, whether a digest prepared before it may still go.
+
+    None when it may (no reload waits, or the subscriber is still in the
+    reloaded config and due by its definition and their current state);
+    else the outcome instead: ``removed``, or what ``due`` says (``paused``,
+    ``unsubscribed``, ``not-due`` ...). A query or two per digest, only while
+    a reload waits for the dispatch to end.
+    """
+    config = runtime.reloaded
+    if config is None:
+        return None
+    sub = config.subscriber(email)
+    if sub is None:
+        return _removed(email)
+    verdict = due(runtime, effective_subscriber(sub, runtime.store.subscriber_state(email)),
+                  now, force=force)
+    if verdict.status == "due":
+        return None
+    log.info("subscriber %s: %s by the reloaded config; the digest prepared before the "
+             "reload is not sent", email, verdict.status)
+    return Outcome(email, verdict.status)
+
+
+def _still_wanted(runtime: Runtime, batch: list[tuple[int, Prepared]],
+                  placed: list[tuple[int, Outcome]], now: datetime,
+                  force: bool) -> list[tuple[int, Prepared]]:
+    """The batch less the digests a reload during the dispatch took back (their outcome
+    goes to ``placed``): checked right before the claim, so none of them is claimed."""
+    if runtime.reloaded is None:
+        return batch
+    kept: list[tuple[int, Prepared]] = []
+    for place, prepared in batch:
+        instead = reloaded_verdict(runtime, prepared.subscriber.email, now, force)
+        if instead is None:
+            kept.append((place, prepared))
+        else:
+            placed.append((place, instead))
+    return kept
 
 
 async def _quick_outcomes(settled: _Settled | None, subscribers: Sequence[Subscriber],
@@ -696,15 +752,21 @@ async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliverie
 
 async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
                           batch: list[tuple[int, Prepared]],
-                          placed: list[tuple[int, Outcome]]) -> None:
+                          placed: list[tuple[int, Outcome]], *, now: datetime | None = None,
+                          force: bool = False) -> None:
     """Claim a batch of prepared digests in one transaction, then start sending each.
 
     A digest whose day another process claimed meanwhile is ``already-sent``.
     When the mail server went away after the claim, the claimed digests wait
-    for the next dispatch (``retry``), which resends the same bytes.
+    for the next dispatch (``retry``), which resends the same bytes. After a
+    reload during the dispatch, the digests it took back are not claimed
+    (``reloaded_verdict``; ``now`` and ``force`` are the dispatch's).
     """
     mailer = deliveries.mailer
     await deliveries.room(len(batch))
+    batch = _still_wanted(runtime, batch, placed, now or utc_now(), force)
+    if not batch:
+        return
     if mailer.unavailable is not None:  # the server went away meanwhile: claim nothing
         placed.extend((place, Outcome(prepared.subscriber.email, "deferred",
                                       _reason(mailer.unavailable)))
