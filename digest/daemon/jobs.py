@@ -210,7 +210,7 @@ class Prepared:
     corpus_seq: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per subscriber per dispatch: no __dict__ each
 class Outcome:
     subscriber: str
     status: str  # sent | failed | retry | dry-run | empty | not-due | already-sent | late ...
@@ -455,8 +455,8 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
         try:
             if not dry_run:
                 await _resend_unsent(runtime, mailer, deliveries, subscribers, stopped)
-            settled = _Settled.read_or_none(runtime.store) if not force else None
-            quick = await _quick_outcomes(settled, subscribers, now, runtime.config.max_late)
+            quick = await _quick_statuses(runtime.store, subscribers, now,
+                                          runtime.config.max_late, force)
             # A worker may inherit a resend's SMTP socket: harmless, it never touches it and
             # ends (``close`` below) before the mailer closes its sessions.
             # Not for a dispatch that is stopping, nor one whose server already went away
@@ -468,7 +468,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 if stopped():
                     break
                 if (known := quick[place - 1]) is not None:
-                    placed.append((place, known))
+                    placed.append((place, Outcome(sub.email, known)))
                     continue
                 if runtime.reloaded is not None:  # a SIGHUP meanwhile: its definition counts
                     reloaded = runtime.reloaded.subscriber(sub.email)
@@ -557,25 +557,39 @@ def _still_wanted(runtime: Runtime, batch: list[tuple[int, Prepared]],
     return kept
 
 
-async def _quick_outcomes(settled: _Settled | None, subscribers: Sequence[Subscriber],
-                          now: datetime, max_late: timedelta) -> list[Outcome | None]:
-    """Per subscriber, the outcome the bulk reads settle, or None (to be looked at closely).
+# Subscribers judged per pair of bulk reads (``_Settled``): the rows of this many at a
+# time are all a dispatch holds of them, whatever the subscriber count.
+SETTLE_CHUNK = 1000
 
-    Counted before the loop, to decide whether the dispatch is worth a worker;
-    the event loop gets a turn every thousand subscribers.
+
+async def _quick_statuses(store: Store, subscribers: Sequence[Subscriber], now: datetime,
+                          max_late: timedelta, force: bool) -> list[str | None]:
+    """Per subscriber, the status the bulk reads settle (one of ``SETTLED``), or None (to be
+    looked at closely).
+
+    Counted before the loop, to decide whether the dispatch is worth a worker.
+    Read and judged ``SETTLE_CHUNK`` subscribers at a time, the event loop
+    getting a turn after each chunk; what stays is one shared status string
+    (or None) per subscriber, 8 bytes in the list. ``force`` settles nobody.
     """
-    if settled is None:
+    if force:
         return [None] * len(subscribers)
-    quick: list[Outcome | None] = []
-    for n, sub in enumerate(subscribers, start=1):
-        quick.append(settled.outcome(sub, now, max_late))
-        if n % 1000 == 0:
-            await asyncio.sleep(0)
+    quick: list[str | None] = []
+    warned = False
+    for start in range(0, len(subscribers), SETTLE_CHUNK):
+        chunk = subscribers[start:start + SETTLE_CHUNK]
+        settled = _Settled.read_or_none(store, [sub.email for sub in chunk], warn=not warned)
+        if settled is None:
+            warned = True
+            quick.extend([None] * len(chunk))
+        else:
+            quick.extend(settled.status(sub, now, max_late) for sub in chunk)
+        await asyncio.sleep(0)
     return quick
 
 
 def _to_prepare(runtime: Runtime, subscribers: Sequence[Subscriber],
-                quick: list[Outcome | None]) -> int:
+                quick: list[str | None]) -> int:
     """About how many digests this dispatch will prepare: those not settled by the bulk
     reads, less those whose day had no new papers at this corpus version (a day without a
     listing keeps thousands due and empty for hours: no worker is forked for them)."""
@@ -605,11 +619,13 @@ class _Settled:
     newest: dict[str, date]  # each subscriber's newest digest's local date, any status
 
     @classmethod
-    def read_or_none(cls, store: Store) -> _Settled | None:
-        """Both reads, or None when a row cannot be read (each subscriber is then looked at
-        alone, so a damaged row fails only its subscriber); an unusable database raises."""
+    def read_or_none(cls, store: Store, emails: Sequence[str], *,
+                     warn: bool = True) -> _Settled | None:
+        """Both reads for these subscribers, or None when a row cannot be read (each of them
+        is then looked at alone, so a damaged row fails only its subscriber; ``warn``: say
+        so in the log); an unusable database raises."""
         try:
-            return cls(store.all_subscriber_states(), store.newest_digest_dates())
+            return cls(store.all_subscriber_states(emails), store.newest_digest_dates(emails))
         except StoreWriteError:
             raise
         except FATAL_ERRORS as exc:
@@ -617,18 +633,19 @@ class _Settled:
             reason = _exc_reason(exc)
         except (ValueError, TypeError, KeyError) as exc:  # a damaged row: bad JSON, a bad date
             reason = _exc_reason(exc)
-        log.warning("dispatch: the subscriber states cannot all be read at once (%s); each "
-                    "subscriber is looked at alone", reason)
+        if warn:
+            log.warning("dispatch: the subscriber states cannot all be read at once (%s); "
+                        "each subscriber is looked at alone", reason)
         return None
 
-    def outcome(self, sub: Subscriber, now: datetime, max_late: timedelta) -> Outcome | None:
+    def status(self, sub: Subscriber, now: datetime, max_late: timedelta) -> str | None:
         """``unsubscribed``, ``paused``, ``not-due`` or ``already-sent``, or None: look closer
         (``due`` and ``late`` are judged again from the current rows)."""
         key = sub.email.lower()
         state = self.states.get(key) or SubscriberState(subscriber=key)
         verdict = judge(effective_subscriber(sub, state), state, self.newest.get(key), now,
                         max_late)
-        return Outcome(sub.email, verdict.status) if verdict.status in SETTLED else None
+        return verdict.status if verdict.status in SETTLED else None
 
 
 # At most this many digests are claimed in one transaction (one commit for the batch). A
@@ -678,7 +695,10 @@ class Deliveries:
         self.accepted = False
         self._slots = asyncio.Semaphore(window)
         self._tasks: set[asyncio.Task[Outcome | None]] = set()
-        self._done: list[tuple[int, asyncio.Task[Outcome | None]]] = []
+        # Ended deliveries' (place, outcome), kept until ``drain``: the outcome alone, not
+        # its task (a task and its coroutine are ~1 KB; a dispatch ends 100,000 of them).
+        self._done: list[tuple[int, Outcome]] = []
+        self._fatal: BaseException | None = None  # the first failure not a unit's own
         self._places: dict[asyncio.Task[Outcome | None], int] = {}
 
     @property
@@ -708,31 +728,28 @@ class Deliveries:
 
     def _finished(self, task: asyncio.Task[Outcome | None]) -> None:
         self._tasks.discard(task)
-        self._done.append((self._places.pop(task), task))
+        place = self._places.pop(task)
         self._slots.release()
-        if not task.cancelled() and task.exception() is None:
-            outcome = task.result()
-            self.accepted = self.accepted or (outcome is not None and outcome.status == "sent")
         self.runtime.progress_at = time.monotonic()
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self._fatal = self._fatal or error
             for other in self._tasks:  # not a unit's own failure (the database): stop sending
                 other.cancel()
+            return
+        outcome = task.result()
+        if outcome is not None:
+            self._done.append((place, outcome))
+            self.accepted = self.accepted or outcome.status == "sent"
 
     async def drain(self) -> list[tuple[int, Outcome]]:
         """Wait for every delivery in flight; their (place, outcome) pairs."""
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-        outcomes: list[tuple[int, Outcome]] = []
-        fatal: BaseException | None = None
-        for place, task in self._done:
-            if task.cancelled():
-                continue
-            error = task.exception()
-            if error is not None:
-                fatal = fatal or error
-            elif (outcome := task.result()) is not None:
-                outcomes.append((place, outcome))
-        self._done.clear()
+        outcomes, self._done = self._done, []
+        fatal, self._fatal = self._fatal, None
         if fatal is not None:
             raise fatal
         return outcomes
