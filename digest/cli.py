@@ -959,6 +959,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
     try:
+        if args.command == "bench":
+            return _run_bench(args)
         return int(args.func(args))
     except DigestError as exc:
         print(f"Error: {exc}", file=sys.stderr)
@@ -971,6 +973,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # what it wanted. Point stdout at /dev/null so the flush at exit cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    """A ``bench`` command: SIGINT or SIGTERM ends its helper processes, removes its
+    temporary folder and exits 130 or 143 with one line (no traceback)."""
+    from .bench.interrupt import BenchInterrupted, stoppable
+
+    try:
+        with stoppable():
+            return int(args.func(args))
+    except BenchInterrupted as stop:
+        print(f"Interrupted ({stop}): the benchmark's helper processes were ended and its "
+              "temporary files removed.", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -267,7 +267,7 @@ class RankingConfig:
     half_life_days: float = DEFAULT_HALF_LIFE_DAYS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 100,000 of them in a config: no __dict__ each
 class Subscriber:
     email: str
     name: str
@@ -304,7 +304,10 @@ class Config:
     def __post_init__(self) -> None:
         by_email: dict[str, Subscriber] = {}
         for sub in self.subscribers:
-            by_email.setdefault(sub.email.lower(), sub)  # the first one, as a scan would find
+            key = sub.email.lower()
+            if key == sub.email:  # the address's own string, not a second copy of it
+                key = sub.email
+            by_email.setdefault(key, sub)  # the first one, as a scan would find
         object.__setattr__(self, "_by_email", by_email)
 
     def subscriber(self, email: str) -> Subscriber | None:
@@ -1291,6 +1294,7 @@ def _parse_subscribers(
     shared = {"email": None, "name": None, **inherited}
     known = SUBSCRIBER_KEYS.keys()
     checked: dict[tuple[str, type, Any], Any] = {}  # (key, type, value) -> its checked value
+    phrases: dict[str, str] = {}  # each checked phrase once: interests repeat across a group
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "email" not in item or not item.keys() <= known:
             _subscriber_error(file, i, item, base)
@@ -1302,6 +1306,14 @@ def _parse_subscribers(
                     if memo not in checked:
                         checked[memo] = SUBSCRIBER_KEYS[name].check(raw, base)
                     values[name] = checked[memo]
+                elif name in _PHRASE_LISTS and _all_strings(raw):
+                    # The same list of interests is checked once and shared (a group's
+                    # subscribers often have one), each phrase stored once per load.
+                    listed = (name, tuple, tuple(raw))
+                    if listed not in checked:
+                        checked[listed] = tuple(phrases.setdefault(phrase, phrase) for phrase
+                                                in SUBSCRIBER_KEYS[name].check(raw, base))
+                    values[name] = checked[listed]
                 else:
                     values[name] = SUBSCRIBER_KEYS[name].check(raw, base)
         except _Bad:
@@ -1321,6 +1333,11 @@ def _parse_subscribers(
 # zones and send times): each distinct value is checked once per load.
 _REPEATING = frozenset(("timezone", "send_at", "max_papers", "send_empty"))
 _HASHABLE = (str, int, float, time_of_day)  # what TOML gives those keys (a list is not)
+_PHRASE_LISTS = frozenset(("interests", "seed_papers"))  # lists of strings, memoised as tuples
+
+
+def _all_strings(raw: Any) -> bool:
+    return isinstance(raw, list) and all(type(entry) is str for entry in raw)
 
 
 def _subscriber_error(file: str, i: int, item: Any, base: Path) -> NoReturn:

@@ -375,6 +375,16 @@ class SubscriberState:
         return self.bouncing_since is not None
 
 
+# Addresses per ``IN (...)`` query: well under SQLite's limit on bound parameters.
+IN_CHUNK = 500
+
+
+def _in_chunks(subscribers: Sequence[str]) -> Iterator[list[str]]:
+    """The lower-cased addresses, ``IN_CHUNK`` at a time."""
+    for start in range(0, len(subscribers), IN_CHUNK):
+        yield [email.lower() for email in subscribers[start:start + IN_CHUNK]]
+
+
 _STATE_FIELDS = ("paused", "paused_until", "unsubscribed_at", "send_at", "max_papers",
                  "interests_added", "interests_removed", "bouncing_since", "bounce_reason")
 
@@ -786,12 +796,22 @@ class Store:
             " GROUP BY subscriber")
         return {row[0]: int(row[1]) for row in rows}
 
-    def newest_digest_dates(self) -> dict[str, date]:
+    def newest_digest_dates(self, subscribers: Sequence[str] | None = None) -> dict[str, date]:
         """Every subscriber's newest digest's local date, whatever its status
-        (``digests_of(s, limit=1)[0].local_date`` for all at once)."""
-        rows = self._db.execute("SELECT subscriber, MAX(local_date) FROM digests"
-                                " GROUP BY subscriber")
-        return {row[0]: date.fromisoformat(row[1]) for row in rows}
+        (``digests_of(s, limit=1)[0].local_date`` for all at once), keyed by lower-cased
+        address; only those of ``subscribers`` (addresses, any case) when given, so a
+        dispatch reads them a bounded chunk at a time."""
+        if subscribers is None:
+            rows = self._db.execute("SELECT subscriber, MAX(local_date) FROM digests"
+                                    " GROUP BY subscriber")
+            return {row[0]: date.fromisoformat(row[1]) for row in rows}
+        found: dict[str, date] = {}
+        for chunk in _in_chunks(subscribers):
+            rows = self._db.execute(
+                "SELECT subscriber, MAX(local_date) FROM digests WHERE subscriber IN"
+                f" ({', '.join('?' * len(chunk))}) GROUP BY subscriber", chunk)
+            found.update((row[0], date.fromisoformat(row[1])) for row in rows)
+        return found
 
     def first_seq_since(self, moment: datetime) -> int:
         """The seq just before the first paper ingested at or after ``moment``."""
@@ -1179,9 +1199,19 @@ class Store:
                                (subscriber.lower(),)).fetchone()
         return _state(row) if row else SubscriberState(subscriber.lower())
 
-    def all_subscriber_states(self) -> dict[str, SubscriberState]:
-        rows = self._db.execute("SELECT * FROM subscriber_state")
-        return {row["subscriber"]: _state(row) for row in rows}
+    def all_subscriber_states(self, subscribers: Sequence[str] | None = None
+                              ) -> dict[str, SubscriberState]:
+        """The reply-set states stored, keyed by lower-cased address (a subscriber without
+        a row has none); only those of ``subscribers`` (addresses, any case) when given."""
+        if subscribers is None:
+            rows = self._db.execute("SELECT * FROM subscriber_state")
+            return {row["subscriber"]: _state(row) for row in rows}
+        found: dict[str, SubscriberState] = {}
+        for chunk in _in_chunks(subscribers):
+            rows = self._db.execute("SELECT * FROM subscriber_state WHERE subscriber IN"
+                                    f" ({', '.join('?' * len(chunk))})", chunk)
+            found.update((row["subscriber"], _state(row)) for row in rows)
+        return found
 
     def update_subscriber_state(
         self, subscriber: str, *, db: sqlite3.Connection | None = None, **changes: object

@@ -236,3 +236,41 @@ def test_replies_are_read_while_the_daemon_runs(tmp_path: Path,
     with Store(tmp_path / "var" / "state.sqlite3") as store:
         assert [row.signal for row in store.latest_feedback("reader00@example.org")] == ["like"]
     assert "replies: 1 reply read from maildir" in daemon.log()
+
+
+def test_a_reload_during_a_dispatch_stops_sending_to_removed_subscribers(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """A SIGHUP during a long dispatch applies to the rest of it: the subscribers the new
+    config removes get no digest (the one in flight finishes); a bad config is rejected
+    with one line and changes nothing."""
+    server = smtp_server(delay=120)  # the first digest waits at DATA until set_delay(0)
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(40),
+                                 digest=FAST, smtp={"connections": 1})
+    with daemon_process(config, tmp_path / "daemon.log") as daemon:
+        wait_until(lambda: server.data_commands >= 1, timeout=120, what="the dispatch under way")
+        good = config.read_text()
+        config.write_text(good.replace('timezone = "UTC"', 'timezone = "Mars/Olympus"'))
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: "reload rejected" in daemon.log(), what="the rejected reload")
+        write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(20),
+                            digest=FAST, smtp={"connections": 1})
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: "applies to the rest of the dispatch" in daemon.log(),
+                   what="the reload during the dispatch")
+        server.set_delay(0)
+        wait_until(lambda: "config reloaded: 20 subscribers" in daemon.log(), timeout=120,
+                   what="the reload applied once the dispatch ended")
+        time.sleep(0.5)  # a few more ticks: nothing more is sent
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+        log = daemon.log()
+    copies = Counter(recipient(m.message) for m in server.messages)
+    assert copies == {sub["email"]: 1 for sub in subscribers(20)}, log
+    assert log.count("reload rejected") == 1
+    assert "removed: " + ", ".join(s["email"] for s in subscribers(20, first=20)) in log
+    assert "subscriber reader39@example.org: not in the reloaded config; no digest is sent" \
+        in log
+    with Store(tmp_path / "var" / "state.sqlite3") as store:  # nobody removed was claimed
+        assert [store.digests_of(sub["email"]) for sub in subscribers(20, first=20)] == [[]] * 20
+    assert "Traceback" not in log

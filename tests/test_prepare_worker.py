@@ -367,3 +367,45 @@ def test_no_worker_is_forked_for_a_day_known_to_have_no_new_papers(
     assert caplog.text.count("prepare worker(s) for") == 2
     assert len(server.messages) == 12
     sim.close()
+
+
+# Starts one worker and waits for a first answer (its signal handlers are in place), sends it
+# SIGINT, then asks again: prints "answered" when the worker lived through the SIGINT,
+# "died" when the job came back unanswered.
+_SIGINT_SCRIPT = """
+import asyncio, os, signal, time
+from digest.daemon.prepare_worker import PrepareWorkers
+
+async def main():
+    workers = PrepareWorkers(lambda job: job + 1, lambda: None, count=1)
+    workers.start()
+    try:
+        workers.submit(0, 1)
+        assert (await workers.next())[2] == 2
+        os.kill(workers.pids[0], signal.SIGINT)
+        time.sleep(0.5)
+        workers.submit(1, 41)
+        _, _, answer = await workers.next()
+        print("answered" if answer == 42 else "died", flush=True)
+    finally:
+        await workers.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("ignored", [True, False])
+def test_a_sigint_the_parent_ignores_stays_ignored_in_the_worker(ignored: bool) -> None:
+    """Started with SIGINT ignored (nohup-style wrappers, ``trap '' INT``), the worker lives
+    through a SIGINT and answers; otherwise a SIGINT ends it (its job comes back unanswered)."""
+    import subprocess
+    import sys
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    done = subprocess.run([sys.executable, "-c", _SIGINT_SCRIPT], capture_output=True,
+                          text=True, timeout=60, check=False,
+                          preexec_fn=ignore_sigint if ignored else None)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("answered" if ignored else "died"), done.stderr

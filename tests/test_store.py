@@ -202,6 +202,24 @@ def test_the_bulk_reads_answer_what_the_lookups_answer(store: Store) -> None:
         READERS[0], store.subscriber_state(READERS[0]))
 
 
+def test_the_bulk_reads_for_some_subscribers_answer_as_for_all(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A dispatch reads them a chunk of subscribers at a time (any case; some unknown).
+    import digest.store as store_module
+
+    monkeypatch.setattr(store_module, "IN_CHUNK", 2)
+    store.update_subscriber_state(READERS[1], paused=True)
+    store.update_subscriber_state(READERS[3], max_papers=4)
+    asked = [READERS[1].upper(), "nobody@example.org", READERS[2], READERS[3]]
+    wanted = {email.lower() for email in asked}
+    assert store.newest_digest_dates(asked) == {
+        k: v for k, v in store.newest_digest_dates().items() if k in wanted}
+    assert store.all_subscriber_states(asked) == {
+        k: v for k, v in store.all_subscriber_states().items() if k in wanted}
+    assert set(store.all_subscriber_states(asked)) == {READERS[1], READERS[3]}
+    assert store.newest_digest_dates([]) == {} and store.all_subscriber_states([]) == {}
+
+
 def test_migration_9_moves_the_messages_and_keeps_every_digest(tmp_path: Path) -> None:
     path = tmp_path / "v8.sqlite3"
     db = sqlite3.connect(path, isolation_level=None)

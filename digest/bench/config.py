@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DigestError
+from .interrupt import ignore_sigint, start_helper
 
 BASELINE_SUBSCRIBERS = 1000  # the issue's baseline size, measured in the same run
 DOMAIN = "bench.example.org"
@@ -76,6 +77,7 @@ def write_bench_config(folder: Path, subscribers: int, *, seed: int = 13) -> Pat
 def _load_once(conn: Connection, path: str) -> None:
     """Child process: load the config once; send (seconds, CPU seconds, subscribers, peak RSS
     KiB) or an error."""
+    ignore_sigint()  # a Ctrl-C is the benchmark's to handle: it ends this process
     from ..config import load_config
     from ..errors import ConfigError
 
@@ -95,7 +97,7 @@ def _measure(path: Path) -> tuple[float, float, int, float]:
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no warm caches
     parent, child = context.Pipe(duplex=False)
     process = context.Process(target=_load_once, args=(child, str(path)), daemon=True)
-    process.start()
+    start_helper(process)
     child.close()
     try:
         answer: Any = parent.recv()

@@ -25,6 +25,7 @@ from typing import Any
 from ..errors import DigestError
 from ..paper import Paper
 from ..rank import CORPUS_FIT, UNBOUNDED_FIT, CorpusIndex, FitBounds
+from .interrupt import ignore_sigint, start_helper
 from .options import DEFAULT_CORPUS_METHODS
 from .quality import load_dataset
 
@@ -100,6 +101,7 @@ def measure_fit(papers: Sequence[Paper], bounds: FitBounds) -> dict[str, float]:
 
 def _child(dataset_dir: str, bounds: FitBounds, repeat: int, out: Any) -> None:
     """One run in a fresh process: load, then measure only the fit."""
+    ignore_sigint()  # a Ctrl-C is the benchmark's to handle: it ends this process
     try:
         papers = repeated(load_dataset(dataset_dir).papers, repeat)
         out.send(("ok", measure_fit(papers, bounds)))
@@ -111,7 +113,7 @@ def _run_fresh(dataset_dir: str, bounds: FitBounds, repeat: int) -> dict[str, fl
     context = multiprocessing.get_context("spawn")  # nothing inherited: the fit's memory alone
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(dataset_dir, bounds, repeat, send))
-    process.start()
+    start_helper(process)
     send.close()
     try:
         status, value = receive.recv()

@@ -65,6 +65,7 @@ from zoneinfo import ZoneInfo
 from tqdm import tqdm
 
 from ..errors import DigestError
+from .interrupt import ignore_sigint, start_helper
 from .lean_smtp import LeanSmtpThread, Recorder
 
 if TYPE_CHECKING:  # the sink process imports this module: it stays light
@@ -350,6 +351,7 @@ class _CountingHandler:
 
 def _sink_main(conn: Connection, port: int, kind: str) -> None:
     """The sink process: listen on ``port``, answer "counts", "reset" and "stop" on ``conn``."""
+    ignore_sigint()  # a Ctrl-C is the benchmark's to handle: it ends this process
     recorder = Recorder()
     server: Any
     if kind == "lean":
@@ -397,7 +399,7 @@ class SmtpSink:
                                         name="bench-smtp-sink", daemon=True)
 
     def start(self) -> None:
-        self._process.start()
+        start_helper(self._process)
         if not self._conn.poll(SINK_START_TIMEOUT):
             self.stop()
             raise DigestError(f"bench dispatch: the SMTP sink did not start within "
@@ -563,6 +565,7 @@ def peak_rss_mb() -> float:
 def _dispatch_main(conn: Connection, config_path: str, now_iso: str,
                    prepare_workers: int | None = None) -> None:
     """The dispatch process: load the config, dispatch once as the daemon does, report."""
+    ignore_sigint()  # a Ctrl-C is the benchmark's to handle: it ends this process
     try:
         conn.send(_dispatch_once(Path(config_path), datetime.fromisoformat(now_iso),
                                  prepare_workers))
@@ -639,7 +642,7 @@ def run_dispatch_process(config_path: Path, now: datetime,
     process = context.Process(target=_dispatch_main, args=(sender, str(config_path),
                                                            now.isoformat(), prepare_workers),
                               name="bench-dispatch")
-    process.start()
+    start_helper(process)
     sender.close()
     try:
         result: dict[str, Any] = receiver.recv()

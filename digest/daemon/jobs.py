@@ -114,6 +114,10 @@ class Runtime:
     # The papers after the lowest "since" a subscriber asked for, read once per corpus
     # version and shared: (corpus_seq, since_seq, seqs, papers); see ``papers_after``.
     _recent: tuple[int, int, list[int], list[Paper]] | None = None
+    # A config a SIGHUP loaded and validated while a dispatch runs, applied in full once it
+    # ends: meanwhile the dispatch claims nobody it removed or no longer finds due (see
+    # ``reloaded_verdict``). None when no reload waits.
+    reloaded: Config | None = None
     last_dispatch: str = ""  # one line about the last dispatch, for systemd's STATUS=
     progress_at: float = 0.0  # time.monotonic() of the last subscriber a dispatch finished
 
@@ -206,7 +210,7 @@ class Prepared:
     corpus_seq: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per subscriber per dispatch: no __dict__ each
 class Outcome:
     subscriber: str
     status: str  # sent | failed | retry | dry-run | empty | not-due | already-sent | late ...
@@ -453,7 +457,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             elif result is not None:
                 placed.append((place, result))
             if len(batch) >= deliveries.batch or (batch and deliveries.idle):
-                await _claim_and_send(runtime, deliveries, batch, placed)
+                await _claim_and_send(runtime, deliveries, batch, placed, now=now, force=force)
                 batch = []
 
         pending: list[DigestRow] = []  # the claimed digests this dispatch resends
@@ -461,8 +465,8 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             if not dry_run:
                 pending = await _resend_unsent(runtime, mailer, deliveries, subscribers,
                                                stopped, placed)
-            settled = _Settled.read_or_none(runtime.store) if not force else None
-            quick = await _quick_outcomes(settled, subscribers, now, runtime.config.max_late)
+            quick = await _quick_outcomes(runtime.store, subscribers, now,
+                                          runtime.config.max_late, force)
             # A worker may inherit a resend's SMTP socket: harmless, it never touches it and
             # ends (``close`` below) before the mailer closes its sessions.
             # Not for a dispatch that is stopping, nor one whose server already went away
@@ -476,6 +480,12 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 if (known := quick[place - 1]) is not None:
                     placed.append((place, known))
                     continue
+                if runtime.reloaded is not None:  # a SIGHUP meanwhile: its definition counts
+                    reloaded = runtime.reloaded.subscriber(sub.email)
+                    if reloaded is None:
+                        placed.append((place, _removed(sub.email)))
+                        continue
+                    sub = reloaded
                 if mailer.unavailable is not None:
                     placed.append((place, Outcome(sub.email, "deferred",
                                                   _reason(mailer.unavailable))))
@@ -498,7 +508,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             while workers is not None and workers.outstanding and not stopped():
                 await take(*await _from_worker(runtime, workers, now))
             if batch:
-                await _claim_and_send(runtime, deliveries, batch, placed)
+                await _claim_and_send(runtime, deliveries, batch, placed, now=now, force=force)
             if not stopped():
                 await deliveries.retry_held_back(stopped)
         finally:
@@ -514,20 +524,81 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
     return outcomes
 
 
-async def _quick_outcomes(settled: _Settled | None, subscribers: Sequence[Subscriber],
-                          now: datetime, max_late: timedelta) -> list[Outcome | None]:
-    """Per subscriber, the outcome the bulk reads settle, or None (to be looked at closely).
+def _removed(email: str) -> Outcome:
+    log.info("subscriber %s: not in the reloaded config; no digest is sent", email)
+    return Outcome(email, "removed")
 
-    Counted before the loop, to decide whether the dispatch is worth a worker;
-    the event loop gets a turn every thousand subscribers.
+
+def reloaded_verdict(runtime: Runtime, email: str, now: datetime, force: bool) -> Outcome | None:
+    """After a reload during the dispatch, whether a digest prepared before it may still go.
+
+    None when it may (no reload waits, or the subscriber is still in the
+    reloaded config and due by its definition and their current state);
+    else the outcome instead: ``removed``, or what ``due`` says (``paused``,
+    ``unsubscribed``, ``not-due`` ...). A query or two per digest, only while
+    a reload waits for the dispatch to end.
     """
-    if settled is None:
+    config = runtime.reloaded
+    if config is None:
+        return None
+    sub = config.subscriber(email)
+    if sub is None:
+        return _removed(email)
+    verdict = due(runtime, effective_subscriber(sub, runtime.store.subscriber_state(email)),
+                  now, force=force)
+    if verdict.status == "due":
+        return None
+    log.info("subscriber %s: %s by the reloaded config; the digest prepared before the "
+             "reload is not sent", email, verdict.status)
+    return Outcome(email, verdict.status)
+
+
+def _still_wanted(runtime: Runtime, batch: list[tuple[int, Prepared]],
+                  placed: list[tuple[int, Outcome]], now: datetime,
+                  force: bool) -> list[tuple[int, Prepared]]:
+    """The batch less the digests a reload during the dispatch took back (their outcome
+    goes to ``placed``): checked right before the claim, so none of them is claimed."""
+    if runtime.reloaded is None:
+        return batch
+    kept: list[tuple[int, Prepared]] = []
+    for place, prepared in batch:
+        instead = reloaded_verdict(runtime, prepared.subscriber.email, now, force)
+        if instead is None:
+            kept.append((place, prepared))
+        else:
+            placed.append((place, instead))
+    return kept
+
+
+# Subscribers judged per pair of bulk reads (``_Settled``): the rows of this many at a
+# time are all a dispatch holds of them, whatever the subscriber count.
+SETTLE_CHUNK = 1000
+
+
+async def _quick_outcomes(store: Store, subscribers: Sequence[Subscriber], now: datetime,
+                          max_late: timedelta, force: bool) -> list[Outcome | None]:
+    """Per subscriber, the outcome the bulk reads settle (a status of ``SETTLED``), or None
+    (to be looked at closely).
+
+    Counted before the loop, to decide whether the dispatch is worth a worker.
+    Read and judged ``SETTLE_CHUNK`` subscribers at a time, the event loop
+    getting a turn after each chunk; what stays is a slotted ``Outcome`` per
+    settled subscriber (the dispatch returns one per subscriber anyway), None
+    for the others. ``force`` settles nobody.
+    """
+    if force:
         return [None] * len(subscribers)
     quick: list[Outcome | None] = []
-    for n, sub in enumerate(subscribers, start=1):
-        quick.append(settled.outcome(sub, now, max_late))
-        if n % 1000 == 0:
-            await asyncio.sleep(0)
+    warned = False
+    for start in range(0, len(subscribers), SETTLE_CHUNK):
+        chunk = subscribers[start:start + SETTLE_CHUNK]
+        settled = _Settled.read_or_none(store, [sub.email for sub in chunk], warn=not warned)
+        if settled is None:
+            warned = True
+            quick.extend([None] * len(chunk))
+        else:
+            quick.extend(settled.outcome(sub, now, max_late) for sub in chunk)
+        await asyncio.sleep(0)
     return quick
 
 
@@ -562,11 +633,13 @@ class _Settled:
     newest: dict[str, date]  # each subscriber's newest digest's local date, any status
 
     @classmethod
-    def read_or_none(cls, store: Store) -> _Settled | None:
-        """Both reads, or None when a row cannot be read (each subscriber is then looked at
-        alone, so a damaged row fails only its subscriber); an unusable database raises."""
+    def read_or_none(cls, store: Store, emails: Sequence[str], *,
+                     warn: bool = True) -> _Settled | None:
+        """Both reads for these subscribers, or None when a row cannot be read (each of them
+        is then looked at alone, so a damaged row fails only its subscriber; ``warn``: say
+        so in the log); an unusable database raises."""
         try:
-            return cls(store.all_subscriber_states(), store.newest_digest_dates())
+            return cls(store.all_subscriber_states(emails), store.newest_digest_dates(emails))
         except StoreWriteError:
             raise
         except FATAL_ERRORS as exc:
@@ -574,13 +647,15 @@ class _Settled:
             reason = _exc_reason(exc)
         except (ValueError, TypeError, KeyError) as exc:  # a damaged row: bad JSON, a bad date
             reason = _exc_reason(exc)
-        log.warning("dispatch: the subscriber states cannot all be read at once (%s); each "
-                    "subscriber is looked at alone", reason)
+        if warn:
+            log.warning("dispatch: the subscriber states cannot all be read at once (%s); "
+                        "each subscriber is looked at alone", reason)
         return None
 
     def outcome(self, sub: Subscriber, now: datetime, max_late: timedelta) -> Outcome | None:
-        """``unsubscribed``, ``paused``, ``not-due`` or ``already-sent``, or None: look closer
-        (``due`` and ``late`` are judged again from the current rows)."""
+        """``unsubscribed``, ``paused``, ``not-due`` or ``already-sent`` (with the day it
+        was sent for, see ``_count_once``), or None: look closer (``due`` and ``late`` are
+        judged again from the current rows)."""
         key = sub.email.lower()
         state = self.states.get(key) or SubscriberState(subscriber=key)
         verdict = judge(effective_subscriber(sub, state), state, self.newest.get(key), now,
@@ -689,10 +764,16 @@ class Deliveries:
         self.accepted = False
         self._slots = asyncio.Semaphore(window)
         self._tasks: set[asyncio.Task[Outcome | None]] = set()
-        self._done: list[tuple[int, asyncio.Task[Outcome | None]]] = []
+        # Ended deliveries' (place, outcome), kept until ``drain``: the outcome alone, not
+        # its task (a task and its coroutine are ~1 KB; a dispatch ends 100,000 of them).
+        self._done: list[tuple[int, Outcome]] = []
+        self._fatal: BaseException | None = None  # the first failure not a unit's own
         self._places: dict[asyncio.Task[Outcome | None], int] = {}
-        # What each delivery in flight sends, kept past its end only when it was held back.
+        # What each delivery in flight sends (dropped when it ends) ...
         self._sending: dict[asyncio.Task[Outcome | None], tuple[DigestRow, str]] = {}
+        # ... and the ended deliveries that were held back, with what they sent: their
+        # outcome is not final until ``retry_held_back`` (or ``drain``) says.
+        self._held: list[tuple[int, Outcome, DigestRow, str]] = []
         self.marks = SentMarks(runtime.store)
 
     @property
@@ -723,19 +804,26 @@ class Deliveries:
 
     def _finished(self, task: asyncio.Task[Outcome | None]) -> None:
         self._tasks.discard(task)
-        self._done.append((self._places.pop(task), task))
+        place = self._places.pop(task)
         self._slots.release()
-        held_back = False
-        if not task.cancelled() and task.exception() is None:
-            outcome = task.result()
-            self.accepted = self.accepted or (outcome is not None and outcome.status == "sent")
-            held_back = outcome is not None and outcome.held_back
-        if not held_back:
-            self._sending.pop(task, None)
+        sending = self._sending.pop(task, None)
         self.runtime.progress_at = time.monotonic()
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self._fatal = self._fatal or error
             for other in self._tasks:  # not a unit's own failure (the database): stop sending
                 other.cancel()
+            return
+        outcome = task.result()
+        if outcome is None:
+            return
+        self.accepted = self.accepted or outcome.status == "sent"
+        if outcome.held_back and sending is not None:
+            self._held.append((place, outcome, *sending))
+        else:
+            self._done.append((place, outcome))
 
     async def retry_held_back(self, stopped: Callable[[], bool]) -> None:
         """Send once more the digests refused before the server accepted any address.
@@ -749,17 +837,9 @@ class Deliveries:
             await asyncio.wait(set(self._tasks))
         if not self.accepted or self.mailer.unavailable is not None or stopped():
             return
-        again: list[tuple[int, DigestRow, str, int]] = []
-        kept: list[tuple[int, asyncio.Task[Outcome | None]]] = []
-        for place, task in self._done:
-            sending = self._sending.pop(task, None)
-            outcome = task.result() if sending is not None else None
-            if sending is None or outcome is None:
-                kept.append((place, task))
-            else:
-                again.append((place, *sending, outcome.shown))
-        self._done = kept
-        for place, row, recipient, shown in again:
+        again, self._held = self._held, []
+        for place, outcome, row, recipient in again:
+            shown = outcome.shown
             log.info("subscriber %s: the server accepts addresses now; the digest of %s, "
                      "refused before it accepted any, is sent again", recipient, row.local_date)
             await self.submit(place, row, recipient,
@@ -770,17 +850,10 @@ class Deliveries:
         """Wait for every delivery in flight; their (place, outcome) pairs."""
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-        outcomes: list[tuple[int, Outcome]] = []
-        fatal: BaseException | None = None
-        for place, task in self._done:
-            if task.cancelled():
-                continue
-            error = task.exception()
-            if error is not None:
-                fatal = fatal or error
-            elif (outcome := task.result()) is not None:
-                outcomes.append((place, outcome))
-        self._done.clear()
+        outcomes, self._done = self._done, []
+        outcomes.extend((place, outcome) for place, outcome, _, _ in self._held)
+        self._held = []
+        fatal, self._fatal = self._fatal, None
         try:
             self.marks.flush()  # every delivery that ended is marked before the dispatch ends
         except (StoreError, sqlite3.Error):
@@ -838,15 +911,21 @@ def _count_once(placed: list[tuple[int, Outcome]],
 
 async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
                           batch: list[tuple[int, Prepared]],
-                          placed: list[tuple[int, Outcome]]) -> None:
+                          placed: list[tuple[int, Outcome]], *, now: datetime | None = None,
+                          force: bool = False) -> None:
     """Claim a batch of prepared digests in one transaction, then start sending each.
 
     A digest whose day another process claimed meanwhile is ``already-sent``.
     When the mail server went away after the claim, the claimed digests wait
-    for the next dispatch (``retry``), which resends the same bytes.
+    for the next dispatch (``retry``), which resends the same bytes. After a
+    reload during the dispatch, the digests it took back are not claimed
+    (``reloaded_verdict``; ``now`` and ``force`` are the dispatch's).
     """
     mailer = deliveries.mailer
     await deliveries.room(len(batch))
+    batch = _still_wanted(runtime, batch, placed, now or utc_now(), force)
+    if not batch:
+        return
     if mailer.unavailable is not None:  # the server went away meanwhile: claim nothing
         placed.extend((place, Outcome(prepared.subscriber.email, "deferred",
                                       _reason(mailer.unavailable)))

@@ -1,7 +1,8 @@
 """``digest run``: the loop that runs the jobs on a timer, and its signals.
 
 APScheduler is only the timer; who is due and what was sent live in the store.
-SIGHUP reloads the config, SIGTERM finishes the message in flight and exits 0,
+SIGHUP reloads the config (a dispatch under way stops sending to whom it removes),
+SIGTERM finishes the message in flight and exits 0,
 a second SIGTERM exits at once. The daemon holds the state's sender lock for
 its whole life (a second ``digest run`` on the same state exits at once), and
 under systemd it says READY=1, feeds the watchdog from the event loop and
@@ -399,13 +400,27 @@ class Daemon:
         except DigestError as exc:
             log.error("daemon: config reload rejected, keeping the running config: %s", exc)
             return
-        async with self._dispatching, self._busy:
-            if self.stop.is_set():
-                return
-            try:
-                self._apply(new)
-            except DigestError as exc:
-                log.error("daemon: config reload rejected, keeping the running config: %s", exc)
+        runtime = self.runtime
+        if self._dispatching.locked() and new.state == runtime.config.state:
+            # A dispatch is under way (at 100,000 subscribers, for many minutes): whom the
+            # new config removes, or no longer finds due, is not claimed from now on. The
+            # rest (SMTP, the schedule of the jobs) waits for the dispatch to end.
+            runtime.reloaded = new
+            log.info("daemon: the reloaded config applies to the rest of the dispatch in "
+                     "progress (removed subscribers get no digest); the rest of it when the "
+                     "dispatch ends")
+        try:
+            async with self._dispatching, self._busy:
+                if self.stop.is_set():
+                    return
+                try:
+                    self._apply(new)
+                except DigestError as exc:
+                    log.error("daemon: config reload rejected, keeping the running config: %s",
+                              exc)
+        finally:
+            if runtime.reloaded is new:  # applied, rejected or stopping: the dispatch is over
+                runtime.reloaded = None
 
     def _apply(self, new: Config) -> None:
         """Switch to a new, valid config: the next tick uses it."""

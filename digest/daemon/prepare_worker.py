@@ -16,7 +16,10 @@ A worker that dies (killed, out of memory) is noticed when its result pipe ends:
 jobs it had not answered come back from ``next`` without an answer, for the caller to
 prepare itself, and no more jobs go to it. A worker ends when its request pipe ends (the
 dispatch is over, or the parent died), at once on SIGTERM or SIGINT (it writes nothing,
-so nothing needs finishing), and ignores SIGHUP (a reload is the parent's business).
+so nothing needs finishing), and ignores SIGHUP (a reload is the parent's business). A
+SIGINT the process was started ignoring (``nohup``-style wrappers, ``trap '' INT``, a
+service manager) stays ignored in the worker: a Ctrl-C meant for the terminal's other
+jobs does not end it.
 This module knows nothing of digests: ``jobs`` gives it ``setup`` and ``build``.
 """
 
@@ -58,6 +61,10 @@ STOP_SECONDS = 5.0
 # swapping, a bug): it is killed and its jobs come back to be prepared in the loop. A chunk
 # takes well under a second; a worker's own refit after a scan, ~10 s at 33,000 papers.
 STALL_SECONDS = 120.0
+# Whether this process was started with SIGINT ignored. Read at import, before the daemon's
+# event loop puts its own SIGINT handler in place (after which the inherited "ignore" can
+# no longer be seen): the worker keeps an ignored SIGINT ignored.
+SIGINT_IGNORED_AT_START = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 @dataclass
@@ -333,6 +340,14 @@ def _exit_text(process: BaseProcess) -> str:
     return f"exit code {code}"
 
 
+def sigint_disposition() -> signal.Handlers:
+    """What a worker does on SIGINT: ignore it when the process was started ignoring it, or
+    ignores it now (SIG_IGN); else end at once (SIG_DFL)."""
+    if SIGINT_IGNORED_AT_START or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return signal.SIG_IGN
+    return signal.SIG_DFL
+
+
 def _serve(requests: Connection, results: Connection, inherited: list[Connection],
            setup: Callable[[], None], build: Callable[[J], A]) -> None:
     """The worker's life: set up, then answer chunks until the request pipe ends."""
@@ -340,7 +355,7 @@ def _serve(requests: Connection, results: Connection, inherited: list[Connection
     # to this worker into one the parent acts on: this process has its own.
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, sigint_disposition())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for conn in inherited:
         conn.close()

@@ -1,0 +1,89 @@
+"""A benchmark stopped by SIGTERM or Ctrl-C: its temporary state removed, its helper processes
+(the SMTP sink, the dispatch process) ended, exit 143 or 130 with one line and no traceback.
+
+Runs ``digest bench dispatch`` as a user does, in its own session (so a Ctrl-C can be sent
+to its whole process group, as a terminal does), with TMPDIR pointed at a folder of the
+test's own, where the benchmark builds its state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .helpers import require_shared
+
+
+def _descendants(pid: int) -> set[int]:
+    """The live processes below ``pid`` (from /proc/*/stat's parent field)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _wait_for(condition: object, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("how", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stopped_bench_removes_its_state_and_ends_its_processes(
+        tmp_path: Path, how: str, code: int) -> None:
+    data = require_shared("data", "hf-daily-papers.jsonl")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "digest", "bench", "dispatch", "--subscribers", "300",
+         "--days", "4", "--runs", "5", "--sink", "lean", "--data", str(data)],
+        env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    try:
+        # The state is built and the runs have started: the sink and a dispatch process live.
+        _wait_for(lambda: any(tmp.glob("*/state.sqlite3")) and len(_descendants(proc.pid)) >= 2,
+                  "the benchmark's dispatch runs")
+        helpers = _descendants(proc.pid)
+        if how == "SIGTERM":  # kill PID: the benchmark's own process only
+            proc.send_signal(signal.SIGTERM)
+        else:  # Ctrl-C in a terminal: the whole foreground process group
+            os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"Interrupted ({how})"), err
+    assert [line for line in err.splitlines() if line.strip() and "dispatch runs" not in line
+            and "state: days" not in line] == [err.strip().splitlines()[-1]], err
+    assert list(tmp.iterdir()) == []  # the state folder is gone
+    time.sleep(0.2)
+    assert not any(_live(pid) for pid in helpers)  # the sink and the dispatch are ended
+
+
+def _live(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
