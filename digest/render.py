@@ -45,7 +45,7 @@ from email import message_from_bytes, message_from_string
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from html.parser import HTMLParser
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -54,6 +54,7 @@ from urllib.parse import quote
 
 import css_inline
 import jinja2
+import markupsafe
 from pylatexenc import latexwalker, macrospec
 from pylatexenc.latex2text import LatexNodes2Text, MacroTextSpec, get_default_latex_context_db
 
@@ -293,8 +294,12 @@ def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
     ]
     delimiter = f"--{boundary}".encode("ascii")
     views = _Views(content)
-    body = [_part("plain", _render_text(content, views), delimiter),
-            _part("html", _render_html(content, smtp, views), delimiter)]
+    quoted_reply = quote(reply, safe="@+")
+    html = [piece if _REPLY_SLOT not in piece
+            else _OwnPiece(piece.replace(_REPLY_SLOT, quoted_reply))
+            for piece in _html_pieces(content, views)]
+    body = [_part("plain", _text_pieces(content, views), delimiter),
+            _part("html", html, delimiter)]
     data = b"".join([*head, *body, delimiter, b"--\r\n"])
     return RenderedDigest(data=data, message_id=message_id, subject=subject, smtputf8=smtputf8)
 
@@ -350,12 +355,33 @@ def _folded(name: str, value: str, policy: email.policy.EmailPolicy) -> bytes:
     return policy.fold_binary(name, policy.header_store_parse(name, value)[1])
 
 
-def _part(subtype: str, content: str, delimiter: bytes) -> bytes:
-    """One text part (UTF-8) after its delimiter line: its headers and its encoded body.
+def _part(subtype: str, pieces: Sequence[str], delimiter: bytes) -> bytes:
+    """One text part (UTF-8) after its delimiter line: its headers and its encoded body,
+    the body being ``pieces`` joined.
 
     As the email package does with a 7bit policy: ASCII with short lines stays 7bit, other
     text goes quoted-printable, or base64 when that is shorter (mostly non-Latin text).
+    Pieces that are whole lines (end with LF, no CR) are encoded once per process each
+    (:func:`_encoded_piece`): quoted-printable encodes each line on its own, so their
+    encodings joined are the whole body's (a test checks against :func:`_part_of_text`).
     """
+    if not any(pieces) or not all(map(_whole_lines, pieces)):
+        return _part_of_text(subtype, "".join(pieces), delimiter)
+    encoded = [_encode_piece(piece) if isinstance(piece, _OwnPiece) else _encoded_piece(piece)
+               for piece in pieces]
+    raw = b"".join([piece.raw for piece in encoded])
+    if all(piece.seven_bit for piece in encoded) and delimiter not in raw:
+        return _part_bytes(subtype, "7bit", raw, delimiter)
+    body = b"".join([piece.quoted for piece in encoded])
+    if len(body) > len(raw) * 4 // 3:  # worth comparing with base64's size
+        encoded64 = base64.encodebytes(raw)
+        if len(encoded64) < len(body):
+            return _part_bytes(subtype, "base64", encoded64, delimiter)
+    return _part_bytes(subtype, "quoted-printable", body, delimiter)
+
+
+def _part_of_text(subtype: str, content: str, delimiter: bytes) -> bytes:
+    """:func:`_part` for any text, encoded whole: the rule the piecewise encoding follows."""
     lines = content.encode("utf-8").splitlines() or [b""]  # CR, LF or CRLF, as email does
     raw = b"\n".join(lines) + b"\n"
     if raw.isascii() and max(map(len, lines), default=0) <= SEVEN_BIT_LINE \
@@ -367,11 +393,46 @@ def _part(subtype: str, content: str, delimiter: bytes) -> bytes:
             encoded = base64.encodebytes(raw)
             if len(encoded) < len(body):
                 cte, body = "base64", encoded
+    return _part_bytes(subtype, cte, body, delimiter)
+
+
+def _part_bytes(subtype: str, cte: str, body: bytes, delimiter: bytes) -> bytes:
     body = body.replace(b"\n", b"\r\n")
     head = (f'\r\nContent-Type: text/{subtype}; charset="utf-8"\r\n'
             f"Content-Transfer-Encoding: {cte}\r\n\r\n")
     # The CRLF before the next delimiter belongs to it (RFC 2046), not to this body.
     return delimiter + head.encode("ascii") + body + b"\r\n"
+
+
+def _whole_lines(piece: str) -> bool:
+    """True when ``piece`` is whole lines: it ends with LF (or is empty) and holds no CR
+    (the email package also ends a line at a CR), so a body's lines are its pieces'."""
+    return (piece.endswith("\n") or not piece) and "\r" not in piece
+
+
+@dataclass(frozen=True)
+class _EncodedPiece:
+    """A piece of whole lines as a part's body holds it: UTF-8 (LF line ends), and
+    quoted-printable; ``seven_bit`` when ASCII with lines of at most SEVEN_BIT_LINE."""
+
+    raw: bytes
+    quoted: bytes
+    seven_bit: bool
+
+
+def _encode_piece(piece: str) -> _EncodedPiece:
+    raw = piece.encode("utf-8")
+    seven_bit = raw.isascii() and max(map(len, raw.split(b"\n"))) <= SEVEN_BIT_LINE
+    return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True), seven_bit)
+
+
+class _OwnPiece(str):
+    """A piece of a part that one subscriber's message alone holds (their name or reply
+    address is in it): encoded each time, not memoised."""
+
+
+# Pieces shared by many messages (a paper's, a page's), encoded once per process.
+_encoded_piece = lru_cache(maxsize=ROW_MEMO)(_encode_piece)
 
 
 @lru_cache(maxsize=LINE_MEMO)
@@ -436,17 +497,84 @@ class _Views:
 
 
 def _render_text(content: DigestContent, views_of: _Views) -> str:
+    return "".join(_text_pieces(content, views_of))
+
+
+def _text_pieces(content: DigestContent, views_of: _Views) -> list[str]:
+    """The text part in pieces of whole lines: the page before the papers (an
+    :class:`_OwnPiece`, it greets the subscriber), each paper, the page after them.
+
+    The pieces are the page rendered whole (:func:`_render_text_whole`) when no line of
+    them needs defusing, which is checked once per piece and process, and per subscriber
+    only for the lines that hold their name; otherwise the page is rendered whole."""
+    page = _text_page(_page_key(content, views_of.items))
+    views = views_of(label_all=False)
+    name = one_line(content.subscriber.name)
+    if page.clean and all(view.text_clean for view in views) \
+            and not any(map(_needs_defusing_now, page.own_lines(name))):
+        return [_OwnPiece(page.before.replace(_NAME_SLOT, name)),
+                *[view.text_paper for view in views], page.after]
+    return [_render_text_whole(content, views_of)]
+
+
+def _render_text_whole(content: DigestContent, views_of: _Views) -> str:
+    """The text part rendered whole, its lines defused, then labelled if still unsafe."""
     items = views_of.items
     for force in (False, True):
         views = views_of(label_all=force)
-        papers = "".join(map(_text_paper, views))
+        papers = "".join(view.text_paper for view in views)
         page = _environment().get_template(TEXT_TEMPLATE).render(
-            _page_context(content, items), items=views, papers=papers)
+            _page_context(content, items), papers=papers)
         text = defuse_command_lines(page)
         if not command_lines(text):
             return text
     raise UnsafeDigest(f"the text part has lines a reply would read as commands: "
                        f"{command_lines(text)[:3]!r}")
+
+
+@dataclass(frozen=True)
+class _PageText:
+    """The text part's page around the papers, for everyone it shows the same thing to:
+    ``before`` holds ``_NAME_SLOT`` where the subscriber's name goes."""
+
+    before: str
+    after: str
+    clean: bool  # whole lines, and no line but the name's needs defusing
+    name_lines: tuple[str, ...]  # the lines of ``before`` that hold the name
+
+    def own_lines(self, name: str) -> list[str]:
+        """The lines that hold the name, with ``name`` in them."""
+        return [line.replace(_NAME_SLOT, name) for line in self.name_lines]
+
+
+@lru_cache(maxsize=256)
+def _text_page(key: tuple[Any, ...]) -> _PageText:
+    context = {**dict(zip(_PAGE_KEY_FIELDS, key)), "name": _NAME_SLOT,
+               "command_links": _command_links()}
+    page = _environment().get_template(TEXT_TEMPLATE).render(context, papers=_PAPERS_SLOT)
+    before, _, after = page.partition(_PAPERS_SLOT)
+    lines = before.split("\n")
+    name_lines = tuple(line for line in lines if _NAME_SLOT in line)
+    constant = "\n".join(line for line in lines if _NAME_SLOT not in line)
+    clean = (_whole_lines(before) and _text_is_clean(constant) and _text_is_clean(after)
+             and _NAME_SLOT not in after and _PAPERS_SLOT not in after)
+    return _PageText(before=before, after=after, clean=clean, name_lines=name_lines)
+
+
+def _text_is_clean(text: str) -> bool:
+    """True when ``text`` is whole lines none of which :func:`defuse_command_lines` would
+    change or :func:`command_lines` would report."""
+    return (_whole_lines(text) and not any(map(_needs_defusing, text.split("\n")))
+            and not command_lines(text))
+
+
+def _needs_defusing_now(line: str) -> bool:
+    """:func:`_needs_defusing` for a line with a subscriber's own text, not memoised (it
+    would only push shared lines out of the memo); a line the email package ends within
+    (a control character) is refused, as the whole page's check might read it apart."""
+    from .replies.parse import reads_as_command as reader_test  # see reads_as_command
+
+    return (len(line.splitlines()) > 1 or starts_with_command(line) or reader_test(line))
 
 
 def render_html(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
@@ -481,24 +609,75 @@ def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
     items = views_of.items
     rows: list[str] = []
     for n, item in enumerate(items):
-        row = _html_row(views_of(label_all=False)[n])
+        row = views_of(label_all=False)[n].html_row
         if row is None:
-            row = _html_row(views_of(label_all=True)[n])
+            row = views_of(label_all=True)[n].html_row
         if row is None:
             raise UnsafeDigest(f"the HTML part of paper {item.position} has lines a reply "
                                "would read as commands, even with every field labelled")
         rows.extend(row)
+    page = _html_page(_page_key(content, items))
+    name = one_line(content.subscriber.name)
+    unsafe = page.unsafe or [line for line in page.own_lines(name) if _needs_defusing_now(line)]
+    if unsafe:
+        raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
+                           f"{list(unsafe[:3])!r}")
+    intro = _OwnPiece(page.intro.replace(_NAME_SLOT, str(markupsafe.escape(name))))
+    return [page.head, intro, *rows, page.footer]
+
+
+@dataclass(frozen=True)
+class _PageHtml:
+    """The HTML part's page around the papers, for everyone it shows the same thing to, in
+    pieces (:func:`html_pieces`): ``intro`` holds ``_NAME_SLOT`` where the subscriber's
+    name goes."""
+
+    head: str
+    intro: str
+    footer: str
+    unsafe: tuple[str, ...]  # lines, as the reply reader reads the pieces, it takes commands from
+    name_lines: tuple[str, ...]  # the intro's lines as the reader reads it that hold the name
+
+    def own_lines(self, name: str) -> list[str]:
+        """The lines, as the reply reader reads the intro, that hold ``name``.
+
+        The name is one line (:func:`one_line`) and goes into the HTML escaped, which the
+        reader undoes, inside a paragraph: so its line as the reader reads it is the line
+        with the stand-in, the stand-in replaced (a property test checks)."""
+        return [line.replace(_NAME_SLOT, name) for line in self.name_lines]
+
+
+@lru_cache(maxsize=256)
+def _html_page(key: tuple[Any, ...]) -> _PageHtml:
+    context = {**dict(zip(_PAGE_KEY_FIELDS, key)), "name": _NAME_SLOT,
+               "command_links": _command_links()}
     markup = jinja2.filters.Markup
     page = _environment().get_template(HTML_TEMPLATE).render(
-        _page_context(content, items), papers=markup(_PAPERS_SLOT), cut=markup(_CUT_SLOT))
+        context, papers=markup(_PAPERS_SLOT), cut=markup(_CUT_SLOT))
     before, _, footer = page.partition(_PAPERS_SLOT)
     head, _, intro = before.partition(_CUT_SLOT)
-    for piece in (head, intro, footer):
-        unsafe = _page_command_lines(piece)
-        if unsafe:
-            raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
-                               f"{list(unsafe[:3])!r}")
-    return [head, intro, *rows, footer]
+    intro_lines = reader_text(intro).splitlines()
+    name_lines = tuple(line for line in intro_lines if _NAME_SLOT in line)
+    unsafe = (*_page_command_lines(head),
+              *[line for line in intro_lines if _NAME_SLOT not in line
+                and reads_as_command(line)],
+              *_page_command_lines(footer))
+    if _NAME_SLOT in head + footer or (_NAME_SLOT in intro and not name_lines):
+        raise ValueError(f"{HTML_TEMPLATE}: the subscriber's name may only be shown in the "
+                         "part between the cut and the papers, as text")
+    return _PageHtml(head=head, intro=intro, footer=footer, unsafe=unsafe,
+                     name_lines=name_lines)
+
+
+# What the page around the papers shows but the subscriber's name (:func:`_page_context`):
+# pages are rendered once per process for each of these, the name put in after.
+_PAGE_KEY_FIELDS = ("day", "listed_span", "staleness", "considered", "shown", "personalised",
+                    "preheader")
+
+
+def _page_key(content: DigestContent, items: Sequence[DigestItem]) -> tuple[Any, ...]:
+    context = _page_context(content, items)
+    return tuple(context[field] for field in _PAGE_KEY_FIELDS)
 
 
 # Stand-ins, random per process so that no listing can hold them: the reply address (in
@@ -506,6 +685,8 @@ def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
 _REPLY_SLOT = "reply-" + secrets.token_hex(16)
 _PAPERS_SLOT = "<!--papers-" + secrets.token_hex(16) + "-->"
 _CUT_SLOT = "<!--cut-" + secrets.token_hex(16) + "-->"
+# ...and the subscriber's name, in pages rendered once for everyone with the same counts.
+_NAME_SLOT = "name" + secrets.token_hex(16)
 
 
 def _html_row(view: _ItemView) -> list[str] | None:
@@ -565,7 +746,7 @@ def _html_command_lines(piece: str) -> tuple[str, ...]:
     return tuple(command_lines(reader_text(piece)))
 
 
-# The footer is the same for every subscriber; the head holds their name and counts.
+# The head and footer are the same for every subscriber with the same counts and dates.
 _page_command_lines = lru_cache(maxsize=256)(_html_command_lines)
 
 
@@ -863,6 +1044,25 @@ class _ItemView:
     explore: bool
     like_link: str
     skip_link: str
+
+    # A view is memoised (:func:`_item_view`) and shown to every subscriber who gets the
+    # paper at this position for this reason: its pieces are looked up once per view.
+    @cached_property
+    def html_row(self) -> tuple[str, ...] | None:
+        """The paper's row of the HTML part in pieces (:func:`_html_row`); None when a line
+        of it reads as a command."""
+        row = _html_row(self)
+        return None if row is None else tuple(row)
+
+    @cached_property
+    def text_paper(self) -> str:
+        """The paper in the text part (:func:`_text_paper`)."""
+        return _text_paper(self)
+
+    @cached_property
+    def text_clean(self) -> bool:
+        """True when no line of :attr:`text_paper` needs defusing (:func:`_text_is_clean`)."""
+        return _text_is_clean(self.text_paper)
 
     @property
     def relevance_bar(self) -> str:
