@@ -489,6 +489,11 @@ class _Views:
         self.items = sorted(content.items, key=lambda item: item.position)
         self._views: dict[bool, list[_ItemView]] = {}
 
+    @cached_property
+    def page_key(self) -> tuple[Any, ...]:
+        """What the page around the papers shows but the name (:func:`_page_key`)."""
+        return _page_key(self.content, self.items)
+
     def __call__(self, *, label_all: bool) -> list[_ItemView]:
         if label_all not in self._views:
             self._views[label_all] = [_view_of(item, self.content.local_date,
@@ -507,7 +512,7 @@ def _text_pieces(content: DigestContent, views_of: _Views) -> list[str]:
     The pieces are the page rendered whole (:func:`_render_text_whole`) when no line of
     them needs defusing, which is checked once per piece and process, and per subscriber
     only for the lines that hold their name; otherwise the page is rendered whole."""
-    page = _text_page(_page_key(content, views_of.items))
+    page = _text_page(views_of.page_key)
     views = views_of(label_all=False)
     name = one_line(content.subscriber.name)
     if page.clean and all(view.text_clean for view in views) \
@@ -616,7 +621,7 @@ def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
             raise UnsafeDigest(f"the HTML part of paper {item.position} has lines a reply "
                                "would read as commands, even with every field labelled")
         rows.extend(row)
-    page = _html_page(_page_key(content, items))
+    page = _html_page(views_of.page_key)
     name = one_line(content.subscriber.name)
     unsafe = page.unsafe or [line for line in page.own_lines(name) if _needs_defusing_now(line)]
     if unsafe:
@@ -1356,10 +1361,25 @@ def _class_styles(class_lists: tuple[str, ...]) -> dict[str, str]:
     parser.close()
     styles = {}
     for n, classes in enumerate(class_lists):
-        style = parser.styles.get(str(n), "")
+        style = _compact_style(parser.styles.get(str(n), ""))
         # As an attribute value: '&', '<' and '"' escaped; Jinja syntax cannot occur in CSS.
         styles[classes] = style.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
     return styles
+
+
+def _compact_style(style: str) -> str:
+    """css-inline's ``margin: 0 0 10px;color: #616e7c;`` as ``margin:0 0 10px;color:#616e7c``:
+    the same declarations without the optional spaces and final semicolon (CSS Syntax
+    Level 3 ignores them), as every message repeats each style many times.
+
+    ``, `` in a value (a font list) becomes ``,``; the stylesheet holds no strings with
+    ``;``, ``:`` or ``,`` in them (font names are words), so splitting there is safe."""
+    declarations = [part.partition(":") for part in style.split(";") if part.strip()]
+    return ";".join(f"{name.strip()}:{_LIST_COMMA.sub(',', value.strip())}"
+                    for name, _, value in declarations)
+
+
+_LIST_COMMA = re.compile(r"\s*,\s*")
 
 
 def _read_template(name: str) -> str:
