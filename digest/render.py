@@ -575,11 +575,16 @@ def _text_is_clean(text: str) -> bool:
 
 def _needs_defusing_now(line: str) -> bool:
     """:func:`_needs_defusing` for a line with a subscriber's own text, not memoised (it
-    would only push shared lines out of the memo); a line the email package ends within
-    (a control character) is refused, as the whole page's check might read it apart."""
+    would only push shared lines out of the memo); a line that ``splitlines`` would cut
+    (no name has one: :func:`one_line`) counts too, as the whole page's check reads it apart."""
+    return len(line.splitlines()) > 1 or starts_with_command(line) or _reader_test(line)
+
+
+def _reader_test(line: str) -> bool:
+    """:func:`reads_as_command`, not memoised: for lines with a subscriber's own text."""
     from .replies.parse import reads_as_command as reader_test  # see reads_as_command
 
-    return (len(line.splitlines()) > 1 or starts_with_command(line) or reader_test(line))
+    return reader_test(line)
 
 
 def render_html(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
@@ -623,7 +628,7 @@ def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
         rows.extend(row)
     page = _html_page(views_of.page_key)
     name = one_line(content.subscriber.name)
-    unsafe = page.unsafe or [line for line in page.own_lines(name) if _needs_defusing_now(line)]
+    unsafe = page.unsafe or [line for line in page.own_lines(name) if _reader_test(line)]
     if unsafe:
         raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
                            f"{list(unsafe[:3])!r}")
