@@ -49,7 +49,7 @@ from functools import cache, cached_property, lru_cache
 from html.parser import HTMLParser
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import css_inline
@@ -365,12 +365,12 @@ def _part(subtype: str, pieces: Sequence[str], delimiter: bytes) -> bytes:
     (:func:`_encoded_piece`): quoted-printable encodes each line on its own, so their
     encodings joined are the whole body's (a test checks against :func:`_part_of_text`).
     """
-    if not any(pieces) or not all(map(_whole_lines, pieces)):
-        return _part_of_text(subtype, "".join(pieces), delimiter)
     encoded = [_encode_piece(piece) if isinstance(piece, _OwnPiece) else _encoded_piece(piece)
                for piece in pieces]
+    if not all([piece.whole for piece in encoded]) or not any(pieces):
+        return _part_of_text(subtype, "".join(pieces), delimiter)
     raw = b"".join([piece.raw for piece in encoded])
-    if all(piece.seven_bit for piece in encoded) and delimiter not in raw:
+    if all([piece.seven_bit for piece in encoded]) and delimiter not in raw:
         return _part_bytes(subtype, "7bit", raw, delimiter)
     body = b"".join([piece.quoted for piece in encoded])
     if len(body) > len(raw) * 4 // 3:  # worth comparing with base64's size
@@ -410,20 +410,21 @@ def _whole_lines(piece: str) -> bool:
     return (piece.endswith("\n") or not piece) and "\r" not in piece
 
 
-@dataclass(frozen=True)
-class _EncodedPiece:
-    """A piece of whole lines as a part's body holds it: UTF-8 (LF line ends), and
-    quoted-printable; ``seven_bit`` when ASCII with lines of at most SEVEN_BIT_LINE."""
+class _EncodedPiece(NamedTuple):
+    """A piece as a part's body holds it: UTF-8 (LF line ends) and quoted-printable;
+    ``seven_bit`` when ASCII with lines of at most SEVEN_BIT_LINE; ``whole`` when it is
+    whole lines (:func:`_whole_lines`), so that it can be encoded apart."""
 
     raw: bytes
     quoted: bytes
     seven_bit: bool
+    whole: bool
 
 
 def _encode_piece(piece: str) -> _EncodedPiece:
     raw = piece.encode("utf-8")
     seven_bit = raw.isascii() and max(map(len, raw.split(b"\n"))) <= SEVEN_BIT_LINE
-    return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True), seven_bit)
+    return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True), seven_bit, _whole_lines(piece))
 
 
 class _OwnPiece(str):
@@ -574,14 +575,17 @@ def _text_is_clean(text: str) -> bool:
 
 
 def _needs_defusing_now(line: str) -> bool:
-    """:func:`_needs_defusing` for a line with a subscriber's own text, not memoised (it
-    would only push shared lines out of the memo); a line that ``splitlines`` would cut
+    """:func:`_needs_defusing` for a line with a subscriber's own text (see
+    :func:`_reader_test` for why not memoised with shared lines); a line that ``splitlines`` would cut
     (no name has one: :func:`one_line`) counts too, as the whole page's check reads it apart."""
     return len(line.splitlines()) > 1 or starts_with_command(line) or _reader_test(line)
 
 
+@lru_cache(maxsize=16)
 def _reader_test(line: str) -> bool:
-    """:func:`reads_as_command`, not memoised: for lines with a subscriber's own text."""
+    """:func:`reads_as_command` for lines with a subscriber's own text, in a memo of the
+    last few: it holds a digest's lines while both parts ask (the greeting line is the same
+    in both), and would only push shared lines out of the large one."""
     from .replies.parse import reads_as_command as reader_test  # see reads_as_command
 
     return reader_test(line)
