@@ -294,12 +294,9 @@ def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
     ]
     delimiter = f"--{boundary}".encode("ascii")
     views = _Views(content)
-    quoted_reply = quote(reply, safe="@+")
-    html = [piece if _REPLY_SLOT not in piece
-            else _OwnPiece(piece.replace(_REPLY_SLOT, quoted_reply))
-            for piece in _html_pieces(content, views)]
-    body = [_part("plain", _text_pieces(content, views), delimiter),
-            _part("html", html, delimiter)]
+    name = one_line(content.subscriber.name)
+    body = [_part("plain", _text_pieces(content, views), delimiter, ((_NAME_SLOT, name),)),
+            _part("html", _html_pieces(content, views), delimiter, _html_fills(name, reply))]
     data = b"".join([*head, *body, delimiter, b"--\r\n"])
     return RenderedDigest(data=data, message_id=message_id, subject=subject, smtputf8=smtputf8)
 
@@ -355,29 +352,53 @@ def _folded(name: str, value: str, policy: email.policy.EmailPolicy) -> bytes:
     return policy.fold_binary(name, policy.header_store_parse(name, value)[1])
 
 
-def _part(subtype: str, pieces: Sequence[str], delimiter: bytes) -> bytes:
+def _part(subtype: str, pieces: Sequence[str], delimiter: bytes,
+          fills: Sequence[tuple[str, str]] = ()) -> bytes:
     """One text part (UTF-8) after its delimiter line: its headers and its encoded body,
-    the body being ``pieces`` joined.
+    the body being ``pieces`` joined, each stand-in of ``fills`` (stand-in, text) replaced
+    by its text (which holds no line break).
 
     As the email package does with a 7bit policy: ASCII with short lines stays 7bit, other
     text goes quoted-printable, or base64 when that is shorter (mostly non-Latin text).
     Pieces that are whole lines (end with LF, no CR) are encoded once per process each
-    (:func:`_encoded_piece`): quoted-printable encodes each line on its own, so their
-    encodings joined are the whole body's (a test checks against :func:`_part_of_text`).
+    (:func:`_encoded_piece`), and per message only their lines that hold a stand-in:
+    quoted-printable encodes each line on its own, so the encodings joined are the whole
+    body's (a test checks against :func:`_part_of_text`).
     """
     encoded = [_encode_piece(piece) if isinstance(piece, _OwnPiece) else _encoded_piece(piece)
                for piece in pieces]
-    if not all([piece.whole for piece in encoded]) or not any(pieces):
-        return _part_of_text(subtype, "".join(pieces), delimiter)
-    raw = b"".join([piece.raw for piece in encoded])
-    if all([piece.seven_bit for piece in encoded]) and delimiter not in raw:
+    if not all([piece.whole for piece in encoded]):
+        return _part_of_text(subtype, _filled("".join(pieces), fills), delimiter)
+    if any([piece.chunks for piece in encoded]):
+        # Lines with a stand-in are filled and encoded for this message.
+        encoded = [_encode_piece(_filled(chunk, fills)) if isinstance(chunk, str) else chunk
+                   for piece in encoded for chunk in (piece.chunks or (piece,))]
+    raws = [piece.raw for piece in encoded]
+    seven_bit = all([piece.seven_bit for piece in encoded])
+    quoted = [piece.quoted for piece in encoded]
+    if not any(raws):  # no text at all is one empty line, as the email package writes it
+        return _part_of_text(subtype, "", delimiter)
+    raw = b"".join(raws)
+    if seven_bit and delimiter not in raw:
         return _part_bytes(subtype, "7bit", raw, delimiter)
-    body = b"".join([piece.quoted for piece in encoded])
+    body = b"".join(quoted)
     if len(body) > len(raw) * 4 // 3:  # worth comparing with base64's size
         encoded64 = base64.encodebytes(raw)
         if len(encoded64) < len(body):
             return _part_bytes(subtype, "base64", encoded64, delimiter)
     return _part_bytes(subtype, "quoted-printable", body, delimiter)
+
+
+def _filled(text: str, fills: Sequence[tuple[str, str]]) -> str:
+    for slot, value in fills:
+        text = text.replace(slot, value)
+    return text
+
+
+def _html_fills(name: str, reply: str) -> tuple[tuple[str, str], ...]:
+    """What the HTML part's stand-ins become: the name escaped as Jinja escapes it, the
+    reply address URL-quoted (it goes into mailto links only: it can never be text)."""
+    return ((_NAME_SLOT, str(markupsafe.escape(name))), (_REPLY_SLOT, quote(reply, safe="@+")))
 
 
 def _part_of_text(subtype: str, content: str, delimiter: bytes) -> bytes:
@@ -413,23 +434,41 @@ def _whole_lines(piece: str) -> bool:
 class _EncodedPiece(NamedTuple):
     """A piece as a part's body holds it: UTF-8 (LF line ends) and quoted-printable;
     ``seven_bit`` when ASCII with lines of at most SEVEN_BIT_LINE; ``whole`` when it is
-    whole lines (:func:`_whole_lines`), so that it can be encoded apart."""
+    whole lines (:func:`_whole_lines`), so that it can be encoded apart. A piece of whole
+    lines with stand-ins has ``chunks``: its runs of lines without one, encoded, and each
+    line with one, as text to fill and encode per message."""
 
     raw: bytes
     quoted: bytes
     seven_bit: bool
     whole: bool
+    chunks: tuple[_EncodedPiece | str, ...] | None = None
 
 
 def _encode_piece(piece: str) -> _EncodedPiece:
     raw = piece.encode("utf-8")
     seven_bit = raw.isascii() and max(map(len, raw.split(b"\n"))) <= SEVEN_BIT_LINE
-    return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True), seven_bit, _whole_lines(piece))
+    whole = _whole_lines(piece)
+    if whole and (_NAME_SLOT in piece or _REPLY_SLOT in piece):
+        chunks: list[_EncodedPiece | str] = []
+        run: list[str] = []
+        for line in piece[:-1].split("\n"):
+            if _NAME_SLOT in line or _REPLY_SLOT in line:
+                if run:
+                    chunks.append(_encode_piece("".join(run)))
+                    run = []
+                chunks.append(line + "\n")
+            else:
+                run.append(line + "\n")
+        if run:
+            chunks.append(_encode_piece("".join(run)))
+        return _EncodedPiece(raw, b"", seven_bit, whole, tuple(chunks))
+    return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True), seven_bit, whole)
 
 
 class _OwnPiece(str):
-    """A piece of a part that one subscriber's message alone holds (their name or reply
-    address is in it): encoded each time, not memoised."""
+    """A piece of a part that one subscriber's message alone holds (a text part rendered
+    whole, see :func:`_text_pieces`): encoded each time, not memoised."""
 
 
 # Pieces shared by many messages (a paper's, a page's), encoded once per process.
@@ -503,12 +542,13 @@ class _Views:
 
 
 def _render_text(content: DigestContent, views_of: _Views) -> str:
-    return "".join(_text_pieces(content, views_of))
+    name = one_line(content.subscriber.name)
+    return "".join(_text_pieces(content, views_of)).replace(_NAME_SLOT, name)
 
 
 def _text_pieces(content: DigestContent, views_of: _Views) -> list[str]:
-    """The text part in pieces of whole lines: the page before the papers (an
-    :class:`_OwnPiece`, it greets the subscriber), each paper, the page after them.
+    """The text part in pieces of whole lines: the page before the papers (with
+    ``_NAME_SLOT`` where the greeting's name goes), each paper, the page after them.
 
     The pieces are the page rendered whole (:func:`_render_text_whole`) when no line of
     them needs defusing, which is checked once per piece and process, and per subscriber
@@ -518,9 +558,8 @@ def _text_pieces(content: DigestContent, views_of: _Views) -> list[str]:
     name = one_line(content.subscriber.name)
     if page.clean and all(view.text_clean for view in views) \
             and not any(map(_needs_defusing_now, page.own_lines(name))):
-        return [_OwnPiece(page.before.replace(_NAME_SLOT, name)),
-                *[view.text_paper for view in views], page.after]
-    return [_render_text_whole(content, views_of)]
+        return [page.before, *[view.text_paper for view in views], page.after]
+    return [_OwnPiece(_render_text_whole(content, views_of))]
 
 
 def _render_text_whole(content: DigestContent, views_of: _Views) -> str:
@@ -601,9 +640,8 @@ def render_html(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
 
 def _render_html(content: DigestContent, smtp: SmtpConfig, views_of: _Views) -> str:
     reply = reply_address(smtp, content.token)
-    # The reply address goes into mailto links only, URL-quoted: it can never be text.
     pieces = _html_pieces(content, views_of)
-    return "".join(pieces).replace(_REPLY_SLOT, quote(reply, safe="@+"))
+    return _filled("".join(pieces), _html_fills(one_line(content.subscriber.name), reply))
 
 
 def html_pieces(content: DigestContent) -> list[str]:
@@ -616,7 +654,8 @@ def html_pieces(content: DigestContent) -> list[str]:
     and each piece is checked once: a paper row once per process, not per subscriber.
     A row that holds a command is rendered again with every field labelled.
     """
-    return _html_pieces(content, _Views(content))
+    name = str(markupsafe.escape(one_line(content.subscriber.name)))
+    return [piece.replace(_NAME_SLOT, name) for piece in _html_pieces(content, _Views(content))]
 
 
 def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
@@ -636,8 +675,7 @@ def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
     if unsafe:
         raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
                            f"{list(unsafe[:3])!r}")
-    intro = _OwnPiece(page.intro.replace(_NAME_SLOT, str(markupsafe.escape(name))))
-    return [page.head, intro, *rows, page.footer]
+    return [page.head, page.intro, *rows, page.footer]
 
 
 @dataclass(frozen=True)

@@ -370,14 +370,18 @@ _LINES_PIECE = st.tuples(_TEXT_PIECES, st.integers(0, 3)).map(
     lambda piece: piece[0] + "\n" if piece[1] else piece[0])
 
 
-@settings(max_examples=200, deadline=None)
-@given(pieces=st.lists(_LINES_PIECE, max_size=6), own=st.lists(st.booleans(), max_size=6))
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.lists(st.sampled_from([render._NAME_SLOT, render._REPLY_SLOT]) | _LINES_PIECE,
+                                max_size=4).map("".join), max_size=6),
+       own=st.lists(st.booleans(), max_size=6), name=_FIELD, reply=_FIELD)
 def test_a_part_encoded_in_pieces_is_the_part_encoded_whole(
-        pieces: list[str], own: list[bool]) -> None:
-    """Pieces quoted-printable encoded once each and joined are the body encoded whole,
-    with the same choice of 7bit, quoted-printable or base64, for any pieces."""
+        pieces: list[str], own: list[bool], name: str, reply: str) -> None:
+    """Pieces quoted-printable encoded once each (per message only their lines with a
+    stand-in, filled) and joined are the body filled and encoded whole, with the same
+    choice of 7bit, quoted-printable or base64, for any pieces."""
     pieces = [render._OwnPiece(piece) if n < len(own) and own[n] else piece
               for n, piece in enumerate(pieces)]
+    fills = ((render._NAME_SLOT, one_line(name)), (render._REPLY_SLOT, one_line(reply)))
     delimiter = b"--=_abc"
-    assert render._part("plain", pieces, delimiter) == render._part_of_text(
-        "plain", "".join(pieces), delimiter)
+    assert render._part("plain", pieces, delimiter, fills) == render._part_of_text(
+        "plain", render._filled("".join(pieces), fills), delimiter)

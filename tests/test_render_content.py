@@ -263,8 +263,8 @@ def test_no_or_unknown_relevance_shows_nothing(level: str | None) -> None:
 
 def test_like_and_skip_are_buttons_with_room_between_them() -> None:
     html = render_html(digest(paper(1), paper(2)), SMTP)
-    buttons = re.findall(r'<a href="mailto:[^"]*subject=(like|skip)%20(\d)[^"]*" style="([^"]*)"'
-                         r'>(Like|Skip)</a>', html)
+    buttons = re.findall(r'<a\s+href="mailto:[^"]*subject=(like|skip)%20(\d)[^"]*"\s+'
+                         r'style="([^"]*)"\s*>(Like|Skip)</a>', html)
     assert [(word, n) for word, n, _, _ in buttons] == [
         ("like", "1"), ("skip", "1"), ("like", "2"), ("skip", "2")]
     for _, _, style, _ in buttons:
@@ -274,7 +274,7 @@ def test_like_and_skip_are_buttons_with_room_between_them() -> None:
         padding = int(re.search(r"padding:(\d+)px", style).group(1))
         border = re.search(r"border:(\d+)px", style)
         assert 2 * padding + 2 * (int(border.group(1)) if border else 0) + 20 == 46, style
-    rows = re.findall(r"Rate paper \d: &nbsp;<a .*?</a>(.*?)<a ", html)
+    rows = re.findall(r"Rate paper \d: &nbsp;<a\s.*?</a>(.*?)<a\s", html, re.DOTALL)
     assert rows and all(gap == "&nbsp;&nbsp;&nbsp;" for gap in rows)
     assert "line-height:20px" in re.search(r"<p style=\"([^\"]*)\">Rate paper 1", html).group(1)
 
