@@ -48,6 +48,7 @@ from email.utils import format_datetime, parseaddr
 from functools import cache, cached_property, lru_cache
 from html.parser import HTMLParser
 from importlib.resources.abc import Traversable
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -367,14 +368,14 @@ def _part(subtype: str, pieces: Sequence[str], delimiter: bytes,
     """
     encoded = [_encode_piece(piece) if isinstance(piece, _OwnPiece) else _encoded_piece(piece)
                for piece in pieces]
-    if not all([piece.whole for piece in encoded]):
+    if not all(map(attrgetter("whole"), encoded)):
         return _part_of_text(subtype, _filled("".join(pieces), fills), delimiter)
-    if any([piece.chunks for piece in encoded]):
+    if any(map(attrgetter("chunks"), encoded)):
         # Lines with a stand-in are filled and encoded for this message.
         encoded = [_encode_piece(_filled(chunk, fills)) if isinstance(chunk, str) else chunk
                    for piece in encoded for chunk in (piece.chunks or (piece,))]
     raws = [piece.raw for piece in encoded]
-    seven_bit = all([piece.seven_bit for piece in encoded])
+    seven_bit = all(map(attrgetter("seven_bit"), encoded))
     quoted = [piece.quoted for piece in encoded]
     if not any(raws):  # no text at all is one empty line, as the email package writes it
         return _part_of_text(subtype, "", delimiter)
