@@ -14,7 +14,10 @@ All of it is a pure function of the paper (and of the reason, position and
 level), so it is memoised per process in bounded caches (``PAPER_MEMO`` and the
 other ``*_MEMO`` sizes): a dispatch converts a paper's LaTeX and renders its
 pieces once, not once per subscriber. Templates are compiled, and the
-stylesheet inlined into them, once per process too.
+stylesheet inlined into them, once per process too. The page around the papers
+is rendered once per set of counts and dates with a stand-in for the
+subscriber's name, and each piece's quoted-printable encoding is memoised, so
+per message only the lines holding the name or the reply address are new.
 
 Replies are read as commands, and a reply often quotes the original without
 ``>`` marks, so no line of the email (text part, or the HTML read as text the
@@ -22,7 +25,8 @@ way the reply reader reads it) is ever read as a command: templates name
 commands only inside sentences, and every line of both parts is checked with
 the reply parser's own test (:func:`digest.replies.parse.reads_as_command`);
 the HTML part is checked in pieces whose lines cover the whole part's
-(:func:`html_pieces`), each once per process. A title, author list or abstract
+(:func:`html_pieces`), each once per process, and so is the text part when no line
+of its pieces needs defusing (else it is rendered and defused whole). A title, author list or abstract
 that would read as one gets a label ("Title:", "Authors:", "Abstract:"); a
 wrapped line that would is joined onto the line before it.
 """
