@@ -14,7 +14,10 @@ All of it is a pure function of the paper (and of the reason, position and
 level), so it is memoised per process in bounded caches (``PAPER_MEMO`` and the
 other ``*_MEMO`` sizes): a dispatch converts a paper's LaTeX and renders its
 pieces once, not once per subscriber. Templates are compiled, and the
-stylesheet inlined into them, once per process too.
+stylesheet inlined into them, once per process too. The page around the papers
+is rendered once per set of counts and dates with a stand-in for the
+subscriber's name, and each piece's quoted-printable encoding is memoised, so
+per message only the lines holding the name or the reply address are new.
 
 Replies are read as commands, and a reply often quotes the original without
 ``>`` marks, so no line of the email (text part, or the HTML read as text the
@@ -22,7 +25,8 @@ way the reply reader reads it) is ever read as a command: templates name
 commands only inside sentences, and every line of both parts is checked with
 the reply parser's own test (:func:`digest.replies.parse.reads_as_command`);
 the HTML part is checked in pieces whose lines cover the whole part's
-(:func:`html_pieces`), each once per process. A title, author list or abstract
+(:func:`html_pieces`), each once per process, and so is the text part when no line
+of its pieces needs defusing (else it is rendered and defused whole). A title, author list or abstract
 that would read as one gets a label ("Title:", "Authors:", "Abstract:"); a
 wrapped line that would is joined onto the line before it.
 """
@@ -45,15 +49,17 @@ from email import message_from_bytes, message_from_string
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from html.parser import HTMLParser
 from importlib.resources.abc import Traversable
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import css_inline
 import jinja2
+import markupsafe
 from pylatexenc import latexwalker, macrospec
 from pylatexenc.latex2text import LatexNodes2Text, MacroTextSpec, get_default_latex_context_db
 
@@ -293,8 +299,9 @@ def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
     ]
     delimiter = f"--{boundary}".encode("ascii")
     views = _Views(content)
-    body = [_part("plain", _render_text(content, views), delimiter),
-            _part("html", _render_html(content, smtp, views), delimiter)]
+    name = one_line(content.subscriber.name)
+    body = [_part("plain", _text_pieces(content, views), delimiter, ((_NAME_SLOT, name),)),
+            _part("html", _html_pieces(content, views), delimiter, _html_fills(name, reply))]
     data = b"".join([*head, *body, delimiter, b"--\r\n"])
     return RenderedDigest(data=data, message_id=message_id, subject=subject, smtputf8=smtputf8)
 
@@ -350,12 +357,57 @@ def _folded(name: str, value: str, policy: email.policy.EmailPolicy) -> bytes:
     return policy.fold_binary(name, policy.header_store_parse(name, value)[1])
 
 
-def _part(subtype: str, content: str, delimiter: bytes) -> bytes:
-    """One text part (UTF-8) after its delimiter line: its headers and its encoded body.
+def _part(subtype: str, pieces: Sequence[str], delimiter: bytes,
+          fills: Sequence[tuple[str, str]] = ()) -> bytes:
+    """One text part (UTF-8) after its delimiter line: its headers and its encoded body,
+    the body being ``pieces`` joined, each stand-in of ``fills`` (stand-in, text) replaced
+    by its text (which holds no line break).
 
     As the email package does with a 7bit policy: ASCII with short lines stays 7bit, other
     text goes quoted-printable, or base64 when that is shorter (mostly non-Latin text).
+    Pieces that are whole lines (end with LF, no CR) are encoded once per process each
+    (:func:`_encoded_piece`), and per message only their lines that hold a stand-in:
+    quoted-printable encodes each line on its own, so the encodings joined are the whole
+    body's (a test checks against :func:`_part_of_text`).
     """
+    encoded = [_encode_piece(piece) if isinstance(piece, _OwnPiece) else _encoded_piece(piece)
+               for piece in pieces]
+    if not all(map(attrgetter("whole"), encoded)):
+        return _part_of_text(subtype, _filled("".join(pieces), fills), delimiter)
+    if any(map(attrgetter("chunks"), encoded)):
+        # Lines with a stand-in are filled and encoded for this message.
+        encoded = [_encode_piece(_filled(chunk, fills)) if isinstance(chunk, str) else chunk
+                   for piece in encoded for chunk in (piece.chunks or (piece,))]
+    raws = [piece.raw for piece in encoded]
+    seven_bit = all(map(attrgetter("seven_bit"), encoded))
+    quoted = [piece.quoted for piece in encoded]
+    if not any(raws):  # no text at all is one empty line, as the email package writes it
+        return _part_of_text(subtype, "", delimiter)
+    raw = b"".join(raws)
+    if seven_bit and delimiter not in raw:
+        return _part_bytes(subtype, "7bit", raw, delimiter)
+    body = b"".join(quoted)
+    if len(body) > len(raw) * 4 // 3:  # worth comparing with base64's size
+        encoded64 = base64.encodebytes(raw)
+        if len(encoded64) < len(body):
+            return _part_bytes(subtype, "base64", encoded64, delimiter)
+    return _part_bytes(subtype, "quoted-printable", body, delimiter)
+
+
+def _filled(text: str, fills: Sequence[tuple[str, str]]) -> str:
+    for slot, value in fills:
+        text = text.replace(slot, value)
+    return text
+
+
+def _html_fills(name: str, reply: str) -> tuple[tuple[str, str], ...]:
+    """What the HTML part's stand-ins become: the name escaped as Jinja escapes it, the
+    reply address URL-quoted (it goes into mailto links only: it can never be text)."""
+    return ((_NAME_SLOT, str(markupsafe.escape(name))), (_REPLY_SLOT, quote(reply, safe="@+")))
+
+
+def _part_of_text(subtype: str, content: str, delimiter: bytes) -> bytes:
+    """:func:`_part` for any text, encoded whole: the rule the piecewise encoding follows."""
     lines = content.encode("utf-8").splitlines() or [b""]  # CR, LF or CRLF, as email does
     raw = b"\n".join(lines) + b"\n"
     if raw.isascii() and max(map(len, lines), default=0) <= SEVEN_BIT_LINE \
@@ -367,11 +419,65 @@ def _part(subtype: str, content: str, delimiter: bytes) -> bytes:
             encoded = base64.encodebytes(raw)
             if len(encoded) < len(body):
                 cte, body = "base64", encoded
+    return _part_bytes(subtype, cte, body, delimiter)
+
+
+def _part_bytes(subtype: str, cte: str, body: bytes, delimiter: bytes) -> bytes:
     body = body.replace(b"\n", b"\r\n")
     head = (f'\r\nContent-Type: text/{subtype}; charset="utf-8"\r\n'
             f"Content-Transfer-Encoding: {cte}\r\n\r\n")
     # The CRLF before the next delimiter belongs to it (RFC 2046), not to this body.
     return delimiter + head.encode("ascii") + body + b"\r\n"
+
+
+def _whole_lines(piece: str) -> bool:
+    """True when ``piece`` is whole lines: it ends with LF (or is empty) and holds no CR
+    (the email package also ends a line at a CR), so a body's lines are its pieces'."""
+    return (piece.endswith("\n") or not piece) and "\r" not in piece
+
+
+class _EncodedPiece(NamedTuple):
+    """A piece as a part's body holds it: UTF-8 (LF line ends) and quoted-printable;
+    ``seven_bit`` when ASCII with lines of at most SEVEN_BIT_LINE; ``whole`` when it is
+    whole lines (:func:`_whole_lines`), so that it can be encoded apart. A piece of whole
+    lines with stand-ins has ``chunks``: its runs of lines without one, encoded, and each
+    line with one, as text to fill and encode per message."""
+
+    raw: bytes
+    quoted: bytes
+    seven_bit: bool
+    whole: bool
+    chunks: tuple[_EncodedPiece | str, ...] | None = None
+
+
+def _encode_piece(piece: str) -> _EncodedPiece:
+    raw = piece.encode("utf-8")
+    seven_bit = raw.isascii() and max(map(len, raw.split(b"\n"))) <= SEVEN_BIT_LINE
+    whole = _whole_lines(piece)
+    if whole and (_NAME_SLOT in piece or _REPLY_SLOT in piece):
+        chunks: list[_EncodedPiece | str] = []
+        run: list[str] = []
+        for line in piece[:-1].split("\n"):
+            if _NAME_SLOT in line or _REPLY_SLOT in line:
+                if run:
+                    chunks.append(_encode_piece("".join(run)))
+                    run = []
+                chunks.append(line + "\n")
+            else:
+                run.append(line + "\n")
+        if run:
+            chunks.append(_encode_piece("".join(run)))
+        return _EncodedPiece(raw, b"", seven_bit, whole, tuple(chunks))
+    return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True), seven_bit, whole)
+
+
+class _OwnPiece(str):
+    """A piece of a part that one subscriber's message alone holds (a text part rendered
+    whole, see :func:`_text_pieces`): encoded each time, not memoised."""
+
+
+# Pieces shared by many messages (a paper's, a page's), encoded once per process.
+_encoded_piece = lru_cache(maxsize=ROW_MEMO)(_encode_piece)
 
 
 @lru_cache(maxsize=LINE_MEMO)
@@ -428,6 +534,11 @@ class _Views:
         self.items = sorted(content.items, key=lambda item: item.position)
         self._views: dict[bool, list[_ItemView]] = {}
 
+    @cached_property
+    def page_key(self) -> tuple[Any, ...]:
+        """What the page around the papers shows but the name (:func:`_page_key`)."""
+        return _page_key(self.content, self.items)
+
     def __call__(self, *, label_all: bool) -> list[_ItemView]:
         if label_all not in self._views:
             self._views[label_all] = [_view_of(item, self.content.local_date,
@@ -436,17 +547,92 @@ class _Views:
 
 
 def _render_text(content: DigestContent, views_of: _Views) -> str:
+    name = one_line(content.subscriber.name)
+    return "".join(_text_pieces(content, views_of)).replace(_NAME_SLOT, name)
+
+
+def _text_pieces(content: DigestContent, views_of: _Views) -> list[str]:
+    """The text part in pieces of whole lines: the page before the papers (with
+    ``_NAME_SLOT`` where the greeting's name goes), each paper, the page after them.
+
+    The pieces are the page rendered whole (:func:`_render_text_whole`) when no line of
+    them needs defusing, which is checked once per piece and process, and per subscriber
+    only for the lines that hold their name; otherwise the page is rendered whole."""
+    page = _text_page(views_of.page_key)
+    views = views_of(label_all=False)
+    name = one_line(content.subscriber.name)
+    if page.clean and all(view.text_clean for view in views) \
+            and not any(map(_needs_defusing_now, page.own_lines(name))):
+        return [page.before, *[view.text_paper for view in views], page.after]
+    return [_OwnPiece(_render_text_whole(content, views_of))]
+
+
+def _render_text_whole(content: DigestContent, views_of: _Views) -> str:
+    """The text part rendered whole, its lines defused, then labelled if still unsafe."""
     items = views_of.items
     for force in (False, True):
         views = views_of(label_all=force)
-        papers = "".join(map(_text_paper, views))
+        papers = "".join(view.text_paper for view in views)
         page = _environment().get_template(TEXT_TEMPLATE).render(
-            _page_context(content, items), items=views, papers=papers)
+            _page_context(content, items), papers=papers)
         text = defuse_command_lines(page)
         if not command_lines(text):
             return text
     raise UnsafeDigest(f"the text part has lines a reply would read as commands: "
                        f"{command_lines(text)[:3]!r}")
+
+
+@dataclass(frozen=True)
+class _PageText:
+    """The text part's page around the papers, for everyone it shows the same thing to:
+    ``before`` holds ``_NAME_SLOT`` where the subscriber's name goes."""
+
+    before: str
+    after: str
+    clean: bool  # whole lines, and no line but the name's needs defusing
+    name_lines: tuple[str, ...]  # the lines of ``before`` that hold the name
+
+    def own_lines(self, name: str) -> list[str]:
+        """The lines that hold the name, with ``name`` in them."""
+        return [line.replace(_NAME_SLOT, name) for line in self.name_lines]
+
+
+@lru_cache(maxsize=256)
+def _text_page(key: tuple[Any, ...]) -> _PageText:
+    context = {**dict(zip(_PAGE_KEY_FIELDS, key)), "name": _NAME_SLOT,
+               "command_links": _command_links()}
+    page = _environment().get_template(TEXT_TEMPLATE).render(context, papers=_PAPERS_SLOT)
+    before, _, after = page.partition(_PAPERS_SLOT)
+    lines = before.split("\n")
+    name_lines = tuple(line for line in lines if _NAME_SLOT in line)
+    constant = "\n".join(line for line in lines if _NAME_SLOT not in line)
+    clean = (_whole_lines(before) and _text_is_clean(constant) and _text_is_clean(after)
+             and _NAME_SLOT not in after and _PAPERS_SLOT not in after)
+    return _PageText(before=before, after=after, clean=clean, name_lines=name_lines)
+
+
+def _text_is_clean(text: str) -> bool:
+    """True when ``text`` is whole lines none of which :func:`defuse_command_lines` would
+    change or :func:`command_lines` would report."""
+    return (_whole_lines(text) and not any(map(_needs_defusing, text.split("\n")))
+            and not command_lines(text))
+
+
+def _needs_defusing_now(line: str) -> bool:
+    """:func:`_needs_defusing` for a line with a subscriber's own text (see
+    :func:`_reader_test` for why not memoised with shared lines); a line that ``splitlines`` would cut
+    (no name has one: :func:`one_line`) counts too, as the whole page's check reads it apart."""
+    return len(line.splitlines()) > 1 or starts_with_command(line) or _reader_test(line)
+
+
+@lru_cache(maxsize=16)
+def _reader_test(line: str) -> bool:
+    """:func:`reads_as_command` for lines with a subscriber's own text, in a memo of the
+    last few: it holds a digest's lines while both parts ask (the greeting line is the same
+    in both), and would only push shared lines out of the large one."""
+    from .replies.parse import reads_as_command as reader_test  # see reads_as_command
+
+    return reader_test(line)
 
 
 def render_html(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
@@ -459,9 +645,8 @@ def render_html(content: DigestContent, smtp: SmtpConfig | None = None) -> str:
 
 def _render_html(content: DigestContent, smtp: SmtpConfig, views_of: _Views) -> str:
     reply = reply_address(smtp, content.token)
-    # The reply address goes into mailto links only, URL-quoted: it can never be text.
     pieces = _html_pieces(content, views_of)
-    return "".join(pieces).replace(_REPLY_SLOT, quote(reply, safe="@+"))
+    return _filled("".join(pieces), _html_fills(one_line(content.subscriber.name), reply))
 
 
 def html_pieces(content: DigestContent) -> list[str]:
@@ -474,31 +659,82 @@ def html_pieces(content: DigestContent) -> list[str]:
     and each piece is checked once: a paper row once per process, not per subscriber.
     A row that holds a command is rendered again with every field labelled.
     """
-    return _html_pieces(content, _Views(content))
+    name = str(markupsafe.escape(one_line(content.subscriber.name)))
+    return [piece.replace(_NAME_SLOT, name) for piece in _html_pieces(content, _Views(content))]
 
 
 def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
     items = views_of.items
     rows: list[str] = []
     for n, item in enumerate(items):
-        row = _html_row(views_of(label_all=False)[n])
+        row = views_of(label_all=False)[n].html_row
         if row is None:
-            row = _html_row(views_of(label_all=True)[n])
+            row = views_of(label_all=True)[n].html_row
         if row is None:
             raise UnsafeDigest(f"the HTML part of paper {item.position} has lines a reply "
                                "would read as commands, even with every field labelled")
         rows.extend(row)
+    page = _html_page(views_of.page_key)
+    name = one_line(content.subscriber.name)
+    unsafe = page.unsafe or [line for line in page.own_lines(name) if _reader_test(line)]
+    if unsafe:
+        raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
+                           f"{list(unsafe[:3])!r}")
+    return [page.head, page.intro, *rows, page.footer]
+
+
+@dataclass(frozen=True)
+class _PageHtml:
+    """The HTML part's page around the papers, for everyone it shows the same thing to, in
+    pieces (:func:`html_pieces`): ``intro`` holds ``_NAME_SLOT`` where the subscriber's
+    name goes."""
+
+    head: str
+    intro: str
+    footer: str
+    unsafe: tuple[str, ...]  # lines, as the reply reader reads the pieces, it takes commands from
+    name_lines: tuple[str, ...]  # the intro's lines as the reader reads it that hold the name
+
+    def own_lines(self, name: str) -> list[str]:
+        """The lines, as the reply reader reads the intro, that hold ``name``.
+
+        The name is one line (:func:`one_line`) and goes into the HTML escaped, which the
+        reader undoes, inside a paragraph: so its line as the reader reads it is the line
+        with the stand-in, the stand-in replaced (a property test checks)."""
+        return [line.replace(_NAME_SLOT, name) for line in self.name_lines]
+
+
+@lru_cache(maxsize=256)
+def _html_page(key: tuple[Any, ...]) -> _PageHtml:
+    context = {**dict(zip(_PAGE_KEY_FIELDS, key)), "name": _NAME_SLOT,
+               "command_links": _command_links()}
     markup = jinja2.filters.Markup
     page = _environment().get_template(HTML_TEMPLATE).render(
-        _page_context(content, items), papers=markup(_PAPERS_SLOT), cut=markup(_CUT_SLOT))
+        context, papers=markup(_PAPERS_SLOT), cut=markup(_CUT_SLOT))
     before, _, footer = page.partition(_PAPERS_SLOT)
     head, _, intro = before.partition(_CUT_SLOT)
-    for piece in (head, intro, footer):
-        unsafe = _page_command_lines(piece)
-        if unsafe:
-            raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
-                               f"{list(unsafe[:3])!r}")
-    return [head, intro, *rows, footer]
+    intro_lines = reader_text(intro).splitlines()
+    name_lines = tuple(line for line in intro_lines if _NAME_SLOT in line)
+    unsafe = (*_page_command_lines(head),
+              *[line for line in intro_lines if _NAME_SLOT not in line
+                and reads_as_command(line)],
+              *_page_command_lines(footer))
+    if _NAME_SLOT in head + footer or (_NAME_SLOT in intro and not name_lines):
+        raise ValueError(f"{HTML_TEMPLATE}: the subscriber's name may only be shown in the "
+                         "part between the cut and the papers, as text")
+    return _PageHtml(head=head, intro=intro, footer=footer, unsafe=unsafe,
+                     name_lines=name_lines)
+
+
+# What the page around the papers shows but the subscriber's name (:func:`_page_context`):
+# pages are rendered once per process for each of these, the name put in after.
+_PAGE_KEY_FIELDS = ("day", "listed_span", "staleness", "considered", "shown", "personalised",
+                    "preheader")
+
+
+def _page_key(content: DigestContent, items: Sequence[DigestItem]) -> tuple[Any, ...]:
+    context = _page_context(content, items)
+    return tuple(context[field] for field in _PAGE_KEY_FIELDS)
 
 
 # Stand-ins, random per process so that no listing can hold them: the reply address (in
@@ -506,6 +742,8 @@ def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
 _REPLY_SLOT = "reply-" + secrets.token_hex(16)
 _PAPERS_SLOT = "<!--papers-" + secrets.token_hex(16) + "-->"
 _CUT_SLOT = "<!--cut-" + secrets.token_hex(16) + "-->"
+# ...and the subscriber's name, in pages rendered once for everyone with the same counts.
+_NAME_SLOT = "name" + secrets.token_hex(16)
 
 
 def _html_row(view: _ItemView) -> list[str] | None:
@@ -565,7 +803,7 @@ def _html_command_lines(piece: str) -> tuple[str, ...]:
     return tuple(command_lines(reader_text(piece)))
 
 
-# The footer is the same for every subscriber; the head holds their name and counts.
+# The head and footer are the same for every subscriber with the same counts and dates.
 _page_command_lines = lru_cache(maxsize=256)(_html_command_lines)
 
 
@@ -864,6 +1102,25 @@ class _ItemView:
     like_link: str
     skip_link: str
 
+    # A view is memoised (:func:`_item_view`) and shown to every subscriber who gets the
+    # paper at this position for this reason: its pieces are looked up once per view.
+    @cached_property
+    def html_row(self) -> tuple[str, ...] | None:
+        """The paper's row of the HTML part in pieces (:func:`_html_row`); None when a line
+        of it reads as a command."""
+        row = _html_row(self)
+        return None if row is None else tuple(row)
+
+    @cached_property
+    def text_paper(self) -> str:
+        """The paper in the text part (:func:`_text_paper`)."""
+        return _text_paper(self)
+
+    @cached_property
+    def text_clean(self) -> bool:
+        """True when no line of :attr:`text_paper` needs defusing (:func:`_text_is_clean`)."""
+        return _text_is_clean(self.text_paper)
+
     @property
     def relevance_bar(self) -> str:
         """``●●○``: the relevance as a bar of dots, for the text part."""
@@ -1156,10 +1413,25 @@ def _class_styles(class_lists: tuple[str, ...]) -> dict[str, str]:
     parser.close()
     styles = {}
     for n, classes in enumerate(class_lists):
-        style = parser.styles.get(str(n), "")
+        style = _compact_style(parser.styles.get(str(n), ""))
         # As an attribute value: '&', '<' and '"' escaped; Jinja syntax cannot occur in CSS.
         styles[classes] = style.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
     return styles
+
+
+def _compact_style(style: str) -> str:
+    """css-inline's ``margin: 0 0 10px;color: #616e7c;`` as ``margin:0 0 10px;color:#616e7c``:
+    the same declarations without the optional spaces and final semicolon (CSS Syntax
+    Level 3 ignores them), as every message repeats each style many times.
+
+    ``, `` in a value (a font list) becomes ``,``; the stylesheet holds no strings with
+    ``;``, ``:`` or ``,`` in them (font names are words), so splitting there is safe."""
+    declarations = [part.partition(":") for part in style.split(";") if part.strip()]
+    return ";".join(f"{name.strip()}:{_LIST_COMMA.sub(',', value.strip())}"
+                    for name, _, value in declarations)
+
+
+_LIST_COMMA = re.compile(r"\s*,\s*")
 
 
 def _read_template(name: str) -> str:

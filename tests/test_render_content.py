@@ -246,7 +246,7 @@ def test_relevance_shows_as_words_and_a_bar_never_a_score(level: str, bar: str) 
     assert f"relevance: {level} {bar}" in text
     assert f"{level} match" in html_as_text(html)
     filled = bar.count("●")
-    assert re.search(r'<span style="color: #2f855a;">' + "●" * filled + "</span>", html)
+    assert re.search(r'<span style="color:#2f855a">' + "●" * filled + "</span>", html)
     for body in (text, html):
         assert "0.87" not in body and "87%" not in body
 
@@ -263,16 +263,20 @@ def test_no_or_unknown_relevance_shows_nothing(level: str | None) -> None:
 
 def test_like_and_skip_are_buttons_with_room_between_them() -> None:
     html = render_html(digest(paper(1), paper(2)), SMTP)
-    buttons = re.findall(r'<a href="mailto:[^"]*subject=(like|skip)%20(\d)[^"]*" style="([^"]*)"'
-                         r'>(Like|Skip)</a>', html)
+    buttons = re.findall(r'<a\s+href="mailto:[^"]*subject=(like|skip)%20(\d)[^"]*"\s+'
+                         r'style="([^"]*)"\s*>(Like|Skip)</a>', html)
     assert [(word, n) for word, n, _, _ in buttons] == [
         ("like", "1"), ("skip", "1"), ("like", "2"), ("skip", "2")]
     for _, _, style, _ in buttons:
-        # 12 + 20 + 12 px of padding and line, plus a 1 px border each side: 46 px high.
-        assert "display: inline-block" in style and "padding: 12px 20px" in style
-    rows = re.findall(r"Rate paper \d: &nbsp;<a .*?</a>(.*?)<a ", html)
+        # Padding, border and the row's 20 px line: 12 + 1 + 20 + 1 + 12 (Skip, outlined) or
+        # 13 + 20 + 13 (Like, filled, no border): 46 px high either way.
+        assert "display:inline-block" in style
+        padding = int(re.search(r"padding:(\d+)px", style).group(1))
+        border = re.search(r"border:(\d+)px", style)
+        assert 2 * padding + 2 * (int(border.group(1)) if border else 0) + 20 == 46, style
+    rows = re.findall(r"Rate paper \d: &nbsp;<a\s.*?</a>(.*?)<a\s", html, re.DOTALL)
     assert rows and all(gap == "&nbsp;&nbsp;&nbsp;" for gap in rows)
-    assert "line-height: 20px" in re.search(r"<p style=\"([^\"]*)\">Rate paper 1", html).group(1)
+    assert "line-height:20px" in re.search(r"<p style=\"([^\"]*)\">Rate paper 1", html).group(1)
 
 
 # Text part
