@@ -121,68 +121,6 @@ def test_a_worker_prepares_the_same_digests_as_the_loop(
     worker_sim.close()
 
 
-class _Alternating:
-    """A SpareCpu that says yes every other time: the loop and the worker both prepare."""
-
-    def __init__(self) -> None:
-        self.asked = 0
-
-    def now(self) -> bool:
-        self.asked += 1
-        return self.asked % 2 == 0
-
-
-def test_a_loop_with_cpu_to_spare_prepares_beside_the_worker_and_the_digests_are_the_same(
-        tmp_path: Path, smtp_server: StartServer, few_make_a_worker: None,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    in_loop, shared = smtp_server(), smtp_server()
-    loop_sim = make_state(tmp_path / "loop", in_loop, 24, workers=0)
-    shared_sim = make_state(tmp_path / "shared", shared, 24, workers=1)
-    assert [o.status for o in loop_sim.tick(SEND)] == ["sent"] * 24
-    # Two jobs out at most, so the workers are "behind" often; the loop helps every
-    # other time it is asked.
-    monkeypatch.setattr(jobs_module, "PrepareWorkers",
-                        lambda *args, **kwargs: PrepareWorkers(*args, **kwargs, ahead=2, chunk=1))
-    monkeypatch.setattr(jobs_module, "SpareCpu", _Alternating)
-    here = Counter[str]()
-    real_prepare_here = jobs_module._prepare_here
-
-    async def counted(runtime: Any, job: Any, *args: Any, **kwargs: Any) -> Any:
-        here[job.subscriber.email] += 1
-        return await real_prepare_here(runtime, job, *args, **kwargs)
-
-    monkeypatch.setattr(jobs_module, "_prepare_here", counted)
-    assert [o.status for o in shared_sim.tick(SEND)] == ["sent"] * 24
-    assert 0 < len(here) < 24 and set(here.values()) == {1}  # both sides prepared
-    assert Counter(recipient(m.message) for m in shared.messages) == Counter(
-        recipient(m.message) for m in in_loop.messages)  # one message each
-    assert digests(shared_sim, shared) == digests(loop_sim, in_loop)
-    loop_sim.close()
-    shared_sim.close()
-
-
-def test_spare_cpu_is_judged_per_window_from_the_processes_cpu_time() -> None:
-    wall, cpu = [100.0], [10.0]
-    spare = jobs_module.SpareCpu(window=0.5, busy_below=0.85, clock=lambda: wall[0],
-                                 cpu=lambda: cpu[0])
-    assert not spare.now()  # nothing known yet
-    wall[0] += 1.0
-    cpu[0] += 0.5  # half busy
-    assert spare.now()
-    wall[0] += 0.2
-    cpu[0] += 0.2  # within the window: the judgement stands
-    assert spare.now()
-    wall[0] += 0.4
-    cpu[0] += 0.4  # fully busy over the window since the last judgement
-    assert not spare.now()
-    wall[0] += 1.0
-    cpu[0] += 0.86
-    assert not spare.now()
-    wall[0] += 1.0
-    cpu[0] += 0.84
-    assert spare.now()
-
-
 def _failing_rank(real: Any, interest: str) -> Any:
     def rank(index: Any, profile: Any, *args: Any, **kwargs: Any) -> Any:
         if interest in profile.interests:

@@ -461,7 +461,6 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                 batch = []
 
         pending: list[DigestRow] = []  # the claimed digests this dispatch resends
-        spare = SpareCpu()
         try:
             if not dry_run:
                 pending = await _resend_unsent(runtime, mailer, deliveries, subscribers,
@@ -498,17 +497,9 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                     judged = await _unit(runtime, sub.email,
                                          _judge_one(runtime, sub, now, force, library=True))
                     if isinstance(judged, PrepareJob):
-                        while workers.full and workers.has_answer and not stopped():
+                        while workers.full and not stopped():  # bounded: answers taken first
                             await take(*await _from_worker(runtime, workers, now))
-                        if workers.full and spare.now() and not stopped():
-                            # The workers are behind and this process has CPU to spare:
-                            # it prepares this one itself (the same digest either way).
-                            await take(place, await _unit(runtime, sub.email, _prepare_here(
-                                runtime, judged, now, library=False)))
-                        else:
-                            while workers.full and not stopped():  # bounded: answers first
-                                await take(*await _from_worker(runtime, workers, now))
-                            workers.submit(place, judged)
+                        workers.submit(place, judged)
                     else:
                         await take(place, judged)
                     while workers.has_answer and not stopped():
@@ -1175,39 +1166,6 @@ def _settle(runtime: Runtime, job: PrepareJob, result: Prepared | Unprepared | N
 # the dispatch already ends sooner (0.63 s against 1.14 s in the loop); a tick with a
 # handful due stays in the loop, where a fork would cost more than it saves.
 PREPARE_WORKER_MIN = 30
-
-
-class SpareCpu:
-    """Whether this process has had CPU to spare lately: busy less than ``busy_below`` of
-    the wall time over the last ``window`` seconds (``time.process_time``, all threads).
-
-    With a prepare worker, the dispatching process claims and sends (about 2.1 ms of CPU
-    a digest at 10,000 bench subscribers) while the worker ranks and renders (about 2.9
-    ms): the worker is the slower side, and the dispatching process waits for it about a
-    third of the time. When the workers are behind and this is true, the dispatching
-    process prepares the next digest itself; when it is itself the busy side (a slow
-    relay's many sessions, a loaded machine), it leaves the preparing to the workers.
-    0.85 leaves the sending its headroom: above it, deliveries would wait for preparing.
-    """
-
-    def __init__(self, *, window: float = 0.5, busy_below: float = 0.85,
-                 clock: Callable[[], float] = time.monotonic,
-                 cpu: Callable[[], float] = time.process_time) -> None:
-        self.window = window
-        self.busy_below = busy_below
-        self._clock = clock
-        self._cpu = cpu
-        self._since = (clock(), cpu())
-        self._spare = False  # judged after the first window: nothing is known before it
-
-    def now(self) -> bool:
-        """Whether to prepare here; re-judged once a window has passed."""
-        wall, cpu = self._clock(), self._cpu()
-        elapsed = wall - self._since[0]
-        if elapsed >= self.window:
-            self._spare = (cpu - self._since[1]) / elapsed < self.busy_below
-            self._since = (wall, cpu)
-        return self._spare
 
 
 class _WorkerSide:
