@@ -13,14 +13,15 @@ What each answer means (``SendError.kind``):
   idle then; a 421 closes its session), then reported ``deferred``;
 * a 5xx reply at RCPT is final for that recipient (``recipient``: the address
   bounces), except a refusal about relaying or login (530, 5.7.x "relay
-  access denied") and the same 5xx, before any address was accepted, for
-  first tries at ``SAME_REFUSAL_LIMIT`` different domains (or
-  ``ONE_DOMAIN_REFUSAL_LIMIT`` different recipients): those are ``config`` (the
-  server's setup; nobody is marked). Before any address was accepted, other
-  5xx replies without a 5.1.x code (or words about the address, such as
-  "Unrouteable address") are ``deferred`` with ``held_back`` set: the caller
-  tries them once more after an address was accepted, and they are final
-  then. A 5xx reply after DATA (552, 554) is final for that message only
+  access denied") and the same 5xx (compared without the recipient's address
+  or name in it), before any address was accepted, for first tries at
+  ``SAME_REFUSAL_LIMIT`` different domains (or ``ONE_DOMAIN_REFUSAL_LIMIT``
+  different recipients; always the latter for words about the address, such
+  as "Unrouteable address" or 5.1.1 "User unknown"): those are ``config`` (the
+  server's setup; nobody is marked). Before any address was accepted, the
+  other 5xx replies are ``deferred`` with ``held_back`` set: the caller tries
+  them once more after an address was accepted, and they are final then.
+  A 5xx reply after DATA (552, 554) is final for that message only
   (``message``: the address is fine);
 * a server that cannot be reached, stays silent until the timeout or drops the
   connection twice in a row for one message before its recipients (once is
@@ -610,14 +611,20 @@ class Mailer:
             return outcome
         for recipient in list(outcome.refused):
             response = errors[recipient]
-            if _mailbox_refusal(response.message):
-                continue  # 5.1.x: this address, clearly
             reply = f"{response.code} {response.message}"
+            # Words about the address ("Unrouteable address", 5.1.1 "User unknown") need
+            # more recipients than other refusals before they count as the server's setup:
+            # a few bad addresses at the top of the list are common, a relay answering that
+            # for ten different recipients and no accepted one is not (Exim says it when it
+            # cannot route at all).
+            mailbox = _mailbox_refusal(response.message)
             if evidence:
-                self._first_refusals.setdefault(recipient.lower(), reply)
-                same = [r for r, text in self._first_refusals.items() if text == reply]
+                shape = _refusal_shape(reply, recipient)
+                self._first_refusals.setdefault(recipient.lower(), shape)
+                same = [r for r, text in self._first_refusals.items() if text == shape]
                 domains = {r.rpartition("@")[2] for r in same}
-                if len(domains) >= SAME_REFUSAL_LIMIT or len(same) >= ONE_DOMAIN_REFUSAL_LIMIT:
+                if (len(domains) >= SAME_REFUSAL_LIMIT and not mailbox) or \
+                        len(same) >= ONE_DOMAIN_REFUSAL_LIMIT:
                     raise self._hold(SendError(
                         self.where, f"the server refused the first {len(same)} different "
                         f"recipients ({len(domains)} domain(s)) with the same answer ({reply}) "
@@ -957,7 +964,9 @@ def _crowded(exc: BaseException) -> bool:
     (421 "too many connections"), a connection closed before the greeting, or no greeting
     until the timeout (a tarpit for the sessions beyond a cap) on a connection it accepted."""
     if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
-        return 400 <= exc.code < 500
+        # Only asked while sessions of ours are open and working: then even a 5xx greeting
+        # (554 "too many connections from your host") refuses one more session, not us.
+        return 400 <= exc.code < 600
     if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
         # aiosmtplib says "no greeting" with a read timeout as the cause; a timeout of the
         # TCP connect itself (an unreachable host) has a plain TimeoutError there.
@@ -1002,6 +1011,20 @@ def _sort_refusals(errors: dict[str, aiosmtplib.SMTPResponse]) -> _Attempt:
             outcome.refused[recipient] = SendError(recipient, f"address refused ({problem})",
                                                    kind="recipient")
     return outcome
+
+
+def _refusal_shape(reply: str, recipient: str) -> str:
+    """A refusal's text without what names the recipient (``<u7@example.org> rejected``,
+    ``u7: no such user``), so that one answer given to many recipients compares equal."""
+    text = re.sub(r"<[^<>]*>", "<>", reply)
+    local = recipient.rpartition("@")[0]
+    # The local part alone only as a whole word, and only when it is not a short word that
+    # the answer may use itself ("a", "no").
+    for name in (recipient, local if len(local) >= 3 else ""):
+        if name:
+            text = re.sub(rf"(?<![\w.+-]){re.escape(name)}(?![\w.+-])", "*", text,
+                          flags=re.IGNORECASE)
+    return " ".join(text.lower().split())
 
 
 def _policy_refusal(code: int, text: str) -> bool:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .helpers import sample_dumps
+
+# A test runner started as a script's background job has SIGINT ignored, and every child
+# process would inherit that (the daemon and the benches keep an inherited "ignore"): the
+# tests start from what a terminal gives, Python's own handler (SIG_DFL after an exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

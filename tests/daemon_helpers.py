@@ -141,16 +141,22 @@ def utc(text: str) -> datetime:
 class DaemonProcess:
     """``python -m digest --config PATH run`` as a child process, its log in a file."""
 
-    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None,
+                 *, sigint: Any = signal.SIG_DFL):
         self.log_path = log_path
         self._log = log_path.open("ab")
         environment = {**os.environ, "PYTHONPATH": str(ROOT)}
         environment.pop("JOURNAL_STREAM", None)  # the test runner's own journal, if any
         environment.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "digest", "--config", str(config_path), "run"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT,
-        )
+        # The child inherits an ignored SIGINT (a caught one is default after exec).
+        runner = signal.signal(signal.SIGINT, sigint)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "digest", "--config", str(config_path), "run"],
+                stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT,
+            )
+        finally:
+            signal.signal(signal.SIGINT, runner)
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -187,8 +193,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "
 
 @contextmanager
 def daemon_process(config_path: Path, log_path: Path,
-                   env: dict[str, str] | None = None) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(config_path, log_path, env)
+                   env: dict[str, str] | None = None, *,
+                   sigint: Any = signal.SIG_DFL) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(config_path, log_path, env, sigint=sigint)
     try:
         yield process
     finally:

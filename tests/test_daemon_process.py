@@ -75,6 +75,27 @@ def test_run_sends_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path,
         assert line.startswith("<"), line
 
 
+@pytest.mark.parametrize("ignored", [True, False])
+def test_a_sigint_the_daemon_was_started_ignoring_stays_ignored(
+        tmp_path: Path, smtp_server: StartServer, ignored: bool) -> None:
+    server = smtp_server()
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(1),
+                                 digest=FAST)
+    with daemon_process(config, tmp_path / "daemon.log",
+                        sigint=signal.SIG_IGN if ignored else signal.SIG_DFL) as daemon:
+        wait_until(lambda: len(server.messages) == 1, what="the first digest")
+        daemon.signal(signal.SIGINT)
+        if ignored:
+            time.sleep(1)  # a few ticks: still running
+            assert daemon.proc.poll() is None
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait_exit() == 0
+        else:
+            assert daemon.wait_exit() == 0  # a stop asked for, as SIGTERM's
+    assert ("daemon: SIGINT received" in daemon.log()) is not ignored
+
+
 def test_sigterm_during_a_dispatch_loses_and_repeats_nothing(tmp_path: Path,
                                                              smtp_server: StartServer) -> None:
     server = smtp_server(delay=0.1)

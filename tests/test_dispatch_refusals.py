@@ -227,3 +227,40 @@ def test_a_relay_refusing_everyone_at_one_domain_is_still_held(
         assert not any(sim.store.subscriber_state(e).bouncing for e in group)
     finally:
         sim.close()
+
+
+def test_a_relay_naming_each_refused_recipient_is_still_held(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """The same refusal with the address in it (Exim's "<a@b> rejected: Administrative
+    prohibition") is one answer, not a different one per recipient."""
+    everyone = [f"user{n}@domain{n % 4}.example" for n in range(8)]
+    server = smtp_server(reject={email: f"550 <{email}> rejected: Administrative prohibition"
+                                 for email in everyone})
+    sim = sim_with(tmp_path, server.port, everyone)
+    try:
+        outcomes = sim.tick(utc("2026-03-02 08:00"))
+        hold = sim.runtime.smtp_hold
+        assert hold is not None and "the first 3 different recipients" in hold.reason
+        assert [o.status for o in outcomes] == ["retry"] * 3 + ["deferred"] * 5
+        assert not any(sim.store.subscriber_state(e).bouncing for e in everyone)
+    finally:
+        sim.close()
+
+
+@pytest.mark.parametrize("reply", ["550 Unrouteable address",
+                                   "550 5.1.1 User unknown in local recipient table"])
+def test_a_relay_refusing_everyone_with_words_about_addresses_is_held_not_bounced(
+        tmp_path: Path, smtp_server: StartServer, reply: str) -> None:
+    """Words about the address need ten different recipients, but then they are the
+    server's setup: nobody's digest fails and nobody is marked bouncing."""
+    everyone = [f"user{n:02d}@domain{n % 6}.example" for n in range(12)]
+    server = smtp_server(reject={email: reply for email in everyone})
+    sim = sim_with(tmp_path, server.port, everyone)
+    try:
+        outcomes = sim.tick(utc("2026-03-02 08:00"))
+        assert [o.status for o in outcomes] == ["retry"] * 10 + ["deferred"] * 2
+        hold = sim.runtime.smtp_hold
+        assert hold is not None and "the first 10 different recipients" in hold.reason
+        assert not any(sim.store.subscriber_state(e).bouncing for e in everyone)
+    finally:
+        sim.close()

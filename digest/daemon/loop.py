@@ -31,6 +31,7 @@ from ..store import Store, utc_now
 from .jobs import FATAL_ERRORS, Runtime, dispatch, scan
 from .lock import StateLock
 from .notify import Notifier
+from .prepare_worker import SIGINT_IGNORED_AT_START
 from .status import subscriber_status
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,10 @@ class Daemon:
             raise
         self._runtime = Runtime(config, store, lock=self.lock)
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # A SIGINT ignored when the daemon started (``nohup``, ``trap '' INT``, a
+        # background job of a script) stays ignored, as it does in other programs.
+        stops = (signal.SIGTERM,) if SIGINT_IGNORED_AT_START else (signal.SIGINT, signal.SIGTERM)
+        for signum in stops:
             loop.add_signal_handler(signum, self._request_stop, signum)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         self._scheduler = scheduler = AsyncIOScheduler(event_loop=loop)
@@ -128,7 +132,7 @@ class Daemon:
             await self._drain()
             if watchdog is not None:
                 watchdog.cancel()
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for signum in (*stops, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             self.runtime.store.close()
             self._stop_sink()
