@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from digest.dumps import parse_file
+from digest.paper import Paper
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 EXAMPLES = ROOT / "examples" / "inbox"
@@ -15,6 +18,12 @@ EXAMPLES = ROOT / "examples" / "inbox"
 def sample_dumps() -> list[Path]:
     """The two real sample dumps bundled with the project (copied from shared/samples)."""
     return sorted(EXAMPLES.glob("*.txt"))
+
+
+def sample_papers() -> list[Paper]:
+    """The papers of both sample dumps, each id once (the later dump's copy kept)."""
+    dumps = [parse_file(path).papers for path in sample_dumps()]
+    return list({p.id: p for dump in dumps for p in dump}.values())
 
 
 def require_shared(*parts: str) -> Path:

@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from digest.config import RankingConfig
-from digest.dumps import parse_file
 from digest.paper import Paper
 from digest.rank import (
     CorpusIndex,
@@ -30,7 +29,7 @@ from digest.rank import (
     _standardise,
 )
 
-from .helpers import sample_dumps
+from .helpers import sample_papers
 from .test_rank_scale import PHRASES, TEXTS
 
 SPREAD_NOISE_VALUES = [0.0, 0.1, 0.25, 0.25, 0.5, 1.0, -0.3, 1e-7, -1e-7]
@@ -38,8 +37,7 @@ SPREAD_NOISE_VALUES = [0.0, 0.1, 0.25, 0.25, 0.5, 1.0, -0.3, 1e-7, -1e-7]
 
 @pytest.fixture(scope="module")
 def papers() -> list[Paper]:
-    dumps = [parse_file(path).papers for path in sample_dumps()]
-    return list({p.id: p for dump in dumps for p in dump}.values())
+    return sample_papers()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from digest.config import RankingConfig
-from digest.dumps import parse_file
 from digest.paper import Paper
 from digest.rank import (
     PHRASE_MATCHES,
@@ -32,7 +31,7 @@ from digest.rank import (
 )
 
 from . import rank_reference as reference
-from .helpers import sample_dumps
+from .helpers import sample_papers
 
 # Phrases of the sample titles, one the corpus has never seen, one of stop words only.
 PHRASES = ("domain adaptation", "language model alignment", "diffusion", "video generation",
@@ -45,8 +44,7 @@ TEXTS = (("Adapting detectors across domains",
 
 @pytest.fixture(scope="module")
 def papers() -> list[Paper]:
-    dumps = [parse_file(path).papers for path in sample_dumps()]
-    return list({p.id: p for dump in dumps for p in dump}.values())
+    return sample_papers()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from digest.config import RankingConfig, Subscriber
-from digest.dumps import parse_file
 from digest.paper import Paper
 from digest.rank import (
     LEVELS,
@@ -27,7 +26,7 @@ from digest.rank import (
 )
 from digest.store import ItemRow, LibraryEntry, Store, utc_now
 
-from .helpers import sample_dumps
+from .helpers import sample_papers
 
 NO_EXPLORE = RankingConfig(explore_fraction=0.0)
 LIKED = ("Pareto Domain Adaptation",
@@ -39,8 +38,7 @@ NEGATIVE = ("Large Language Model Alignment: A Survey",
 
 @pytest.fixture(scope="module")
 def papers() -> list[Paper]:
-    dumps = [parse_file(path).papers for path in sample_dumps()]
-    return list({p.id: p for dump in dumps for p in dump}.values())
+    return sample_papers()
 
 
 @pytest.fixture(scope="module")
