@@ -62,6 +62,10 @@ DEFAULT_STABLE_SECONDS = 5.0  # a file still being written changes within second
 DEFAULT_PREPARE_WORKERS = 1
 MAX_PREPARE_WORKERS = 16
 DEFAULT_SMTP_TIMEOUT = 30.0  # seconds; long enough for a slow relay, short enough to notice
+# Seconds to wait for the reply to a message's end ("." after DATA): RFC 5321 4.5.3.2.6 gives
+# the server 10 minutes there (it may be scanning the message). Given up sooner, a digest the
+# server did take stays claimed and is sent again: a duplicate.
+DEFAULT_SMTP_DATA_TIMEOUT = 600.0
 DEFAULT_SMTP_ATTEMPTS = 4  # a 4xx or a dropped connection: try again, a few times
 DEFAULT_SMTP_RETRY_SECONDS = 2.0  # first backoff; doubles per attempt (2, 4, 8 s)
 # SMTP sessions at once: 4 overlap the network with the CPU work (raw aiosmtplib to a loopback
@@ -170,6 +174,7 @@ class SmtpConfig:
     sender: str = "Paper Digest <digest@localhost>"
     reply_to: str = "digest+{token}@localhost"
     timeout: float = DEFAULT_SMTP_TIMEOUT
+    data_timeout: float = DEFAULT_SMTP_DATA_TIMEOUT  # for the reply to DATA and the message's end
     verify_tls: bool = True
     ca_file: Path | None = None  # PEM CA file to trust (self-signed or private CA)
     sink: Path | None = None  # folder the embedded aiosmtpd sink writes .eml/.html to
@@ -994,6 +999,8 @@ SMTP_KEYS: dict[str, Spec] = {
     "reply_to": ReplyTo(default="digest+{token}@localhost", why="as from"),
     "timeout": _timeout(DEFAULT_SMTP_TIMEOUT, "long enough for a slow relay, short enough to "
                         "notice"),
+    "data_timeout": _timeout(DEFAULT_SMTP_DATA_TIMEOUT, "RFC 5321 4.5.3.2.6 gives the server "
+                             "10 minutes to answer a message's end; sooner is a duplicate"),
     "verify_tls": Flag(default=True, why="a certificate is checked unless you say otherwise"),
     "ca_file": PathValue(why="none: the system's CA store"),
     "sink": PathValue(why="none: a real server"),

@@ -175,8 +175,15 @@ class _Session(aiosmtplib.SMTP):
             raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
         return response
 
+    # Seconds to wait for the replies to DATA and to the message's end: ``[smtp] data_timeout``
+    # (never shorter than ``timeout``), set by ``Mailer._open``. aiosmtplib uses one timeout
+    # for both replies; the second is the one RFC 5321 4.5.3.2.6 gives 10 minutes.
+    data_timeout: float | None = None
+
     async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
         self.stage = "DATA"
+        if self.data_timeout is not None:
+            kwargs.setdefault("timeout", self.data_timeout)
         return await super().data(*args, **kwargs)
 
 
@@ -732,6 +739,7 @@ class Mailer:
             username=username,
             password=password,
         )
+        client.data_timeout = max(smtp.timeout, smtp.data_timeout)
         self._connecting += 1
         try:
             await client.connect()
