@@ -219,9 +219,9 @@ class Mailer:
     transaction is over. A session that failed (dropped, 421, timed out) is
     closed, never reused. Until one login has succeeded, sessions are opened
     one at a time, so a wrong password costs one refused login, not
-    ``connections``. A server that refuses one more session (a 4xx greeting)
-    (a 4xx greeting, a close or silence until the timeout before the greeting)
-    while others of ours are open caps its clients: the pool shrinks to the
+    ``connections``. A server that refuses one more session (a 4xx greeting,
+    a 421 to EHLO after its greeting, a close or silence until the timeout
+    before the greeting) while others of ours are open caps its clients: the pool shrinks to the
     sessions it took (``pool_size``), logged once when the opens in flight have
     settled, and nothing fails. ``close`` (or leaving the ``async with``) says QUIT on
     every idle session. After a ``server`` or ``config`` failure,
@@ -743,12 +743,14 @@ class Mailer:
         self._connecting += 1
         try:
             await client.connect()
+            await _greet(client)
         except (aiosmtplib.SMTPException, OSError) as exc:
             client.close()
             if self.unavailable is not None:  # another session failed first: said already
                 raise self.unavailable from exc
-            # Refused while sessions of ours are open: the server caps its clients (crowding),
-            # whatever the pool's size; with none open it is the server's own answer.
+            # Refused while sessions of ours are open (at the greeting or at EHLO): the server
+            # caps its clients (crowding), whatever the pool's size; with none open it is the
+            # server's own answer.
             if self._open_count > 0 and _crowded(exc):
                 raise _Crowded(_describe(exc)) from exc
             if hostname_mismatch(exc):  # say which name the certificate is for
@@ -967,14 +969,38 @@ async def _reset(client: _Session) -> None:
         log.debug("smtp: RSET failed: %s", exc)
 
 
+async def _greet(client: _Session) -> None:
+    """EHLO (HELO for a server that does not know it) on a session just connected, unless
+    ``connect`` said it already (for STARTTLS or a login).
+
+    Said while the session is being opened, not with its first message: a relay that
+    caps the sessions of one client may greet with 220 and tell the cap only at EHLO
+    (421), and that is a refusal of one more session (``_crowded``), not a failed message.
+    aiosmtplib closes the session on a 421 (``SMTPHeloError``, then disconnected).
+    """
+    if not client.is_ehlo_or_helo_needed:
+        return
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not client.is_connected:
+            raise
+        await client.helo()  # an old server: no extensions at all
+
+
 def _crowded(exc: BaseException) -> bool:
     """A refusal of one more session, not of the server or the settings: a 4xx greeting
-    (421 "too many connections"), a connection closed before the greeting, or no greeting
-    until the timeout (a tarpit for the sessions beyond a cap) on a connection it accepted."""
+    (421 "too many connections"), a 421 to EHLO after a 220 greeting, a connection closed
+    before the greeting or at EHLO, or no greeting until the timeout (a tarpit for the
+    sessions beyond a cap) on a connection it accepted."""
     if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
         # Only asked while sessions of ours are open and working: then even a 5xx greeting
         # (554 "too many connections from your host") refuses one more session, not us.
         return 400 <= exc.code < 600
+    if isinstance(exc, aiosmtplib.SMTPHeloError):
+        # A 421 (or 4xx) to EHLO or HELO on a session the server just greeted: the cap told
+        # one command later. A 5xx there is about our EHLO name: the settings, not crowding.
+        return 400 <= exc.code < 500
     if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
         # aiosmtplib says "no greeting" with a read timeout as the cause; a timeout of the
         # TCP connect itself (an unreachable host) has a plain TimeoutError there.
