@@ -573,6 +573,43 @@ class Text(Spec):
         return text
 
 
+# An RFC 2047 encoded word (``=?charset?q?text?=``): mail clients decode it wherever it is in
+# a header, inside quotes too, so a name holding one would show as other text than typed.
+_ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[^?\s]*\?.*?\?=")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DisplayName(Text):
+    """A subscriber's name for the To header and the greeting: shown exactly as typed.
+
+    An RFC 2047 encoded word in it is refused: mail clients would show it decoded in the
+    To header (another name than the configured one, or a spoof). The message gives the
+    decoded text to write instead, when it decodes.
+    """
+
+    def check(self, value: Any, base: Path) -> Any:
+        text = super().check(value, base)
+        if text is not None and _ENCODED_WORD.search(text):
+            raise _Bad(f"expected {self.expects()} as it should show, got {_show(value)}, "
+                       "which holds an RFC 2047 encoded word (=?...?=) that mail clients "
+                       "would show decoded" + _decoded_hint(text))
+        return text
+
+
+def _decoded_hint(text: str) -> str:
+    """``; write "Zoë" instead`` for a name that decodes, else a general fix."""
+    import email.errors
+    import email.header
+
+    try:
+        decoded = str(email.header.make_header(email.header.decode_header(text)))
+    except (UnicodeError, LookupError, ValueError, email.errors.MessageError):
+        decoded = ""
+    if decoded and decoded != text and not _ENCODED_WORD.search(decoded):
+        return f"; write {_show(decoded)} instead"
+    return "; write the name as plain text"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Choice(Spec):
     options: tuple[str, ...]
@@ -1050,8 +1087,8 @@ MAILDIR_KEYS: dict[str, Spec] = {
 
 SUBSCRIBER_KEYS: dict[str, Spec] = {
     "email": Email(required=True),
-    "name": Text(max_chars=MAX_NAME_CHARS, shape="a name on one line", empty_is_default=True,
-                 why="the address's local part"),
+    "name": DisplayName(max_chars=MAX_NAME_CHARS, shape="a name on one line",
+                        empty_is_default=True, why="the address's local part"),
     "interests": Phrases(default=[], why="none: the listing's order until feedback arrives"),
     "seed_papers": Phrases(default=[], why="none"),
     "send_at": TimeOfDay(default=DEFAULT_SEND_AT, why="before the working day starts"),
