@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the commands import their stages late, to keep --help fast
     from .daemon.jobs import Outcome
     from .rank import Explanation
     from .sources import UrlResult
-    from .store import Store
+    from .store import DigestRow, Store
 
 log = logging.getLogger("digest")
 
@@ -240,10 +240,11 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not args.dry_run:
         config.check_secrets()  # --dry-run contacts no server, so it needs no password
 
-    from .daemon import Runtime, dispatch
+    from .daemon import Runtime, dispatch, select_subscribers
     from .mailer import LocalSink
     from .store import Store
 
+    selected = len(select_subscribers(config, args.user))
     sink = None
     if config.smtp.sink is not None and not args.dry_run:
         sink = LocalSink.from_config(config.smtp)
@@ -254,13 +255,17 @@ def cmd_send(args: argparse.Namespace) -> int:
     try:
         with Store(config.state) as store:
             runtime = Runtime(config, store)
-            outcomes = asyncio.run(dispatch(runtime, only=args.user, force=args.force,
-                                            dry_run=args.dry_run))
+            stop = _SendStop()
+            outcomes = asyncio.run(stop.run(dispatch(runtime, only=args.user, force=args.force,
+                                                     dry_run=args.dry_run, stop=stop.event)))
+            left = [] if stop.signum is None or args.dry_run else [
+                row for row in store.unsent_digests()
+                if args.user is None or row.subscriber.lower() == args.user.lower()]
     finally:
         if sink is not None:
             sink.stop()
     failed = 0
-    for outcome in _one_line_each(outcomes):
+    for outcome in _one_line_each(outcomes or []):
         if outcome.status in ("sent", "dry-run"):
             verb = "would send" if outcome.status == "dry-run" else "sent"
             print(f"{outcome.subscriber}: {verb} {outcome.shown} of {outcome.considered} papers"
@@ -271,7 +276,97 @@ def cmd_send(args: argparse.Namespace) -> int:
                   + (f": {outcome.detail}" if outcome.detail else ""))
     if sink is not None:
         print(f"messages are in {sink.folder}")
+    if stop.signum is not None:
+        return _interrupted_summary(stop, outcomes, left, selected)
     return EXIT_ERROR if failed else EXIT_OK
+
+
+def _interrupted_summary(stop: _SendStop, outcomes: Sequence[Outcome] | None,
+                         left: Sequence[DigestRow], selected: int) -> int:
+    """After a ``send`` stopped by a signal: what stays claimed for the next run, one line
+    of counts; returns 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+    import signal
+
+    for row in left:
+        print(f"{row.subscriber}: the digest of {row.local_date} stays claimed; the next run "
+              "(or the daemon) resends it with the same Message-ID")
+    name = signal.Signals(stop.signum or signal.SIGTERM).name
+    if outcomes is None:
+        counts = "the dispatch was cancelled before it could report"
+    else:
+        sent = sum(1 for o in outcomes if o.status == "sent")
+        reached = len({o.subscriber.lower() for o in outcomes}
+                      | {row.subscriber.lower() for row in left})
+        counts = (f"{sent} sent, {len(left)} claimed for the next run, "
+                  f"{max(selected - reached, 0)} not reached")
+    print(f"Interrupted ({name}): {counts}; run send again to finish.", file=sys.stderr)
+    return 128 + (stop.signum or signal.SIGTERM)
+
+
+class _SendStop:
+    """SIGTERM or SIGINT during ``digest send``: the dispatch stops claiming, the deliveries
+    in flight get ``STOP_GRACE_SECONDS`` (the daemon's) to end, then are cancelled (their
+    digests stay claimed), so the summary is printed in bounded time (two grace periods at
+    most; a second signal cancels the dispatch at once)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.signum: int | None = None  # the signal that stopped the run
+
+    async def run(self, job: Awaitable[list[Outcome]]) -> list[Outcome] | None:
+        """The job's outcomes; None when it had to be cancelled whole (stuck past two
+        grace periods, or a second signal)."""
+        import signal
+
+        from .daemon import STOP_GRACE_SECONDS
+        from .daemon.jobs import DELIVERY_TASK_PREFIX
+        from .daemon.prepare_worker import SIGINT_IGNORED_AT_START
+
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(job)
+        stops = (signal.SIGTERM,) if SIGINT_IGNORED_AT_START else (signal.SIGINT, signal.SIGTERM)
+        for signum in stops:
+            loop.add_signal_handler(signum, self._stop, signum, task)
+        try:
+            waiter = asyncio.ensure_future(self.event.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not task.done():
+                await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+            deadline = loop.time() + STOP_GRACE_SECONDS
+            while not task.done() and loop.time() < deadline:
+                # Deliveries still waiting on the server give up (their digests stay claimed),
+                # and so does each one the dispatch starts for a digest it claimed already.
+                for other in asyncio.all_tasks():
+                    if other.get_name().startswith(DELIVERY_TASK_PREFIX):
+                        other.cancel()
+                await asyncio.wait({task}, timeout=0.05)
+            if not task.done():
+                task.cancel()
+            try:
+                return await task
+            except asyncio.CancelledError:
+                if self.signum is None:
+                    raise
+                return None
+        finally:
+            for signum in stops:
+                loop.remove_signal_handler(signum)
+
+    def _stop(self, signum: int, task: asyncio.Future[list[Outcome]]) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"{signal_name(signum)} received: finishing the messages in flight, "
+                  "then stopping...", file=sys.stderr)
+            self.event.set()
+        else:  # a second signal: no more waiting
+            task.cancel()
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def _one_line_each(outcomes: Sequence[Outcome]) -> list[Outcome]:

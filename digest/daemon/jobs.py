@@ -672,6 +672,11 @@ class _Settled:
 CLAIM_BATCH = 32
 
 
+# The name of each delivery's task starts so: ``digest send`` stopped by a signal cancels
+# those still waiting on the server after the grace period (their digests stay claimed).
+DELIVERY_TASK_PREFIX = "deliver-"
+
+
 def delivery_window(smtp: SmtpConfig) -> int:
     """Deliveries in flight at once: two per SMTP connection keeps every session busy."""
     return 2 * smtp.connections
@@ -796,7 +801,7 @@ class Deliveries:
         """Start sending ``row`` (waits for a free slot first); ``place`` orders its outcome."""
         await self._slots.acquire()
         task = asyncio.create_task(_unit(self.runtime, recipient, work),
-                                   name=f"deliver-{row.id}")
+                                   name=f"{DELIVERY_TASK_PREFIX}{row.id}")
         self._tasks.add(task)
         self._places[task] = place
         self._sending[task] = (row, recipient)
