@@ -9,6 +9,7 @@ test's own, where the benchmark builds its state.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,11 +75,61 @@ def test_a_stopped_bench_removes_its_state_and_ends_its_processes(
     assert proc.returncode == code, err
     assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith(f"Interrupted ({how})"), err
-    assert [line for line in err.splitlines() if line.strip() and "dispatch runs" not in line
-            and "state: days" not in line] == [err.strip().splitlines()[-1]], err
+    assert _beside_progress(err) == [err.strip().splitlines()[-1]], err
     assert list(tmp.iterdir()) == []  # the state folder is gone
     time.sleep(0.2)
     assert not any(_live(pid) for pid in helpers)  # the sink and the dispatch are ended
+
+
+def _beside_progress(err: str) -> list[str]:
+    """The lines of ``err`` that are not the benchmark's progress bars."""
+    bars = ("dispatch runs", "state: days", "raw aiosmtplib phase")
+    return [line for line in err.splitlines()
+            if _ANSI.sub("", line).strip() and not any(bar in line for bar in bars)]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # a bar's cursor moves, left when it is cleared
+
+
+@pytest.mark.parametrize(("how", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_bench_stopped_in_its_raw_smtp_phase_ends_as_cleanly(
+        tmp_path: Path, how: str, code: int) -> None:
+    """The raw aiosmtplib phase runs an event loop in the benchmark's own process: a signal
+    there ends the sink, cancels the sends and exits with one line, as in the other phases."""
+    data = require_shared("data", "hf-daily-papers.jsonl")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "digest", "bench", "dispatch", "--subscribers", "300",
+             "--days", "4", "--runs", "1", "--sink", "aiosmtpd", "--data", str(data)],
+            env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.PIPE,
+            stderr=err_file, text=True, start_new_session=True)
+        try:
+            # The phase's progress bar appears as it starts (before its first message).
+            _wait_for(lambda: "raw aiosmtplib phase" in err_path.read_text(),
+                      "the raw aiosmtplib phase")
+            helpers = _descendants(proc.pid)
+            if how == "SIGTERM":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(proc.pid, signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    err = err_path.read_text()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "Exception" not in err, err
+    assert "raw aiosmtplib phase: 100%" not in err  # it was stopped in that phase
+    assert err.strip().splitlines()[-1].startswith(f"Interrupted ({how})"), err
+    assert _beside_progress(err) == [err.strip().splitlines()[-1]], err
+    assert out == ""  # no table, no JSON line: the benchmark did not finish
+    assert list(tmp.iterdir()) == []  # the state folder is gone
+    time.sleep(0.2)
+    assert helpers and not any(_live(pid) for pid in helpers)  # the sink is ended
 
 
 def _live(pid: int) -> bool:

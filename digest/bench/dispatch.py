@@ -65,7 +65,7 @@ from zoneinfo import ZoneInfo
 from tqdm import tqdm
 
 from ..errors import DigestError
-from .interrupt import ignore_sigint, start_helper
+from .interrupt import ignore_sigint, run_stoppable, start_helper
 from .lean_smtp import LeanSmtpThread, Recorder
 
 if TYPE_CHECKING:  # the sink process imports this module: it stays light
@@ -674,8 +674,10 @@ async def _raw_send(port: int, messages: Sequence[bytes], connections: int) -> f
             while queue:
                 n, data = queue.pop()
                 await client.sendmail(f"digest@{DOMAIN}", [f"raw{n:06d}@{DOMAIN}"], data)
-        finally:
-            await client.quit()
+        except BaseException:
+            client.close()  # stopped or failed: no QUIT to a sink that may be gone
+            raise
+        await client.quit()
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(connections)))
@@ -688,7 +690,8 @@ def raw_rate(sink: SmtpSink, messages: Sequence[bytes], connections: int) -> dic
     Checks each message arrived once (DigestError otherwise).
     """
     sink.reset()
-    wall = asyncio.run(_raw_send(sink.port, messages, connections))
+    # A SIGINT or SIGTERM meanwhile cancels the sends (interrupt.run_stoppable).
+    wall = run_stoppable(_raw_send(sink.port, messages, connections))
     received = sink.counts()
     _check_once(received, [f"raw{n:06d}@{DOMAIN}" for n in range(len(messages))],
                 f"raw aiosmtplib over {connections} connection(s)")
@@ -771,7 +774,14 @@ def run_dispatch_bench(data: Path, *, subscribers: int, days: int = 60, history:
                 result["sink_messages"] = delivered["messages"]
                 result["message_bytes"] = delivered["bytes"] / max(delivered["messages"], 1)
                 sample = _sample_messages(state.state, emails, min(subscribers, RAW_MESSAGES_MAX))
-                result["raw"] = {n: raw_rate(receiver, sample, n) for n in RAW_CONNECTIONS}
+                # A bar of its own: a progress line says when this phase starts (closed on
+                # the way out, before the CLI's last line, when a signal stops it).
+                with tqdm(total=len(RAW_CONNECTIONS), desc="raw aiosmtplib phase",
+                          leave=False, disable=not progress) as bar:
+                    result["raw"] = {}
+                    for n in RAW_CONNECTIONS:
+                        result["raw"][n] = raw_rate(receiver, sample, n)
+                        bar.update()
                 per_run.append(result)
     return summarise(state, per_run, days=days, history=history, load=load, sink=sink)
 

@@ -6,19 +6,25 @@ signal, it must not leave them behind nor print a traceback per process: ``stopp
 turns the first SIGINT or SIGTERM into ``BenchInterrupted``, raised in the main thread,
 after ending the ``multiprocessing`` children, so every ``with`` block on the way out
 (temporary folders, sinks, servers) cleans up as on an error. The CLI then prints one
-line and exits 128 + the signal's number (130, 143). The helper processes are started
+line and exits 128 + the signal's number (130, 143); a phase that runs an event loop in
+this process runs it with ``run_stoppable``, which turns the signal into a cancellation
+of the loop's work, then the same ``BenchInterrupted``. The helper processes are started
 with ``start_helper`` and call ``ignore_sigint`` first: a Ctrl-C reaches the terminal's
 whole process group, and only the benchmark's own process decides what happens then.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long each child process may take to end on SIGTERM before it is killed (seconds).
@@ -68,6 +74,9 @@ def stoppable() -> Iterator[None]:
         for each in STOP_SIGNALS:  # the cleanup is not interrupted in its turn
             signal.signal(each, signal.SIG_IGN)
         end_children()
+        if _stop_loop is not None:  # an event loop runs (``run_stoppable``): it ends itself
+            _stop_loop(signum)
+            return
         raise BenchInterrupted(signum)
 
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
@@ -80,6 +89,52 @@ def stoppable() -> Iterator[None]:
         for signum, handler in previous.items():
             if handler is not None:  # None: a handler not set from Python, left alone
                 signal.signal(signum, handler)
+
+
+# Set while ``run_stoppable``'s event loop runs: stops it from a signal handler.
+_stop_loop: Callable[[int], None] | None = None
+
+
+def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` for a benchmark phase, stopped cleanly by ``stoppable``'s signal.
+
+    An exception raised by a signal handler inside an event loop does not reach the
+    caller: asyncio logs it from a callback (a traceback) and goes on, or it ends one
+    task among several. Here the first SIGINT or SIGTERM (after ``stoppable`` ended the
+    helper processes) cancels ``main`` instead, and ``BenchInterrupted`` is raised once
+    the loop is closed, whatever ``main`` ended with (its connections to an ended helper
+    fail meanwhile). Call from the main thread, inside ``stoppable``.
+    """
+    global _stop_loop
+    stopped: list[int] = []
+
+    async def guarded() -> T:
+        global _stop_loop
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def stop(signum: int) -> None:
+            stopped.append(signum)
+            if task is not None:
+                loop.call_soon_threadsafe(task.cancel)
+
+        _stop_loop = stop
+        try:
+            return await main
+        finally:
+            _stop_loop = None
+
+    try:
+        result = asyncio.run(guarded())
+    except BaseException:
+        if stopped:
+            raise BenchInterrupted(stopped[0]) from None
+        raise
+    finally:
+        _stop_loop = None
+    if stopped:
+        raise BenchInterrupted(stopped[0])
+    return result
 
 
 def start_helper(process: BaseProcess) -> None:
