@@ -221,9 +221,9 @@ class Mailer:
     one at a time, so a wrong password costs one refused login, not
     ``connections``. A server that refuses one more session (a 4xx greeting,
     a 421 to EHLO after its greeting, a close or silence until the timeout
-    before the greeting) while others of ours are open caps its clients: the pool shrinks to the
-    sessions it took (``pool_size``), logged once when the opens in flight have
-    settled, and nothing fails. ``close`` (or leaving the ``async with``) says QUIT on
+    before the greeting) while others of ours are open caps its clients: the
+    pool shrinks to the sessions it took (``pool_size``), logged once when the
+    opens in flight have settled, and nothing fails. ``close`` (or leaving the ``async with``) says QUIT on
     every idle session. After a ``server`` or ``config`` failure,
     ``unavailable`` holds the error (set and logged once) and every later
     ``send``, and every send waiting for a session, raises it without
