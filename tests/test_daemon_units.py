@@ -177,3 +177,37 @@ def test_marks_of_one_turn_of_the_event_loop_are_one_commit_made_before_the_next
         assert commits == 2
         assert [row.id for row in store.unsent_digests()] == [ids[4]]
         assert not store.subscriber_state("r0@example.org").bouncing
+
+
+def test_the_next_batch_is_claimed_while_the_window_still_sends(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """Issue 13: a claim batch is half the delivery window (2 per connection), so the
+    next batch is claimed while the other half sends (the sessions do not idle through
+    the claim), and the claimed and unsent never exceed the window."""
+    from digest.daemon.jobs import delivery_window
+
+    server = smtp_server(delay=0.15)
+    fill_inbox(tmp_path)
+    names = [f"r{n:02d}" for n in range(12)]
+    path = write_daemon_config(tmp_path, port=server.port, subscribers=readers(*names),
+                               digest={"max_late_hours": 24}, smtp={"connections": 2})
+    config = load_config(path)
+    window = delivery_window(config.smtp)
+    with Store(config.state) as store:
+        scan_inbox(store, config.inbox, stable_seconds=0)
+        claim_digests = store.claim_digests
+        in_flight_at_claims: list[tuple[int, int]] = []  # (claimed and unsent, batch size)
+
+        def claim_digests_seen(claims):  # type: ignore[no-untyped-def]
+            in_flight_at_claims.append((len(store.unsent_digests()), len(claims)))
+            return claim_digests(claims)
+
+        store.claim_digests = claim_digests_seen  # type: ignore[method-assign]
+        outcomes = asyncio.run(dispatch(Runtime(config, store)))
+
+    assert [o.status for o in outcomes] == ["sent"] * 12
+    assert sorted(recipient(m.message) for m in server.messages) == [
+        f"{name}@example.org" for name in names]
+    assert all(before + batch <= window for before, batch in in_flight_at_claims)
+    assert any(before > 0 for before, _ in in_flight_at_claims[1:])  # claimed while sending
+    assert max(batch for _, batch in in_flight_at_claims) == window // 2

@@ -577,6 +577,73 @@ def test_send_bytes_sends_the_claimed_bytes_as_they_are(server_factory: Any) -> 
     assert "BODY=8BITMIME" in arrival.mail_options
 
 
+def crlf_reference(data: bytes) -> bytes:
+    """The lines of ``data`` as DATA must carry them, by a walk over its bytes: CRLF, a
+    lone CR and a lone LF each end a line, ended by CRLF; the last line gets a CRLF too."""
+    out = bytearray()
+    i = 0
+    while i < len(data):
+        byte = data[i:i + 1]
+        if byte == b"\r":
+            out += b"\r\n"
+            i += 2 if data[i + 1:i + 2] == b"\n" else 1
+        elif byte == b"\n":
+            out += b"\r\n"
+            i += 1
+        else:
+            out += byte
+            i += 1
+    if not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return bytes(out)
+
+
+def transparent_reference(data: bytes) -> bytes:
+    """RFC 5321 4.5.2 line by line: one more "." before each line starting with "."; then
+    the "." line that ends the data."""
+    lines = crlf_reference(data)[:-2].split(b"\r\n")
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                    for line in lines) + b".\r\n"
+
+
+@given(data=st.lists(st.sampled_from([b"a", b".", b"..", b"\r", b"\n", b"\r\n", b" ",
+                                      b"\xc3\xa9", b"x.y"]), max_size=30).map(b"".join))
+def test_the_data_bytes_are_the_rfc_5321_transparent_form(data: bytes) -> None:
+    """CRLF lines (bare CR and LF converted), leading dots doubled, the closing dot line;
+    the SIZE is the CRLF form's length, before the dots."""
+    from digest.mailer import crlf_lines, data_transparent, wire_size
+
+    assert crlf_lines(data) == crlf_reference(data)
+    assert wire_size(data) == len(crlf_reference(data))
+    assert data_transparent(data) == transparent_reference(data)
+
+
+def test_send_bytes_with_dot_lines_and_bare_line_ends_arrives_byte_identical(
+        server_factory: Any) -> None:
+    """The prepared DATA bytes (``data_transparent``) through a real aiosmtpd: what it
+    stores is the message with CRLF lines, every dot line as it was (none lost, none
+    doubled), bare CR and LF converted; the retry after a 421 to the first DATA sends the
+    same bytes on a new session."""
+    server = server_factory(closing_421_on=1)
+    head = letter(2, body="x")
+    headers = head[:head.index(b"\n\n") + 1]
+    body = (b".starts with a dot\r\n..two dots\n.\n..\r\nbare CR\rthen LF\n"
+            b"mid.dle and end.\r\n. space after a dot\r\n\r\n.\r\nno final line end.")
+    data = headers + b"\n" + body
+
+    async def send() -> dict[str, SendError]:
+        async with Mailer(server.config(), **QUICK) as mailer:
+            return await mailer.send_bytes(data, recipients=[reader(2)])
+
+    assert run(send()) == {}
+
+    [arrival] = server.arrivals
+    assert arrival.connection == 2  # the first session answered 421 to its DATA
+    assert arrival.raw == crlf_reference(data)
+    assert arrival.raw.endswith(b"\r\n.\r\nno final line end.\r\n")
+    assert b"\r\n..two dots\r\n.\r\n..\r\nbare CR\r\nthen LF\r\n" in arrival.raw
+
+
 def test_send_bytes_takes_the_envelope_given(server_factory: Any) -> None:
     server = server_factory()
 

@@ -670,6 +670,10 @@ class _Settled:
 # further from its send than the deliveries in flight, and a mail server that goes away
 # leaves only those claimed and unsent (resent, same bytes, on the next dispatch).
 CLAIM_BATCH = 32
+# ... and a batch is this share of the delivery window: the next batch is claimed while
+# the rest of the window still sends. A whole window per batch (issue 13) waited for the
+# window to drain to empty, so the sessions idled during every claim.
+CLAIM_WINDOW_SHARE = 2
 
 
 # The name of each delivery's task starts so: ``digest send`` stopped by a signal cancels
@@ -784,7 +788,9 @@ class Deliveries:
     @property
     def batch(self) -> int:
         """How many prepared digests to claim at once."""
-        return min(self.window, CLAIM_BATCH) if self.accepted else 1
+        if not self.accepted:
+            return 1
+        return max(1, min(self.window // CLAIM_WINDOW_SHARE, CLAIM_BATCH))
 
     @property
     def idle(self) -> bool:
