@@ -601,7 +601,7 @@ def _dispatch_once(config_path: Path, now: datetime,
 
         probe = SignalProbe()
 
-        async def tick() -> list[Any]:  # as the daemon's tick calls it, at the bench's "now"
+        async def tick() -> Sequence[Any]:  # as the daemon's tick calls it, at the bench's "now"
             with probe.running(asyncio.get_running_loop()):
                 return await dispatch(runtime, now=now, stop=asyncio.Event())
 
@@ -609,13 +609,16 @@ def _dispatch_once(config_path: Path, now: datetime,
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
         after_workers = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # Read before the tallies below (a dict of N subscribers is the bench's, not the
+        # dispatch's): the peak of loading the config and dispatching, nothing else.
+        peak_rss = peak_rss_mb()
     # The corpus fit runs once; its later calls find the index fresh and return at once.
     considered: dict[str, int] = {o.subscriber.lower(): o.considered for o in outcomes}
     return {
         "wall_s": wall,
         "config_load_s": config_load_s,
         "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss,
         "signal_answers_s": probe.answers,
         "prepare_workers": config.prepare_workers,
         "worker_cpu_s": ((after_workers.ru_utime - before_workers.ru_utime)
