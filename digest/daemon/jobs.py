@@ -866,8 +866,11 @@ async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliverie
     (the server went away, or the dispatch is stopping) get a ``retry``
     outcome in ``placed``: they stay claimed and are resent next time.
     """
+    unsent = runtime.store.unsent_digests()
+    if not unsent:  # the usual case: no look-up of 100,000 addresses built for nothing
+        return []
     wanted = {s.email.lower(): s.email for s in subscribers}
-    rows = [row for row in runtime.store.unsent_digests() if row.subscriber in wanted]
+    rows = [row for row in unsent if row.subscriber in wanted]
     for row in rows:
         if stopped() or mailer.unavailable is not None:
             reason = _reason(mailer.unavailable) if mailer.unavailable is not None else \
