@@ -49,8 +49,11 @@ def test_plain_and_unusual_outcomes_read_back_in_place_order() -> None:
 def test_a_plain_outcome_shares_the_subscribers_address() -> None:
     outcomes = Outcomes(SUBSCRIBERS)
     outcomes.add(2, Outcome("Reader2@example.org", "sent", "", 1, 2, 3))
+    outcomes.add(3, Outcome("reader3@example.org", "sent", "", 2, 2, 3))  # as the store has it
     outcome = outcomes.get(2)
     assert outcome is not None and outcome.subscriber is SUBSCRIBERS[1].email
+    assert outcomes.get(3) == Outcome("reader3@example.org", "sent", "", 2, 2, 3)
+    assert not outcomes._whole  # both kept as numbers
 
 
 def test_discard_forgets_one_outcome() -> None:

@@ -45,6 +45,9 @@ _INT_MAX = 2**31 - 1
 _ID_MAX = 2**63 - 1
 _NO_ID = -1  # digest_id None
 _NO_DAY = 0  # local_date None (date.toordinal is at least 1)
+# Bits of a place's flags.
+_HELD_BACK = 1
+_LOWERED = 2  # the subscriber is the config's address lower-cased (as the store keeps it)
 # Status codes are bytes; 0 is "no outcome at this place". There are a dozen statuses.
 _CODES_MAX = 255
 
@@ -55,7 +58,7 @@ class Outcomes(Sequence[Outcome]):
     ``add(place, outcome)``: place 1..N is ``subscribers[place - 1]``, place 0
     a resend (ordered before everyone, in the order added); ``append`` adds
     an outcome after all places (confirmations). Several outcomes for one
-    place are read in the order added. Memory: 25 bytes per subscriber
+    place are read in the order added. Memory: 26 bytes per subscriber
     (allocated at once), plus the unusual outcomes as objects.
     """
 
@@ -70,7 +73,7 @@ class Outcomes(Sequence[Outcome]):
         self._statuses: list[str] = [""]  # code -> status
         self._codes: dict[str, int] = {}  # status -> code
         self._details: dict[int, str] = {}  # place -> detail, when not ""
-        self._held: set[int] = set()  # places whose outcome is held_back
+        self._flags = bytearray(size)  # _HELD_BACK | _LOWERED per place
         self._whole: dict[int, Outcome] = {}  # place -> an outcome kept as it is
         self._resends: list[Outcome] = []  # place 0
         self._more: dict[int, list[Outcome]] = {}  # place -> the outcomes after its first
@@ -109,8 +112,12 @@ class Outcomes(Sequence[Outcome]):
 
     def _store(self, place: int, outcome: Outcome) -> bool:
         """Keep a plain outcome as numbers; False when it is not plain (kept whole)."""
-        if outcome.subscriber != self._subscribers[place - 1].email:
-            return False  # a reloaded subscriber's other spelling, say
+        email = self._subscribers[place - 1].email
+        flags = _HELD_BACK if outcome.held_back else 0
+        if outcome.subscriber != email:
+            if outcome.subscriber != email.lower():
+                return False  # a reloaded subscriber's other spelling, say
+            flags |= _LOWERED  # the store's spelling (a delivery's outcome): no copy kept
         digest_id = _NO_ID if outcome.digest_id is None else outcome.digest_id
         if not (outcome.digest_id is None or 0 <= digest_id <= _ID_MAX) or not (
                 0 <= outcome.shown <= _INT_MAX and 0 <= outcome.considered <= _INT_MAX):
@@ -129,8 +136,7 @@ class Outcomes(Sequence[Outcome]):
             outcome.local_date.toordinal()
         if outcome.detail:
             self._details[place] = outcome.detail
-        if outcome.held_back:
-            self._held.add(place)
+        self._flags[place] = flags
         return True
 
     # --- reading ---
@@ -145,10 +151,13 @@ class Outcomes(Sequence[Outcome]):
             return None
         digest_id = self._digest[place]
         day = self._day[place]
-        return Outcome(self._subscribers[place - 1].email, self._statuses[code],
+        flags = self._flags[place]
+        email = self._subscribers[place - 1].email
+        return Outcome(email.lower() if flags & _LOWERED else email, self._statuses[code],
                        self._details.get(place, ""), None if digest_id == _NO_ID else digest_id,
                        self._shown[place], self._considered[place],
-                       None if day == _NO_DAY else date.fromordinal(day), place in self._held)
+                       None if day == _NO_DAY else date.fromordinal(day),
+                       bool(flags & _HELD_BACK))
 
     def has(self, place: int) -> bool:
         """Whether an outcome was added at ``place`` (1..N)."""
@@ -179,7 +188,6 @@ class Outcomes(Sequence[Outcome]):
             self._whole.pop(place, None)
             self._status[place] = 0
             self._details.pop(place, None)
-            self._held.discard(place)
             if more:  # the next one added at this place becomes the first
                 following = more.pop(0)
                 if not self._store(place, following):
