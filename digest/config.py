@@ -31,7 +31,7 @@ import ssl
 import stat
 import tomllib
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from datetime import time as time_of_day
@@ -1187,20 +1187,104 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         bad_line = raw[:exc.start].count(b"\n") + 1
         raise ConfigError(file, None, f"not UTF-8 text (byte {exc.start}: {exc.reason}); "
                           "save the file as UTF-8", line=bad_line) from exc
+    del raw  # the text is all that is read from now on
+    base = cfg_path.resolve().parent
     # 100,000 subscribers are millions of new objects and no reference cycles: the cyclic
     # collector's passes over them cost more than the parse itself (measured by
     # ``digest bench config``), so it waits until the config is built.
     collecting = gc.isenabled()
     gc.disable()
     try:
+        parts = _split_subscriber_tables(text)
+        if parts is not None:
+            try:
+                return parse_config(parts.head, base, file=file, path=cfg_path,
+                                    subscriber_items=parts.items())
+            except (ConfigError, _NotInParts):
+                # A table the parts cannot hold, or a mistake: the whole document parsed
+                # at once words it (a syntax error anywhere is reported before any key).
+                pass
         try:
             data = rtoml.loads(text)
         except rtoml.TomlParsingError:
             data = _parse_toml_strictly(text, file)  # words the error, or reads what rtoml refused
-        return parse_config(data, cfg_path.resolve().parent, file=file, path=cfg_path)
+        return parse_config(data, base, file=file, path=cfg_path)
     finally:
         if collecting:
             gc.enable()
+
+
+# Subscriber tables parsed by one call of the TOML parser when the config is read in parts.
+SUBSCRIBER_TABLES_PER_PART = 1000
+_SUBSCRIBER_HEADER = "[[subscribers]]"
+
+
+class _NotInParts(Exception):
+    """The document cannot be read in parts (see ``_SubscriberParts``): read it whole."""
+
+
+@dataclass(frozen=True)
+class _SubscriberParts:
+    """A config document read as its head (parsed) and its ``[[subscribers]]`` tables, parsed
+    ``SUBSCRIBER_TABLES_PER_PART`` at a time as they are checked.
+
+    Why: parsed whole, a 100,000-subscriber file is a dict per table plus the
+    parser's own tree, about 3 KB per subscriber at once (390 MB of peak RSS at
+    100,000, kept as the process's high-water mark), for a config that needs
+    ~300 bytes each. In parts, only one part's tables exist at a time.
+
+    The parts are cut before each line that starts with ``[[subscribers]]``,
+    and each part must parse alone into nothing but ``subscribers`` tables (the
+    head into no ``subscribers`` at all). Then the document is exactly the head
+    plus the parts' tables in order, as a whole parse gives. Anything else
+    raises ``_NotInParts`` while the items are read: a cut inside a multi-line
+    string or array leaves that part unterminated (a syntax error), and a table
+    after the subscribers (``[smtp]`` at the end) is a key other than
+    ``subscribers``. The caller then parses the whole document, as for any
+    ``ConfigError``, so messages and their order are those of a whole parse.
+    """
+
+    head: dict[str, Any]
+    text: str
+    starts: tuple[int, ...]  # where each part starts in ``text``; the last one runs to its end
+
+    def items(self) -> Iterator[Any]:
+        """The ``[[subscribers]]`` tables in document order; raises ``_NotInParts``."""
+        ends = self.starts[1:] + (len(self.text),)
+        for start, end in zip(self.starts, ends, strict=True):
+            try:
+                part = rtoml.loads(self.text[start:end])
+            except (rtoml.TomlParsingError, ValueError, RecursionError) as exc:
+                raise _NotInParts(str(exc)) from None
+            tables = part.get("subscribers")
+            if part.keys() != {"subscribers"} or not isinstance(tables, list):
+                raise _NotInParts("a table other than [[subscribers]] in a part")
+            del part
+            yield from tables
+
+
+def _split_subscriber_tables(text: str) -> _SubscriberParts | None:
+    """The document cut into a head and parts of subscriber tables, or None when it has
+    too few of them to be worth it (or a head that cannot be parsed alone)."""
+    starts: list[int] = []
+    header = "\n" + _SUBSCRIBER_HEADER
+    at = 0 if text.startswith(_SUBSCRIBER_HEADER) else text.find(header)
+    count = 0
+    while at != -1:
+        start = at if text.startswith(_SUBSCRIBER_HEADER, at) else at + 1
+        if count % SUBSCRIBER_TABLES_PER_PART == 0:
+            starts.append(start)
+        count += 1
+        at = text.find(header, start + len(_SUBSCRIBER_HEADER))
+    if count <= SUBSCRIBER_TABLES_PER_PART:
+        return None  # one part: the whole parse costs no more
+    try:
+        head = rtoml.loads(text[:starts[0]])
+    except (rtoml.TomlParsingError, ValueError, RecursionError):
+        return None
+    if "subscribers" in head:
+        return None
+    return _SubscriberParts(head, text, tuple(starts))
 
 
 def _parse_toml_strictly(text: str, file: str) -> dict[str, Any]:
@@ -1237,8 +1321,13 @@ def _read_config_bytes(cfg_path: Path, file: str) -> bytes:
     return raw
 
 
-def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> Config:
-    """Check a parsed TOML document; raise ConfigError naming ``file`` and the key."""
+def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path,
+                 subscriber_items: Iterable[Any] | None = None) -> Config:
+    """Check a parsed TOML document; raise ConfigError naming ``file`` and the key.
+
+    ``subscriber_items``: the ``[[subscribers]]`` tables, when they are read apart
+    from ``data`` (then without a ``subscribers`` key).
+    """
     top = _Reader(file, data, "", dict.fromkeys(TOP_KEYS, Spec()), base)
     table = _table_getter(file, data)
     digest = _Reader(file, table("digest"), "digest", DIGEST_KEYS, base)
@@ -1252,8 +1341,8 @@ def parse_config(data: dict[str, Any], base: Path, *, file: str, path: Path) -> 
         raise top.error("maildir", "give [imap] or [maildir], not both")
     defaults_table = table("defaults")
     inherited = _Reader(file, defaults_table, "defaults", DEFAULTABLE_KEYS, base).values()
-    items = data.get("subscribers", [])
-    if not isinstance(items, list):
+    items = data.get("subscribers", []) if subscriber_items is None else subscriber_items
+    if subscriber_items is None and not isinstance(items, list):
         raise top.error("subscribers", f"expected [[subscribers]] tables, got {_typed(items)}")
     return Config(
         path=path,
@@ -1323,7 +1412,7 @@ def _parse_smtp(file: str, table: dict[str, Any], base: Path) -> SmtpConfig:
 
 
 def _parse_subscribers(
-    file: str, items: list[Any], inherited: dict[str, Any], base: Path
+    file: str, items: Iterable[Any], inherited: dict[str, Any], base: Path
 ) -> tuple[Subscriber, ...]:
     """The ``[[subscribers]]`` tables, checked, over ``inherited`` (``[defaults]``, checked).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import signal
 import sqlite3
 import time
@@ -47,6 +48,7 @@ JSON_KEYS = {
     "raw_1_sink_cpu_ms_per_message", "raw_8_sink_cpu_ms_per_message", "signals_answered",
     "signal_answer_median_s", "signal_answer_max_s",
     "prepare_workers", "dispatch_cpu_s", "worker_cpu_s", "worker_peak_rss_mb",
+    "worker_private_peak_mb",
 }
 STAGE_KEYS = {"corpus_fit", "prepare", "ranking", "rendering", "claiming", "sending",
               "prepare_other"}
@@ -339,3 +341,29 @@ def test_the_signal_probe_counts_answers_while_the_loop_is_busy() -> None:
     assert all(answer >= 0 for answer in probe.answers)
     # The handler is gone: SIGUSR1 is no longer the probe's.
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
+
+
+def test_child_memory_reads_a_childs_private_pages() -> None:
+    """The worker row's "its own" MB: a child's private pages, read from /proc."""
+    import subprocess
+    import sys
+
+    from digest.bench.dispatch import ChildMemory, _children, _private_mb
+
+    if not Path(f"/proc/{os.getpid()}/task").is_dir():
+        pytest.skip("no /proc here: the bench reports 0.0 for the workers' own memory")
+    code = ("import sys, time; b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); "
+            "sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        assert child.pid in _children()
+        assert _private_mb(child.pid) >= 64  # the 64 MB it wrote are its own
+        memory = ChildMemory(period=0.01)
+        with memory.running():
+            time.sleep(0.2)
+        assert memory.peak_mb >= 64
+    finally:
+        child.kill()
+        child.wait()
+    assert _private_mb(child.pid) == 0.0  # ended: nothing to read

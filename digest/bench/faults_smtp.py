@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..config import SmtpConfig, load_config
@@ -56,7 +56,7 @@ class _Case:
         self.runtime = Runtime(config, self.store)
         self.subscribers = subscribers
 
-    def dispatch(self) -> list[Outcome]:
+    def dispatch(self) -> Sequence[Outcome]:
         return asyncio.run(dispatch(self.runtime, force=True))
 
     def point_at(self, port: int, **changes: object) -> None:

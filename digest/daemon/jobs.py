@@ -52,6 +52,7 @@ from ..render import (
 from ..replies.process import CONFIRMATION_ATTEMPTS
 from ..store import Claim, DigestRow, ItemRow, Store, SubscriberState, utc_now
 from .lock import StateLock, owner_alive, process_owner
+from .outcomes import Outcome, Outcomes
 from .prepare_worker import PrepareWorkers
 from .schedule import (
     SCHEDULE_LOOKBACK_DAYS,
@@ -208,21 +209,6 @@ class Prepared:
     content: DigestContent
     message: RenderedDigest  # the bytes claimed and sent as they are
     corpus_seq: int
-
-
-@dataclass(frozen=True, slots=True)  # one per subscriber per dispatch: no __dict__ each
-class Outcome:
-    subscriber: str
-    status: str  # sent | failed | retry | dry-run | empty | not-due | already-sent | late ...
-    detail: str = ""
-    digest_id: int | None = None
-    shown: int = 0
-    considered: int = 0
-    # The day an ``already-sent`` is about: a digest of it resent by this dispatch is counted
-    # by the resend's outcome instead (see ``_count_once``).
-    local_date: date | None = None
-    # Refused before the server accepted any address: tried once more after it has.
-    held_back: bool = False
 
 
 def _fit_and_warm(papers: Sequence[Paper], phrases: Sequence[str]) -> CorpusIndex:
@@ -402,7 +388,7 @@ async def dispatch(
     force: bool = False,
     dry_run: bool = False,
     stop: asyncio.Event | None = None,
-) -> list[Outcome]:
+) -> Outcomes:
     """Send every digest that is due (and resend any left claimed); return what happened.
 
     Holds the state's sender lock while it runs (raises ``StateLocked`` when
@@ -429,21 +415,24 @@ async def dispatch(
 
 
 async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: datetime,
-                    force: bool, dry_run: bool, stop: asyncio.Event | None) -> list[Outcome]:
-    outcomes: list[Outcome] = []
+                    force: bool, dry_run: bool, stop: asyncio.Event | None) -> Outcomes:
+    # Every subscriber's outcome, in the subscribers' order (resends first) whatever order
+    # the concurrent deliveries end in; ~25 bytes each, not an object each (``Outcomes``).
+    outcomes = Outcomes(subscribers)
     smtp = runtime.config.smtp
     hold = runtime.smtp_hold
     if not dry_run and hold is not None and hold.active(smtp, now):
-        return [Outcome("(smtp)", "held", f"{hold.reason} (held until "
-                        f"{hold.until.strftime('%H:%M:%S %Z')})")]
+        outcomes.append(Outcome("(smtp)", "held", f"{hold.reason} (held until "
+                                f"{hold.until.strftime('%H:%M:%S %Z')})"))
+        return outcomes
 
     def stopped() -> bool:
         return stop is not None and stop.is_set()
 
     async with Mailer(smtp, attempts=smtp.attempts, base_delay=smtp.retry_seconds) as mailer:
         deliveries = Deliveries(runtime, mailer, window=delivery_window(smtp))
-        # Outcomes are returned in the subscribers' order (resends first), whatever order
-        # the concurrent deliveries end in: (place, outcome) pairs, sorted at the end.
+        # (place, outcome) pairs just settled, moved into ``outcomes`` as the dispatch goes
+        # (``_collect``), so that only a claim batch's worth of them are objects at a time.
         placed: list[tuple[int, Outcome]] = []
         workers: Workers | None = None
         batch: list[tuple[int, Prepared]] = []
@@ -459,6 +448,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             if len(batch) >= deliveries.batch or (batch and deliveries.idle):
                 await _claim_and_send(runtime, deliveries, batch, placed, now=now, force=force)
                 batch = []
+            _collect(outcomes, placed, deliveries)
 
         pending: list[DigestRow] = []  # the claimed digests this dispatch resends
         try:
@@ -477,8 +467,8 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             for place, sub in enumerate(subscribers, start=1):
                 if stopped():
                     break
-                if (known := quick[place - 1]) is not None:
-                    placed.append((place, known))
+                if (known := quick.get(place)) is not None:
+                    outcomes.add(place, known)
                     continue
                 if runtime.reloaded is not None:  # a SIGHUP meanwhile: its definition counts
                     reloaded = runtime.reloaded.subscriber(sub.email)
@@ -504,7 +494,9 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
                         await take(place, judged)
                     while workers.has_answer and not stopped():
                         await take(*await _from_worker(runtime, workers, now))
+                _collect(outcomes, placed, deliveries)
                 await asyncio.sleep(0)  # deliveries, signals and the other jobs get their turn
+            del quick
             while workers is not None and workers.outstanding and not stopped():
                 await take(*await _from_worker(runtime, workers, now))
             if batch:
@@ -515,8 +507,8 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
             if workers is not None:
                 await workers.close()
             placed.extend(await deliveries.drain())
-            outcomes.extend(outcome for _, outcome in sorted(_count_once(placed, pending),
-                                                             key=lambda p: p[0]))
+            outcomes.add_pairs(placed)
+            _count_once(outcomes, pending)
         if not dry_run and mailer.unavailable is None and not stopped() and only_all(
                 runtime, subscribers):
             outcomes.extend(await send_confirmations(runtime, mailer, stop))
@@ -576,41 +568,41 @@ SETTLE_CHUNK = 1000
 
 
 async def _quick_outcomes(store: Store, subscribers: Sequence[Subscriber], now: datetime,
-                          max_late: timedelta, force: bool) -> list[Outcome | None]:
-    """Per subscriber, the outcome the bulk reads settle (a status of ``SETTLED``), or None
-    (to be looked at closely).
+                          max_late: timedelta, force: bool) -> Outcomes:
+    """At each subscriber's place (1..N), the outcome the bulk reads settle (a status of
+    ``SETTLED``); no outcome for those to be looked at closely.
 
     Counted before the loop, to decide whether the dispatch is worth a worker.
     Read and judged ``SETTLE_CHUNK`` subscribers at a time, the event loop
-    getting a turn after each chunk; what stays is a slotted ``Outcome`` per
-    settled subscriber (the dispatch returns one per subscriber anyway), None
-    for the others. ``force`` settles nobody.
+    getting a turn after each chunk; what stays is ~25 bytes per subscriber
+    (``Outcomes``), whatever is settled. ``force`` settles nobody.
     """
+    quick = Outcomes(subscribers)
     if force:
-        return [None] * len(subscribers)
-    quick: list[Outcome | None] = []
+        return quick
     warned = False
     for start in range(0, len(subscribers), SETTLE_CHUNK):
         chunk = subscribers[start:start + SETTLE_CHUNK]
         settled = _Settled.read_or_none(store, [sub.email for sub in chunk], warn=not warned)
         if settled is None:
             warned = True
-            quick.extend([None] * len(chunk))
         else:
-            quick.extend(settled.outcome(sub, now, max_late) for sub in chunk)
+            for place, sub in enumerate(chunk, start=start + 1):
+                if (outcome := settled.outcome(sub, now, max_late)) is not None:
+                    quick.add(place, outcome)
+        del settled
         await asyncio.sleep(0)
     return quick
 
 
-def _to_prepare(runtime: Runtime, subscribers: Sequence[Subscriber],
-                quick: list[Outcome | None]) -> int:
+def _to_prepare(runtime: Runtime, subscribers: Sequence[Subscriber], quick: Outcomes) -> int:
     """About how many digests this dispatch will prepare: those not settled by the bulk
     reads, less those whose day had no new papers at this corpus version (a day without a
     listing keeps thousands due and empty for hours: no worker is forked for them)."""
     seq = runtime.store.corpus_seq()
     empty = {email for (email, _), at in runtime.empty_days.items() if at == seq}
-    return sum(1 for sub, known in zip(subscribers, quick, strict=True)
-               if known is None and sub.email.lower() not in empty)
+    return sum(1 for place, sub in enumerate(subscribers, start=1)
+               if not quick.has(place) and sub.email.lower() not in empty)
 
 
 # What a bulk read can settle for good during one dispatch (see ``_Settled``).
@@ -885,8 +877,11 @@ async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliverie
     (the server went away, or the dispatch is stopping) get a ``retry``
     outcome in ``placed``: they stay claimed and are resent next time.
     """
+    unsent = runtime.store.unsent_digests()
+    if not unsent:  # the usual case: no look-up of 100,000 addresses built for nothing
+        return []
     wanted = {s.email.lower(): s.email for s in subscribers}
-    rows = [row for row in runtime.store.unsent_digests() if row.subscriber in wanted]
+    rows = [row for row in unsent if row.subscriber in wanted]
     for row in rows:
         if stopped() or mailer.unavailable is not None:
             reason = _reason(mailer.unavailable) if mailer.unavailable is not None else \
@@ -900,24 +895,37 @@ async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliverie
     return rows
 
 
-def _count_once(placed: list[tuple[int, Outcome]],
-                pending: Sequence[DigestRow]) -> list[tuple[int, Outcome]]:
-    """The outcomes without the ``already-sent`` of a day whose claimed digest was resent.
+def _collect(outcomes: Outcomes, placed: list[tuple[int, Outcome]],
+             deliveries: Deliveries) -> None:
+    """Move the outcomes settled so far into ``outcomes``: those in ``placed`` and the ended
+    deliveries' (``Deliveries._done``, which ``drain`` would otherwise hold to the end)."""
+    outcomes.add_pairs(placed)
+    outcomes.add_pairs(deliveries._done)
+
+
+def _count_once(outcomes: Outcomes, pending: Sequence[DigestRow]) -> None:
+    """Drop from ``outcomes`` the ``already-sent`` of a day whose claimed digest was resent.
 
     A digest left claimed makes its day look sent to ``due``; the resend's own
     outcome (sent, retry, failed, ...) is what happened to it, so the day is
     counted once, in that bucket (issue 13). A resend that left the claim to
     its living owner (no outcome) keeps the ``already-sent``.
     """
+    if not pending:
+        return
     days = {row.id: (row.subscriber, row.local_date) for row in pending}
     resent: dict[str, date] = {}
-    for _, outcome in placed:
+    for _, outcome in outcomes.placed():
         if outcome.digest_id in days and outcome.status != "already-sent":
             who, day = days[outcome.digest_id]
             resent[who] = max(day, resent.get(who, day))
-    return [(place, outcome) for place, outcome in placed
-            if not (outcome.status == "already-sent" and outcome.local_date is not None
-                    and resent.get(outcome.subscriber.lower(), date.min) >= outcome.local_date)]
+    if not resent:
+        return
+    twice = [(place, outcome) for place, outcome in outcomes.placed()
+             if outcome.status == "already-sent" and outcome.local_date is not None
+             and resent.get(outcome.subscriber.lower(), date.min) >= outcome.local_date]
+    for place, outcome in twice:
+        outcomes.discard(place, outcome)
 
 
 async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
@@ -964,17 +972,15 @@ def only_all(runtime: Runtime, subscribers: Sequence[Subscriber]) -> bool:
     return len(subscribers) == len(runtime.config.subscribers)
 
 
-def _after_dispatch(runtime: Runtime, mailer: Mailer, outcomes: list[Outcome],
+def _after_dispatch(runtime: Runtime, mailer: Mailer, outcomes: Outcomes,
                     now: datetime) -> None:
     """Hold sending after a configuration error; remember a line for STATUS=."""
+    counts = outcomes.counts()
     error = mailer.unavailable
     if error is not None and error.kind == "config":
         runtime.hold_smtp(error, now)
-    elif any(o.status == "sent" for o in outcomes):
+    elif counts.get("sent"):
         runtime.smtp_hold = None
-    counts: dict[str, int] = {}
-    for outcome in outcomes:
-        counts[outcome.status] = counts.get(outcome.status, 0) + 1
     if runtime.last_dispatch and not counts.keys() - IDLE_OUTCOMES:
         return  # an idle tick: STATUS= keeps the last dispatch that did something
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"
