@@ -313,7 +313,7 @@ class _SendStop:
         self.event = asyncio.Event()
         self.signum: int | None = None  # the signal that stopped the run
 
-    async def run(self, job: Awaitable[list[Outcome]]) -> list[Outcome] | None:
+    async def run(self, job: Awaitable[Sequence[Outcome]]) -> Sequence[Outcome] | None:
         """The job's outcomes; None when it had to be cancelled whole (stuck past two
         grace periods, or a second signal)."""
         import signal
@@ -353,7 +353,7 @@ class _SendStop:
             for signum in stops:
                 loop.remove_signal_handler(signum)
 
-    def _stop(self, signum: int, task: asyncio.Future[list[Outcome]]) -> None:
+    def _stop(self, signum: int, task: asyncio.Future[Sequence[Outcome]]) -> None:
         if self.signum is None:
             self.signum = signum
             print(f"{signal_name(signum)} received: finishing the messages in flight, "
