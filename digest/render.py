@@ -375,10 +375,9 @@ def _part(subtype: str, pieces: Sequence[str], delimiter: bytes,
     if not all(map(attrgetter("whole"), encoded)):
         return _part_of_text(subtype, _filled("".join(pieces), fills), delimiter)
     if any(map(attrgetter("chunks"), encoded)):
-        # Lines with a stand-in are filled and encoded for this message, all at once.
-        flat = [chunk for piece in encoded for chunk in (piece.chunks or (piece,))]
-        own = iter(_encode_lines([chunk for chunk in flat if isinstance(chunk, str)], fills))
-        encoded = [next(own) if isinstance(chunk, str) else chunk for chunk in flat]
+        # Lines with a stand-in are filled and encoded for this message.
+        encoded = [_encode_piece(_filled(chunk, fills)) if isinstance(chunk, str) else chunk
+                   for piece in encoded for chunk in (piece.chunks or (piece,))]
     raws = [piece.raw for piece in encoded]
     seven_bit = all(map(attrgetter("seven_bit"), encoded))
     quoted = [piece.quoted for piece in encoded]
@@ -470,33 +469,6 @@ def _encode_piece(piece: str) -> _EncodedPiece:
             chunks.append(_encode_piece("".join(run)))
         return _EncodedPiece(raw, b"", seven_bit, whole, tuple(chunks))
     return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True), seven_bit, whole)
-
-
-def _encode_lines(lines: Sequence[str], fills: Sequence[tuple[str, str]]) -> list[_EncodedPiece]:
-    """``[_encode_piece(_filled(line, fills)) for line in lines]`` for lines that each end
-    with their only LF, in one pass: the lines are filled, UTF-8 encoded and
-    quoted-printable encoded joined (quoted-printable encodes each line on its own, so the
-    joined encoding is the lines' encodings in order), then cut back into lines: an
-    encoded line ending with "=" is a soft break (a literal "=" is written "=3D"), its
-    line goes on. A message has a couple of dozen such lines (its like and skip links).
-    Falls back to one line at a time where a filled line would not be cut the same way
-    (a CR, or an LF a stand-in's text brought in)."""
-    text = _filled("".join(lines), fills)
-    raw = text.encode("utf-8")
-    raws = raw.split(b"\n")
-    if "\r" in text or len(raws) != len(lines) + 1:
-        return [_encode_piece(_filled(line, fills)) for line in lines]
-    pieces: list[_EncodedPiece] = []
-    quoted = binascii.b2a_qp(raw, istext=True).split(b"\n")
-    at = 0
-    for line in raws[:-1]:
-        start = at
-        while quoted[at].endswith(b"="):
-            at += 1
-        at += 1
-        pieces.append(_EncodedPiece(line + b"\n", b"\n".join(quoted[start:at]) + b"\n",
-                                    line.isascii() and len(line) <= SEVEN_BIT_LINE, True))
-    return pieces
 
 
 class _OwnPiece(str):
