@@ -1398,7 +1398,12 @@ def fit_model(
     unrated = list(filterfalse((positive_set | skipped_set).__contains__,
                                _known(index, profile.unrated, "unrated")))
     negatives = skipped + unrated
-    neg_weights = np.array(list(map(aged, negatives)), dtype=np.float32)
+    # A subscriber has hundreds of negatives and a few dozen distinct ages: each age's
+    # recency once, then looked up in C.
+    neg_ages = list(map(ages.get, negatives))
+    for age in set(neg_ages).difference(by_age):
+        by_age[age] = recency(age, half_life)
+    neg_weights = np.array(list(map(by_age.__getitem__, neg_ages)), dtype=np.float32)
     return SubscriberModel(
         positive_ids=tuple(positives) + tuple(f"library:{n}" for n in range(len(texts))),
         positive_labels=labels,
@@ -1509,7 +1514,13 @@ class _Pool:
         self._mixed_positives: np.ndarray | None = None
         self._evidence: np.ndarray | None = None
         self._nearest: tuple[np.ndarray, np.ndarray] | None = None
-        self.topic = index.topic[rows] if index.topic is not None else None
+
+    @functools.cached_property
+    def topic(self) -> np.ndarray | None:
+        """rows x topic dimensions (float32), None without a topic space: only the scores
+        read it (its cohesion), so the pools made to fill in a base's similarities never
+        copy it."""
+        return self.index.topic[self.rows] if self.index.topic is not None else None
 
     def __len__(self) -> int:
         return len(self.rows)
