@@ -102,7 +102,6 @@ def test_no_query_of_a_dispatch_reads_a_growing_table_whole(store: Store) -> Non
         "papers_since": lambda: store.papers_since(5),
         "latest_feedback": lambda: store.latest_feedback(reader),
         "shown_papers_at": lambda: store.shown_papers_at(reader),
-        "delivered_papers": lambda: store.delivered_papers(reader),
         "library_entries": lambda: store.library_entries(reader),
         "library_file_hash": lambda: store.library_file_hash(reader, "lib.bib"),
         "digest_items": lambda: store.digest_items(sent.id),
@@ -198,15 +197,7 @@ def test_the_bulk_reads_answer_what_the_lookups_answer(store: Store) -> None:
             left_out = store.sent_paper_ids(reader, since)
             assert [p for seq, p in shared if seq > since and p.id not in left_out] == (
                 store.candidate_papers(reader, since)), (reader, since)
-            # What prepare reads instead: every paper of a digest sent or claimed.
-            delivered = store.delivered_papers(reader)
-            ever = {paper_id for paper_id, _, _ in delivered}
-            assert [p for seq, p in shared if seq > since and p.id not in ever] == (
-                store.candidate_papers(reader, since)), (reader, since)
             assert [seq for seq, _ in store.papers_since(since)] == list(range(since + 1, 31))
-        assert [(paper_id, at) for paper_id, at, status in delivered if status == "sent"] == (
-            store.shown_papers_at(reader))
-    assert any(status == "claimed" for _, _, status in store.delivered_papers(READERS[3]))
     assert store.subscriber_state(READERS[0]) == store.all_subscriber_states().get(
         READERS[0], store.subscriber_state(READERS[0]))
 
