@@ -1122,20 +1122,6 @@ class Store:
             raise StoreError(f"{self.path}: {len(events)} feedback events were refused, none "
                              f"stored: {exc}") from exc
 
-    def delivered_papers(self, subscriber: str) -> list[tuple[str, str, str]]:
-        """(paper id, ISO time, digest status) for every paper of the subscriber's digests sent
-        or claimed, oldest digest first, in digest order; the time is the send's (the claim's
-        while not sent yet). One read for what a digest is prepared from: the papers sent are
-        ``shown_papers_at`` (status 'sent', in this order), and no paper of any of them is a
-        candidate again (``sent_paper_ids`` are those after a seq)."""
-        return self._tuples(
-            "SELECT i.paper_id, COALESCE(d.sent_at, d.claimed_at), d.status FROM digest_items i"
-            " JOIN digests d ON d.id = i.digest_id"
-            " WHERE d.subscriber = ? AND d.status IN ('sent', 'claimed')"
-            " ORDER BY d.local_date, i.position",
-            (subscriber.lower(),),
-        )
-
     def shown_papers_at(self, subscriber: str) -> list[tuple[str, str]]:
         """(paper id, ISO time the digest was sent) for every paper sent, oldest first."""
         return self._tuples(

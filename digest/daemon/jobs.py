@@ -271,18 +271,13 @@ def prepare(
     store = runtime.store
     corpus_seq = store.corpus_seq()
     since = candidate_seq(store, sub, now)
-    # One read of the papers of their digests sent or claimed: none is a candidate again
-    # (every candidate is after ``since``, so this is ``sent_paper_ids(since)`` for them),
-    # and those sent are the profile's papers shown.
-    delivered = store.delivered_papers(sub.email)
-    sent = {paper_id for paper_id, _, _ in delivered}
+    sent = store.sent_paper_ids(sub.email, since)
     candidates = [p for p in runtime.papers_after(since) if p.id not in sent]
     if not candidates and not sub.send_empty:
         return None
     if library:
         refresh_library(store, sub)
-    profile = build_profile(store, sub, shown=[(paper_id, at) for paper_id, at, status
-                                               in delivered if status == "sent"])
+    profile = build_profile(store, sub)
     ranked: list[Ranked] = []
     if candidates:
         ranked = rank(runtime.corpus_index(), profile, [p.id for p in candidates],
