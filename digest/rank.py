@@ -1395,7 +1395,12 @@ def fit_model(
     unrated = list(filterfalse((positive_set | skipped_set).__contains__,
                                _known(index, profile.unrated, "unrated")))
     negatives = skipped + unrated
-    neg_weights = np.array(list(map(aged, negatives)), dtype=np.float32)
+    # A subscriber has hundreds of negatives and a few dozen distinct ages: each age's
+    # recency once, then looked up in C.
+    neg_ages = list(map(ages.get, negatives))
+    for age in set(neg_ages).difference(by_age):
+        by_age[age] = recency(age, half_life)
+    neg_weights = np.array(list(map(by_age.__getitem__, neg_ages)), dtype=np.float32)
     return SubscriberModel(
         positive_ids=tuple(positives) + tuple(f"library:{n}" for n in range(len(texts))),
         positive_labels=labels,
@@ -1505,7 +1510,14 @@ class _Pool:
         self._negatives: tuple[np.ndarray, np.ndarray | None] | None = None
         self._mixed_positives: np.ndarray | None = None
         self._evidence: np.ndarray | None = None
-        self.topic = index.topic[rows] if index.topic is not None else None
+        self._nearest: tuple[np.ndarray, np.ndarray] | None = None
+
+    @functools.cached_property
+    def topic(self) -> np.ndarray | None:
+        """rows x topic dimensions (float32), None without a topic space: only the scores
+        read it (its cohesion), so the pools made to fill in a base's similarities never
+        copy it."""
+        return self.index.topic[self.rows] if self.index.topic is not None else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -1539,6 +1551,15 @@ class _Pool:
             same = self.rows[:, None] == self.model.pos_rows[None, :]
             self._evidence = np.where(same, -1.0, self.mixed_positives())
         return self._evidence
+
+    def nearest_positives(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, the positive point of :meth:`evidence` it is closest to (the first of
+        equals) and that similarity: every reason of a digest reads them (needs a point)."""
+        if self._nearest is None:
+            evidence = self.evidence()
+            points = evidence.argmax(axis=1)
+            self._nearest = points, evidence[np.arange(len(points)), points]
+        return self._nearest
 
     def negatives(self) -> tuple[np.ndarray, np.ndarray | None]:
         """rows x negatives: (specific, topic or None)."""
@@ -1790,7 +1811,10 @@ def _model_for(
 
 
 def _pool_scores(index: CorpusIndex, model: SubscriberModel, pool: _Pool) -> np.ndarray:
-    return np.nan_to_num(_model_scores(index, model, pool), nan=0.0, posinf=0.0, neginf=0.0)
+    scores = _model_scores(index, model, pool)
+    if np.isfinite(scores).all():  # the usual case: nan_to_num would copy them unchanged
+        return scores
+    return np.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _scores(
@@ -1853,17 +1877,17 @@ def _model_reason(pool: _Pool, at: int, considered: int, limit: int) -> str:
     item says what it is: filling a short day, popular today, or a weak match.
     """
     model = pool.model
-    sims = _positive_similarities(pool, at)
     paper = pool.index._papers[int(pool.rows[at])]
-    if len(sims) == 0:  # skips only: the listing's order, skip-like papers pushed down
+    if len(model.pos_rows) == 0:  # skips only: the listing's order, skip-like papers pushed down
         return _popularity_reason(paper)
-    best = int(np.argmax(sims))
-    if sims[best] < REASON_MIN_SIMILARITY:
+    points, similarities = pool.nearest_positives()
+    best = int(points[at])
+    if similarities[at] < REASON_MIN_SIMILARITY:
         if considered <= limit:
             return f"filling: only {considered} new papers today"
         if paper.upvotes:
             return f"weak match; popular today ({paper.upvotes} upvotes)"
-        return f"weak match (closest to your likes at {max(float(sims[best]), 0.0):.2f})"
+        return f"weak match (closest to your likes at {max(float(similarities[at]), 0.0):.2f})"
     if model.pos_phrase[best] >= 0:
         return f'matches your interest "{model.interest_phrases[model.pos_phrase[best]]}"'
     title = _short(model.positive_titles[best])
