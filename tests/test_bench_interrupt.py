@@ -63,10 +63,7 @@ def test_a_stopped_bench_removes_its_state_and_ends_its_processes(
         _wait_for(lambda: any(tmp.glob("*/state.sqlite3")) and len(_descendants(proc.pid)) >= 2,
                   "the benchmark's dispatch runs")
         helpers = _descendants(proc.pid)
-        if how == "SIGTERM":  # kill PID: the benchmark's own process only
-            proc.send_signal(signal.SIGTERM)
-        else:  # Ctrl-C in a terminal: the whole foreground process group
-            os.killpg(proc.pid, signal.SIGINT)
+        _interrupt(proc, how)
         _out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -111,10 +108,7 @@ def test_a_bench_stopped_in_its_raw_smtp_phase_ends_as_cleanly(
             _wait_for(lambda: "raw aiosmtplib phase" in err_path.read_text(),
                       "the raw aiosmtplib phase")
             helpers = _descendants(proc.pid)
-            if how == "SIGTERM":
-                proc.send_signal(signal.SIGTERM)
-            else:
-                os.killpg(proc.pid, signal.SIGINT)
+            _interrupt(proc, how)
             out, _ = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
@@ -138,3 +132,12 @@ def _live(pid: int) -> bool:
     except OSError:
         return False
     return "\nState:\tZ" not in status
+
+
+def _interrupt(proc: subprocess.Popen[str], how: str) -> None:
+    """Stop the benchmark as a user would: ``kill PID`` (SIGTERM, its own process only) or
+    Ctrl-C in a terminal (SIGINT to the whole foreground process group)."""
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
