@@ -596,6 +596,19 @@ class DisplayName(Text):
         return text
 
 
+def _refuse_encoded_word(text: str, expects: str) -> None:
+    """Raise when an address (or ``Name <address>``) holds an RFC 2047 encoded word.
+
+    The email package decodes one even in an address's local part when it writes the To
+    or From header (``=?utf-8?q?a=40b.example?=@c.example`` would show another
+    address than the envelope's), so the header would not say what was configured.
+    """
+    if _ENCODED_WORD.search(text):
+        raise _Bad(f"expected {expects}, got {_show(text)}, which holds an RFC 2047 encoded "
+                   "word (=?...?=) that mail clients would show decoded, not as typed; write "
+                   "the address (and name) as plain text")
+
+
 def _decoded_hint(text: str) -> str:
     """``; write "Zoë" instead`` for a name that decodes, else a general fix."""
     import email.errors
@@ -664,6 +677,7 @@ class Email(Spec):
     def check(self, value: Any, base: Path) -> Any:
         if not isinstance(value, str):
             raise self.wrong(value)
+        _refuse_encoded_word(value, self.expects())
         return check_address(value.strip(), ascii_only=self.ascii_only)
 
 
@@ -683,6 +697,7 @@ class FromHeader(Spec):
                        "character or line break)")
         if len(text) > MAX_TEXT_CHARS:
             raise _Bad(f"expected {self.expects()}, got {len(text)} characters")
+        _refuse_encoded_word(text, self.expects())
         try:
             header = policy.default.header_factory("From", text)
             addresses = header.addresses  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ digest left claimed and resent with the same Message-ID.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -141,3 +142,35 @@ def test_sigterm_while_waiting_for_the_250_stops_in_bounded_time_and_keeps_the_d
     assert str(resent.message["Message-ID"]) == claimed.message_id
     with Store(tmp_path / "var" / "state.sqlite3") as store:
         assert store.unsent_digests() == []
+
+
+def test_the_watchdog_is_fed_while_a_relay_takes_its_time_after_data(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """WatchdogSec= shorter than the wait for a slow 250: still fed, no restart, one copy."""
+    server = smtp_server(delay=3.0)
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=readers(1),
+                                 digest=FAST, smtp={"connections": 1, "data_timeout": 30})
+    short_timeout(config, 0.5)
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(0.1)
+    notes: list[str] = []
+    try:
+        with daemon_process(config, tmp_path / "daemon.log",
+                            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}) as daemon:
+            wait_until(lambda: server.data_commands >= 1, what="the digest's DATA")
+            deadline = time.monotonic() + 2.5  # within the 3 s the server takes to answer
+            while time.monotonic() < deadline:
+                try:
+                    notes.append(listener.recv(4096).decode())
+                except TimeoutError:
+                    continue
+            wait_until(lambda: len(server.messages) >= 1, what="the digest")
+            assert daemon.stop() == 0
+    finally:
+        listener.close()
+    assert any("WATCHDOG=1" in note for note in notes)  # fed while the 250 was awaited
+    assert "made no progress" not in daemon.log()
+    assert [recipient(m.message) for m in server.messages] == ["reader00@example.org"]

@@ -94,3 +94,22 @@ def test_every_name_the_config_accepts_is_parsed_back_from_the_message_as_typed(
     if checked is None:  # blank: the address's local part stands in
         return
     assert shown_name(checked) == one_line(checked)
+
+
+@pytest.mark.parametrize(("key", "table", "line"), [
+    ("subscribers[0].email", "subscribers", 'email = "=?utf-8?q?support=40bank.example?=@evil.example"'),
+    ("smtp.from", "smtp", 'from = "=?utf-8?q?Your_Bank?= <digest@localhost>"'),
+    ("smtp.reply_to", "smtp", 'reply_to = "=?utf-8?q?x?= <digest+{token}@localhost>"'),
+])
+def test_an_address_holding_an_encoded_word_is_refused_naming_the_key(
+        tmp_path: Path, key: str, table: str, line: str) -> None:
+    """The email package decodes one even in a local part: the header would show another
+    address than the envelope's (a spoof), so every configured address refuses it."""
+    path = tmp_path / "digest.toml"
+    smtp = f'[smtp]\nsink = "outbox"\n{line}\n' if table == "smtp" else '[smtp]\nsink = "outbox"\n'
+    subscriber = line if table == "subscribers" else 'email = "mira@lab.example.net"'
+    path.write_text(f"{smtp}\n[[subscribers]]\n{subscriber}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert key in text and "RFC 2047 encoded word" in text, text

@@ -196,12 +196,19 @@ class Daemon:
         self._running.pop(name, None)
 
     def _stuck_job(self, limit: float) -> str | None:
-        """A job that made no progress for ``limit`` seconds (dispatch: per subscriber)."""
+        """A job that made no progress for ``limit`` seconds (dispatch: per subscriber, and
+        at least the longest wait its SMTP replies are allowed)."""
         now = time.monotonic()
         for name, since in self._running.items():
+            allowed = limit
             if name == "dispatch" and self._runtime is not None:
                 since = max(since, self._runtime.progress_at)
-            if now - since > limit:
+                # A delivery may wait for the reply to its message's end for up to
+                # ``[smtp] data_timeout`` (RFC 5321 4.5.3.2.6: 10 minutes): a relay that
+                # slow is not a hang, and a restart then would send that digest twice.
+                smtp = self._runtime.config.smtp
+                allowed = max(limit, smtp.timeout + max(smtp.timeout, smtp.data_timeout))
+            if now - since > allowed:
                 return name
         return None
 
