@@ -108,7 +108,7 @@ class Sim:
                     os.utime(path, (time.time() - 60,) * 2)
             scan_inbox(self.store, self.config.inbox, stable_seconds=0)
 
-    def tick(self, at: datetime) -> list[Outcome]:
+    def tick(self, at: datetime) -> Sequence[Outcome]:
         import time_machine
 
         with time_machine.travel(at, tick=False):
@@ -200,3 +200,31 @@ def daemon_process(config_path: Path, log_path: Path,
         yield process
     finally:
         process.stop()
+
+
+class NotifySocket:
+    """A unix datagram socket where the daemon sends its sd_notify messages, as systemd
+    makes ``NOTIFY_SOCKET``; ``received`` collects what arrives."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.address = str(path)
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(self.address)
+        self._socket.settimeout(0.1)
+
+    def received(self, seconds: float,
+                 until: Callable[[list[str]], bool] | None = None) -> list[str]:
+        """The messages that arrive within ``seconds`` (sooner once ``until`` holds)."""
+        got: list[str] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (until is not None and until(got)):
+            try:
+                got.append(self._socket.recv(4096).decode())
+            except TimeoutError:
+                continue
+        return got
+
+    def close(self) -> None:
+        self._socket.close()

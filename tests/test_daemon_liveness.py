@@ -17,7 +17,13 @@ import pytest
 
 from digest.bench.replies import Dovecot
 
-from .daemon_helpers import daemon_process, fill_inbox, wait_until, write_daemon_config
+from .daemon_helpers import (
+    NotifySocket,
+    daemon_process,
+    fill_inbox,
+    wait_until,
+    write_daemon_config,
+)
 from .dovecot_helpers import dovecot_fixture  # noqa: F401  (the dovecot fixture)
 from .smtp_helpers import (  # noqa: F401  (smtp_server_fixture provides the smtp_server fixture)
     StartServer,
@@ -70,23 +76,12 @@ def test_a_stuck_imap_call_blocks_no_scan_starves_the_watchdog_and_sigterm_still
         extra=(f'[imap]\nhost = "127.0.0.1"\nport = {port}\nsecurity = "none"\n'
                'username = "reader"\npassword_env = "DIGEST_TEST_IMAP_PASSWORD"\n'
                "timeout = 300\npoll_seconds = 1\n"))
-    address = str(tmp_path / "notify.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(address)
-    listener.settimeout(0.1)
-
-    def received(seconds: float) -> list[str]:
-        got, deadline = [], time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                got.append(listener.recv(4096).decode())
-            except TimeoutError:
-                continue
-        return got
+    notify = NotifySocket(tmp_path / "notify.sock")
+    received = notify.received
 
     try:
         with daemon_process(config, tmp_path / "daemon.log",
-                            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000",
+                            env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000",
                                  "DIGEST_TEST_IMAP_PASSWORD": "secret"}) as daemon:
             wait_until(lambda: len(accepted) >= 1, timeout=60, what="the IMAP login to start")
             # The reply run now waits on the silent server: a scan must still happen.
@@ -99,7 +94,7 @@ def test_a_stuck_imap_call_blocks_no_scan_starves_the_watchdog_and_sigterm_still
             assert "WATCHDOG=1" not in received(2.0)
             assert daemon.stop() == 0  # SIGTERM: no waiting on the stuck thread past the grace
     finally:
-        listener.close()
+        notify.close()
     log = daemon.log()
     assert "job made no progress for 1s" in log  # replies (a loaded machine may name another first)
     assert "exiting without waiting for it" in log

@@ -7,7 +7,6 @@ digest left claimed and resent with the same Message-ID.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,14 @@ from digest.errors import ConfigError, SendError
 from digest.mailer import Mailer
 from digest.store import Store
 
-from .daemon_helpers import daemon_process, fill_inbox, recipient, wait_until, write_daemon_config
+from .daemon_helpers import (
+    NotifySocket,
+    daemon_process,
+    fill_inbox,
+    recipient,
+    wait_until,
+    write_daemon_config,
+)
 from .smtp_helpers import (  # noqa: F401  (smtp_server_fixture provides the smtp_server fixture)
     StartServer,
     smtp_server_fixture,
@@ -152,25 +158,17 @@ def test_the_watchdog_is_fed_while_a_relay_takes_its_time_after_data(
     config = write_daemon_config(tmp_path, port=server.port, subscribers=readers(1),
                                  digest=FAST, smtp={"connections": 1, "data_timeout": 30})
     short_timeout(config, 0.5)
-    address = str(tmp_path / "notify.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(address)
-    listener.settimeout(0.1)
-    notes: list[str] = []
+    notify = NotifySocket(tmp_path / "notify.sock")
     try:
         with daemon_process(config, tmp_path / "daemon.log",
-                            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}) as daemon:
+                            env={"NOTIFY_SOCKET": notify.address,
+                                 "WATCHDOG_USEC": "1000000"}) as daemon:
             wait_until(lambda: server.data_commands >= 1, what="the digest's DATA")
-            deadline = time.monotonic() + 2.5  # within the 3 s the server takes to answer
-            while time.monotonic() < deadline:
-                try:
-                    notes.append(listener.recv(4096).decode())
-                except TimeoutError:
-                    continue
+            notes = notify.received(2.5)  # within the 3 s the server takes to answer
             wait_until(lambda: len(server.messages) >= 1, what="the digest")
             assert daemon.stop() == 0
     finally:
-        listener.close()
+        notify.close()
     assert any("WATCHDOG=1" in note for note in notes)  # fed while the 250 was awaited
     assert "made no progress" not in daemon.log()
     assert [recipient(m.message) for m in server.messages] == ["reader00@example.org"]

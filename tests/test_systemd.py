@@ -83,40 +83,28 @@ def test_the_unit_is_notify_with_a_watchdog() -> None:
 def test_a_real_daemon_says_ready_feeds_the_watchdog_and_reports_its_last_dispatch(
         tmp_path: Path) -> None:
     """NOTIFY_SOCKET is a real unix datagram socket, as systemd makes it."""
-    import socket
-    import time
 
     from digest.bench.smtp_servers import RecordingServer, campaign_state
 
-    from .daemon_helpers import daemon_process
+    from .daemon_helpers import NotifySocket, daemon_process
 
     server = RecordingServer()
     config = campaign_state(tmp_path, port=server.port, subscribers=2)
-    address = str(tmp_path / "notify.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(address)
-    listener.settimeout(1)
-    got: list[str] = []
+    notify = NotifySocket(tmp_path / "notify.sock")
+
+    def enough(got: list[str]) -> bool:
+        return (sum(m == "WATCHDOG=1" for m in got) >= 3
+                and any("last dispatch" in m for m in got))
+
     try:
         with daemon_process(config, tmp_path / "daemon.log",
-                            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}) as daemon:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    got.append(listener.recv(4096).decode())
-                except TimeoutError:
-                    continue
-                watchdogs = sum(m == "WATCHDOG=1" for m in got)
-                if watchdogs >= 3 and any("last dispatch" in m for m in got):
-                    break
+                            env={"NOTIFY_SOCKET": notify.address,
+                                 "WATCHDOG_USEC": "200000"}) as daemon:
+            got = notify.received(60, until=enough)
             assert daemon.stop() == 0
-        try:  # what it says on the way out
-            while True:
-                got.append(listener.recv(4096).decode())
-        except TimeoutError:
-            pass
+        got += notify.received(1.0)  # what it says on the way out
     finally:
-        listener.close()
+        notify.close()
         server.stop()
     ready = [m for m in got if m.startswith("READY=1")]
     assert ready and f"MAINPID={daemon.proc.pid}" in ready[0]
