@@ -849,11 +849,17 @@ class Deliveries:
                               deliver(self.runtime, self.mailer, row, recipient, shown=shown,
                                       marks=self.marks))
 
+    def take_ended(self) -> list[tuple[int, Outcome]]:
+        """The (place, outcome) pairs of the deliveries ended since the last call (so they
+        are not held until ``drain``); the held-back ones stay until their retry."""
+        ended, self._done = self._done, []
+        return ended
+
     async def drain(self) -> list[tuple[int, Outcome]]:
         """Wait for every delivery in flight; their (place, outcome) pairs."""
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-        outcomes, self._done = self._done, []
+        outcomes = self.take_ended()
         outcomes.extend((place, outcome) for place, outcome, _, _ in self._held)
         self._held = []
         fatal, self._fatal = self._fatal, None
@@ -898,9 +904,9 @@ async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliverie
 def _collect(outcomes: Outcomes, placed: list[tuple[int, Outcome]],
              deliveries: Deliveries) -> None:
     """Move the outcomes settled so far into ``outcomes``: those in ``placed`` and the ended
-    deliveries' (``Deliveries._done``, which ``drain`` would otherwise hold to the end)."""
+    deliveries' (which ``drain`` would otherwise hold to the end)."""
     outcomes.add_pairs(placed)
-    outcomes.add_pairs(deliveries._done)
+    outcomes.add_pairs(deliveries.take_ended())
 
 
 def _count_once(outcomes: Outcomes, pending: Sequence[DigestRow]) -> None:
