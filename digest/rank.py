@@ -1545,12 +1545,18 @@ class _Pool:
         model: SubscriberModel,
         rows: np.ndarray,
         base: _Pool | None = None,
+        whole: _Pool | None = None,
     ):
         self.index = index
         self.model = model
         self.rows = rows
-        self.asker: int = base.asker if base is not None else next(_ASKERS)
+        shares = base or whole
+        self.asker: int = shares.asker if shares is not None else next(_ASKERS)
         self._base = base  # a pool of the first rows, whose similarities are reused
+        # A pool whose first rows are these: their similarities and row features are its own
+        # first rows (see prefix), computed with the rest in one go.
+        self._whole = whole
+        self._features: _RowFeatures | None = None
         self._positives: tuple[np.ndarray, np.ndarray | None] | None = None
         self._negatives: tuple[np.ndarray, np.ndarray | None] | None = None
         self._mixed_positives: np.ndarray | None = None
@@ -1568,8 +1574,29 @@ class _Pool:
         return len(self.rows)
 
     def extended(self, extra: np.ndarray) -> _Pool:
-        """This pool plus ``extra`` rows, reusing the similarities computed already."""
+        """This pool plus ``extra`` rows, reusing the similarities computed already (the
+        whole pool this one is the prefix of, when its other rows are ``extra``)."""
+        whole = self._whole
+        if whole is not None and len(whole.rows) == len(self.rows) + len(extra) \
+                and np.array_equal(whole.rows[len(self.rows):], extra):
+            return whole
         return _Pool(self.index, self.model, np.concatenate([self.rows, extra]), base=self)
+
+    def prefix(self, count: int) -> _Pool:
+        """The pool of this pool's first ``count`` rows, reading this pool's similarities and
+        row features (:class:`_RowFeatures`): a row's are computed from that row alone, so
+        they are the floats a pool of the first rows alone would compute. A digest's
+        candidates and its calibration papers are computed together this way, once."""
+        return _Pool(self.index, self.model, self.rows[:count], whole=self)
+
+    def features(self) -> _RowFeatures:
+        """Each row's evidence before it is standardised over the pool (computed once)."""
+        if self._features is None:
+            if self._whole is not None:
+                self._features = self._whole.features().head(len(self.rows))
+            else:
+                self._features = _row_features(self.index, self.model, self)
+        return self._features
 
     def pairs(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Similarities of every row to the papers ``cols`` (rows x cols, float32, both views)."""
@@ -1578,8 +1605,11 @@ class _Pool:
     def positives(self) -> tuple[np.ndarray, np.ndarray | None]:
         """rows x positive points, in point order: (specific, topic or None)."""
         if self._positives is None:
-            self._positives = self._points(self._base.positives() if self._base else None,
-                                           self._positive_block)
+            if self._whole is not None:
+                self._positives = _head(self._whole.positives(), len(self.rows))
+            else:
+                self._positives = self._points(self._base.positives() if self._base else None,
+                                               self._positive_block)
         return self._positives
 
     def mixed_positives(self) -> np.ndarray:
@@ -1609,8 +1639,11 @@ class _Pool:
     def negatives(self) -> tuple[np.ndarray, np.ndarray | None]:
         """rows x negatives: (specific, topic or None)."""
         if self._negatives is None:
-            self._negatives = self._points(self._base.negatives() if self._base else None,
-                                           lambda pool: pool.pairs(self.model.neg_rows))
+            if self._whole is not None:
+                self._negatives = _head(self._whole.negatives(), len(self.rows))
+            else:
+                self._negatives = self._points(self._base.negatives() if self._base else None,
+                                               lambda pool: pool.pairs(self.model.neg_rows))
         return self._negatives
 
     def _points(
@@ -1653,6 +1686,66 @@ class _Pool:
         return spec, topic
 
 
+def _head(
+    sims: tuple[np.ndarray, np.ndarray | None], count: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first ``count`` rows of both views' similarities (views, no copy)."""
+    return sims[0][:count], sims[1][:count] if sims[1] is not None else None
+
+
+@dataclass(frozen=True)
+class _RowFeatures:
+    """Per row of a pool, the evidence its scores standardise over the pool.
+
+    Each row's value depends on that row alone (its similarities, its
+    centrality), so the first rows of a larger pool have exactly the values a
+    pool of those rows alone has: a digest's candidates and the calibration
+    papers placed among them (:func:`_levels`) share one computation.
+    ``specific``/``topic``: closeness to the positives (None without
+    positives; topic None without a topic space); ``negatives``: per kind of
+    negative that counts (skips, then papers left unrated), its strength and
+    the aged similarity of the nearest one in each view (float32).
+    """
+
+    specific: np.ndarray | None
+    topic: np.ndarray | None
+    negatives: tuple[tuple[float, np.ndarray, np.ndarray | None], ...]
+
+    def head(self, count: int) -> _RowFeatures:
+        def cut(values: np.ndarray | None) -> np.ndarray | None:
+            return values[:count] if values is not None else None
+
+        return _RowFeatures(cut(self.specific), cut(self.topic),
+                            tuple((strength, spec[:count], cut(topic))
+                                  for strength, spec, topic in self.negatives))
+
+
+def _row_features(index: CorpusIndex, model: SubscriberModel, pool: _Pool) -> _RowFeatures:
+    """:class:`_RowFeatures` of every row of ``pool``, as the scores computed them in place."""
+    specific = topic = None
+    if model.has_positives:
+        weights = _evidence_weights(pool.rows, model)
+        spec_sims, topic_sims = pool.positives()
+        specific = (_weighted_mean(spec_sims, weights)
+                    - CENTRALITY_PENALTY * index.centrality[pool.rows])
+        if index.topic is not None and topic_sims is not None:
+            topic = _topic_affinity(topic_sims, weights)
+    negatives = []
+    if model.has_negatives:
+        for kind, strength in ((True, 1.0), (False, model.unrated_weight)):
+            chosen = model.neg_skipped == kind
+            if strength <= 0 or not chosen.any():
+                continue
+            decay = model.neg_weights[chosen]
+            spec_neg, topic_neg = pool.negatives()
+            nearest_spec = _aged(spec_neg[:, chosen], decay).max(axis=1)
+            nearest_topic = None
+            if index.topic is not None and topic_neg is not None:
+                nearest_topic = _aged(topic_neg[:, chosen], decay).max(axis=1)
+            negatives.append((strength, nearest_spec, nearest_topic))
+    return _RowFeatures(specific, topic, tuple(negatives))
+
+
 # --- Scoring ----------------------------------------------------------------------
 
 
@@ -1679,6 +1772,37 @@ def _standardise(values: np.ndarray) -> np.ndarray:
     if not math.isfinite(spread) or spread < max(1e-9, SPREAD_NOISE * scale):
         return np.zeros_like(values, dtype=np.float64)
     return centred / spread
+
+
+def _standardise_all(vectors: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:func:`_standardise` of each vector, the same floats, in one set of ufunc calls.
+
+    Vectors of one length and dtype are stacked (k x n, C-contiguous) and
+    reduced along their rows: numpy sums each row of a contiguous block as
+    it sums that row alone (pairwise, in the same blocks), and every other
+    step is elementwise, so each result is the bits ``_standardise`` gives
+    (tests/test_rank_cpu.py checks it). A digest standardises 3 to 8 vectors
+    of ~12 to ~100 values per scoring: the calls, not the values, cost.
+    A vector found flat gets float64 zeros, as ``_standardise`` gives it.
+    """
+    if len(vectors) < 2 or len({(v.dtype, v.shape) for v in vectors}) > 1 \
+            or vectors[0].ndim != 1 or vectors[0].size == 0:
+        return [_standardise(v) for v in vectors]
+    values = np.stack(vectors)
+    count = np.intp(values.shape[1])
+    mean = np.add.reduce(values, axis=1, keepdims=True)
+    np.true_divide(mean, count, out=mean, casting="unsafe")
+    centred = np.subtract(values, mean)
+    total = np.add.reduce(np.square(centred), axis=1)
+    spread = np.sqrt((total / count).astype(total.dtype))
+    spreads = spread.tolist()  # float32 to float exactly, as float() does
+    scales = np.maximum.reduce(np.abs(values), axis=1).tolist()
+    flat = [not math.isfinite(s) or s < max(1e-9, SPREAD_NOISE * scale)
+            for s, scale in zip(spreads, scales, strict=True)]
+    if not any(flat):
+        return list(centred / spread[:, None])
+    return [np.zeros(values.shape[1], dtype=np.float64) if f else centred[i] / spreads[i]
+            for i, f in enumerate(flat)]
 
 
 def _cohesion(topic: np.ndarray) -> float:
@@ -1727,15 +1851,16 @@ def _dense(product: sparse.spmatrix | np.ndarray) -> np.ndarray:
 
 def _positive_score(index: CorpusIndex, model: SubscriberModel, pool: _Pool) -> tuple[np.ndarray, float]:
     """Standardised closeness to the positives, and the topic weight used for it."""
-    weights = _evidence_weights(pool.rows, model)
-    spec_sims, topic_sims = pool.positives()
-    specific = _weighted_mean(spec_sims, weights) - CENTRALITY_PENALTY * index.centrality[pool.rows]
-    if pool.topic is None or topic_sims is None:
+    features = pool.features()
+    specific, topic = features.specific, features.topic
+    if specific is None:  # pragma: no cover - called only for a model with positives
+        raise ValueError("no positives to score by")
+    if topic is None:
         return _standardise(specific), 0.0
-    topic = _topic_affinity(topic_sims, weights)
     narrow = _narrowness(pool.topic)
     weight = TOPIC_WEIGHT_BROAD + (TOPIC_WEIGHT_NARROW - TOPIC_WEIGHT_BROAD) * narrow
-    score = _standardise(specific) + weight * _standardise(topic)
+    by_terms, by_topic = _standardise_all((specific, topic))
+    score = by_terms + weight * by_topic
     feedback = FEEDBACK_WEIGHT_BROAD * (1.0 - narrow)
     if feedback > 0 and len(score) > FEEDBACK_TOP + 1:
         score = score + feedback * _agreement(pool, score, weight)
@@ -1757,7 +1882,8 @@ def _agreement(pool: _Pool, score: np.ndarray, weight: float) -> np.ndarray:
     if topic_sims is None:  # no topic space: the caller never asks then
         return _standardise(spec)
     topi = np.where(own, 0.0, topic_sims).sum(axis=1) / counts
-    return (_standardise(spec) + weight * _standardise(topi)) / (1.0 + weight)
+    by_terms, by_topic = _standardise_all((spec, topi))
+    return (by_terms + weight * by_topic) / (1.0 + weight)
 
 
 def _negative_score(model: SubscriberModel, pool: _Pool, weight: float) -> np.ndarray:
@@ -1770,25 +1896,15 @@ def _negative_score(model: SubscriberModel, pool: _Pool, weight: float) -> np.nd
     whose negatives are all unrated is pushed down less than the same papers
     skipped. Within a kind, an older negative's similarity counts less.
     """
+    kinds = pool.features().negatives
+    standardised = iter(_standardise_all(
+        [values for _, spec, topic in kinds for values in (spec, topic) if values is not None]))
     result = np.zeros(len(pool))
-    for kind, strength in ((True, 1.0), (False, model.unrated_weight)):
-        chosen = model.neg_skipped == kind
-        if strength <= 0 or not chosen.any():
-            continue
-        result += strength * _nearest_negative(model, pool, weight, chosen)
-    return result
-
-
-def _nearest_negative(
-    model: SubscriberModel, pool: _Pool, weight: float, chosen: np.ndarray
-) -> np.ndarray:
-    decay = model.neg_weights[chosen]
-    spec_sims, topic_sims = pool.negatives()
-    spec = _aged(spec_sims[:, chosen], decay)
-    result = _standardise(spec.max(axis=1))
-    if pool.topic is not None and topic_sims is not None:
-        topi = _aged(topic_sims[:, chosen], decay)
-        result = (result + weight * _standardise(topi.max(axis=1))) / (1.0 + weight)
+    for strength, _, topic in kinds:
+        nearest = next(standardised)
+        if topic is not None:
+            nearest = (nearest + weight * next(standardised)) / (1.0 + weight)
+        result += strength * nearest
     return result
 
 
@@ -2057,10 +2173,19 @@ def _rank_known(
     """:func:`rank` of candidates that are all in the index, distinct, at least one."""
     model = _model_for(index, profile, settings, cache, key)
     rows = index.rows(known)
-    pool = _Pool(index, model, rows) if model is not None else None
+    personal = model is not None and is_personalised(profile)
+    pool = None
+    if model is not None:
+        # The papers the levels are calibrated on go with the candidates: their similarities
+        # and row features are computed in one go (see _Pool.prefix), not in a second pass.
+        calib = _calibration_papers(index, model, known) if personal else []
+        if len(calib) >= CALIBRATION_MIN:
+            pool = _Pool(index, model, np.concatenate([rows, index.rows(calib)])).prefix(
+                len(rows))
+        else:
+            pool = _Pool(index, model, rows)
     scores = _pool_scores(index, model, pool) if model and pool else index.popularity(rows)
     order: list[int] = np.argsort(-scores, kind="stable").tolist()
-    personal = model is not None and is_personalised(profile)
     explore = explore_slots(limit, settings.explore_fraction) if personal else 0
     explore = min(explore, max(len(order) - (limit - explore), 0))
     top = order[: min(limit, len(order)) - explore]
@@ -2095,6 +2220,17 @@ class Levels:
         return "good" if score >= self.good else "weak"
 
 
+def _calibration_papers(
+    index: CorpusIndex, model: SubscriberModel, candidates: Sequence[str]
+) -> list[str]:
+    """The positives :func:`_levels` places among ``candidates``: the most recent
+    CALIBRATION_PAPERS named ones (likes, seed papers) in the corpus and not candidates."""
+    today = set(candidates)
+    named = [p for p, phrase in zip(model.positive_ids, model.pos_phrase.tolist(), strict=False)
+             if phrase < 0 and p in index and p not in today]
+    return list(dict.fromkeys(reversed(named)))[:CALIBRATION_PAPERS]
+
+
 def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.ndarray) -> Levels:
     """Levels calibrated against the subscriber's own positives.
 
@@ -2112,10 +2248,7 @@ def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.n
     """
     model = pool.model
     order = np.sort(scores)[::-1]
-    today = set(candidates)
-    named = [p for p, phrase in zip(model.positive_ids, model.pos_phrase.tolist(), strict=False)
-             if phrase < 0 and p in index and p not in today]
-    calib = list(dict.fromkeys(reversed(named)))[:CALIBRATION_PAPERS]
+    calib = _calibration_papers(index, model, candidates)
     if len(calib) >= CALIBRATION_MIN:
         pooled = _pool_scores(index, model, pool.extended(index.rows(calib)))
         own, theirs = pooled[: len(candidates)], pooled[len(candidates):]
