@@ -1788,21 +1788,22 @@ def _standardise_all(vectors: Sequence[np.ndarray]) -> list[np.ndarray]:
     if len(vectors) < 2 or len({(v.dtype, v.shape) for v in vectors}) > 1 \
             or vectors[0].ndim != 1 or vectors[0].size == 0:
         return [_standardise(v) for v in vectors]
-    values = np.stack(vectors)
+    values = np.concatenate(vectors).reshape(len(vectors), -1)
     count = np.intp(values.shape[1])
     mean = np.add.reduce(values, axis=1, keepdims=True)
     np.true_divide(mean, count, out=mean, casting="unsafe")
     centred = np.subtract(values, mean)
-    total = np.add.reduce(np.square(centred), axis=1)
-    spread = np.sqrt((total / count).astype(total.dtype))
-    spreads = spread.tolist()  # float32 to float exactly, as float() does
+    spread = np.add.reduce(np.square(centred), axis=1)
+    # As _standardise: the quotient rounded to the values' dtype, then its square root.
+    np.true_divide(spread, count, out=spread, casting="unsafe")
+    np.sqrt(spread, out=spread)
     scales = np.maximum.reduce(np.abs(values), axis=1).tolist()
-    flat = [not math.isfinite(s) or s < max(1e-9, SPREAD_NOISE * scale)
-            for s, scale in zip(spreads, scales, strict=True)]
-    if not any(flat):
-        return list(centred / spread[:, None])
-    return [np.zeros(values.shape[1], dtype=np.float64) if f else centred[i] / spreads[i]
-            for i, f in enumerate(flat)]
+    flat = False
+    for s, scale in zip(spread.tolist(), scales, strict=True):  # to float exactly, as float()
+        flat = flat or not math.isfinite(s) or s < max(1e-9, SPREAD_NOISE * scale)
+    if not flat:
+        return list(np.true_divide(centred, spread[:, None], out=centred))
+    return [_standardise(v) for v in vectors]  # one is flat: rare, each on its own
 
 
 def _cohesion(topic: np.ndarray) -> float:

@@ -14,19 +14,25 @@ from hypothesis import strategies as st
 from digest.config import RankingConfig
 from digest.paper import Paper
 from digest.rank import (
+    PHRASE_MEMO_BYTES,
+    SIMILARITY_MEMO_BYTES,
     CorpusIndex,
     Profile,
     UnknownPaper,
     _best_positive,
+    _calibration_papers,
     _days_since,
     _evidence_weights,
     _familiarity,
+    _levels,
     _model_for,
     _Pool,
     _pool_scores,
     _positive_similarities,
     _signal_ages,
     _standardise,
+    _standardise_all,
+    rank,
 )
 
 from .helpers import sample_papers
@@ -185,3 +191,112 @@ def test_phrase_products_are_the_postings_walk(
         vector = index._phrase(phrase).specific
         _same_bits(index.phrase_products(phrase, vector, rows),
                    index.postings_products(rows, vector))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), wide=st.booleans(), count=st.integers(1, 5), length=st.integers(0, 140))
+def test_standardise_all_gives_each_vector_its_own_floats(
+    data: st.DataObject, wide: bool, count: int, length: int
+) -> None:
+    """Stacked, each vector is standardised to the bits it gets alone, flat ones included."""
+    element = (st.sampled_from(SPREAD_NOISE_VALUES) | st.floats(-1e3, 1e3, width=32)
+               | st.sampled_from([np.nan, np.inf]))
+    dtype = np.float64 if wide else np.float32
+    vectors = [np.array(data.draw(st.lists(element, min_size=length, max_size=length)),
+                        dtype=dtype) for _ in range(count)]
+    with np.errstate(all="ignore"):
+        got = _standardise_all(vectors)
+        assert len(got) == count
+        for vector, result in zip(vectors, got, strict=True):
+            _same_bits(np.asarray(result), _standardise(vector))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_candidates_pooled_with_calibration_papers_score_as_alone(
+    papers: list[Paper], index: CorpusIndex, data: st.DataObject
+) -> None:
+    """A digest's candidates computed together with its calibration papers (the first rows of
+    one pool) get the scores and levels a pool of the candidates alone gives, to the bit, and
+    so do the calibration's scores."""
+    profile, candidates, config = data.draw(pools([p.id for p in papers]))
+    model = _model_for(index, profile, config, None, None)
+    if model is None:
+        return
+    rows = index.rows(candidates)
+    calib = index.rows(_calibration_papers(index, model, candidates))
+    alone = _Pool(index, model, rows)
+    together = _Pool(index, model, np.concatenate([rows, calib])).prefix(len(rows))
+    scores = _pool_scores(index, model, alone)
+    _same_bits(_pool_scores(index, model, together), scores)
+    for kind in ("positives", "negatives"):
+        for mine, theirs in zip(getattr(together, kind)(), getattr(alone, kind)(), strict=True):
+            if theirs is not None:
+                _same_bits(np.ascontiguousarray(mine), theirs)
+    if len(calib):
+        assert together.extended(calib) is together._whole
+        _same_bits(_pool_scores(index, model, together.extended(calib)),
+                   _pool_scores(index, model, alone.extended(calib)))
+    assert _levels(index, together, candidates, scores) == \
+        _levels(index, alone, candidates, scores)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_shared_profile_is_ranked_once_and_reused(
+    papers: list[Paper], data: st.DataObject
+) -> None:
+    """Profiles without feedback (a first digest) with equal fields get the items ranking them
+    alone gives, the second one from the memo; a profile with feedback is never reused."""
+    ids = [p.id for p in papers]
+    index = CorpusIndex.fit(papers)
+    alone = CorpusIndex.fit(papers)
+    alone.limit_memo(similarity_bytes=SIMILARITY_MEMO_BYTES, phrase_bytes=PHRASE_MEMO_BYTES,
+                     result_entries=0)
+    interests = data.draw(st.lists(st.sampled_from(PHRASES), max_size=3, unique=True))
+    seeds = data.draw(st.lists(st.sampled_from(ids), max_size=2, unique=True))
+    candidates = data.draw(st.lists(st.sampled_from(ids), min_size=1, max_size=60, unique=True))
+    limit = data.draw(st.integers(1, 12))
+    config = RankingConfig(explore_fraction=data.draw(st.sampled_from((0.0, 0.2))))
+
+    def profile(**feedback: tuple[str, ...]) -> Profile:  # new objects each time
+        return Profile(interests=tuple(f"{p}" for p in interests),
+                       seed_papers=tuple(seeds), **feedback)
+
+    expected = rank(alone, profile(), candidates, limit=limit, settings=config)
+    assert rank(index, profile(), candidates, limit=limit, settings=config) == expected
+    assert index.shared_results_reused() == 0
+    assert rank(index, profile(), list(candidates), limit=limit, settings=config) == expected
+    assert index.shared_results_reused() == 1
+    liked = profile(liked=(ids[0],))
+    for _ in range(2):
+        assert rank(index, liked, candidates, limit=limit, settings=config) == \
+            rank(alone, liked, candidates, limit=limit, settings=config)
+    assert index.shared_results_reused() == 1 and alone.shared_results_reused() == 0
+
+
+def test_the_shared_rankings_are_bounded(papers: list[Paper]) -> None:
+    index = CorpusIndex.fit(papers)
+    index.limit_memo(similarity_bytes=SIMILARITY_MEMO_BYTES, phrase_bytes=PHRASE_MEMO_BYTES,
+                     result_entries=2)
+    candidates = [p.id for p in papers[:40]]
+    for phrase in (PHRASES[0], PHRASES[1], PHRASES[2], PHRASES[2], PHRASES[0]):
+        rank(index, Profile(interests=(phrase,)), candidates, limit=5)
+    assert index.shared_results_reused() == 1  # the third phrase again; the first was dropped
+
+
+def test_a_profile_fingerprint_follows_its_fields_not_its_objects() -> None:
+    fields = {"liked": ("a", "b"), "skipped": ("c",), "unrated": ("d", "e"),
+              "interests": ("graph networks",), "seed_papers": ("2401.00001",),
+              "ages": (("a", 3), ("d", 40)), "seed_texts": (("T", "An abstract."),)}
+    profile = Profile(**fields)
+    copied = Profile(**{k: tuple("".join(x) if isinstance(x, str) else x for x in v)
+                        for k, v in fields.items()})
+    assert profile.fingerprint() == copied.fingerprint()
+    seen = {profile.fingerprint()}
+    for name, value in fields.items():
+        changed = Profile(**{**fields, name: value[:-1]})
+        seen.add(changed.fingerprint())
+    seen.add(Profile(**{**fields, "ages": (("a", 3), ("d", 41))}).fingerprint())
+    seen.add(Profile(**{**fields, "liked": ("b", "a")}).fingerprint())
+    assert len(seen) == len(fields) + 3
