@@ -1421,15 +1421,13 @@ def fit_model(
     titles = tuple([index.paper(i).title for i in positives] + [t for t, _ in texts])
     phrases = tuple(p for p in dict.fromkeys(s.strip() for s in profile.interests) if p)
     half_life = settings.half_life_days
-    by_age: dict[int | None, float] = {}  # ages are whole days: few distinct values
-
-    def aged(paper_id: str) -> float:
-        age = ages.get(paper_id)
-        if age not in by_age:
-            by_age[age] = recency(age, half_life)
-        return by_age[age]
-
-    pos_recency = np.array([aged(i) for i in positives])
+    # Ages are whole days: few distinct values. Each one's recency once, then looked up in C
+    # (a subscriber has dozens of positives and hundreds of negatives).
+    by_age: dict[int | None, float] = {}
+    pos_ages = list(map(ages.get, positives))
+    for age in set(pos_ages).difference(by_age):
+        by_age[age] = recency(age, half_life)
+    pos_recency = np.array(list(map(by_age.__getitem__, pos_ages)), dtype=np.float64)
 
     points = _positive_points(index, positives, pos_recency, texts, phrases)
 
@@ -1445,7 +1443,10 @@ def fit_model(
     neg_ages = list(map(ages.get, negatives))
     for age in set(neg_ages).difference(by_age):
         by_age[age] = recency(age, half_life)
-    neg_weights = np.array(list(map(by_age.__getitem__, neg_ages)), dtype=np.float32)
+    neg_weights = np.fromiter(map(by_age.__getitem__, neg_ages), dtype=np.float32,
+                              count=len(neg_ages))
+    neg_skipped = np.zeros(len(negatives), dtype=bool)
+    neg_skipped[: len(skipped)] = True  # the skips come first
     return SubscriberModel(
         positive_ids=tuple(positives) + tuple(f"library:{n}" for n in range(len(texts))),
         positive_labels=labels,
@@ -1460,7 +1461,7 @@ def fit_model(
         negative_ids=tuple(negatives),
         neg_rows=index.rows(negatives),
         neg_weights=neg_weights,
-        neg_skipped=np.array([True] * len(skipped) + [False] * len(unrated), dtype=bool),
+        neg_skipped=neg_skipped,
         unrated_weight=settings.unrated_weight,
         unknown_seeds=tuple(unknown),
     )
@@ -1732,17 +1733,25 @@ def _row_features(index: CorpusIndex, model: SubscriberModel, pool: _Pool) -> _R
             topic = _topic_affinity(topic_sims, weights)
     negatives = []
     if model.has_negatives:
+        spec_neg, topic_neg = pool.negatives()
+        if index.topic is None:
+            topic_neg = None
+        # Each similarity aged by its own negative's decay: the whole matrix at once, then
+        # each kind's columns (fit_model puts the skips first; the mask otherwise).
+        aged_spec = _aged(spec_neg, model.neg_weights)
+        aged_topic = _aged(topic_neg, model.neg_weights) if topic_neg is not None else None
+        skips = int(np.count_nonzero(model.neg_skipped))
+        contiguous = bool(model.neg_skipped[:skips].all())
         for kind, strength in ((True, 1.0), (False, model.unrated_weight)):
-            chosen = model.neg_skipped == kind
-            if strength <= 0 or not chosen.any():
+            count = skips if kind else len(model.neg_skipped) - skips
+            if strength <= 0 or count == 0:
                 continue
-            decay = model.neg_weights[chosen]
-            spec_neg, topic_neg = pool.negatives()
-            nearest_spec = _aged(spec_neg[:, chosen], decay).max(axis=1)
-            nearest_topic = None
-            if index.topic is not None and topic_neg is not None:
-                nearest_topic = _aged(topic_neg[:, chosen], decay).max(axis=1)
-            negatives.append((strength, nearest_spec, nearest_topic))
+            chosen: slice | np.ndarray = model.neg_skipped == kind
+            if contiguous:
+                chosen = slice(0, skips) if kind else slice(skips, None)
+            negatives.append((strength, aged_spec[:, chosen].max(axis=1),
+                              aged_topic[:, chosen].max(axis=1) if aged_topic is not None
+                              else None))
     return _RowFeatures(specific, topic, tuple(negatives))
 
 
