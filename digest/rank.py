@@ -127,6 +127,10 @@ MODEL_CACHE_ENTRIES = 4096
 # again would give. An entry holds a digest's items and the key (~3 KB): 4096 cost ~12 MB,
 # bounded whatever the subscriber count. A profile with feedback is one person's: never kept.
 SHARED_RESULT_ENTRIES = 4096
+# How narrow a pool of papers is (its mean pairwise topic cosine) is one float per set of rows,
+# and today's candidates are everyone's: kept for the most recent 256 sets (the key is the
+# rows, 8 bytes each: at most a few MB), computed once instead of once per subscriber.
+NARROWNESS_ENTRIES = 256
 
 @dataclass(frozen=True)
 class FitBounds:
@@ -847,9 +851,25 @@ class _IndexMemo:
         self._phrase_rows: OrderedDict[str, np.ndarray] = OrderedDict()
         self._phrase_row_bytes = 0
         self._phrase_row_limit = phrase_row_bytes
+        self._narrow: OrderedDict[bytes, float] = OrderedDict()
         self._results: OrderedDict[tuple[object, ...], tuple[Ranked, ...]] = OrderedDict()
         self._result_limit = result_entries
         self.results_reused = 0  # rankings answered from _results (tests, logs)
+
+    def narrowness(self, rows: np.ndarray, compute: Callable[[], float]) -> float:
+        """``compute()`` for this set of rows (in this order), kept (NARROWNESS_ENTRIES)."""
+        key = rows.tobytes()
+        with self._phrase_lock:
+            found = self._narrow.get(key)
+            if found is not None:
+                self._narrow.move_to_end(key)
+                return found
+        value = compute()
+        with self._phrase_lock:
+            self._narrow[key] = value
+            while len(self._narrow) > NARROWNESS_ENTRIES:
+                self._narrow.popitem(last=False)
+        return value
 
     def result(self, key: tuple[object, ...]) -> tuple[Ranked, ...] | None:
         """A kept ranking of a shared profile (see SHARED_RESULT_ENTRIES), or None."""
@@ -1867,7 +1887,7 @@ def _positive_score(index: CorpusIndex, model: SubscriberModel, pool: _Pool) -> 
         raise ValueError("no positives to score by")
     if topic is None:
         return _standardise(specific), 0.0
-    narrow = _narrowness(pool.topic)
+    narrow = index._memo.narrowness(pool.rows, lambda: _narrowness(pool.topic))
     weight = TOPIC_WEIGHT_BROAD + (TOPIC_WEIGHT_NARROW - TOPIC_WEIGHT_BROAD) * narrow
     by_terms, by_topic = _standardise_all((specific, topic))
     score = by_terms + weight * by_topic
@@ -1884,14 +1904,17 @@ def _agreement(pool: _Pool, score: np.ndarray, weight: float) -> np.ndarray:
     picks vote for their neighbours. Each pick's own vote for itself is left out.
     """
     top = np.argsort(-score, kind="stable")[:FEEDBACK_TOP]
-    own = np.zeros((len(score), len(top)), dtype=bool)
-    own[top, np.arange(len(top))] = True
-    counts = len(top) - own.sum(axis=1)
+    own = (top, np.arange(len(top)))  # each pick's vote for itself
+    counts = np.full(len(score), len(top))
+    counts[top] -= 1
+    # Fresh arrays (a gather or a product): each own vote is zeroed in place.
     spec_sims, topic_sims = pool.pairs(pool.rows[top])
-    spec = np.where(own, 0.0, spec_sims).sum(axis=1) / counts
+    spec_sims[own] = 0.0
+    spec = spec_sims.sum(axis=1) / counts
     if topic_sims is None:  # no topic space: the caller never asks then
         return _standardise(spec)
-    topi = np.where(own, 0.0, topic_sims).sum(axis=1) / counts
+    topic_sims[own] = 0.0
+    topi = topic_sims.sum(axis=1) / counts
     by_terms, by_topic = _standardise_all((spec, topi))
     return (by_terms + weight * by_topic) / (1.0 + weight)
 
