@@ -32,6 +32,7 @@ from digest.rank import (
     _signal_ages,
     _standardise,
     _standardise_all,
+    _topic_products,
     rank,
 )
 
@@ -300,3 +301,46 @@ def test_a_profile_fingerprint_follows_its_fields_not_its_objects() -> None:
     seen.add(Profile(**{**fields, "ages": (("a", 3), ("d", 41))}).fingerprint())
     seen.add(Profile(**{**fields, "liked": ("b", "a")}).fingerprint())
     assert len(seen) == len(fields) + 3
+
+
+def _positives_column_by_column(pool: _Pool) -> tuple[np.ndarray, np.ndarray | None]:
+    """A pool's positive similarities as the general path computes them: the named points in
+    one gather, each phrase through its postings row, every own point's topic in one product."""
+    index, model, rows = pool.index, pool.model, pool.rows
+    named = model.pos_rows >= 0
+    spec = np.empty((len(rows), len(model.pos_rows)), dtype=np.float32)
+    topic = np.empty_like(spec) if index.topic is not None else None
+    got_spec, got_topic = index.direct_similarities(rows, model.pos_rows[named])
+    spec[:, named] = got_spec
+    own = np.flatnonzero(~named)
+    for k, phrase in enumerate(model.own_phrase):
+        assert phrase is not None
+        spec[:, own[k]] = index.postings_products(rows, model.own_specific[k])
+    if topic is not None and got_topic is not None and model.own_topic is not None:
+        topic[:, named] = got_topic
+        topic[:, own] = _topic_products(index.topic[rows], model.own_topic)
+    return spec, topic
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_interest_blocks_are_the_column_by_column_similarities(
+    papers: list[Paper], index: CorpusIndex, data: st.DataObject
+) -> None:
+    """A model of interests only reads each phrase's block of similarities, computed once per
+    set of papers and then kept: the floats the general path computes, first time and next."""
+    ids = [p.id for p in papers]
+    interests = data.draw(st.lists(st.sampled_from(PHRASES), min_size=1, max_size=4,
+                                   unique=True))
+    candidates = data.draw(st.lists(st.sampled_from(ids), min_size=1, max_size=60, unique=True))
+    model = _model_for(index, Profile(interests=tuple(interests)), RankingConfig(), None, None)
+    if model is None:
+        return
+    rows = index.rows(candidates)
+    expected = _positives_column_by_column(_Pool(index, model, rows))
+    for _ in range(2):  # computed, then read from the memo
+        for got, want in zip(_Pool(index, model, rows).positives(), expected, strict=True):
+            if want is None:
+                assert got is None
+            else:
+                _same_bits(np.asarray(got), want)
