@@ -131,15 +131,15 @@ def test_sigterm_while_waiting_for_the_250_waits_up_to_data_timeout_and_keeps_th
     server = smtp_server(delay=600)  # the message's end is answered after set_delay(0)
     fill_inbox(tmp_path)
     config = write_daemon_config(tmp_path, port=server.port, subscribers=readers(1),
-                                 digest=FAST, smtp={"connections": 1, "data_timeout": 8})
+                                 digest=FAST, smtp={"connections": 1, "data_timeout": 12})
     short_timeout(config, 0.5)
     with daemon_process(config, tmp_path / "first.log") as daemon:
         wait_until(lambda: server.data_commands >= 1, what="the digest's DATA")
-        time.sleep(1.0)  # past the 0.5 s timeout: still waiting (data_timeout is 8 s)
+        time.sleep(1.0)  # past the 0.5 s timeout: still waiting (data_timeout is 12 s)
         assert daemon.proc.poll() is None and server.messages == []
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit(timeout=60) == 0  # data_timeout, not the server's 600 s
-    assert "waiting up to 8s for the server's reply to 1 message(s) sent whole" in daemon.log()
+    assert "waiting up to 12s for the server's reply to 1 message(s) sent whole" in daemon.log()
     with Store(tmp_path / "var" / "state.sqlite3") as store:
         [claimed] = store.unsent_digests()  # not lost: claimed, resent on the next start
     server.set_delay(0)

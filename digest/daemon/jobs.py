@@ -909,8 +909,10 @@ class Deliveries:
         addresses: each is sent again (its new outcome replaces the old one),
         and a refusal now is final. Otherwise they stay claimed (``retry``).
         """
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        # Until they end, or a stop: then ``drain`` decides what to wait for.
+        watch = set() if self._stop_watch is None else {self._stop_watch}
+        while self._tasks and not self.stopping:
+            await asyncio.wait({*self._tasks, *watch}, return_when=asyncio.FIRST_COMPLETED)
         if not self.accepted or self.mailer.unavailable is not None or stopped():
             return
         again, self._held = self._held, []
