@@ -7,16 +7,43 @@ one-line ``Error: ...`` and an exit code.
 
 from __future__ import annotations
 
-import argparse
+import signal
+import sys
+from types import FrameType
+
+# SIGTERM or SIGINT while the command starts (this module's imports, then main's), before
+# anything decides what a stop means: remembered here, acted on by ``main`` (``_signals``).
+# Only in the ``digest`` program itself: a process that imports this module keeps its own.
+_EARLY_SIGNALS: list[int] = []
+
+
+def _remember_signal(signum: int, frame: FrameType | None) -> None:
+    _EARLY_SIGNALS.append(signum)
+
+
+def _as_program() -> bool:
+    """Whether this process is the ``digest`` command (its script, or ``python -m digest``)."""
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    return (spec is not None and spec.name == "digest.__main__") or \
+        sys.argv[0].rpartition("/")[2] == "digest"
+
+
+if _as_program():
+    for _signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(_signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(_signum, _remember_signal)  # an ignored one stays ignored
+
+import argparse  # after the handlers: these imports are the first window
 import asyncio
 import json
 import logging
 import os
-import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import __version__
 from .errors import DigestError
@@ -235,8 +262,38 @@ def _ingest_line(result: object) -> str:
     return f"{result.name}: FAILED: {result.reason} (moved to failed/)"
 
 
+class SendStopped(BaseException):
+    """SIGTERM or SIGINT while ``digest send`` starts (imports, the config, the database),
+    before its dispatch handles them: nothing is claimed yet. A ``BaseException``, as
+    ``KeyboardInterrupt`` is, so no ``except Exception`` on the way out swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+def _stop_send(signum: int, frame: FrameType | None) -> None:
+    raise SendStopped(signum)
+
+
+def _ignore_late(signum: int, frame: FrameType | None) -> None:
+    """A signal once the dispatch has ended: its summary is printed in a moment anyway."""
+
+
 def cmd_send(args: argparse.Namespace) -> int:
+    count: list[int] = []  # how many subscribers the run is for, once the config is read
+    try:
+        return _send(args, count)
+    except SendStopped as stop:  # before the dispatch began: nothing claimed, nothing sent
+        counts = (f"0 sent, 0 claimed for the next run, {count[0]} not reached"
+                  if count else "nothing sent or claimed")
+        print(f"Interrupted ({stop}): {counts}; run send again to finish.", file=sys.stderr)
+        return 128 + stop.signum
+
+
+def _send(args: argparse.Namespace, count: list[int]) -> int:
     config = _config(args)  # before the heavy imports: a bad config fails at once
+    count.append(1 if args.user is not None else len(config.subscribers))
     if not args.dry_run:
         config.check_secrets()  # --dry-run contacts no server, so it needs no password
 
@@ -285,8 +342,6 @@ def _interrupted_summary(stop: _SendStop, outcomes: Sequence[Outcome] | None,
                          left: Sequence[DigestRow], selected: int) -> int:
     """After a ``send`` stopped by a signal: what stays claimed for the next run, one line
     of counts; returns 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
-    import signal
-
     for row in left:
         print(f"{row.subscriber}: the digest of {row.local_date} stays claimed; the next run "
               "(or the daemon) resends it with the same Message-ID")
@@ -316,8 +371,6 @@ class _SendStop:
     async def run(self, job: Awaitable[Sequence[Outcome]]) -> Sequence[Outcome] | None:
         """The job's outcomes; None when it had to be cancelled whole (stuck past two
         grace periods, or a second signal)."""
-        import signal
-
         from .daemon import STOP_GRACE_SECONDS
         from .daemon.jobs import DELIVERY_TASK_PREFIX
         from .daemon.prepare_worker import SIGINT_IGNORED_AT_START
@@ -351,7 +404,8 @@ class _SendStop:
                 return None
         finally:
             for signum in stops:
-                loop.remove_signal_handler(signum)
+                loop.remove_signal_handler(signum)  # (back to the default: not wanted now)
+                signal.signal(signum, _ignore_late)
 
     def _stop(self, signum: int, task: asyncio.Future[Sequence[Outcome]]) -> None:
         if self.signum is None:
@@ -364,8 +418,6 @@ class _SendStop:
 
 
 def signal_name(signum: int) -> str:
-    import signal
-
     return signal.Signals(signum).name
 
 
@@ -1049,20 +1101,57 @@ def _shared() -> Path:
     return Path(__file__).resolve().parents[2] / "shared"
 
 
+@contextmanager
+def _signals(send: bool) -> Iterator[None]:
+    """SIGTERM and SIGINT while a command runs: for ``send``, ``SendStopped`` until its
+    dispatch takes them over (one summary line, exit 143 or 130, at any moment); for the
+    others, what they were (SIGTERM ends the process, SIGINT raises KeyboardInterrupt). A
+    signal that came while the program started is acted on now. An ignored one stays so;
+    the handlers before are put back on the way out (for a caller of ``main``)."""
+    defaults: dict[int, Any] = {signal.SIGTERM: signal.SIG_DFL,
+                                signal.SIGINT: signal.default_int_handler}
+    before = {signum: signal.getsignal(signum) for signum in defaults}
+    for signum, handler in before.items():
+        if handler is _remember_signal or (send and handler is defaults[signum]):
+            signal.signal(signum, _stop_send if send else defaults[signum])
+    try:
+        if _EARLY_SIGNALS:
+            signum = _EARLY_SIGNALS[0]
+            _EARLY_SIGNALS.clear()
+            if send:
+                raise SendStopped(signum)
+            os.kill(os.getpid(), signum)  # handled as it would have been, now
+        yield
+    finally:
+        for signum, handler in before.items():
+            if handler is not _remember_signal and signal.getsignal(signum) is not handler:
+                signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
     try:
-        if args.command == "bench":
-            return _run_bench(args)
-        return int(args.func(args))
+        with _signals(args.command == "send"):
+            return _main(args)
     except DigestError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except SendStopped as stop:  # before ``cmd_send`` began
+        print(f"Interrupted ({stop}): nothing sent or claimed; run send again to finish.",
+              file=sys.stderr)
+        return 128 + stop.signum
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "bench":
+            return _run_bench(args)
+        return int(args.func(args))
     except BrokenPipeError:
         # The reader of our output stopped early (``digest preview | head``): what it read is
         # what it wanted. Point stdout at /dev/null so the flush at exit cannot fail again.

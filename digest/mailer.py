@@ -10,7 +10,10 @@ database.
 What each answer means (``SendError.kind``):
 
 * a 4xx reply is retried with exponential backoff (on whichever session is
-  idle then; a 421 closes its session), then reported ``deferred``;
+  idle then; a 421 closes its session), then reported ``deferred``; a 421 to
+  the first MAIL FROM of a session opened while others of ours were open is a
+  cap on concurrent sessions instead: the pool shrinks (as for a 421 to EHLO)
+  and the message goes on another session at once;
 * a 5xx reply at RCPT is final for that recipient (``recipient``: the address
   bounces), except a refusal about relaying or login (530, 5.7.x "relay
   access denied") and the same 5xx (compared without the recipient's address
@@ -103,6 +106,9 @@ _POLICY_REFUSAL = re.compile(
     r"(address )?not (permitted|allowed)", re.IGNORECASE)
 
 
+STOPPING = "the sender is stopping"  # an attempt not begun: ``Mailer.stop_starting``
+
+
 @dataclass
 class _Attempt:
     """The outcome of one try at delivering a message."""
@@ -152,6 +158,12 @@ class _Session(aiosmtplib.SMTP):
     """
 
     stage = ""  # "EHLO", "MAIL", "RCPT" or "DATA": the last command of the transaction
+    # Opened while other sessions of ours were open, and no MAIL FROM taken on it yet: a 421
+    # to its first MAIL is a relay's cap on concurrent sessions told late (``_attempt``).
+    on_probation = False
+    # The message is fully written (its closing "." sent) and its reply not read yet: a
+    # stop waits for that reply rather than cancel it (the relay may be taking the message).
+    written = False
 
     # MAIL and RCPT as aiosmtplib's own ``mail`` and ``rcpt`` send them (its ``quote_address``
     # checks and quotes the address; its ``execute_command`` sends and reads), less a parse
@@ -167,6 +179,7 @@ class _Session(aiosmtplib.SMTP):
             *(option.encode("ascii") for option in options))
         if response.code != 250:
             raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+        self.on_probation = False
         return response
 
     async def rcpt(self, recipient: str, /, *,  # type: ignore[override]
@@ -203,12 +216,15 @@ class _Session(aiosmtplib.SMTP):
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         try:
             protocol.write(wire)
+            self.written = True
             # The reply to the message's end gets ``data_timeout`` (RFC 5321 4.5.3.2.6).
             response = await protocol.read_response(
                 timeout=self.data_timeout if self.data_timeout is not None else self.timeout)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             self.close()  # a reply given up on would be paired with the next command
             raise
+        finally:
+            self.written = False
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
@@ -248,7 +264,8 @@ class Mailer:
     one at a time, so a wrong password costs one refused login, not
     ``connections``. A server that refuses one more session (a 4xx greeting,
     a 421 to EHLO after its greeting, a close or silence until the timeout
-    before the greeting) while others of ours are open caps its clients: the
+    before the greeting, or a 421 to the first MAIL FROM of a session opened
+    while others were) while others of ours are open caps its clients: the
     pool shrinks to the sessions it took (``pool_size``), logged once when the
     opens in flight have settled, and nothing fails. ``close`` (or leaving the ``async with``) says QUIT on
     every idle session. After a ``server`` or ``config`` failure,
@@ -296,6 +313,9 @@ class Mailer:
         self._open_count = 0  # sessions open now, idle or in use
         self._accepted = False  # some address was accepted on this mailer: 5xx at RCPT is final
         self._first_refusals: dict[str, str] = {}  # recipient -> 5xx reply, before any accept
+        self._stopping = False  # ``stop_starting`` was called: no attempt begins any more
+        # The sends with a session in hand (a transaction under way), by their task.
+        self._in_attempt: dict[asyncio.Task[Any], _Session] = {}
 
     @functools.cached_property
     def where(self) -> str:
@@ -420,6 +440,27 @@ class Mailer:
         self._open_count -= len(idle)
         await asyncio.gather(*(self._quit(client) for client in idle))
 
+    def stop_starting(self) -> None:
+        """A stop (SIGTERM): from now on no transaction begins.
+
+        A send waiting for a session, or between two attempts, gives up its
+        recipients as ``deferred`` ("not tried: stopping") instead of starting
+        one; the transactions under way go on (``awaiting_reply`` tells which
+        have written their message whole).
+        """
+        self._stopping = True
+
+    def in_attempt(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` (a send's task) has a session and a transaction under way."""
+        return task in self._in_attempt
+
+    def awaiting_reply(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task``'s message is written whole (the closing "." sent) and the server's
+        reply to it not read yet: cancelling it then may leave a message the relay took
+        unrecorded (a second copy on the resend)."""
+        client = self._in_attempt.get(task)
+        return client is not None and client.written
+
     async def _quit(self, client: _Session) -> None:
         if client.is_connected:
             try:
@@ -437,13 +478,24 @@ class Mailer:
         pending = outgoing.recipients
         attempt = 0
         fresh = False
+        last = ""  # why the last attempt left recipients to retry
         while pending:
+            if self._stopping:  # a stop: no new attempt (the digest stays claimed)
+                problem = "not sent: the sender is stopping"
+                if last:
+                    problem = f"{last}; not tried again: the sender is stopping"
+                for recipient in pending:
+                    refused[recipient] = SendError(recipient, problem, kind="deferred")
+                break
             attempt += 1
             outcome = await self._try_once(outgoing, pending, fresh=fresh)
             refused.update(outcome.refused)
             pending = outcome.retry
+            last = "" if outcome.problem == STOPPING else outcome.problem
             if not pending:
                 break
+            if self._stopping:
+                continue  # given up above, without the wait for a retry
             if attempt >= self.attempts:
                 for recipient in pending:
                     refused[recipient] = SendError(
@@ -479,6 +531,9 @@ class Mailer:
         """
         while True:
             await self._slots.acquire()
+            if self._stopping:  # stopped while waiting for a session: nothing begins
+                self._release_slot()
+                return _Attempt(retry=list(recipients), problem=STOPPING)
             try:
                 client = await self._session(fresh=fresh)
             except _Crowded as exc:
@@ -490,13 +545,25 @@ class Mailer:
             except BaseException:
                 self._release_slot()
                 raise
+            task = asyncio.current_task()
+            if task is not None:
+                self._in_attempt[task] = client
             try:
                 outcome = await self._attempt(client, outgoing, recipients, fresh=fresh)
+            except _Crowded as exc:  # a cap told at MAIL: as at the greeting or EHLO
+                self._discard(client)
+                if not self._shrink(exc):
+                    self._release_slot()
+                fresh = False
+                continue
             except BaseException:
                 self._discard(client)  # failed or cancelled mid-way: never reused
+                self._release_slot()
                 raise
             finally:
-                self._release_slot()
+                if task is not None:
+                    self._in_attempt.pop(task, None)
+            self._release_slot()
             if outcome.broken or not client.is_connected:
                 self._discard(client)
             else:
@@ -558,6 +625,11 @@ class Mailer:
             errors = {e.recipient: aiosmtplib.SMTPResponse(e.code, e.message)
                       for e in exc.recipients}
         except aiosmtplib.SMTPSenderRefused as exc:
+            if exc.code == 421 and client.on_probation:
+                # A relay capping concurrent sessions may greet and answer EHLO, and tell
+                # its cap only at the first MAIL FROM of a session beyond it (421, closing
+                # it): one session too many, not a deferred message (issue 13 review).
+                raise _Crowded(_describe(exc)) from exc
             if 400 <= exc.code < 500:
                 return _Attempt(retry=list(recipients), problem=_describe(exc),
                                 broken=exc.code == 421)
@@ -789,6 +861,7 @@ class Mailer:
             self._connecting -= 1
         self._proven = True
         self.connections += 1
+        client.on_probation = self._open_count > 0  # others of ours open: a cap may answer MAIL
         self._open_count += 1
         self._report_shrink()  # a burst of opens in which some were refused is over
         log.info("smtp %s: connected (%s%s)", self.where, smtp.security,

@@ -168,3 +168,78 @@ def test_a_dispatch_to_a_relay_capping_at_ehlo_sends_everyone_in_the_same_tick(
     assert cap.most_admitted <= 2
     warnings = [r.getMessage() for r in caplog.records if r.name == "digest.mailer"]
     assert any("lower [smtp] connections" in w for w in warnings), warnings
+
+
+class _CappedAtMail(SMTP):
+    """Greets and answers EHLO on every session; a session beyond the cap gets 421 at its
+    first MAIL FROM (and is closed), as relays that count sessions at MAIL do."""
+
+    def __init__(self, cap: _Cap, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cap = cap
+        self.admitted = False
+
+    def connection_made(self, transport: Any) -> None:
+        with self.cap.lock:
+            if self.cap.admitted < self.cap.cap:
+                self.admitted = True
+                self.cap.admitted += 1
+                self.cap.most_admitted = max(self.cap.most_admitted, self.cap.admitted)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.admitted:
+            with self.cap.lock:
+                self.cap.admitted -= 1
+            self.admitted = False
+        super().connection_lost(error)
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        if not self.admitted:
+            with self.cap.lock:
+                self.cap.refused += 1
+            await self.push("421 4.7.0 Too many concurrent sessions, closing")
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super().smtp_MAIL(arg)
+
+
+class _MailCapController(Controller):
+    def __init__(self, cap: _Cap) -> None:
+        super().__init__(cap, hostname="127.0.0.1", port=free_port())
+        self.cap = cap
+
+    def factory(self) -> SMTP:
+        return _CappedAtMail(self.cap, self.handler, **self.SMTP_kwargs)
+
+
+def test_a_cap_told_at_mail_shrinks_the_pool_and_nothing_is_deferred(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Was: the 421 at MAIL retried with backoff, then the message deferred."""
+    cap = _Cap(2)
+    controller = _MailCapController(cap)
+    controller.start()
+    try:
+        from digest.config import SmtpConfig
+
+        config = SmtpConfig(host="127.0.0.1", port=controller.port, security="none",
+                            timeout=10.0, sender="Paper Digest <digest@papers.example.org>")
+
+        async def dispatch() -> tuple[list[Any], Mailer]:
+            # One attempt each: a 421 at MAIL taken for a failed try would defer the message.
+            async with Mailer(config, connections=4, attempts=1, base_delay=0.01) as mailer:
+                results = await send_many(mailer, 16)
+            return results, mailer
+
+        with caplog.at_level(logging.WARNING, logger="digest.mailer"):
+            results, mailer = run(dispatch())
+    finally:
+        controller.stop()
+    assert results == [{}] * 16
+    assert mailer.unavailable is None
+    assert Counter(r for rcpts in cap.received for r in rcpts) == {reader(n): 1 for n in range(16)}
+    assert cap.refused >= 1 and mailer.pool_size == 2 and cap.most_admitted == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "digest.mailer"]
+    assert [w for w in warnings if "lower [smtp] connections" in w], warnings
+    assert not [w for w in warnings if "retrying in" in w or "not delivered" in w], warnings

@@ -874,3 +874,30 @@ def test_mail_and_rcpt_quote_an_address_exactly_as_aiosmtplib_does(address: str)
     except ValueError:
         got = ValueError
     assert got == expected
+
+
+# A stop
+
+
+def test_after_stop_starting_no_transaction_begins_and_the_one_under_way_ends(
+        server_factory: Any) -> None:
+    """SIGTERM's first step: the send under way finishes; those waiting for the one session
+    give up at once (``deferred``, "the sender is stopping"), never reaching the server."""
+    server = server_factory(delay=0.3)
+
+    async def dispatch() -> list[Any]:
+        async with Mailer(server.config(), connections=1, **QUICK) as mailer:
+            sends = asyncio.gather(
+                *(mailer.send_bytes(letter(n), recipients=[reader(n)]) for n in range(4)),
+                return_exceptions=True)
+            while not mailer._in_attempt:  # the first send has its session
+                await asyncio.sleep(0.01)
+            mailer.stop_starting()
+            return await sends
+
+    results = run(dispatch())
+    assert results[0] == {}
+    for error in results[1:]:
+        assert isinstance(error, SendError) and error.kind == "deferred", error
+        assert "the sender is stopping" in str(error)
+    assert server.copies() == Counter({reader(0): 1})

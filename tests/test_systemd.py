@@ -113,3 +113,20 @@ def test_a_real_daemon_says_ready_feeds_the_watchdog_and_reports_its_last_dispat
     assert sum(m == "WATCHDOG=1" for m in got) >= 3
     assert any(m.startswith("STATUS=last dispatch ") and "2 sent" in m for m in got), got
     assert any(m.startswith("STOPPING=1") for m in got)
+
+
+def _seconds(span: str) -> float:
+    """A systemd time span such as ``30s``, ``11min`` or ``1min 30s`` in seconds."""
+    units = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+    return sum(float(number) * units[unit]
+               for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]+)", span))
+
+
+def test_the_stop_timeout_allows_the_wait_for_a_relays_reply() -> None:
+    """systemd's SIGKILL must not come before the daemon's longest stop: its grace plus the
+    wait for the reply to a message written whole (a kill then may send it twice)."""
+    from digest.daemon.jobs import STOP_GRACE_SECONDS, STOP_REPLY_WAIT_MAX_SECONDS
+
+    unit = directives(UNIT.read_text(encoding="utf-8"))
+    [timeout] = unit["TimeoutStopSec"]
+    assert _seconds(timeout) >= STOP_GRACE_SECONDS + STOP_REPLY_WAIT_MAX_SECONDS + 30

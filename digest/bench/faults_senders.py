@@ -14,7 +14,15 @@ aiosmtpd server that records every message at its 250:
   between the server's 250 and our commit. That window is measured: after
   each kill, the digests still claimed whose Message-ID the server already
   accepted are counted (``window_duplicates``); any copy beyond them is a
-  duplicate.
+  duplicate. ``points`` chooses where the kills fall: at a random moment
+  after the daemon's first message (the default), or, in turn, at each kind
+  of point the mail server can mark (``KILL_POINTS``): before any claim (the
+  daemon has just started), at MAIL FROM (claimed, not sent), with the
+  message whole at DATA (written, no 250; the server does not take it) and
+  as the server takes a message (its 250 on its way, our commit not made).
+  ``warm`` starts each daemon as a fork of one process that imported the
+  daemon's modules once (the same ``digest run``, without the seconds of
+  imports per start that made the test of 20 kills take minutes).
 
 Counts (see ``faults.AreaResult``): a daemon that stopped by itself or logged
 a traceback is a crash; a subscriber without a digest is data lost; an error
@@ -28,16 +36,25 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from ..store import Store
 from .faults import AreaResult
 from .smtp_servers import Behaviour, RecordingServer, campaign_state, reader
 
 START_TIMEOUT = 60.0  # seconds a daemon may take to start and send (a loaded CI machine)
+
+# Where a kill may fall (``kill_campaign``'s ``points``): "random" (a random moment of up to
+# 0.25 s after the daemon's first message), "started" (the daemon says it started: before
+# its first claim), "mail" (the server got MAIL FROM: claimed, not sent), "data" (the
+# message is whole at the server, no 250 yet; the server then does not take it) and
+# "taken" (the server took it and is sending its 250: the window before our commit).
+KILL_POINTS = ("started", "mail", "data", "taken", "random")
 
 
 @dataclass
@@ -75,6 +92,8 @@ def run(workdir: Path, quick: bool) -> AreaResult:
 class _Daemon:
     """``digest run`` as a child process, its output in a file."""
 
+    pid: int
+
     def __init__(self, config: Path, log: Path) -> None:
         self.log_path = log
         self._log = log.open("ab")
@@ -83,9 +102,17 @@ class _Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "digest", "--config", str(config),
                                       "run"], stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env)
+        self.pid = self.proc.pid
+
+    def exited(self) -> int | None:
+        """Its exit code once it has ended by itself, else None."""
+        return self.proc.poll()
 
     def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:  # a forked daemon has not opened it yet
+            return ""
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -102,6 +129,115 @@ class _Daemon:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+# The warm starter: imports what ``digest run`` imports, then forks one daemon per request
+# ("start LOG ARGS...", answered with the pid) and reaps them ("wait PID", answered with the
+# exit code), so that a killed daemon is gone (its pid dead) before the next one starts.
+_WARM = r"""
+import os, sys, traceback
+import digest.cli, digest.daemon, digest.daemon.loop, digest.daemon.jobs, digest.rank
+import digest.render, digest.mailer, digest.ingest, digest.store, apscheduler.schedulers.asyncio
+print("ready", flush=True)
+for line in sys.stdin:
+    command, *rest = line.rstrip("\n").split("\t")
+    if command == "start":
+        log, *argv = rest
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                code = digest.cli.main(argv)
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        print(pid, flush=True)
+    elif command == "wait":
+        _, status = os.waitpid(int(rest[0]), 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+class _WarmStarter:
+    """One process with the daemon's modules imported; each daemon is a fork of it."""
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        self.proc = subprocess.Popen([sys.executable, "-c", _WARM], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self._lock = threading.Lock()
+        if self._read() != "ready":
+            raise RuntimeError("the warm starter did not start")
+
+    def _read(self) -> str:
+        out: IO[str] | None = self.proc.stdout
+        assert out is not None
+        return out.readline().strip()
+
+    def ask(self, *words: str) -> str:
+        with self._lock:
+            stdin = self.proc.stdin
+            assert stdin is not None
+            stdin.write("\t".join(words) + "\n")
+            stdin.flush()
+            return self._read()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _WarmDaemon(_Daemon):
+    """``digest run`` forked by a ``_WarmStarter``, its output in a file."""
+
+    def __init__(self, starter: _WarmStarter, config: Path, log: Path) -> None:
+        self.log_path = log
+        self.starter = starter
+        self.code: int | None = None
+        self.pid = int(starter.ask("start", str(log), "--config", str(config), "run"))
+
+    def exited(self) -> int | None:
+        if self.code is None and _ended(self.pid):
+            self.code = int(self.starter.ask("wait", str(self.pid)))
+        return self.code
+
+    def kill(self) -> None:
+        if self.exited() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.code = int(self.starter.ask("wait", str(self.pid)))
+
+    def stop(self) -> int:
+        if self.exited() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            if not _wait(lambda: _ended(self.pid), 30):
+                os.kill(self.pid, signal.SIGKILL)
+            self.code = int(self.starter.ask("wait", str(self.pid)))
+        assert self.code is not None
+        return self.code
+
+
+def _ended(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie not reaped yet counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -162,37 +298,95 @@ def _two_senders(folder: Path, result: AreaResult, *, subscribers: int) -> None:
     result.data_lost += sum(1 for n in per_reader.values() if n == 0)
 
 
-def kill_campaign(folder: Path, *, subscribers: int, kills: int,
-                  seed: int = 8) -> KillReport:
-    """``kill -9`` a dispatching daemon ``kills`` times at random points, then restart it."""
+class _Trigger:
+    """Kills the daemon armed for it when the server reaches the armed point (once)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.point = ""
+        self.pid = 0
+        self.fired = threading.Event()
+
+    def arm(self, point: str, pid: int) -> None:
+        with self.lock:
+            self.point, self.pid = point, pid
+            self.fired.clear()
+
+    def __call__(self, stage: str) -> bool:
+        with self.lock:
+            if not self.point or stage != self.point:
+                return False
+            os.kill(self.pid, signal.SIGKILL)
+            self.point = ""
+            self.fired.set()
+            return True
+
+
+def kill_campaign(folder: Path, *, subscribers: int, kills: int, seed: int = 8,
+                  points: Sequence[str] = ("random",), warm: bool = False) -> KillReport:
+    """``kill -9`` a dispatching daemon ``kills`` times, then restart it; the n-th kill falls
+    at ``points[n % len(points)]`` (see ``KILL_POINTS``). ``warm``: each daemon is a fork of
+    one process that imported the daemon's modules (``_WarmStarter``)."""
+    unknown = set(points) - set(KILL_POINTS)
+    if unknown or not points:
+        raise ValueError(f"unknown kill points {sorted(unknown)}; known: {KILL_POINTS}")
     folder.mkdir(parents=True)
     rng = random.Random(seed)
     report = KillReport(subscribers, kills)
-    server = RecordingServer(Behaviour(delay=0.03))
+    trigger = _Trigger()
+    server = RecordingServer(Behaviour(delay=0.03, hook=trigger))
     config = campaign_state(folder, port=server.port, subscribers=subscribers)
     state = folder / "var" / "state.sqlite3"
-    try:
-        for n in range(kills):
-            before = len(server.received)
-            daemon = _Daemon(config, folder / f"daemon-{n}.log")
-            # Until this daemon is sending (or has nothing left), then a random moment.
-            def sending(before: int = before, daemon: _Daemon = daemon) -> bool:
-                return len(server.received) > before or daemon.proc.poll() is not None
+    starter = _WarmStarter() if warm else None
 
-            started = _wait(sending, START_TIMEOUT)
-            if daemon.proc.poll() is not None:
+    def start(log: Path) -> _Daemon:
+        if starter is not None:
+            return _WarmDaemon(starter, config, log)
+        return _Daemon(config, log)
+
+    try:
+        def served() -> bool:
+            """Everyone has a digest and none is left claimed: no kill point is left."""
+            return len({r.recipient for r in list(server.received)}) >= subscribers \
+                and not _claimed(state)
+
+        for n in range(kills):
+            if served():
+                report.kills = n  # the dispatch ended before the planned kills
+                report.notes.append(f"only {n} kills: every digest was sent before the rest")
+                break
+            point = points[n % len(points)]
+            before = len(server.received)
+            daemon = start(folder / f"daemon-{n}.log")
+            def killed(daemon: _Daemon = daemon) -> bool:
+                return trigger.fired.is_set() or daemon.exited() is not None or served()
+
+            def said_started(daemon: _Daemon = daemon) -> bool:
+                return "daemon: started" in daemon.log() or daemon.exited() is not None
+
+            if point in ("mail", "data", "taken"):
+                trigger.arm(point, daemon.pid)
+                _wait(killed, START_TIMEOUT)  # by the server at that point, or nothing left
+                trigger.arm("", 0)
+            elif point == "started":
+                _wait(said_started, START_TIMEOUT)
+            else:  # random: until this daemon is sending (or has nothing left), then a moment
+                def sending(before: int = before, daemon: _Daemon = daemon) -> bool:
+                    return len(server.received) > before or daemon.exited() is not None
+
+                if _wait(sending, START_TIMEOUT) and daemon.exited() is None:
+                    time.sleep(rng.uniform(0, 0.25))
+            code = daemon.exited()
+            if code is not None and code != -signal.SIGKILL:
                 report.crashes += 1
-                report.notes.append(f"kill {n}: the daemon exited {daemon.proc.returncode} "
-                                    "by itself")
+                report.notes.append(f"kill {n} ({point}): the daemon exited {code} by itself")
                 continue
-            if started:
-                time.sleep(rng.uniform(0, 0.25))
             daemon.kill()
             report.in_window += _accepted_but_claimed(state, server)
-        daemon = _Daemon(config, folder / "daemon-final.log")
+        daemon = start(folder / "daemon-final.log")
         # Started first: the killed daemons may have served everyone already (several SMTP
         # sessions send fast), and a SIGTERM before the daemon's handlers exist is no stop.
-        _wait(lambda: "daemon: started" in daemon.log() or daemon.proc.poll() is not None,
+        _wait(lambda: "daemon: started" in daemon.log() or daemon.exited() is not None,
               START_TIMEOUT)
         everyone = _wait(lambda: len({r.recipient for r in server.received}) >= subscribers
                          and not _claimed(state), START_TIMEOUT)
@@ -208,6 +402,8 @@ def kill_campaign(folder: Path, *, subscribers: int, kills: int,
             report.notes.append("a daemon logged a traceback")
     finally:
         server.stop()
+        if starter is not None:
+            starter.close()
     copies = server.copies()
     extra = sum(n - 1 for n in copies.values())
     ids_per_reader: dict[str, set[str]] = {}

@@ -20,6 +20,7 @@ import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from pathlib import Path
@@ -44,6 +45,10 @@ class Behaviour:
     rcpt_reply: dict[str, str] = field(default_factory=dict)  # address -> reply
     data_reply: str | None = None  # e.g. "554 5.6.0 message rejected"
     delay: float = 0.0  # seconds DATA waits before its 250
+    # Called (in the server's thread) at "mail", at "data" (the message whole, before the
+    # server takes it) and at "taken" (recorded, just before the 250); a "data" hook that
+    # returns True makes the server refuse the message (451) instead of taking it.
+    hook: Callable[[str], bool] | None = None
 
 
 class _Handler:
@@ -54,6 +59,8 @@ class _Handler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
+        if self.behaviour.hook is not None:
+            self.behaviour.hook("mail")
         if self.behaviour.mail_reply:
             return self.behaviour.mail_reply
         envelope.mail_from = address
@@ -73,6 +80,8 @@ class _Handler:
             await asyncio.sleep(self.behaviour.delay)
         if self.behaviour.data_reply:
             return self.behaviour.data_reply
+        if self.behaviour.hook is not None and self.behaviour.hook("data"):
+            return "451 4.3.0 Not taken: the client went away"
         raw = envelope.original_content or envelope.content or b""
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
@@ -80,6 +89,8 @@ class _Handler:
         with self.lock:
             for rcpt in envelope.rcpt_tos:
                 self.received.append(Received(message_id, rcpt.lower(), time.monotonic()))
+        if self.behaviour.hook is not None:
+            self.behaviour.hook("taken")
         return "250 2.0.0 Accepted"
 
 

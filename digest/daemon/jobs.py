@@ -27,11 +27,11 @@ import logging
 import sqlite3
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from email import message_from_bytes
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..config import Config, SmtpConfig, Subscriber
 from ..errors import ConfigError, DigestError, SendError, StoreError, StoreWriteError
@@ -121,6 +121,8 @@ class Runtime:
     reloaded: Config | None = None
     last_dispatch: str = ""  # one line about the last dispatch, for systemd's STATUS=
     progress_at: float = 0.0  # time.monotonic() of the last subscriber a dispatch finished
+    # The deliveries of the dispatch under way (a stop asks them what they wait for).
+    deliveries: Deliveries | None = None
 
     def sender_lock(self) -> StateLock:
         if self.lock is None or self.lock.state != self.config.state:
@@ -430,7 +432,7 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
         return stop is not None and stop.is_set()
 
     async with Mailer(smtp, attempts=smtp.attempts, base_delay=smtp.retry_seconds) as mailer:
-        deliveries = Deliveries(runtime, mailer, window=delivery_window(smtp))
+        deliveries = Deliveries(runtime, mailer, window=delivery_window(smtp), stop=stop)
         # (place, outcome) pairs just settled, moved into ``outcomes`` as the dispatch goes
         # (``_collect``), so that only a claim batch's worth of them are objects at a time.
         placed: list[tuple[int, Outcome]] = []
@@ -668,6 +670,26 @@ CLAIM_BATCH = 32
 CLAIM_WINDOW_SHARE = 2
 
 
+# After a stop (SIGTERM), how long the deliveries under way may take to finish before those
+# not waiting on the reply to a message written whole are cancelled (their digests stay
+# claimed and are resent, same Message-ID, on the next start: the server has no whole
+# message of theirs, so that is no second copy).
+STOP_GRACE_SECONDS = 5.0
+# The longest a stop waits for the reply to a message written whole (``[smtp]
+# data_timeout``, never longer): the relay may be taking it, and cancelling the delivery
+# then sends it twice (the resend on the next start). 10 minutes is RFC 5321 4.5.3.2.6's
+# limit for that reply; systemd/paper-digest.service's TimeoutStopSec= must exceed
+# STOP_GRACE_SECONDS + this (tests/test_systemd.py checks it).
+STOP_REPLY_WAIT_MAX_SECONDS = 600.0
+
+
+def stop_reply_wait(smtp: SmtpConfig) -> float:
+    """Seconds a stop waits for the reply to a message written whole: the wait the delivery
+    itself allows that reply (``data_timeout``, at least ``timeout``), at most
+    ``STOP_REPLY_WAIT_MAX_SECONDS``."""
+    return min(max(smtp.timeout, smtp.data_timeout), STOP_REPLY_WAIT_MAX_SECONDS)
+
+
 # The name of each delivery's task starts so: ``digest send`` stopped by a signal cancels
 # those still waiting on the server after the grace period (their digests stay claimed).
 DELIVERY_TASK_PREFIX = "deliver-"
@@ -752,12 +774,20 @@ class Deliveries:
     Each delivery is its own unit (``_unit``); its outcome is collected by
     ``drain``. A failure that is not the unit's own (the database, a full
     disk) is re-raised by ``drain`` once every delivery in flight has ended.
+    ``stop`` set (SIGTERM) stops them at once (``stop``): none starts after it.
     """
 
-    def __init__(self, runtime: Runtime, mailer: Mailer, *, window: int) -> None:
+    def __init__(self, runtime: Runtime, mailer: Mailer, *, window: int,
+                 stop: asyncio.Event | None = None) -> None:
         self.runtime = runtime
         self.mailer = mailer
         self.window = window
+        self.stopping = False
+        # Watches ``stop`` so that a delivery waiting for a session does not start in the
+        # moments before the dispatch loop looks at the event again.
+        self._stop_watch = None if stop is None else asyncio.create_task(
+            self._stop_when(stop), name="digest-deliveries-stop")
+        runtime.deliveries = self
         # Slow start: one delivery at a time until the server has accepted a message. A
         # server that refuses everything (relay denied, the same 5xx for every address)
         # then costs one claimed digest, not a window of them, and a refusal is judged
@@ -794,10 +824,53 @@ class Deliveries:
         while self._tasks and len(self._tasks) + count > (self.window if self.accepted else 1):
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
 
+    async def _stop_when(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.stop()
+
+    def stop(self) -> None:
+        """A stop (SIGTERM): no delivery starts from now on.
+
+        The deliveries with no transaction under way (waiting for a session or a
+        slot, or between two attempts) are cancelled at once: their digests stay
+        claimed and are resent, same Message-ID, on the next start; a digest
+        submitted later is not started either (``retry``). Those under way get
+        ``STOP_GRACE_SECONDS`` in ``drain``, and one whose message is written
+        whole is waited for up to ``stop_reply_wait``.
+        """
+        if self.stopping:
+            return
+        self.stopping = True
+        self.mailer.stop_starting()
+        for task in list(self._tasks):
+            if not self.mailer.in_attempt(task):
+                task.cancel()
+
+    def awaiting_replies(self) -> int:
+        """How many deliveries have written their message whole and wait for its reply."""
+        return sum(1 for task in self._tasks if self.mailer.awaiting_reply(task))
+
+    def _not_started(self, place: int, row: DigestRow,
+                     work: Coroutine[Any, Any, Outcome | None]) -> None:
+        work.close()
+        self._done.append((place, Outcome(row.subscriber, "retry",
+                                          "not sent: the dispatch is stopping", row.id,
+                                          considered=row.considered)))
+
     async def submit(self, place: int, row: DigestRow, recipient: str,
-                     work: Awaitable[Outcome | None]) -> None:
-        """Start sending ``row`` (waits for a free slot first); ``place`` orders its outcome."""
+                     work: Coroutine[Any, Any, Outcome | None]) -> None:
+        """Start sending ``row`` (waits for a free slot first); ``place`` orders its outcome.
+
+        After ``stop`` nothing starts: the digest stays claimed (``retry``).
+        """
+        if self.stopping:
+            self._not_started(place, row, work)
+            return
         await self._slots.acquire()
+        if self.stopping:
+            self._slots.release()
+            self._not_started(place, row, work)
+            return
         task = asyncio.create_task(_unit(self.runtime, recipient, work),
                                    name=f"{DELIVERY_TASK_PREFIX}{row.id}")
         self._tasks.add(task)
@@ -836,8 +909,10 @@ class Deliveries:
         addresses: each is sent again (its new outcome replaces the old one),
         and a refusal now is final. Otherwise they stay claimed (``retry``).
         """
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        # Until they end, or a stop: then ``drain`` decides what to wait for.
+        watch = set() if self._stop_watch is None else {self._stop_watch}
+        while self._tasks and not self.stopping:
+            await asyncio.wait({*self._tasks, *watch}, return_when=asyncio.FIRST_COMPLETED)
         if not self.accepted or self.mailer.unavailable is not None or stopped():
             return
         again, self._held = self._held, []
@@ -856,9 +931,28 @@ class Deliveries:
         return ended
 
     async def drain(self) -> list[tuple[int, Outcome]]:
-        """Wait for every delivery in flight; their (place, outcome) pairs."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        """Wait for every delivery in flight; their (place, outcome) pairs.
+
+        When stopping: the deliveries under way get ``STOP_GRACE_SECONDS``; then
+        those not waiting on the reply to a message written whole are cancelled,
+        and those waiting are given up to ``stop_reply_wait`` (a relay may take a
+        minute over a message: cancelled, it would be sent twice). Cancelled
+        itself, it cancels every delivery in flight (their digests stay claimed).
+        """
+        try:
+            if self._tasks and not self.stopping:
+                await asyncio.wait(set(self._tasks))
+            if self._tasks:
+                await self._settle_stopping()
+        except asyncio.CancelledError:
+            for task in self._tasks:
+                task.cancel()
+            raise
+        finally:
+            if self._stop_watch is not None:
+                self._stop_watch.cancel()
+            if self.runtime.deliveries is self:
+                self.runtime.deliveries = None
         outcomes = self.take_ended()
         outcomes.extend((place, outcome) for place, outcome, _, _ in self._held)
         self._held = []
@@ -872,6 +966,25 @@ class Deliveries:
         if fatal is not None:
             raise fatal
         return outcomes
+
+
+    async def _settle_stopping(self) -> None:
+        """``drain`` after ``stop``: see there."""
+        await asyncio.wait(set(self._tasks), timeout=STOP_GRACE_SECONDS)
+        for task in list(self._tasks):
+            if not self.mailer.awaiting_reply(task):
+                task.cancel()
+        waiting = {task for task in self._tasks if not task.cancelled()}
+        if waiting:
+            limit = stop_reply_wait(self.runtime.config.smtp)
+            log.info("dispatch: stopping: waiting up to %gs for the server's reply to %d "
+                     "message(s) sent whole (the relay may be taking them; cancelled now, they "
+                     "would be sent twice)", limit, len(waiting))
+            await asyncio.wait(waiting, timeout=limit)
+        for task in list(self._tasks):  # no reply in time: the digest stays claimed
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
 
 
 async def _resend_unsent(runtime: Runtime, mailer: Mailer, deliveries: Deliveries,

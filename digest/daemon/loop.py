@@ -2,7 +2,8 @@
 
 APScheduler is only the timer; who is due and what was sent live in the store.
 SIGHUP reloads the config (a dispatch under way stops sending to whom it removes),
-SIGTERM finishes the message in flight and exits 0,
+SIGTERM starts no delivery, finishes those in flight and exits 0 (a message written
+whole is waited for until its reply, up to ``[smtp] data_timeout``),
 a second SIGTERM exits at once. The daemon holds the state's sender lock for
 its whole life (a second ``digest run`` on the same state exits at once), and
 under systemd it says READY=1, feeds the watchdog from the event loop and
@@ -28,7 +29,7 @@ from ..errors import DigestError, StoreWriteError
 from ..mailer import LocalSink
 from ..sources import FETCH_TICK_SECONDS, download, plan_fetches, record_results
 from ..store import Store, utc_now
-from .jobs import FATAL_ERRORS, Runtime, dispatch, scan
+from .jobs import FATAL_ERRORS, STOP_GRACE_SECONDS, Runtime, dispatch, scan, stop_reply_wait
 from .lock import StateLock
 from .notify import Notifier
 from .prepare_worker import SIGINT_IGNORED_AT_START
@@ -42,9 +43,7 @@ log = logging.getLogger(__name__)
 IMAP_HOLD_FIRST_SECONDS = 5 * 60.0
 IMAP_HOLD_MAX_SECONDS = 6 * 3600.0
 
-# After SIGTERM, how long the job in flight may take to finish before it is cancelled
-# (its digest then stays claimed and is resent with the same Message-ID on the next start).
-STOP_GRACE_SECONDS = 5.0
+__all__ = ["STOP_GRACE_SECONDS", "Daemon", "run_daemon"]  # the grace: jobs.STOP_GRACE_SECONDS
 
 
 class Daemon:
@@ -483,6 +482,10 @@ class Daemon:
     async def _drain(self) -> None:
         """Let the job in flight finish (up to STOP_GRACE_SECONDS), then cancel what is left.
 
+        A dispatch whose deliveries wait on the reply to a message written whole
+        is given up to ``stop_reply_wait`` more: cancelled, such a delivery
+        leaves its digest claimed, and the resend on the next start is a second
+        copy if the relay took the first (the dispatch bounds that wait itself).
         A cancelled job may leave a worker thread stuck in a network call;
         ``run`` then ends the process once the store is closed (``hard_exit``)
         rather than wait for that thread.
@@ -492,6 +495,13 @@ class Daemon:
         if not pending:
             return
         _done, late = await asyncio.wait(pending, timeout=STOP_GRACE_SECONDS)
+        dispatching = self._tasks.get("dispatch")
+        deliveries = self._runtime.deliveries if self._runtime is not None else None
+        if dispatching in late and deliveries is not None and deliveries.awaiting_replies():
+            # + 1 s: the dispatch's own wait ends first, and it marks what it learnt
+            await asyncio.wait({dispatching}, timeout=stop_reply_wait(
+                self.runtime.config.smtp) + 1.0)
+            late = {task for task in late if not task.done()}
         for task in late:
             task.cancel()
         self._stuck_at_stop = bool(late)
