@@ -301,7 +301,7 @@ def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
     views = _Views(content)
     name = one_line(content.subscriber.name)
     body = [_part("plain", _text_pieces(content, views), delimiter, ((_NAME_SLOT, name),)),
-            _part("html", _html_pieces(content, views), delimiter, _html_fills(name, reply))]
+            _html_part(content, views, delimiter, _html_fills(name, reply))]
     data = b"".join([*head, *body, delimiter, b"--\r\n"])
     return RenderedDigest(data=data, message_id=message_id, subject=subject, smtputf8=smtputf8)
 
@@ -374,13 +374,23 @@ def _part(subtype: str, pieces: Sequence[str], delimiter: bytes,
                for piece in pieces]
     if not all(map(attrgetter("whole"), encoded)):
         return _part_of_text(subtype, _filled("".join(pieces), fills), delimiter)
-    if any(map(attrgetter("chunks"), encoded)):
-        # Lines with a stand-in are filled and encoded for this message.
-        encoded = [_encode_piece(_filled(chunk, fills)) if isinstance(chunk, str) else chunk
-                   for piece in encoded for chunk in (piece.chunks or (piece,))]
-    raws = [piece.raw for piece in encoded]
-    seven_bit = all(map(attrgetter("seven_bit"), encoded))
-    quoted = [piece.quoted for piece in encoded]
+    return _part_of_chunks(subtype, [chunk for piece in encoded
+                                     for chunk in (piece.chunks or (piece,))], delimiter, fills)
+
+
+def _part_of_chunks(subtype: str, chunks: Sequence[_EncodedPiece | str], delimiter: bytes,
+                    fills: Sequence[tuple[str, str]]) -> bytes:
+    """:func:`_part` for a body of whole lines already encoded in chunks: each chunk is
+    encoded lines, or one line (a ``str``) with a stand-in, filled and encoded here."""
+    raws: list[bytes] = []
+    quoted: list[bytes] = []
+    seven_bit = True
+    for chunk in chunks:
+        if isinstance(chunk, str):  # a line with a stand-in: filled for this message
+            chunk = _encode_line(_filled(chunk, fills))
+        raws.append(chunk.raw)
+        quoted.append(chunk.quoted)
+        seven_bit = seven_bit and chunk.seven_bit
     if not any(raws):  # no text at all is one empty line, as the email package writes it
         return _part_of_text(subtype, "", delimiter)
     raw = b"".join(raws)
@@ -469,6 +479,34 @@ def _encode_piece(piece: str) -> _EncodedPiece:
             chunks.append(_encode_piece("".join(run)))
         return _EncodedPiece(raw, b"", seven_bit, whole, tuple(chunks))
     return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True), seven_bit, whole)
+
+
+def _encode_line(line: str) -> _EncodedPiece:
+    """:func:`_encode_piece` for one filled line: its only LF at its end, no CR (a test
+    checks the two agree); anything else goes to :func:`_encode_piece`."""
+    if "\r" in line or line.find("\n") != len(line) - 1:
+        return _encode_piece(line)
+    raw = line.encode("utf-8")
+    return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True),
+                         raw.isascii() and len(raw) <= SEVEN_BIT_LINE + 1, True)
+
+
+def _merged_chunks(pieces: Sequence[str]) -> tuple[_EncodedPiece | str, ...] | None:
+    """Pieces of whole lines as the chunks :func:`_part_of_chunks` takes, runs of encoded
+    lines merged into one chunk (quoted-printable encodes each line on its own, so the
+    encodings joined are the lines' joined); None when a piece is not whole lines."""
+    encoded = [_encoded_piece(piece) for piece in pieces]
+    if not all(map(attrgetter("whole"), encoded)):
+        return None
+    merged: list[_EncodedPiece | str] = []
+    for chunk in (chunk for piece in encoded for chunk in (piece.chunks or (piece,))):
+        last = merged[-1] if merged else None
+        if isinstance(chunk, _EncodedPiece) and isinstance(last, _EncodedPiece):
+            merged[-1] = _EncodedPiece(last.raw + chunk.raw, last.quoted + chunk.quoted,
+                                       last.seven_bit and chunk.seven_bit, True)
+        else:
+            merged.append(chunk)
+    return tuple(merged)
 
 
 class _OwnPiece(str):
@@ -664,23 +702,53 @@ def html_pieces(content: DigestContent) -> list[str]:
 
 
 def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
-    items = views_of.items
-    rows: list[str] = []
-    for n, item in enumerate(items):
-        row = views_of(label_all=False)[n].html_row
-        if row is None:
-            row = views_of(label_all=True)[n].html_row
-        if row is None:
+    views = _html_views(views_of)
+    page = _checked_html_page(content, views_of)
+    return [page.head, page.intro, *[piece for view in views for piece in view.html_row or ()],
+            page.footer]
+
+
+def _html_part(content: DigestContent, views_of: _Views, delimiter: bytes,
+               fills: Sequence[tuple[str, str]]) -> bytes:
+    """The HTML part (:func:`_part` of :func:`_html_pieces`) from the chunks each paper's
+    view and each page holds encoded already: per message, only the lines with a stand-in
+    are filled and encoded."""
+    views = _html_views(views_of)
+    page = _checked_html_page(content, views_of)
+    rows = [view.html_chunks for view in views]
+    if page.before_chunks is None or page.after_chunks is None or None in rows:
+        return _part("html", _html_pieces(content, views_of), delimiter, fills)
+    chunks = [*page.before_chunks, *[chunk for row in rows for chunk in row or ()],
+              *page.after_chunks]
+    return _part_of_chunks("html", chunks, delimiter, fills)
+
+
+def _html_views(views_of: _Views) -> list[_ItemView]:
+    """Each item's view whose HTML row the part shows: unlabelled, else every field labelled.
+
+    Raises :class:`UnsafeDigest` when even the labelled row holds a command."""
+    views: list[_ItemView] = []
+    for n, item in enumerate(views_of.items):
+        view = views_of(label_all=False)[n]
+        if view.html_row is None:
+            view = views_of(label_all=True)[n]
+        if view.html_row is None:
             raise UnsafeDigest(f"the HTML part of paper {item.position} has lines a reply "
                                "would read as commands, even with every field labelled")
-        rows.extend(row)
+        views.append(view)
+    return views
+
+
+def _checked_html_page(content: DigestContent, views_of: _Views) -> _PageHtml:
+    """The HTML page around the papers; raises :class:`UnsafeDigest` when a line of it, the
+    subscriber's name in, reads as a command."""
     page = _html_page(views_of.page_key)
     name = one_line(content.subscriber.name)
     unsafe = page.unsafe or [line for line in page.own_lines(name) if _reader_test(line)]
     if unsafe:
         raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
                            f"{list(unsafe[:3])!r}")
-    return [page.head, page.intro, *rows, page.footer]
+    return page
 
 
 @dataclass(frozen=True)
@@ -702,6 +770,16 @@ class _PageHtml:
         reader undoes, inside a paragraph: so its line as the reader reads it is the line
         with the stand-in, the stand-in replaced (a property test checks)."""
         return [line.replace(_NAME_SLOT, name) for line in self.name_lines]
+
+    @cached_property
+    def before_chunks(self) -> tuple[_EncodedPiece | str, ...] | None:
+        """The head and intro encoded (:func:`_merged_chunks`)."""
+        return _merged_chunks((self.head, self.intro))
+
+    @cached_property
+    def after_chunks(self) -> tuple[_EncodedPiece | str, ...] | None:
+        """The footer encoded (:func:`_merged_chunks`)."""
+        return _merged_chunks((self.footer,))
 
 
 @lru_cache(maxsize=256)
@@ -1110,6 +1188,14 @@ class _ItemView:
         of it reads as a command."""
         row = _html_row(self)
         return None if row is None else tuple(row)
+
+    @cached_property
+    def html_chunks(self) -> tuple[_EncodedPiece | str, ...] | None:
+        """:attr:`html_row` encoded (:func:`_merged_chunks`): a paper's row is a few chunks,
+        its encoded lines and its like and skip lines; None without a row, or when a piece
+        is not whole lines."""
+        row = self.html_row
+        return None if row is None else _merged_chunks(row)
 
     @cached_property
     def text_paper(self) -> str:
