@@ -1147,16 +1147,20 @@ class Explanation:
         return "; ".join(parts)
 
 
-def build_profile(store: Store, sub: Subscriber, *, now: datetime | None = None) -> Profile:
+def build_profile(store: Store, sub: Subscriber, *, now: datetime | None = None,
+                  shown: Sequence[tuple[str, str]] | None = None) -> Profile:
     """A subscriber's profile from the store: the latest signal per paper, papers shown and
     left unrated, the config's interests and seed papers, and their library entries.
 
     Ages are whole days from the signal (or the digest that showed the paper) to ``now``.
+    ``shown``: ``store.shown_papers_at(sub.email)`` when the caller knows it already (``()``
+    for a subscriber who was never sent a digest); None reads it.
     """
     now = now or utc_now()
     feedback = store.latest_feedback(sub.email)
     rated = {row.paper_id for row in feedback}
-    shown = store.shown_papers_at(sub.email)
+    if shown is None:
+        shown = store.shown_papers_at(sub.email)
     unrated = tuple(dict.fromkeys(p for p, _ in shown if p not in rated))
     ages = _signal_ages(itertools.chain(shown, ((row.paper_id, row.at) for row in feedback)),
                         now)
