@@ -98,6 +98,9 @@ STYLESHEET = "digest.css"
 # hold about a week of them, and cap the memory they take at a few tens of MB whatever the
 # number of subscribers (least recently used entries go first).
 PAPER_MEMO = 4096  # per-paper views: title, snippet, authors, links (~1.5 KB each)
+# Views of papers as shown at a position for a reason (~5 KB each with their encoded row):
+# reasons vary by subscriber, so a dispatch of 3,000 shows ~5,600 views.
+VIEW_MEMO = 8192
 ROW_MEMO = 16384  # rendered pieces of papers, HTML and text (~1 KB each)
 TEXT_MEMO = 32768  # LaTeX-to-text conversions and wrapped paragraphs of titles, reasons...
 LINE_MEMO = 65536  # lines checked with the reply reader's test (a line is ~80 bytes)
@@ -285,7 +288,7 @@ def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
         _header("Subject", subject, policy),
         _header("From", sender, policy),
         _header("To", to, policy),
-        _header("Date", format_datetime(now), policy),
+        _header("Date", _date_value(now), policy),
         _header("Message-ID", message_id, policy),
         _header("Reply-To", one_line(smtp.reply_to.replace("{token}", content.token)), policy),
         _header("List-Unsubscribe", f"<{mailto(reply, 'unsubscribe', body=False)}>", policy),
@@ -320,6 +323,12 @@ def render_digest(content: DigestContent, smtp: SmtpConfig, *, now: datetime) ->
     if not isinstance(message, EmailMessage):  # pragma: no cover - an EmailPolicy makes one
         raise TypeError("the email policy did not parse to an EmailMessage")
     return message
+
+
+@lru_cache(maxsize=16)
+def _date_value(now: datetime) -> str:
+    """The Date header's value: a dispatch gives every message the same ``now``."""
+    return format_datetime(now)
 
 
 @cache
@@ -1347,7 +1356,7 @@ def _view_of(item: DigestItem, local_date: date, *, label_all: bool) -> _ItemVie
                       stale, label_all)
 
 
-@lru_cache(maxsize=PAPER_MEMO)
+@lru_cache(maxsize=VIEW_MEMO)
 def _item_view(paper: Paper, position: int, raw_reason: str, explore: bool,
                raw_relevance: str | None, stale: bool, label_all: bool) -> _ItemView:
     parts = _paper_parts(paper, label_all)
