@@ -394,8 +394,19 @@ def _part_of_chunks(subtype: str, chunks: Sequence[_EncodedPiece | str], delimit
     raws: list[bytes] = []
     quoted: list[bytes] = []
     seven_bit = True
+    reply = dict(fills).get(_REPLY_SLOT, "")
+    literal = bool(reply) and _QP_LITERAL.fullmatch(reply) is not None
+    reply_bytes = reply.encode("ascii") if literal else b""
     for chunk in chunks:
         if isinstance(chunk, str):  # a line with a stand-in: filled for this message
+            plan = _reply_line(chunk, len(reply_bytes)) if literal else None
+            if plan is not None:
+                raws.append(reply_bytes.join(plan.raw_parts))
+                quoted.append(b"".join([part if isinstance(part, bytes)
+                                        else reply_bytes[part[0]:part[1]]
+                                        for part in plan.quoted_parts]))
+                seven_bit = seven_bit and plan.seven_bit
+                continue
             chunk = _encode_line(_filled(chunk, fills))
         raws.append(chunk.raw)
         quoted.append(chunk.quoted)
@@ -500,6 +511,68 @@ def _encode_line(line: str) -> _EncodedPiece:
                          raw.isascii() and len(raw) <= SEVEN_BIT_LINE + 1, True)
 
 
+# What a URL-quoted reply address is made of: characters quoted-printable writes as they
+# are (printable ASCII but "="; a "." only when it stands alone before a line end, which
+# _reply_line rules out).
+_QP_LITERAL = re.compile(r"[A-Za-z0-9_.~@+%-]+")
+# Stand-ins for the reply address's characters in a line encoded once: printable ASCII that
+# quoted-printable writes as they are, and that no "=XX" escape holds.
+_MARKERS = "~^|`!#*"
+
+
+class _ReplyLine(NamedTuple):
+    """A line whose only stand-ins are the reply address's, encoded once for addresses of
+    one length: its bytes around the address (``raw_parts``), and its quoted-printable as
+    bytes and (start, end) slices of the address, in order (``quoted_parts``)."""
+
+    raw_parts: tuple[bytes, ...]
+    quoted_parts: tuple[bytes | tuple[int, int], ...]
+    seven_bit: bool
+
+
+@lru_cache(maxsize=ROW_MEMO)
+def _reply_line(line: str, length: int) -> _ReplyLine | None:
+    """The line (one LF, at its end) encoded around a reply address of ``length``
+    characters that quoted-printable writes as they are (``_QP_LITERAL``); None when it
+    cannot be (a name in it, no free marker, or the address right before the line end,
+    where a lone "." would be escaped).
+
+    Quoted-printable decides each character's encoding and its soft line breaks from the
+    character, the line length so far and whether the next one ends the line; a literal
+    character in place of each of the address's gives the same decisions, so the encoding
+    with markers, the markers replaced by the address's characters, is the filled line's
+    (a test checks)."""
+    marker = next((c for c in _MARKERS if c not in line), None)
+    if (marker is None or length < 1 or _NAME_SLOT in line or "\r" in line
+            or line.find("\n") != len(line) - 1 or _REPLY_SLOT + "\n" in line
+            or "\0" in line):
+        return None
+    raw_parts = tuple(part.encode("utf-8") for part in line.split(_REPLY_SLOT))
+    template = line.replace(_REPLY_SLOT, marker * length).encode("utf-8")
+    code = ord(marker)
+    parts: list[bytes | tuple[int, int]] = []
+    text = bytearray()
+    at, start = 0, -1  # the address's character the next marker stands for; a run's first
+    for byte in binascii.b2a_qp(template, istext=True):
+        if byte != code:
+            if start >= 0:  # a soft line break inside the address
+                parts.append((start, at))
+                start = -1
+            text.append(byte)
+            continue
+        if start < 0:
+            parts.append(bytes(text))
+            text.clear()
+            start = at
+        at += 1
+        if at == length:
+            parts.append((start, at))
+            at, start = 0, -1
+    parts.append(bytes(text))
+    seven_bit = template.isascii() and len(template) <= SEVEN_BIT_LINE + 1
+    return _ReplyLine(raw_parts, tuple(part for part in parts if part != b""), seven_bit)
+
+
 def _merged_chunks(pieces: Sequence[str]) -> tuple[_EncodedPiece | str, ...] | None:
     """Pieces of whole lines as the chunks :func:`_part_of_chunks` takes, runs of encoded
     lines merged into one chunk (quoted-printable encodes each line on its own, so the
@@ -508,14 +581,25 @@ def _merged_chunks(pieces: Sequence[str]) -> tuple[_EncodedPiece | str, ...] | N
     if not all(map(attrgetter("whole"), encoded)):
         return None
     merged: list[_EncodedPiece | str] = []
+    run: list[_EncodedPiece] = []
     for chunk in (chunk for piece in encoded for chunk in (piece.chunks or (piece,))):
-        last = merged[-1] if merged else None
-        if isinstance(chunk, _EncodedPiece) and isinstance(last, _EncodedPiece):
-            merged[-1] = _EncodedPiece(last.raw + chunk.raw, last.quoted + chunk.quoted,
-                                       last.seven_bit and chunk.seven_bit, True)
-        else:
+        if isinstance(chunk, str):
+            merged.extend(_joined_run(run))
+            run = []
             merged.append(chunk)
+        else:
+            run.append(chunk)
+    merged.extend(_joined_run(run))
     return tuple(merged)
+
+
+def _joined_run(run: Sequence[_EncodedPiece]) -> list[_EncodedPiece]:
+    """Encoded pieces of whole lines as one ([] for none)."""
+    if len(run) < 2:
+        return list(run)
+    return [_EncodedPiece(b"".join([piece.raw for piece in run]),
+                          b"".join([piece.quoted for piece in run]),
+                          all(piece.seven_bit for piece in run), True)]
 
 
 class _OwnPiece(str):
@@ -661,8 +745,15 @@ def _text_page(key: tuple[Any, ...]) -> _PageText:
 def _text_is_clean(text: str) -> bool:
     """True when ``text`` is whole lines none of which :func:`defuse_command_lines` would
     change or :func:`command_lines` would report."""
-    return (_whole_lines(text) and not any(map(_needs_defusing, text.split("\n")))
-            and not command_lines(text))
+    if not _whole_lines(text) or any(map(_needs_defusing, text.split("\n"))):
+        return False
+    # _needs_defusing asked the reader's test of every line already, unless splitlines
+    # (command_lines) cuts the text at other characters too.
+    return _OTHER_LINE_BREAK.search(text) is None or not command_lines(text)
+
+
+# What str.splitlines ends a line at besides LF (CR makes a piece not whole lines anyway).
+_OTHER_LINE_BREAK = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def _needs_defusing_now(line: str) -> bool:
@@ -1158,9 +1249,11 @@ def defuse_command_lines(text: str) -> str:
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _Link:
-    """One link under a paper: a short label for HTML, a longer one for the text part."""
+class _Link(NamedTuple):
+    """One link under a paper: a short label for HTML, a longer one for the text part.
+
+    A tuple, not a dataclass: the links are part of memo keys (their pieces), and a
+    tuple's hash is worked out in C."""
 
     label: str
     text_label: str
@@ -1318,6 +1411,7 @@ class _PaperParts:
     arxiv_id: str
     listed: str
     links: tuple[_Link, ...]
+    link: str  # Paper.link (quoted once here, not per view)
 
 
 @lru_cache(maxsize=PAPER_MEMO)
@@ -1337,6 +1431,7 @@ def _paper_parts(paper: Paper, label_all: bool) -> _PaperParts:
         arxiv_id=paper.arxiv_id or "",
         listed=format_short_day(paper.listed_on) if paper.listed_on else "",
         links=_paper_links(paper),
+        link=paper.link,
     )
 
 
@@ -1376,7 +1471,7 @@ def _item_view(paper: Paper, position: int, raw_reason: str, explore: bool,
         position=position,
         title=parts.title,
         title_label=title_label,
-        title_link=paper.link,
+        title_link=parts.link,
         authors=parts.authors,
         arxiv_id=parts.arxiv_id,
         listed=parts.listed,
@@ -1389,9 +1484,15 @@ def _item_view(paper: Paper, position: int, raw_reason: str, explore: bool,
         reason_label=reason_label,
         explore=explore,
         # The stand-in for the reply address: render_html puts the subscriber's in.
-        like_link=mailto(_REPLY_SLOT, f"like {position}"),
-        skip_link=mailto(_REPLY_SLOT, f"skip {position}"),
+        like_link=_rate_link("like", position),
+        skip_link=_rate_link("skip", position),
     )
+
+
+@lru_cache(maxsize=256)
+def _rate_link(command: str, position: int) -> str:
+    """The like or skip link of a position, to the reply-address stand-in."""
+    return mailto(_REPLY_SLOT, f"{command} {position}")
 
 
 def _opening(abstract: str) -> str:

@@ -1256,6 +1256,13 @@ class Store:
                 tx.execute(sql, params)
         return self.subscriber_state(subscriber)
 
+    def latest_signals(self, subscriber: str) -> list[tuple[str, str, str]]:
+        """``latest_feedback`` as (paper id, signal, ISO time) tuples, what a profile reads:
+        oldest first, the latest event per paper."""
+        rows = self._tuples("SELECT paper_id, signal, at FROM feedback WHERE subscriber = ?"
+                            " ORDER BY id", (subscriber.lower(),))
+        return list(_latest_per_paper(rows).values())
+
     def latest_feedback(self, subscriber: str) -> list[FeedbackRow]:
         """The latest event per paper (the one that wins), oldest first."""
         # Every event, the latest per paper kept here: a look-up of MAX(id) per row in SQL
@@ -1265,11 +1272,7 @@ class Store:
             " WHERE subscriber = ? ORDER BY id",
             (subscriber.lower(),),
         )
-        latest: dict[str, tuple[Any, ...]] = {}
-        for row in rows:
-            latest.pop(row[0], None)  # re-inserted: the dict keeps the order of the latest
-            latest[row[0]] = row
-        return [FeedbackRow(*row) for row in latest.values()]
+        return [FeedbackRow(*row) for row in _latest_per_paper(rows).values()]
 
     # --- replies --------------------------------------------------------------
 
@@ -1503,6 +1506,15 @@ class FeedbackEntry:
     at: str
     digest_id: int | None
     digest_date: str | None
+
+
+def _latest_per_paper(rows: Iterable[tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """Rows (paper id first) in event order, the latest per paper kept, in its order."""
+    latest: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        latest.pop(row[0], None)  # re-inserted: the dict keeps the order of the latest
+        latest[row[0]] = row
+    return latest
 
 
 def _statements(script: str) -> Iterator[str]:

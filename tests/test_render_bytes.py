@@ -434,3 +434,30 @@ def test_the_html_part_from_chunks_is_the_part_of_the_html_pieces(
     views = render._Views(content)
     assert outcome(lambda: render._html_part(content, views, delimiter, fills)) == outcome(
         lambda: render._part("html", render._html_pieces(content, views), delimiter, fills))
+
+
+_REPLY_LINE = st.lists(st.sampled_from([render._REPLY_SLOT, "a", "é", " ", "=", "\t", ".",
+                                        "?subject=like%203&body=like%203", "x" * 30, "~",
+                                        "^", "|", "`", "!", "#", "*", "\n", "\r"]),
+                       max_size=12).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(line=_REPLY_LINE, reply=st.text(min_size=1, max_size=60))
+def test_a_reply_line_encoded_around_the_address_is_the_filled_line_encoded(
+        line: str, reply: str) -> None:
+    """A line encoded once with markers for the reply address's characters, the markers
+    then replaced by them, is the line with the address put in encoded, for any line and
+    any address that quoted-printable writes as it is (as a URL-quoted one always is)."""
+    from urllib.parse import quote
+
+    address = quote(reply, safe="@+")
+    line += "\n"
+    fills = ((render._REPLY_SLOT, address),)
+    plan = render._reply_line(line, len(address))
+    if plan is None:
+        return
+    filled = render._encode_piece(render._filled(line, fills))
+    assert render._QP_LITERAL.fullmatch(address)
+    assert render._part_of_chunks("html", [line], b"--=_abc", fills) == render._part_of_chunks(
+        "html", [filled], b"--=_abc", fills)

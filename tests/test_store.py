@@ -102,6 +102,7 @@ def test_no_query_of_a_dispatch_reads_a_growing_table_whole(store: Store) -> Non
         "sent_paper_ids": lambda: store.sent_paper_ids(reader, 5),
         "papers_since": lambda: store.papers_since(5),
         "latest_feedback": lambda: store.latest_feedback(reader),
+        "latest_signals": lambda: store.latest_signals(reader),
         "shown_papers_at": lambda: store.shown_papers_at(reader),
         "library_entries": lambda: store.library_entries(reader),
         "library_file_hash": lambda: store.library_file_hash(reader, "lib.bib"),
