@@ -1248,28 +1248,32 @@ class Explanation:
         return "; ".join(parts)
 
 
-def build_profile(store: Store, sub: Subscriber, *, now: datetime | None = None) -> Profile:
+def build_profile(store: Store, sub: Subscriber, *, now: datetime | None = None,
+                  shown: Sequence[tuple[str, str]] | None = None) -> Profile:
     """A subscriber's profile from the store: the latest signal per paper, papers shown and
     left unrated, the config's interests and seed papers, and their library entries.
 
     Ages are whole days from the signal (or the digest that showed the paper) to ``now``.
+    ``shown``: ``store.shown_papers_at(sub.email)`` when the caller knows it already (``()``
+    for a subscriber who was never sent a digest); None reads it.
     """
     now = now or utc_now()
-    feedback = store.latest_feedback(sub.email)
-    rated = {row.paper_id for row in feedback}
-    shown = store.shown_papers_at(sub.email)
-    unrated = tuple(dict.fromkeys(p for p, _ in shown if p not in rated))
-    ages = _signal_ages(itertools.chain(shown, ((row.paper_id, row.at) for row in feedback)),
-                        now)
+    signals = store.latest_signals(sub.email)  # (paper id, signal, ISO time), oldest first
+    rated = {paper_id for paper_id, _, _ in signals}
+    if shown is None:
+        shown = store.shown_papers_at(sub.email)
+    unrated = tuple(dict.fromkeys([p for p, _ in shown if p not in rated]))
+    ages = _signal_ages(itertools.chain(shown, [(p, at) for p, _, at in signals]), now)
     library = store.library_entries(sub.email)
     refs = [e.arxiv_id or e.title for e in library if e.arxiv_id or e.title]
     return Profile(
-        liked=tuple(row.paper_id for row in feedback if row.signal == "like"),
-        skipped=tuple(row.paper_id for row in feedback if row.signal == "skip"),
+        liked=tuple([paper_id for paper_id, signal, _ in signals if signal == "like"]),
+        skipped=tuple([paper_id for paper_id, signal, _ in signals if signal == "skip"]),
         unrated=unrated,
         interests=sub.interests,
         seed_papers=tuple(dict.fromkeys([*sub.seed_papers, *refs])),
-        ages=tuple(sorted((k, v) for k, v in ages.items() if v > 0)),
+        # Sorted by paper id (ids are unique keys): the fingerprint must not depend on order.
+        ages=tuple(sorted([item for item in ages.items() if item[1] > 0])),
         seed_texts=tuple((e.title, e.abstract) for e in library if e.abstract.strip()),
     )
 
@@ -1280,14 +1284,9 @@ def _signal_ages(signals: Iterable[tuple[str, str]], now: datetime) -> dict[str,
     A digest's papers share its send time and a reply's events theirs: each
     distinct time is parsed once (~100 signals per subscriber, a few dozen times).
     """
-    ages: dict[str, int] = {}
-    days: dict[str, int] = {}
-    for paper_id, at in signals:
-        age = days.get(at)
-        if age is None:
-            age = days[at] = _days_since(at, now)
-        ages[paper_id] = age
-    return ages
+    pairs = signals if isinstance(signals, list) else list(signals)
+    days = {at: _days_since(at, now) for at in {at for _, at in pairs}}
+    return {paper_id: days[at] for paper_id, at in pairs}
 
 
 def _days_since(iso: str, now: datetime) -> int:

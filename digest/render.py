@@ -98,6 +98,9 @@ STYLESHEET = "digest.css"
 # hold about a week of them, and cap the memory they take at a few tens of MB whatever the
 # number of subscribers (least recently used entries go first).
 PAPER_MEMO = 4096  # per-paper views: title, snippet, authors, links (~1.5 KB each)
+# Views of papers as shown at a position for a reason (~5 KB each with their encoded row):
+# reasons vary by subscriber, so a dispatch of 3,000 shows ~5,600 views.
+VIEW_MEMO = 8192
 ROW_MEMO = 16384  # rendered pieces of papers, HTML and text (~1 KB each)
 TEXT_MEMO = 32768  # LaTeX-to-text conversions and wrapped paragraphs of titles, reasons...
 LINE_MEMO = 65536  # lines checked with the reply reader's test (a line is ~80 bytes)
@@ -285,7 +288,7 @@ def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
         _header("Subject", subject, policy),
         _header("From", sender, policy),
         _header("To", to, policy),
-        _header("Date", format_datetime(now), policy),
+        _header("Date", _date_value(now), policy),
         _header("Message-ID", message_id, policy),
         _header("Reply-To", one_line(smtp.reply_to.replace("{token}", content.token)), policy),
         _header("List-Unsubscribe", f"<{mailto(reply, 'unsubscribe', body=False)}>", policy),
@@ -301,7 +304,7 @@ def render_digest_bytes(content: DigestContent, smtp: SmtpConfig, *,
     views = _Views(content)
     name = one_line(content.subscriber.name)
     body = [_part("plain", _text_pieces(content, views), delimiter, ((_NAME_SLOT, name),)),
-            _part("html", _html_pieces(content, views), delimiter, _html_fills(name, reply))]
+            _html_part(content, views, delimiter, _html_fills(name, reply))]
     data = b"".join([*head, *body, delimiter, b"--\r\n"])
     return RenderedDigest(data=data, message_id=message_id, subject=subject, smtputf8=smtputf8)
 
@@ -320,6 +323,12 @@ def render_digest(content: DigestContent, smtp: SmtpConfig, *, now: datetime) ->
     if not isinstance(message, EmailMessage):  # pragma: no cover - an EmailPolicy makes one
         raise TypeError("the email policy did not parse to an EmailMessage")
     return message
+
+
+@lru_cache(maxsize=16)
+def _date_value(now: datetime) -> str:
+    """The Date header's value: a dispatch gives every message the same ``now``."""
+    return format_datetime(now)
 
 
 @cache
@@ -374,13 +383,34 @@ def _part(subtype: str, pieces: Sequence[str], delimiter: bytes,
                for piece in pieces]
     if not all(map(attrgetter("whole"), encoded)):
         return _part_of_text(subtype, _filled("".join(pieces), fills), delimiter)
-    if any(map(attrgetter("chunks"), encoded)):
-        # Lines with a stand-in are filled and encoded for this message.
-        encoded = [_encode_piece(_filled(chunk, fills)) if isinstance(chunk, str) else chunk
-                   for piece in encoded for chunk in (piece.chunks or (piece,))]
-    raws = [piece.raw for piece in encoded]
-    seven_bit = all(map(attrgetter("seven_bit"), encoded))
-    quoted = [piece.quoted for piece in encoded]
+    return _part_of_chunks(subtype, [chunk for piece in encoded
+                                     for chunk in (piece.chunks or (piece,))], delimiter, fills)
+
+
+def _part_of_chunks(subtype: str, chunks: Sequence[_EncodedPiece | str], delimiter: bytes,
+                    fills: Sequence[tuple[str, str]]) -> bytes:
+    """:func:`_part` for a body of whole lines already encoded in chunks: each chunk is
+    encoded lines, or one line (a ``str``) with a stand-in, filled and encoded here."""
+    raws: list[bytes] = []
+    quoted: list[bytes] = []
+    seven_bit = True
+    reply = dict(fills).get(_REPLY_SLOT, "")
+    literal = bool(reply) and _QP_LITERAL.fullmatch(reply) is not None
+    reply_bytes = reply.encode("ascii") if literal else b""
+    for chunk in chunks:
+        if isinstance(chunk, str):  # a line with a stand-in: filled for this message
+            plan = _reply_line(chunk, len(reply_bytes)) if literal else None
+            if plan is not None:
+                raws.append(reply_bytes.join(plan.raw_parts))
+                quoted.append(b"".join([part if isinstance(part, bytes)
+                                        else reply_bytes[part[0]:part[1]]
+                                        for part in plan.quoted_parts]))
+                seven_bit = seven_bit and plan.seven_bit
+                continue
+            chunk = _encode_line(_filled(chunk, fills))
+        raws.append(chunk.raw)
+        quoted.append(chunk.quoted)
+        seven_bit = seven_bit and chunk.seven_bit
     if not any(raws):  # no text at all is one empty line, as the email package writes it
         return _part_of_text(subtype, "", delimiter)
     raw = b"".join(raws)
@@ -469,6 +499,107 @@ def _encode_piece(piece: str) -> _EncodedPiece:
             chunks.append(_encode_piece("".join(run)))
         return _EncodedPiece(raw, b"", seven_bit, whole, tuple(chunks))
     return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True), seven_bit, whole)
+
+
+def _encode_line(line: str) -> _EncodedPiece:
+    """:func:`_encode_piece` for one filled line: its only LF at its end, no CR (a test
+    checks the two agree); anything else goes to :func:`_encode_piece`."""
+    if "\r" in line or line.find("\n") != len(line) - 1:
+        return _encode_piece(line)
+    raw = line.encode("utf-8")
+    return _EncodedPiece(raw, binascii.b2a_qp(raw, istext=True),
+                         raw.isascii() and len(raw) <= SEVEN_BIT_LINE + 1, True)
+
+
+# What a URL-quoted reply address is made of: characters quoted-printable writes as they
+# are (printable ASCII but "="; a "." only when it stands alone before a line end, which
+# _reply_line rules out).
+_QP_LITERAL = re.compile(r"[A-Za-z0-9_.~@+%-]+")
+# Stand-ins for the reply address's characters in a line encoded once: printable ASCII that
+# quoted-printable writes as they are, and that no "=XX" escape holds.
+_MARKERS = "~^|`!#*"
+
+
+class _ReplyLine(NamedTuple):
+    """A line whose only stand-ins are the reply address's, encoded once for addresses of
+    one length: its bytes around the address (``raw_parts``), and its quoted-printable as
+    bytes and (start, end) slices of the address, in order (``quoted_parts``)."""
+
+    raw_parts: tuple[bytes, ...]
+    quoted_parts: tuple[bytes | tuple[int, int], ...]
+    seven_bit: bool
+
+
+@lru_cache(maxsize=ROW_MEMO)
+def _reply_line(line: str, length: int) -> _ReplyLine | None:
+    """The line (one LF, at its end) encoded around a reply address of ``length``
+    characters that quoted-printable writes as they are (``_QP_LITERAL``); None when it
+    cannot be (a name in it, no free marker, or the address right before the line end,
+    where a lone "." would be escaped).
+
+    Quoted-printable decides each character's encoding and its soft line breaks from the
+    character, the line length so far and whether the next one ends the line; a literal
+    character in place of each of the address's gives the same decisions, so the encoding
+    with markers, the markers replaced by the address's characters, is the filled line's
+    (a test checks)."""
+    marker = next((c for c in _MARKERS if c not in line), None)
+    if (marker is None or length < 1 or _NAME_SLOT in line or "\r" in line
+            or line.find("\n") != len(line) - 1 or _REPLY_SLOT + "\n" in line
+            or "\0" in line):
+        return None
+    raw_parts = tuple(part.encode("utf-8") for part in line.split(_REPLY_SLOT))
+    template = line.replace(_REPLY_SLOT, marker * length).encode("utf-8")
+    code = ord(marker)
+    parts: list[bytes | tuple[int, int]] = []
+    text = bytearray()
+    at, start = 0, -1  # the address's character the next marker stands for; a run's first
+    for byte in binascii.b2a_qp(template, istext=True):
+        if byte != code:
+            if start >= 0:  # a soft line break inside the address
+                parts.append((start, at))
+                start = -1
+            text.append(byte)
+            continue
+        if start < 0:
+            parts.append(bytes(text))
+            text.clear()
+            start = at
+        at += 1
+        if at == length:
+            parts.append((start, at))
+            at, start = 0, -1
+    parts.append(bytes(text))
+    seven_bit = template.isascii() and len(template) <= SEVEN_BIT_LINE + 1
+    return _ReplyLine(raw_parts, tuple(part for part in parts if part != b""), seven_bit)
+
+
+def _merged_chunks(pieces: Sequence[str]) -> tuple[_EncodedPiece | str, ...] | None:
+    """Pieces of whole lines as the chunks :func:`_part_of_chunks` takes, runs of encoded
+    lines merged into one chunk (quoted-printable encodes each line on its own, so the
+    encodings joined are the lines' joined); None when a piece is not whole lines."""
+    encoded = [_encoded_piece(piece) for piece in pieces]
+    if not all(map(attrgetter("whole"), encoded)):
+        return None
+    merged: list[_EncodedPiece | str] = []
+    run: list[_EncodedPiece] = []
+    for chunk in (chunk for piece in encoded for chunk in (piece.chunks or (piece,))):
+        if isinstance(chunk, str):
+            merged.extend(_joined_run(run))
+            run = []
+            merged.append(chunk)
+        else:
+            run.append(chunk)
+    merged.extend(_joined_run(run))
+    return tuple(merged)
+
+
+def _joined_run(run: Sequence[_EncodedPiece]) -> list[_EncodedPiece]:
+    """Encoded pieces of whole lines as one ([] for none)."""
+    if len(run) < 2:
+        return list(run)
+    return [_EncodedPiece(b"".join([piece.raw for piece in run]),
+                          b"".join([piece.quoted for piece in run]),
+                          all(piece.seven_bit for piece in run), True)]
 
 
 class _OwnPiece(str):
@@ -614,8 +745,15 @@ def _text_page(key: tuple[Any, ...]) -> _PageText:
 def _text_is_clean(text: str) -> bool:
     """True when ``text`` is whole lines none of which :func:`defuse_command_lines` would
     change or :func:`command_lines` would report."""
-    return (_whole_lines(text) and not any(map(_needs_defusing, text.split("\n")))
-            and not command_lines(text))
+    if not _whole_lines(text) or any(map(_needs_defusing, text.split("\n"))):
+        return False
+    # _needs_defusing asked the reader's test of every line already, unless splitlines
+    # (command_lines) cuts the text at other characters too.
+    return _OTHER_LINE_BREAK.search(text) is None or not command_lines(text)
+
+
+# What str.splitlines ends a line at besides LF (CR makes a piece not whole lines anyway).
+_OTHER_LINE_BREAK = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def _needs_defusing_now(line: str) -> bool:
@@ -664,23 +802,53 @@ def html_pieces(content: DigestContent) -> list[str]:
 
 
 def _html_pieces(content: DigestContent, views_of: _Views) -> list[str]:
-    items = views_of.items
-    rows: list[str] = []
-    for n, item in enumerate(items):
-        row = views_of(label_all=False)[n].html_row
-        if row is None:
-            row = views_of(label_all=True)[n].html_row
-        if row is None:
+    views = _html_views(views_of)
+    page = _checked_html_page(content, views_of)
+    return [page.head, page.intro, *[piece for view in views for piece in view.html_row or ()],
+            page.footer]
+
+
+def _html_part(content: DigestContent, views_of: _Views, delimiter: bytes,
+               fills: Sequence[tuple[str, str]]) -> bytes:
+    """The HTML part (:func:`_part` of :func:`_html_pieces`) from the chunks each paper's
+    view and each page holds encoded already: per message, only the lines with a stand-in
+    are filled and encoded."""
+    views = _html_views(views_of)
+    page = _checked_html_page(content, views_of)
+    rows = [view.html_chunks for view in views]
+    if page.before_chunks is None or page.after_chunks is None or None in rows:
+        return _part("html", _html_pieces(content, views_of), delimiter, fills)
+    chunks = [*page.before_chunks, *[chunk for row in rows for chunk in row or ()],
+              *page.after_chunks]
+    return _part_of_chunks("html", chunks, delimiter, fills)
+
+
+def _html_views(views_of: _Views) -> list[_ItemView]:
+    """Each item's view whose HTML row the part shows: unlabelled, else every field labelled.
+
+    Raises :class:`UnsafeDigest` when even the labelled row holds a command."""
+    views: list[_ItemView] = []
+    for n, item in enumerate(views_of.items):
+        view = views_of(label_all=False)[n]
+        if view.html_row is None:
+            view = views_of(label_all=True)[n]
+        if view.html_row is None:
             raise UnsafeDigest(f"the HTML part of paper {item.position} has lines a reply "
                                "would read as commands, even with every field labelled")
-        rows.extend(row)
+        views.append(view)
+    return views
+
+
+def _checked_html_page(content: DigestContent, views_of: _Views) -> _PageHtml:
+    """The HTML page around the papers; raises :class:`UnsafeDigest` when a line of it, the
+    subscriber's name in, reads as a command."""
     page = _html_page(views_of.page_key)
     name = one_line(content.subscriber.name)
     unsafe = page.unsafe or [line for line in page.own_lines(name) if _reader_test(line)]
     if unsafe:
         raise UnsafeDigest(f"the HTML part has lines a reply would read as commands: "
                            f"{list(unsafe[:3])!r}")
-    return [page.head, page.intro, *rows, page.footer]
+    return page
 
 
 @dataclass(frozen=True)
@@ -702,6 +870,16 @@ class _PageHtml:
         reader undoes, inside a paragraph: so its line as the reader reads it is the line
         with the stand-in, the stand-in replaced (a property test checks)."""
         return [line.replace(_NAME_SLOT, name) for line in self.name_lines]
+
+    @cached_property
+    def before_chunks(self) -> tuple[_EncodedPiece | str, ...] | None:
+        """The head and intro encoded (:func:`_merged_chunks`)."""
+        return _merged_chunks((self.head, self.intro))
+
+    @cached_property
+    def after_chunks(self) -> tuple[_EncodedPiece | str, ...] | None:
+        """The footer encoded (:func:`_merged_chunks`)."""
+        return _merged_chunks((self.footer,))
 
 
 @lru_cache(maxsize=256)
@@ -1071,9 +1249,11 @@ def defuse_command_lines(text: str) -> str:
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _Link:
-    """One link under a paper: a short label for HTML, a longer one for the text part."""
+class _Link(NamedTuple):
+    """One link under a paper: a short label for HTML, a longer one for the text part.
+
+    A tuple, not a dataclass: the links are part of memo keys (their pieces), and a
+    tuple's hash is worked out in C."""
 
     label: str
     text_label: str
@@ -1110,6 +1290,14 @@ class _ItemView:
         of it reads as a command."""
         row = _html_row(self)
         return None if row is None else tuple(row)
+
+    @cached_property
+    def html_chunks(self) -> tuple[_EncodedPiece | str, ...] | None:
+        """:attr:`html_row` encoded (:func:`_merged_chunks`): a paper's row is a few chunks,
+        its encoded lines and its like and skip lines; None without a row, or when a piece
+        is not whole lines."""
+        row = self.html_row
+        return None if row is None else _merged_chunks(row)
 
     @cached_property
     def text_paper(self) -> str:
@@ -1223,6 +1411,7 @@ class _PaperParts:
     arxiv_id: str
     listed: str
     links: tuple[_Link, ...]
+    link: str  # Paper.link (quoted once here, not per view)
 
 
 @lru_cache(maxsize=PAPER_MEMO)
@@ -1242,6 +1431,7 @@ def _paper_parts(paper: Paper, label_all: bool) -> _PaperParts:
         arxiv_id=paper.arxiv_id or "",
         listed=format_short_day(paper.listed_on) if paper.listed_on else "",
         links=_paper_links(paper),
+        link=paper.link,
     )
 
 
@@ -1261,7 +1451,7 @@ def _view_of(item: DigestItem, local_date: date, *, label_all: bool) -> _ItemVie
                       stale, label_all)
 
 
-@lru_cache(maxsize=PAPER_MEMO)
+@lru_cache(maxsize=VIEW_MEMO)
 def _item_view(paper: Paper, position: int, raw_reason: str, explore: bool,
                raw_relevance: str | None, stale: bool, label_all: bool) -> _ItemView:
     parts = _paper_parts(paper, label_all)
@@ -1281,7 +1471,7 @@ def _item_view(paper: Paper, position: int, raw_reason: str, explore: bool,
         position=position,
         title=parts.title,
         title_label=title_label,
-        title_link=paper.link,
+        title_link=parts.link,
         authors=parts.authors,
         arxiv_id=parts.arxiv_id,
         listed=parts.listed,
@@ -1294,9 +1484,15 @@ def _item_view(paper: Paper, position: int, raw_reason: str, explore: bool,
         reason_label=reason_label,
         explore=explore,
         # The stand-in for the reply address: render_html puts the subscriber's in.
-        like_link=mailto(_REPLY_SLOT, f"like {position}"),
-        skip_link=mailto(_REPLY_SLOT, f"skip {position}"),
+        like_link=_rate_link("like", position),
+        skip_link=_rate_link("skip", position),
     )
+
+
+@lru_cache(maxsize=256)
+def _rate_link(command: str, position: int) -> str:
+    """The like or skip link of a position, to the reply-address stand-in."""
+    return mailto(_REPLY_SLOT, f"{command} {position}")
 
 
 def _opening(abstract: str) -> str:

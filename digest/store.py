@@ -823,6 +823,14 @@ class Store:
         ).fetchone()
         return (row[0] - 1) if row[0] is not None else self.corpus_seq()
 
+    def last_sent_seq(self, subscriber: str) -> int | None:
+        """``last_sent_digest(subscriber).corpus_seq``, None when none was sent: read from the
+        index alone (digests_sent), once per subscriber and dispatch."""
+        row = self._db.execute(
+            "SELECT corpus_seq FROM digests WHERE subscriber = ? AND status = 'sent'"
+            " ORDER BY local_date DESC, id DESC LIMIT 1", (subscriber.lower(),)).fetchone()
+        return int(row[0]) if row else None
+
     def last_sent_digest(self, subscriber: str) -> DigestRow | None:
         row = self._db.execute(
             f"SELECT {_DIGEST_COLUMNS} FROM digests WHERE subscriber = ? AND status = 'sent'"
@@ -1248,17 +1256,23 @@ class Store:
                 tx.execute(sql, params)
         return self.subscriber_state(subscriber)
 
+    def latest_signals(self, subscriber: str) -> list[tuple[str, str, str]]:
+        """``latest_feedback`` as (paper id, signal, ISO time) tuples, what a profile reads:
+        oldest first, the latest event per paper."""
+        rows = self._tuples("SELECT paper_id, signal, at FROM feedback WHERE subscriber = ?"
+                            " ORDER BY id", (subscriber.lower(),))
+        return list(_latest_per_paper(rows).values())
+
     def latest_feedback(self, subscriber: str) -> list[FeedbackRow]:
         """The latest event per paper (the one that wins), oldest first."""
+        # Every event, the latest per paper kept here: a look-up of MAX(id) per row in SQL
+        # cost more than the few events a paper has (mostly one).
         rows = self._tuples(
-            "SELECT paper_id, signal, source, digest_id, at FROM feedback f"
-            " WHERE subscriber = ? AND id = ("
-            "   SELECT MAX(id) FROM feedback g"
-            "   WHERE g.subscriber = f.subscriber AND g.paper_id = f.paper_id)"
-            " ORDER BY id",
+            "SELECT paper_id, signal, source, digest_id, at FROM feedback"
+            " WHERE subscriber = ? ORDER BY id",
             (subscriber.lower(),),
         )
-        return [FeedbackRow(*row) for row in rows]
+        return [FeedbackRow(*row) for row in _latest_per_paper(rows).values()]
 
     # --- replies --------------------------------------------------------------
 
@@ -1492,6 +1506,15 @@ class FeedbackEntry:
     at: str
     digest_id: int | None
     digest_date: str | None
+
+
+def _latest_per_paper(rows: Iterable[tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """Rows (paper id first) in event order, the latest per paper kept, in its order."""
+    latest: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        latest.pop(row[0], None)  # re-inserted: the dict keeps the order of the latest
+        latest[row[0]] = row
+    return latest
 
 
 def _statements(script: str) -> Iterator[str]:

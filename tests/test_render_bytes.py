@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import unicodedata
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from email.generator import BytesGenerator
@@ -385,3 +386,78 @@ def test_a_part_encoded_in_pieces_is_the_part_encoded_whole(
     delimiter = b"--=_abc"
     assert render._part("plain", pieces, delimiter, fills) == render._part_of_text(
         "plain", render._filled("".join(pieces), fills), delimiter)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.lists(st.sampled_from([render._NAME_SLOT, render._REPLY_SLOT]) | _LINES_PIECE,
+                                max_size=4).map("".join), max_size=6),
+       name=_FIELD, reply=_FIELD)
+def test_a_part_from_merged_chunks_is_the_part_of_its_pieces(
+        pieces: list[str], name: str, reply: str) -> None:
+    """Pieces encoded once and merged into chunks (as a paper's view and a page hold them)
+    give the part :func:`_part` gives the pieces, for any pieces of whole lines; pieces that
+    are not whole lines give no chunks (the part is then encoded whole)."""
+    fills = ((render._NAME_SLOT, one_line(name)), (render._REPLY_SLOT, one_line(reply)))
+    delimiter = b"--=_abc"
+    chunks = render._merged_chunks(pieces)
+    if chunks is None:
+        assert not all(map(render._whole_lines, pieces))
+    else:
+        assert render._part_of_chunks("html", chunks, delimiter, fills) == render._part(
+            "html", pieces, delimiter, fills)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=120), st.sampled_from(["\n", "", "\r\n", "\n\n"]))
+def test_a_line_encoded_directly_is_the_line_encoded_as_a_piece(text: str, end: str) -> None:
+    assert render._encode_line(text + end) == render._encode_piece(text + end)
+
+
+@settings(max_examples=60, deadline=None)
+@given(title=_FIELD, author=_FIELD, abstract=_FIELD, reason=_FIELD, name=_FIELD,
+       count=st.integers(0, 3), personalised=st.booleans())
+def test_the_html_part_from_chunks_is_the_part_of_the_html_pieces(
+        title: str, author: str, abstract: str, reason: str, name: str, count: int,
+        personalised: bool) -> None:
+    papers = [paper(n, title=title, abstract=abstract, authors=(author,))
+              for n in range(1, count + 1)]
+    content = digest(*papers, name=name, reason=reason, personalised=personalised)
+    fills = render._html_fills(one_line(name), "digest+abc@example.org")
+    delimiter = b"--=_abc"
+
+    def outcome(make: Callable[[], bytes]) -> bytes | str:
+        try:
+            return make()
+        except render.UnsafeDigest as exc:
+            return f"refused: {exc}"
+
+    views = render._Views(content)
+    assert outcome(lambda: render._html_part(content, views, delimiter, fills)) == outcome(
+        lambda: render._part("html", render._html_pieces(content, views), delimiter, fills))
+
+
+_REPLY_LINE = st.lists(st.sampled_from([render._REPLY_SLOT, "a", "é", " ", "=", "\t", ".",
+                                        "?subject=like%203&body=like%203", "x" * 30, "~",
+                                        "^", "|", "`", "!", "#", "*", "\n", "\r"]),
+                       max_size=12).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(line=_REPLY_LINE, reply=st.text(min_size=1, max_size=60))
+def test_a_reply_line_encoded_around_the_address_is_the_filled_line_encoded(
+        line: str, reply: str) -> None:
+    """A line encoded once with markers for the reply address's characters, the markers
+    then replaced by them, is the line with the address put in encoded, for any line and
+    any address that quoted-printable writes as it is (as a URL-quoted one always is)."""
+    from urllib.parse import quote
+
+    address = quote(reply, safe="@+")
+    line += "\n"
+    fills = ((render._REPLY_SLOT, address),)
+    plan = render._reply_line(line, len(address))
+    if plan is None:
+        return
+    filled = render._encode_piece(render._filled(line, fills))
+    assert render._QP_LITERAL.fullmatch(address)
+    assert render._part_of_chunks("html", [line], b"--=_abc", fills) == render._part_of_chunks(
+        "html", [filled], b"--=_abc", fills)

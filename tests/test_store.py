@@ -96,11 +96,13 @@ def test_no_query_of_a_dispatch_reads_a_growing_table_whole(store: Store) -> Non
         "digest_on": lambda: store.digest_on(reader, DAY),
         "digests_of": lambda: store.digests_of(reader, limit=1),
         "last_sent_digest": lambda: store.last_sent_digest(reader),
+        "last_sent_seq": lambda: store.last_sent_seq(reader),
         "first_seq_since": lambda: store.first_seq_since(datetime(2026, 3, 1, tzinfo=UTC)),
         "candidate_papers": lambda: store.candidate_papers(reader, 5),
         "sent_paper_ids": lambda: store.sent_paper_ids(reader, 5),
         "papers_since": lambda: store.papers_since(5),
         "latest_feedback": lambda: store.latest_feedback(reader),
+        "latest_signals": lambda: store.latest_signals(reader),
         "shown_papers_at": lambda: store.shown_papers_at(reader),
         "library_entries": lambda: store.library_entries(reader),
         "library_file_hash": lambda: store.library_file_hash(reader, "lib.bib"),
@@ -245,3 +247,21 @@ def test_migration_9_moves_the_messages_and_keeps_every_digest(tmp_path: Path) -
         assert [r.message for r in store.unsent_digests()] == [b"message 1"]
         assert store.digest_items(rows[1].id)[0].paper_id == "p1"
         assert store._db.execute("SELECT MAX(LENGTH(message)) FROM digests").fetchone()[0] == 0
+
+
+def test_last_sent_seq_is_the_last_sent_digests_corpus_seq(store: Store) -> None:
+    for reader in READERS:
+        last = store.last_sent_digest(reader)
+        assert store.last_sent_seq(reader) == (last.corpus_seq if last else None)
+    assert store.last_sent_seq("nobody@example.org") is None
+
+
+def test_latest_feedback_keeps_the_latest_event_per_paper_in_the_order_of_those_events(
+        store: Store) -> None:
+    reader = "several@example.org"
+    ids = [p.id for p in store.all_papers()[:3]]
+    for paper_id, signal in ((ids[0], "like"), (ids[1], "skip"), (ids[0], "skip"),
+                             (ids[2], "like"), (ids[1], "like")):
+        store.add_feedback(reader, paper_id, signal, source="cli")
+    assert [(row.paper_id, row.signal) for row in store.latest_feedback(reader)] == [
+        (ids[0], "skip"), (ids[2], "like"), (ids[1], "like")]

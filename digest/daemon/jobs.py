@@ -115,6 +115,8 @@ class Runtime:
     # The papers after the lowest "since" a subscriber asked for, read once per corpus
     # version and shared: (corpus_seq, since_seq, seqs, papers); see ``papers_after``.
     _recent: tuple[int, int, list[int], list[Paper]] | None = None
+    # ((moment, corpus_seq), seq): the last ``first_seq_since`` answer.
+    _first_seq: tuple[tuple[datetime, int], int] | None = None
     # A config a SIGHUP loaded and validated while a dispatch runs, applied in full once it
     # ends: meanwhile the dispatch claims nobody it removed or no longer finds due (see
     # ``reloaded_verdict``). None when no reload waits.
@@ -167,21 +169,24 @@ class Runtime:
             return self._index
         return self.corpus_index()
 
-    def corpus_index(self) -> CorpusIndex:
-        """The corpus features, refitted only when papers were added."""
-        seq = self.store.corpus_seq()
+    def corpus_index(self, corpus_seq: int | None = None) -> CorpusIndex:
+        """The corpus features, refitted only when papers were added (``corpus_seq``: the
+        store's, when the caller has just read it)."""
+        seq = self.store.corpus_seq() if corpus_seq is None else corpus_seq
         if self._index is None or seq != self._index_seq:
             self._index = CorpusIndex.fit(self.store.all_papers())
             self._index_seq = seq
         return self._index
 
-    def papers_after(self, since_seq: int) -> list[Paper]:
+    def papers_after(self, since_seq: int, corpus_seq: int | None = None) -> list[Paper]:
         """The stored papers ingested after ``since_seq``, in ingest order.
 
         Read from the store once per corpus version for the lowest ``since_seq``
         asked (a day's subscribers share most of their candidates), then sliced.
+        ``corpus_seq``: the store's, when the caller has just read it.
         """
-        corpus_seq = self.store.corpus_seq()
+        if corpus_seq is None:
+            corpus_seq = self.store.corpus_seq()
         recent = self._recent
         if recent is None or recent[0] != corpus_seq or since_seq < recent[1]:
             rows = self.store.papers_since(since_seq)
@@ -189,6 +194,14 @@ class Runtime:
             self._recent = recent
         _, _, seqs, papers = recent
         return papers[bisect.bisect_right(seqs, since_seq):]
+
+    def first_seq_since(self, moment: datetime, corpus_seq: int) -> int:
+        """``store.first_seq_since(moment)``, asked once per moment and corpus version: a
+        dispatch asks it with the same moment for every subscriber without a digest."""
+        key = (moment, corpus_seq)
+        if self._first_seq is None or self._first_seq[0] != key:
+            self._first_seq = (key, self.store.first_seq_since(moment))
+        return self._first_seq[1]
 
     def first_time(self, email: str, day: date, what: str) -> bool:
         """True the first time (per process) this is noted for the subscriber's day."""
@@ -258,17 +271,21 @@ def prepare(
     """
     store = runtime.store
     corpus_seq = store.corpus_seq()
-    since = candidate_seq(store, sub, now)
+    last_seq = store.last_sent_seq(sub.email)
+    # As candidate_seq, the first digest's window read once per dispatch (the same "now").
+    since = last_seq if last_seq is not None else runtime.first_seq_since(
+        now - FIRST_DIGEST_WINDOW, corpus_seq)
     sent = store.sent_paper_ids(sub.email, since)
-    candidates = [p for p in runtime.papers_after(since) if p.id not in sent]
+    candidates = [p for p in runtime.papers_after(since, corpus_seq) if p.id not in sent]
     if not candidates and not sub.send_empty:
         return None
     if library:
         refresh_library(store, sub)
-    profile = build_profile(store, sub)
+    # Never sent a digest: no paper was shown, so the profile needs no look for them.
+    profile = build_profile(store, sub, shown=None if last_seq is not None else ())
     ranked: list[Ranked] = []
     if candidates:
-        ranked = rank(runtime.corpus_index(), profile, [p.id for p in candidates],
+        ranked = rank(runtime.corpus_index(corpus_seq), profile, [p.id for p in candidates],
                       limit=sub.max_papers, settings=runtime.config.ranking,
                       cache=runtime.models, key=sub.email.lower())
     # Levels are given exactly when the ranking learned from something that resolved.
