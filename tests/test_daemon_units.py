@@ -181,7 +181,7 @@ def test_marks_of_one_turn_of_the_event_loop_are_one_commit_made_before_the_next
 
 def test_the_next_batch_is_claimed_while_the_window_still_sends(
         tmp_path: Path, smtp_server: StartServer) -> None:
-    """Issue 13: a claim batch is half the delivery window (4 per connection), so the
+    """Issue 13: a claim batch is half the delivery window (2 per connection), so the
     next batch is claimed while the other half sends (the sessions do not idle through
     the claim), and the claimed and unsent never exceed the window."""
     from digest.daemon.jobs import delivery_window

@@ -758,18 +758,9 @@ CLAIM_WINDOW_SHARE = 2
 DELIVERY_TASK_PREFIX = "deliver-"
 
 
-# Deliveries in flight per SMTP connection. Two keep every session busy; four make a claim
-# batch (half the window) four digests a connection, not two: a commit and its shared pages
-# (the tables' last pages, the WAL header) for twice as many digests, ~0.1 ms of the
-# dispatching process's CPU per digest (issue 13's claim microbenchmark: 0.55 ms a digest
-# claimed four at a time, 0.46 eight at a time). What a server that goes away leaves
-# claimed and unsent (resent, same bytes, next time) is this many per connection.
-DELIVERIES_PER_CONNECTION = 4
-
-
 def delivery_window(smtp: SmtpConfig) -> int:
-    """Deliveries in flight at once: ``DELIVERIES_PER_CONNECTION`` per SMTP connection."""
-    return DELIVERIES_PER_CONNECTION * smtp.connections
+    """Deliveries in flight at once: two per SMTP connection keeps every session busy."""
+    return 2 * smtp.connections
 
 
 def _claim_each(runtime: Runtime, batch: list[tuple[int, Ready]]
