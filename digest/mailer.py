@@ -238,13 +238,22 @@ _PLAIN_ADDRESS = re.compile(
     r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 
-@functools.lru_cache(maxsize=65536)  # about a subscriber list: a few MB at most
 def _quoted(address: str) -> str:
     """aiosmtplib's ``<address>`` for a command line (raises its ValueError for an address
     that cannot be sent safely): a plain address as it is, any other parsed by aiosmtplib's
-    ``quote_address`` once, not once per message (the email package's parser is slow)."""
+    ``quote_address`` (the email package's parser is slow: ``_parsed_quoted`` keeps a few)."""
     if _PLAIN_ADDRESS.fullmatch(address):
         return f"<{address}>"
+    return _parsed_quoted(address)
+
+
+# Only the addresses that are not plain are kept: the sender, which every message names, and
+# the rare recipient with a quoted or non-ASCII local part. Keeping every recipient's answer
+# (one entry per subscriber, ~250 bytes each, up to 65,536 of them) made a dispatch's memory
+# grow with the subscriber list, for a regular-expression match that costs about a
+# microsecond per message; a subscriber's address is used once per dispatch anyway.
+@functools.lru_cache(maxsize=256)
+def _parsed_quoted(address: str) -> str:
     return aiosmtplib.email.quote_address(address)
 
 

@@ -211,3 +211,36 @@ def test_the_next_batch_is_claimed_while_the_window_still_sends(
     assert all(before + batch <= window for before, batch in in_flight_at_claims)
     assert any(before > 0 for before, _ in in_flight_at_claims[1:])  # claimed while sending
     assert max(batch for _, batch in in_flight_at_claims) == window // 2
+
+
+def test_empty_days_remember_one_day_per_subscriber_in_a_few_bytes() -> None:
+    """A day without a listing notes every subscriber's day as empty: one small entry each
+    (a daemon keeps them for its life), the later day replacing the earlier one."""
+    import gc
+    import tracemalloc
+    from datetime import date
+
+    from digest.daemon.jobs import EmptyDays
+
+    days = EmptyDays()
+    emails = [f"reader{n:06d}@empty.example.org" for n in range(5000)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for email in emails:
+            days.note(email, date(2026, 3, 1), 1234)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept / len(emails) < 100, f"{kept / len(emails):.0f} bytes per subscriber"
+    days.note("Reader000001@Empty.example.org", date(2026, 3, 2), 1240)
+    assert days.seq("reader000001@empty.example.org", date(2026, 3, 1)) is None
+    assert days.seq("READER000001@empty.example.org", date(2026, 3, 2)) == 1240
+    assert days.empty_at("reader000002@empty.example.org", 1234)
+    assert not days.empty_at("reader000001@empty.example.org", 1234)
+    days.forget("reader000002@empty.example.org", date(2026, 3, 2))  # another day: kept
+    assert days.seq("reader000002@empty.example.org", date(2026, 3, 1)) == 1234
+    days.forget("reader000002@empty.example.org", date(2026, 3, 1))
+    assert days.seq("reader000002@empty.example.org", date(2026, 3, 1)) is None
+    assert len(days) == len(emails) - 1

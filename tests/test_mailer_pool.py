@@ -876,6 +876,28 @@ def test_mail_and_rcpt_quote_an_address_exactly_as_aiosmtplib_does(address: str)
     assert got == expected
 
 
+def test_quoting_plain_recipients_keeps_nothing_per_address() -> None:
+    """A dispatch's memory does not grow with its subscriber list through the address
+    quoting (it kept an entry per recipient, ~250 bytes each, up to 65,536 of them)."""
+    import gc
+    import tracemalloc
+
+    from digest.mailer import _quoted
+
+    addresses = [f"reader{n:06d}@quoting.example.org" for n in range(5000)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        quoted = [len(_quoted(address)) for address in addresses]
+        del quoted
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 20 * 1024, f"{kept} bytes kept for {len(addresses)} addresses"
+
+
 # A stop
 
 

@@ -440,3 +440,22 @@ def test_the_free_heap_is_given_back_before_a_fork() -> None:
     prepare_worker.release_free_heap()
     assert rss_mb() < held - 60  # of the ~140 MB freed, most whole pages went back
     assert len(kept) > 0
+
+
+def test_a_worker_answers_the_claim_and_the_bytes_not_the_ranked_papers(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """Issue 13: what crosses the pipe per digest is the message and the rows to claim (ids,
+    scores, reasons), not the papers (abstracts, authors) the dispatching process would
+    unpickle and free without using."""
+    import pickle
+
+    sim = make_state(tmp_path, smtp_server(), 3, workers=1)
+    side = jobs_module._WorkerSide(sim.runtime, SEND)
+    side.runtime = sim.runtime  # what ``setup`` gives a forked worker, without the fork
+    with time_machine.travel(SEND, tick=False):
+        answer = side.build(jobs_module.PrepareJob(sim.config.subscribers[0], SEND.date()))
+    assert isinstance(answer, jobs_module.Ready) and answer.shown > 0
+    sent = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+    assert b"digest.paper" not in sent
+    assert len(sent) < len(answer.data) + 2048, (len(sent), len(answer.data))
+    sim.close()

@@ -94,6 +94,55 @@ class SmtpHold:
         return smtp == self.smtp and now < self.until
 
 
+# Bits of a corpus_seq in ``EmptyDays``' packed form (a trillion ingested papers).
+_SEQ_BITS = 40
+
+
+class EmptyDays:
+    """Per subscriber, the one local day found with no new papers, and the corpus_seq then.
+
+    One remembered day per subscriber is enough: a later day replaces it. Kept
+    compact, as a daemon keeps it for its life and a day without a listing
+    fills it for every subscriber: one int per subscriber (the day's ordinal and
+    the sequence number packed, ~32 bytes) under the address's own string when
+    it is lower-case already (else a lower-cased copy), where a dict of
+    ``(address, date)`` tuples took ~250 bytes and a scan of every entry for
+    each subscriber noted.
+    """
+
+    def __init__(self) -> None:
+        self._by_email: dict[str, int] = {}
+
+    @staticmethod
+    def _key(email: str) -> str:
+        key = email.lower()
+        return email if key == email else key
+
+    def note(self, email: str, day: date, corpus_seq: int) -> None:
+        """Remember ``day`` as empty at ``corpus_seq`` (0 <= corpus_seq < 2**40)."""
+        self._by_email[self._key(email)] = (day.toordinal() << _SEQ_BITS) | corpus_seq
+
+    def seq(self, email: str, day: date) -> int | None:
+        """The corpus_seq at which ``day`` was found empty, None when it was not."""
+        packed = self._by_email.get(email.lower())
+        if packed is None or packed >> _SEQ_BITS != day.toordinal():
+            return None
+        return packed & ((1 << _SEQ_BITS) - 1)
+
+    def empty_at(self, email: str, corpus_seq: int) -> bool:
+        """Whether the subscriber's remembered day was found empty at ``corpus_seq``."""
+        packed = self._by_email.get(email.lower())
+        return packed is not None and packed & ((1 << _SEQ_BITS) - 1) == corpus_seq
+
+    def forget(self, email: str, day: date) -> None:
+        """Drop the remembered day when it is ``day`` (it has papers now)."""
+        if self.seq(email, day) is not None:
+            del self._by_email[email.lower()]
+
+    def __len__(self) -> int:
+        return len(self._by_email)
+
+
 @dataclass
 class Runtime:
     """What the jobs share between ticks: config, store, fitted models, what was logged."""
@@ -103,9 +152,9 @@ class Runtime:
     models: ModelCache = field(default_factory=ModelCache)  # refitted on new feedback only
     _index: CorpusIndex | None = None
     _index_seq: int = -1
-    # (subscriber, local date) -> corpus_seq at which the day had no new papers: the
-    # day is looked at again only when papers were added (no work, no log every tick).
-    empty_days: dict[tuple[str, date], int] = field(default_factory=dict)
+    # Per subscriber, the day that had no new papers and the corpus_seq then: the day is
+    # looked at again only when papers were added (no work, no log every tick).
+    empty_days: EmptyDays = field(default_factory=lambda: EmptyDays())
     # (subscriber, local date, what) already logged: "late" is said once per day.
     _noted: set[tuple[str, date, str]] = field(default_factory=set)
     owner: str = field(default_factory=process_owner)  # recorded in each claim
@@ -225,6 +274,42 @@ class Prepared:
     message: RenderedDigest  # the bytes claimed and sent as they are
     corpus_seq: int
 
+    def ready(self) -> Ready:
+        """What claiming and sending this digest need, without the papers themselves."""
+        return Ready(self.subscriber, self.local_date, self.content.token,
+                     self.content.considered,
+                     tuple(ItemRow(item.position, item.paper.id, item.score, item.reason,
+                                   item.explore) for item in self.content.items),
+                     self.message.data, self.message.subject, self.corpus_seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A prepared digest as the claim and the send need it: a prepare worker's answer.
+
+    ``Prepared`` holds the ranked papers themselves (titles, abstracts, authors: hundreds
+    of objects, about as many bytes again as the message); a claim stores only each
+    item's paper id, score and reason, and the send only the message's bytes. So a
+    worker answers this (about half the bytes to pickle and unpickle), and a claim
+    batch holds this: a dozen objects per digest, not hundreds made and freed per digest
+    in the dispatching process. ``items`` are the digest's rows as claimed (``shown`` of
+    them); ``data`` the message as claimed and sent; ``subject`` its subject (dry run).
+    """
+
+    subscriber: Subscriber
+    local_date: date
+    token: str
+    considered: int
+    items: tuple[ItemRow, ...]
+    data: bytes
+    subject: str
+    corpus_seq: int
+
+    @property
+    def shown(self) -> int:
+        """How many papers the digest shows."""
+        return len(self.items)
+
 
 def _fit_and_warm(papers: Sequence[Paper], phrases: Sequence[str]) -> CorpusIndex:
     """The corpus index, with the config's interest phrases matched in batches already.
@@ -308,7 +393,7 @@ def prepare(
     return Prepared(sub, content.local_date, content, message, corpus_seq)
 
 
-def claim(runtime: Runtime, prepared: Prepared) -> DigestRow | None:
+def claim(runtime: Runtime, prepared: Prepared | Ready) -> DigestRow | None:
     """Claim one prepared digest (None when its day was claimed already)."""
     row = claim_batch(runtime, [prepared])[0]
     if isinstance(row, Exception):
@@ -316,7 +401,8 @@ def claim(runtime: Runtime, prepared: Prepared) -> DigestRow | None:
     return row
 
 
-def claim_batch(runtime: Runtime, batch: Sequence[Prepared]) -> list[DigestRow | None | Exception]:
+def claim_batch(runtime: Runtime,
+                batch: Sequence[Prepared | Ready]) -> list[DigestRow | None | Exception]:
     """Claim prepared digests in one transaction, each with its rendered bytes and owner.
 
     Per digest: its row; None where the day was claimed already (by another
@@ -325,16 +411,15 @@ def claim_batch(runtime: Runtime, batch: Sequence[Prepared]) -> list[DigestRow |
     whole raises (``StoreWriteError``, ``StoreError``): nothing is claimed then.
     """
     smtp = runtime.config.smtp
-    return runtime.store.claim_digests([
-        Claim(subscriber=prepared.subscriber.email, local_date=prepared.local_date,
-              token=prepared.content.token,
-              message_id=message_id_for(prepared.content.token, smtp.sender),
-              considered=prepared.content.considered, corpus_seq=prepared.corpus_seq,
-              message=prepared.message.data,
-              items=[ItemRow(item.position, item.paper.id, item.score, item.reason,
-                             item.explore) for item in prepared.content.items],
-              owner=runtime.owner)
-        for prepared in batch])
+    claims = []
+    for prepared in batch:
+        ready = prepared.ready() if isinstance(prepared, Prepared) else prepared
+        claims.append(Claim(subscriber=ready.subscriber.email, local_date=ready.local_date,
+                            token=ready.token,
+                            message_id=message_id_for(ready.token, smtp.sender),
+                            considered=ready.considered, corpus_seq=ready.corpus_seq,
+                            message=ready.data, items=ready.items, owner=runtime.owner))
+    return runtime.store.claim_digests(claims)
 
 
 # --- sending ------------------------------------------------------------------
@@ -454,13 +539,13 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
         # (``_collect``), so that only a claim batch's worth of them are objects at a time.
         placed: list[tuple[int, Outcome]] = []
         workers: Workers | None = None
-        batch: list[tuple[int, Prepared]] = []
+        batch: list[tuple[int, Ready]] = []
 
-        async def take(place: int, result: Prepared | Outcome | None) -> None:
+        async def take(place: int, result: Ready | Outcome | None) -> None:
             """A subscriber's digest prepared (claimed with the next batch) or settled."""
             nonlocal batch
             runtime.progress_at = time.monotonic()
-            if isinstance(result, Prepared):
+            if isinstance(result, Ready):
                 batch.append((place, result))
             elif result is not None:
                 placed.append((place, result))
@@ -564,14 +649,14 @@ def reloaded_verdict(runtime: Runtime, email: str, now: datetime, force: bool) -
     return Outcome(email, verdict.status)
 
 
-def _still_wanted(runtime: Runtime, batch: list[tuple[int, Prepared]],
+def _still_wanted(runtime: Runtime, batch: list[tuple[int, Ready]],
                   placed: list[tuple[int, Outcome]], now: datetime,
-                  force: bool) -> list[tuple[int, Prepared]]:
+                  force: bool) -> list[tuple[int, Ready]]:
     """The batch less the digests a reload during the dispatch took back (their outcome
     goes to ``placed``): checked right before the claim, so none of them is claimed."""
     if runtime.reloaded is None:
         return batch
-    kept: list[tuple[int, Prepared]] = []
+    kept: list[tuple[int, Ready]] = []
     for place, prepared in batch:
         instead = reloaded_verdict(runtime, prepared.subscriber.email, now, force)
         if instead is None:
@@ -619,9 +704,9 @@ def _to_prepare(runtime: Runtime, subscribers: Sequence[Subscriber], quick: Outc
     reads, less those whose day had no new papers at this corpus version (a day without a
     listing keeps thousands due and empty for hours: no worker is forked for them)."""
     seq = runtime.store.corpus_seq()
-    empty = {email for (email, _), at in runtime.empty_days.items() if at == seq}
+    empty = runtime.empty_days
     return sum(1 for place, sub in enumerate(subscribers, start=1)
-               if not quick.has(place) and sub.email.lower() not in empty)
+               if not quick.has(place) and not empty.empty_at(sub.email, seq))
 
 
 # What a bulk read can settle for good during one dispatch (see ``_Settled``).
@@ -717,7 +802,7 @@ def delivery_window(smtp: SmtpConfig) -> int:
     return 2 * smtp.connections
 
 
-def _claim_each(runtime: Runtime, batch: list[tuple[int, Prepared]]
+def _claim_each(runtime: Runtime, batch: list[tuple[int, Ready]]
                 ) -> list[DigestRow | None | Outcome]:
     """Claim a batch; a digest whose rows the database refused fails its subscriber alone."""
     results: list[DigestRow | None | Outcome] = []
@@ -1065,7 +1150,7 @@ def _count_once(outcomes: Outcomes, pending: Sequence[DigestRow]) -> None:
 
 
 async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
-                          batch: list[tuple[int, Prepared]],
+                          batch: list[tuple[int, Ready]],
                           placed: list[tuple[int, Outcome]], *, now: datetime | None = None,
                           force: bool = False) -> None:
     """Claim a batch of prepared digests in one transaction, then start sending each.
@@ -1095,11 +1180,10 @@ async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
                                           local_date=prepared.local_date)))
         elif mailer.unavailable is not None:
             placed.append((place, Outcome(email, "retry", _reason(mailer.unavailable), row.id,
-                                          len(prepared.content.items),
-                                          prepared.content.considered)))
+                                          prepared.shown, prepared.considered)))
         else:
             await deliveries.submit(place, row, email, deliver(
-                runtime, mailer, row, email, shown=len(prepared.content.items),
+                runtime, mailer, row, email, shown=prepared.shown,
                 marks=deliveries.marks))
 
 
@@ -1229,7 +1313,7 @@ class Unprepared:
 
 async def _prepare_one(
     runtime: Runtime, sub: Subscriber, now: datetime, force: bool, dry_run: bool
-) -> Prepared | Outcome:
+) -> Ready | Outcome:
     """The subscriber's digest ranked and rendered when it is due, else what happened instead."""
     job = await _judge_one(runtime, sub, now, force)
     if isinstance(job, Outcome):
@@ -1244,10 +1328,11 @@ async def _judge_one(runtime: Runtime, sub: Subscriber, now: datetime, force: bo
     ``library=True`` imports a changed library file here, for a job prepared by a
     worker that only reads.
     """
-    sub = effective_subscriber(sub, runtime.store.subscriber_state(sub.email))
-    verdict = due(runtime, sub, now, force=force)
+    state = runtime.store.subscriber_state(sub.email)
+    sub = effective_subscriber(sub, state)
+    verdict = due(runtime, sub, now, force=force, state=state)  # no second read of the row
     if verdict.status == "late":
-        was_empty = (sub.email.lower(), verdict.local_date) in runtime.empty_days
+        was_empty = runtime.empty_days.seq(sub.email, verdict.local_date) is not None
         if runtime.first_time(sub.email, verdict.local_date, "late") and not was_empty:
             log.warning("subscriber %s: the %s send time (%s) passed more than %s ago; "
                         "that day is skipped", sub.email, verdict.local_date,
@@ -1255,8 +1340,8 @@ async def _judge_one(runtime: Runtime, sub: Subscriber, now: datetime, force: bo
         return Outcome(sub.email, "late")
     if verdict.status != "due":
         return Outcome(sub.email, verdict.status, local_date=verdict.local_date)
-    empty_key = (sub.email.lower(), verdict.local_date)
-    if not sub.send_empty and runtime.empty_days.get(empty_key) == runtime.store.corpus_seq():
+    if not sub.send_empty and (runtime.empty_days.seq(sub.email, verdict.local_date)
+                               == runtime.store.corpus_seq()):
         return Outcome(sub.email, "empty")  # nothing was added since we last looked
     if library:
         refresh_library(runtime.store, sub)
@@ -1264,7 +1349,7 @@ async def _judge_one(runtime: Runtime, sub: Subscriber, now: datetime, force: bo
 
 
 async def _prepare_here(runtime: Runtime, job: PrepareJob, now: datetime, *,
-                        dry_run: bool = False, library: bool = True) -> Prepared | Outcome:
+                        dry_run: bool = False, library: bool = True) -> Ready | Outcome:
     """Prepare a job in this process (the in-loop path, or a dead worker's job)."""
     await runtime.refresh_corpus_index()
     result: Prepared | Unprepared | None
@@ -1275,15 +1360,15 @@ async def _prepare_here(runtime: Runtime, job: PrepareJob, now: datetime, *,
     return _settle(runtime, job, result, dry_run=dry_run)
 
 
-def _settle(runtime: Runtime, job: PrepareJob, result: Prepared | Unprepared | None, *,
-            dry_run: bool = False) -> Prepared | Outcome:
+def _settle(runtime: Runtime, job: PrepareJob,
+            result: Prepared | Ready | Unprepared | None, *,
+            dry_run: bool = False) -> Ready | Outcome:
     """A prepared digest, or the outcome (and log line) for what came instead.
 
     The same for a digest prepared here and one a worker prepared, so a
     subscriber's failure reads the same either way.
     """
     sub = job.subscriber
-    empty_key = (sub.email.lower(), job.local_date)
     if isinstance(result, Unprepared):
         if result.status == "digest-error":
             log.error("subscriber %s: cannot build the digest: %s", sub.email, result.reason)
@@ -1299,17 +1384,15 @@ def _settle(runtime: Runtime, job: PrepareJob, result: Prepared | Unprepared | N
             return Outcome(sub.email, "failed", result.reason)
     if result is None or isinstance(result, Unprepared):  # nothing new for the day
         seq = result.corpus_seq if result is not None else runtime.store.corpus_seq()
-        for key in [k for k in runtime.empty_days if k[0] == empty_key[0]]:
-            del runtime.empty_days[key]  # one remembered day per subscriber is enough
-        runtime.empty_days[empty_key] = seq
+        runtime.empty_days.note(sub.email, job.local_date, seq)
         log.debug("subscriber %s: no new papers for %s; nothing sent (looked again when "
                   "papers arrive)", sub.email, job.local_date)
         return Outcome(sub.email, "empty")
-    runtime.empty_days.pop(empty_key, None)
+    runtime.empty_days.forget(sub.email, job.local_date)
+    ready = result.ready() if isinstance(result, Prepared) else result
     if dry_run:
-        return Outcome(sub.email, "dry-run", result.message.subject, None,
-                       len(result.content.items), result.content.considered)
-    return result
+        return Outcome(sub.email, "dry-run", ready.subject, None, ready.shown, ready.considered)
+    return ready
 
 
 # --- preparing in worker processes ----------------------------------------------
@@ -1343,7 +1426,7 @@ class _WorkerSide:
                                _index_seq=parent._index_seq, _recent=parent._recent,
                                owner=parent.owner)
 
-    def build(self, job: PrepareJob) -> Prepared | Unprepared:
+    def build(self, job: PrepareJob) -> Ready | Unprepared:
         """The job's digest, or why there is none; never raises (a failure is an answer)."""
         runtime = self.runtime
         if runtime is None:  # pragma: no cover - setup runs first
@@ -1358,10 +1441,10 @@ class _WorkerSide:
             return Unprepared("error", _exc_reason(exc), trace=traceback.format_exc())  # logged there
         if prepared is None:
             return Unprepared("empty", corpus_seq=runtime.store.corpus_seq())
-        return prepared
+        return prepared.ready()  # the papers stay here: see ``Ready``
 
 
-Workers = PrepareWorkers[PrepareJob, Prepared | Unprepared]
+Workers = PrepareWorkers[PrepareJob, Ready | Unprepared]
 
 
 async def _start_workers(runtime: Runtime, now: datetime, to_look_at: int,
@@ -1389,7 +1472,7 @@ async def _start_workers(runtime: Runtime, now: datetime, to_look_at: int,
 
 
 async def _from_worker(runtime: Runtime, workers: Workers,
-                       now: datetime) -> tuple[int, Prepared | Outcome]:
+                       now: datetime) -> tuple[int, Ready | Outcome]:
     """The next answer of the workers, as the loop would have prepared it."""
     place, job, answer = await workers.next()
     email = job.subscriber.email
@@ -1400,7 +1483,7 @@ async def _from_worker(runtime: Runtime, workers: Workers,
 
 
 async def _settled_async(runtime: Runtime, job: PrepareJob,
-                         answer: Prepared | Unprepared) -> Prepared | Outcome:
+                         answer: Ready | Unprepared) -> Ready | Outcome:
     return _settle(runtime, job, answer)
 
 

@@ -5,7 +5,7 @@ so each inherits the fitted index copy-on-write (nothing of it is pickled). In t
 child, ``setup`` runs once (the dispatch opens a read-only connection to the state
 database there), then the worker answers chunks of jobs with what ``build`` returns for
 each. What crosses the pipes is small: a job is a subscriber and the day of the digest,
-an answer a ``Prepared`` with its rendered bytes (or why there is none). Claims, sends
+an answer a ``Ready`` with its rendered bytes (or why there is none). Claims, sends
 and marks stay in the dispatching process, so claim before send is unchanged.
 
 Bounded: at most ``ahead`` jobs are submitted and not yet taken back by the loop, so

@@ -117,16 +117,20 @@ def is_paused(state: SubscriberState, today: date) -> bool:
     return state.paused and (state.paused_until is None or today < state.paused_until)
 
 
-def due(runtime: Runtime, sub: Subscriber, now: datetime, *, force: bool = False) -> Due:
+def due(runtime: Runtime, sub: Subscriber, now: datetime, *, force: bool = False,
+        state: SubscriberState | None = None) -> Due:
     """Whether ``sub`` (the effective subscriber, reply-set state applied) is due now.
 
     Without ``force`` the day looked at is the one of the latest scheduled send
     time, which may be yesterday's for a daemon that was down over midnight.
     ``force`` ignores the time of day and the weekday, never the one-digest-a-day rule.
+    ``state``: the subscriber's state as the caller just read it from the store
+    (read here when not given): one query fewer per subscriber in a dispatch.
     """
     store = runtime.store
     today = local_now(sub, now).date()
-    state = store.subscriber_state(sub.email)
+    if state is None:
+        state = store.subscriber_state(sub.email)
     if state.unsubscribed:
         return Due("unsubscribed", today)
     if is_paused(state, today):
