@@ -1163,6 +1163,8 @@ async def _claim_and_send(runtime: Runtime, deliveries: Deliveries,
     """
     mailer = deliveries.mailer
     await deliveries.room(len(batch))
+    if deliveries.stopping:  # SIGTERM came while waiting for room: claim nothing more
+        return
     batch = _still_wanted(runtime, batch, placed, now or utc_now(), force)
     if not batch:
         return
