@@ -325,9 +325,15 @@ def render_digest(content: DigestContent, smtp: SmtpConfig, *, now: datetime) ->
     return message
 
 
-@lru_cache(maxsize=16)
 def _date_value(now: datetime) -> str:
     """The Date header's value: a dispatch gives every message the same ``now``."""
+    # Keyed by the ISO form too: datetimes of one instant in two zones are equal (and hash
+    # alike), but their Date values differ (``08:00 +0100`` is not ``07:00 +0000``).
+    return _date_value_of(now.isoformat(), now)
+
+
+@lru_cache(maxsize=16)
+def _date_value_of(iso: str, now: datetime) -> str:
     return format_datetime(now)
 
 

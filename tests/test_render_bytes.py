@@ -8,7 +8,7 @@ import email.policy
 import unicodedata
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from email.generator import BytesGenerator
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -461,3 +461,15 @@ def test_a_reply_line_encoded_around_the_address_is_the_filled_line_encoded(
     assert render._QP_LITERAL.fullmatch(address)
     assert render._part_of_chunks("html", [line], b"--=_abc", fills) == render._part_of_chunks(
         "html", [filled], b"--=_abc", fills)
+
+
+def test_the_date_of_one_instant_follows_its_zone() -> None:
+    """The Date value is memoised per dispatch ``now``; one instant written in two zones
+    is two Date values (equal datetimes of different offsets must not share an entry)."""
+    utc = datetime(2026, 3, 12, 7, 0, tzinfo=UTC)
+    plus_one = datetime(2026, 3, 12, 8, 0, tzinfo=timezone(timedelta(hours=1)))
+    assert utc == plus_one
+    first = render_digest_bytes(digest(paper(1)), SMTP, now=utc).data
+    second = render_digest_bytes(digest(paper(1)), SMTP, now=plus_one).data
+    assert b"\r\nDate: Thu, 12 Mar 2026 07:00:00 +0000\r\n" in first
+    assert b"\r\nDate: Thu, 12 Mar 2026 08:00:00 +0100\r\n" in second
