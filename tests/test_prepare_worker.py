@@ -459,3 +459,59 @@ def test_a_worker_answers_the_claim_and_the_bytes_not_the_ranked_papers(
     assert b"digest.paper" not in sent
     assert len(sent) < len(answer.data) + 2048, (len(sent), len(answer.data))
     sim.close()
+
+
+# Starts a worker and signals it at once, before it can have put its own handlers in place,
+# 20 times, under an event loop that handles SIGTERM as the daemon does; prints how many of
+# those signals the parent's loop took for its own.
+_FORK_WINDOW_SCRIPT = """
+import asyncio, os, signal
+from digest.daemon.prepare_worker import PrepareWorkers
+
+async def main():
+    seen = []
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, seen.append, 1)
+    for _ in range(20):
+        workers = PrepareWorkers(lambda job: job + 1, lambda: None, count=1)
+        workers.start()
+        os.kill(workers.pids[0], signal.SIGTERM)
+        await asyncio.sleep(0.05)
+        await workers.close()
+    await asyncio.sleep(0.2)
+    print(len(seen), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_signal_sent_to_a_worker_as_it_is_forked_is_not_the_daemons() -> None:
+    """A stop's SIGTERM to a worker just forked (before its own handlers are in place) ran the
+    inherited handler and reached the daemon's loop as a second SIGTERM: exit 143 at once."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FORK_WINDOW_SCRIPT], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0", done.stderr
+
+
+def test_a_stop_during_the_corpus_fit_forks_no_worker(
+        tmp_path: Path, smtp_server: StartServer, few_make_a_worker: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fit before the fork takes seconds: a SIGTERM meanwhile forks nothing (the README:
+    no worker is forked for a dispatch that is stopping)."""
+    server = smtp_server()
+    sim = make_state(tmp_path, server, 12, workers=1)
+    fitted: list[bool] = []
+    refresh = sim.runtime.refresh_corpus_index
+
+    async def fit_then_stop() -> None:
+        await refresh()
+        fitted.append(True)  # the stop comes while the index is fitted
+
+    monkeypatch.setattr(sim.runtime, "refresh_corpus_index", fit_then_stop)
+    workers = asyncio.run(jobs_module._start_workers(sim.runtime, SEND, 12, False,
+                                                     lambda: bool(fitted)))
+    assert fitted and workers is None
+    sim.close()

@@ -1460,6 +1460,8 @@ async def _start_workers(runtime: Runtime, now: datetime, to_look_at: int,
     if dry_run or count < 1 or to_look_at < PREPARE_WORKER_MIN:
         return None
     await runtime.refresh_corpus_index()
+    if stopped():  # the fit takes seconds: a SIGTERM meanwhile forks nothing
+        return None
     side = _WorkerSide(runtime, now)
     workers: Workers = PrepareWorkers(side.build, side.setup, count=count, stopping=stopped)
     try:

@@ -68,6 +68,8 @@ STALL_SECONDS = 120.0
 # event loop puts its own SIGINT handler in place (after which the inherited "ignore" can
 # no longer be seen): the worker keeps an ignored SIGINT ignored.
 SIGINT_IGNORED_AT_START = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+# The signals blocked across a fork, until the worker's own handlers are in place.
+HELD_AT_FORK = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @dataclass
@@ -138,8 +140,15 @@ class PrepareWorkers(Generic[J, A]):
         inherited = [request_in, result_out]
         for earlier in self._workers:
             inherited += [earlier.requests, earlier.results]
+        # A signal sent to the new worker before ``_serve`` puts its own handlers in place
+        # would run the parent's inherited handler and reach the parent's event loop through
+        # the inherited wakeup fd, as if sent to the daemon (a stop's SIGTERM to a worker
+        # just forked read as a second SIGTERM): held back until then. ``_serve`` restores
+        # the mask the parent had.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_FORK)
         process = context.Process(
             target=_serve, args=(request_out, result_in, inherited, self.setup, self.build),
+            kwargs={"mask": mask},
             name=f"{self.name}-{number}", daemon=not multiprocessing.current_process().daemon)
         # Frozen, the inherited objects are never scanned by the child's garbage collector,
         # which would otherwise write to (and so copy) every page of the shared index.
@@ -147,6 +156,7 @@ class PrepareWorkers(Generic[J, A]):
         try:
             process.start()
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             gc.unfreeze()
             request_out.close()
             result_in.close()
@@ -380,14 +390,22 @@ def sigint_disposition() -> signal.Handlers:
 
 
 def _serve(requests: Connection, results: Connection, inherited: list[Connection],
-           setup: Callable[[], None], build: Callable[[J], A]) -> None:
-    """The worker's life: set up, then answer chunks until the request pipe ends."""
+           setup: Callable[[], None], build: Callable[[J], A], *,
+           mask: set[signal.Signals] | None = None) -> None:
+    """The worker's life: set up, then answer chunks until the request pipe ends.
+
+    ``mask``: the parent's signal mask before the fork (``HELD_AT_FORK`` are blocked
+    until this worker's own handlers are in place; a signal held meanwhile is acted on
+    then, by them).
+    """
     # The parent's event loop set a wakeup fd and handlers that would turn a signal sent
     # to this worker into one the parent acts on: this process has its own.
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, sigint_disposition())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     for conn in inherited:
         conn.close()
     try:
