@@ -347,7 +347,8 @@ def _interrupted_summary(stop: _SendStop, outcomes: Sequence[Outcome] | None,
               "(or the daemon) resends it with the same Message-ID")
     name = signal.Signals(stop.signum or signal.SIGTERM).name
     if outcomes is None:
-        counts = "the dispatch was cancelled before it could report"
+        counts = (f"{len(left)} claimed for the next run; the dispatch was cancelled before "
+                  "it could count the rest")
     else:
         sent = sum(1 for o in outcomes if o.status == "sent")
         reached = len({o.subscriber.lower() for o in outcomes}
