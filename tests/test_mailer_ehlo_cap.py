@@ -45,8 +45,9 @@ class _Cap:
         return "250 2.0.0 OK"
 
 
-class _CappedAtEhlo(SMTP):
-    """aiosmtpd's SMTP greeting every session, refusing those beyond the cap at EHLO."""
+class _Capped(SMTP):
+    """aiosmtpd's SMTP greeting every session and admitting ``cap.cap`` at a time; a
+    subclass says at which command a session beyond the cap is refused."""
 
     def __init__(self, cap: _Cap, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,15 +69,24 @@ class _CappedAtEhlo(SMTP):
             self.admitted = False
         super().connection_lost(error)
 
+    async def refused(self, reply: str) -> bool:
+        """Whether this session is beyond the cap: then ``reply`` is said and it is closed."""
+        if self.admitted:
+            return False
+        with self.cap.lock:
+            self.cap.refused += 1
+        await self.push(reply)
+        assert self.transport is not None
+        self.transport.close()
+        return True
+
+
+class _CappedAtEhlo(_Capped):
+    """A session beyond the cap gets 421 at EHLO, after its 220 greeting."""
+
     async def smtp_EHLO(self, arg: str) -> None:
-        if not self.admitted:
-            with self.cap.lock:
-                self.cap.refused += 1
-            await self.push("421 4.7.0 Too many concurrent SMTP connections from this IP")
-            assert self.transport is not None
-            self.transport.close()
-            return
-        await super().smtp_EHLO(arg)
+        if not await self.refused("421 4.7.0 Too many concurrent SMTP connections from this IP"):
+            await super().smtp_EHLO(arg)
 
 
 class _Controller(Controller):
@@ -170,39 +180,13 @@ def test_a_dispatch_to_a_relay_capping_at_ehlo_sends_everyone_in_the_same_tick(
     assert any("lower [smtp] connections" in w for w in warnings), warnings
 
 
-class _CappedAtMail(SMTP):
+class _CappedAtMail(_Capped):
     """Greets and answers EHLO on every session; a session beyond the cap gets 421 at its
     first MAIL FROM (and is closed), as relays that count sessions at MAIL do."""
 
-    def __init__(self, cap: _Cap, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.cap = cap
-        self.admitted = False
-
-    def connection_made(self, transport: Any) -> None:
-        with self.cap.lock:
-            if self.cap.admitted < self.cap.cap:
-                self.admitted = True
-                self.cap.admitted += 1
-                self.cap.most_admitted = max(self.cap.most_admitted, self.cap.admitted)
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        if self.admitted:
-            with self.cap.lock:
-                self.cap.admitted -= 1
-            self.admitted = False
-        super().connection_lost(error)
-
     async def smtp_MAIL(self, arg: str) -> None:
-        if not self.admitted:
-            with self.cap.lock:
-                self.cap.refused += 1
-            await self.push("421 4.7.0 Too many concurrent sessions, closing")
-            assert self.transport is not None
-            self.transport.close()
-            return
-        await super().smtp_MAIL(arg)
+        if not await self.refused("421 4.7.0 Too many concurrent sessions, closing"):
+            await super().smtp_MAIL(arg)
 
 
 class _MailCapController(Controller):
