@@ -80,3 +80,42 @@ def test_send_stopped_by_a_signal_prints_its_summary_and_keeps_the_claimed_diges
     for row in claimed:  # resent byte for byte: the same Message-ID
         [resent] = [m for m in server.messages if recipient(m.message) == row.subscriber]
         assert str(resent.message["Message-ID"]) == row.message_id
+
+
+def test_a_claimed_digest_whose_resend_is_cut_is_not_also_reported_as_sent(
+        tmp_path: Path, smtp_server: StartServer) -> None:
+    """A digest left claimed by an earlier run makes its day look sent; when its resend is
+    cut by a stop, the run said both "today's digest was already sent" and "stays claimed"
+    (review of issue 13). The cut resend is its outcome: the day is counted once."""
+    server = smtp_server(delay=0.2)
+    fill_inbox(tmp_path)
+    config = write_daemon_config(tmp_path, port=server.port, subscribers=subscribers(12),
+                                 digest=FAST, smtp={"connections": 1})
+    assert digest_cli(config, "ingest").returncode == 0
+
+    def send_then_stop(wait_for: int) -> tuple[str, str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "digest", "--config", str(config), "send", "--force"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            wait_until(lambda: server.data_commands >= wait_for, what="a message in flight")
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 143, out + err
+        assert "Traceback" not in err, err
+        return out, err
+
+    server.set_delay(600)  # every 250 after DATA waits far beyond the grace period
+    send_then_stop(1)
+    with Store(tmp_path / "var" / "state.sqlite3") as store:
+        claimed = store.unsent_digests()
+    assert claimed
+    out, _ = send_then_stop(server.data_commands + 1)  # the resend written, its 250 waits
+    for row in claimed:
+        said = [line for line in out.splitlines() if line.startswith(f"{row.subscriber}:")]
+        assert not [line for line in said if "already sent" in line], said
+        assert any("stays claimed" in line for line in said), said

@@ -986,7 +986,12 @@ class Deliveries:
         self._slots.release()
         sending = self._sending.pop(task, None)
         self.runtime.progress_at = time.monotonic()
-        if task.cancelled():
+        if task.cancelled():  # a stop (or the dispatch's end) cut it: the digest stays claimed
+            if sending is not None:  # said once, so its day is counted once (``_count_once``)
+                row = sending[0]
+                self._done.append((place, Outcome(row.subscriber, "retry",
+                                                  "not sent: the dispatch is stopping", row.id,
+                                                  considered=row.considered)))
             return
         error = task.exception()
         if error is not None:
