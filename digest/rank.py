@@ -812,6 +812,13 @@ def _topic_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(wide_a @ wide_b.T).astype(np.float32)
 
 
+def _block_bytes(key: tuple[str, bytes],
+                 block: tuple[np.ndarray, np.ndarray | None]) -> int:
+    """What a phrase block holds, as counted against PHRASE_BLOCK_BYTES (its key's rows too)."""
+    spec, topic = block
+    return spec.nbytes + (topic.nbytes if topic is not None else 0) + len(key[1]) + PHRASE_OVERHEAD
+
+
 class _IndexMemo:
     """What a fitted index keeps between subscribers: phrase matches and candidate similarities.
 
@@ -877,16 +884,13 @@ class _IndexMemo:
                 self._blocks.move_to_end(key)
                 return found
         block = compute()
-        size = (block[0].nbytes + (block[1].nbytes if block[1] is not None else 0)
-                + len(key[1]) + PHRASE_OVERHEAD)
+        size = _block_bytes(key, block)
         with self._phrase_lock:
             if key not in self._blocks and size <= PHRASE_BLOCK_BYTES:
                 self._blocks[key] = block
                 self._block_bytes += size
                 while self._block_bytes > PHRASE_BLOCK_BYTES:
-                    _, (spec, topic) = self._blocks.popitem(last=False)
-                    self._block_bytes -= (spec.nbytes + (topic.nbytes if topic is not None
-                                                         else 0) + len(key[1]) + PHRASE_OVERHEAD)
+                    self._block_bytes -= _block_bytes(*self._blocks.popitem(last=False))
         return block
 
     def narrowness(self, rows: np.ndarray, compute: Callable[[], float]) -> float:
