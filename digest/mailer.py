@@ -399,10 +399,17 @@ class _Session(aiosmtplib.SMTP):
             if COMMAND_INJECTION_REGEX.search(line):
                 raise ValueError("Command arg contains a prohibited control character")
         reader = _PipelinedReplies.install(protocol)
-        replies = await self._group_replies(reader, lines)
-        # The replies read as the commands one at a time would have been: a group cut short
-        # by a 421 leaves the later commands unsent for them ("Server not connected").
+        replies, cut = await self._group_replies(reader, lines)
+
+        def missing() -> BaseException:
+            # The replies are judged as the commands one at a time would have been: the
+            # first one missing raises what ended the reading (a lost connection, a
+            # timeout), or, after a 421, what a command on the closed session raises.
+            return cut or aiosmtplib.SMTPServerDisconnected("Server not connected")
+
         self.stage = "MAIL"
+        if not replies:
+            raise missing()
         mail = replies[0]
         if mail.code != 250:
             raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender)
@@ -412,7 +419,7 @@ class _Session(aiosmtplib.SMTP):
         refusals: list[aiosmtplib.SMTPRecipientRefused] = []
         for index, recipient in enumerate(recipients, start=1):
             if index >= len(replies):
-                raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+                raise missing()
             reply = replies[index]
             if reply.code not in (250, 251):
                 refusals.append(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message,
@@ -422,18 +429,24 @@ class _Session(aiosmtplib.SMTP):
             raise aiosmtplib.SMTPRecipientsRefused(refusals)
         self.stage = "DATA"
         if len(replies) < len(lines):
-            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+            raise missing()
         start = replies[-1]
         if start.code != 354:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         await self._message(wire)
         return errors
 
-    async def _group_replies(self, reader: _PipelinedReplies,
-                             lines: list[bytes]) -> list[aiosmtplib.SMTPResponse]:
-        """Write ``lines`` (MAIL, RCPTs, DATA) at once and read their replies, in order, up
-        to a 421 (the session is closed then). ``stage`` follows the reply awaited, so a
-        drop is judged as it would be one command at a time."""
+    async def _group_replies(self, reader: _PipelinedReplies, lines: list[bytes]
+                             ) -> tuple[list[aiosmtplib.SMTPResponse], BaseException | None]:
+        """Write ``lines`` (MAIL, RCPTs, DATA) at once and read their replies, in order.
+
+        Returns the replies and, when they are not all there, why: None after a
+        421 (the server closes the session), else the lost connection, timeout or
+        malformed reply that ended the reading. The session is closed in both
+        cases: a reply given up on would be paired with the next command. The
+        replies read before still count (a refused MAIL, then the connection
+        closed, is a refused MAIL). ``stage`` follows the reply awaited.
+        """
         replies: list[aiosmtplib.SMTPResponse] = []
         self.stage = "MAIL"
         try:
@@ -446,18 +459,22 @@ class _Session(aiosmtplib.SMTP):
                 replies.append(reply)
                 if reply.code == 421:  # the server is closing: nothing more comes
                     self.close()
-                    return replies
-            if replies[-1].code == 354 and (
-                    replies[0].code != 250 or all(r.code not in (250, 251)
-                                                  for r in replies[1:-1])):
-                # DATA taken with nothing to deliver: an empty message, its reply ignored.
+                    return replies, None
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
+                aiosmtplib.SMTPResponseException) as exc:
+            self.close()
+            return replies, exc
+        if replies[-1].code == 354 and (replies[0].code != 250 or all(
+                r.code not in (250, 251) for r in replies[1:-1])):
+            # DATA taken with nothing to deliver: an empty message ends it, its reply
+            # ignored, so that the next command (RSET) is read as a command.
+            try:
                 reader.write(b".\r\n")
                 await reader.read_response(timeout=self.timeout)
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
-                aiosmtplib.SMTPResponseException):
-            self.close()  # a reply given up on would be paired with the next command
-            raise
-        return replies
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
+                    aiosmtplib.SMTPResponseException):
+                self.close()
+        return replies, None
 
 
 # A plain addr-spec (RFC 5322 dot-atoms, no quotes, comments, spaces or angle brackets): the

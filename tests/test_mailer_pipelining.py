@@ -281,6 +281,7 @@ class _Script:
     silent_at: str | None = None  # a command (verb) whose reply never comes
     drop_at: str | None = None  # a command (verb) at which the connection is closed
     message_pause: float = 0.0  # seconds before the reply to a message's end
+    close_after: str | None = None  # a command (verb) after whose reply the server closes
     reads: list[bytes] = field(default_factory=list)  # each read of commands, as it came
     messages: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -340,7 +341,7 @@ class _Scripted(asyncio.Protocol):
                 self.data = b""
                 self.buffer = b"\r\n" + self.buffer
             replies.append(answer)
-            if answer.startswith("421"):
+            if answer.startswith("421") or verb == self.script.close_after:
                 self._send(replies)
                 assert self.transport is not None
                 self.transport.close()
@@ -504,3 +505,14 @@ def test_the_message_reply_waits_data_timeout_and_written_is_set_meanwhile() -> 
     assert answer == {}
     assert True in states and states[-1] is False
     assert len(script.messages) == 1
+
+
+def test_a_refused_sender_then_a_closed_connection_is_the_refused_sender() -> None:
+    """The MAIL reply read before the connection ended decides, as one command at a time:
+    the sender refused (the settings), not a dropped session."""
+    script = _Script(reply=lambda line: "553 5.7.1 sender address rejected"
+                     if line.startswith("MAIL") else None, close_after="MAIL")
+    answers = asyncio.run(_scripted(script, _send_n(2)))
+    assert all(isinstance(a, SendError) and a.kind == "config" for a in answers)
+    assert "refuses the sender" in str(answers[0])
+    assert script.connections == 1  # held: the second send did not try again
