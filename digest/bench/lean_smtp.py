@@ -10,8 +10,9 @@ of data found with ``bytes.find``, dot-unstuffed), RSET, NOOP, QUIT, and 500
 for anything else. It keeps no message: per message, the envelope recipients
 and the Message-ID header go to a ``Recorder``, which is what the benchmark's
 "exactly one message per subscriber" check reads. It answers in the order
-commands arrive, so a pipelining client works; it never relays, authenticates
-or speaks TLS.
+commands arrive, so a pipelining client works, and writes the replies to the
+commands of one read together (one segment for a pipelined MAIL, RCPT, DATA);
+it never relays, authenticates or speaks TLS.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class LeanSmtp(asyncio.Protocol):
         self._overlong = False  # part of a command line over MAX_LINE was dropped
         # Replies to the commands of one read, written together once it is handled: the
         # replies to a pipelined group (MAIL, RCPT, DATA) go back in one segment, as RFC
-        # 2920 suggests, not one write (and system call) each.
+        # 2920 allows, not one write (and system call) each.
         self._out: list[bytes] = []
 
     # --- asyncio ---------------------------------------------------------------
