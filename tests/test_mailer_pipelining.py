@@ -12,6 +12,7 @@ PIPELINING gets one command at a time, as before (the other mailer tests).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import re
 import socket
@@ -516,3 +517,47 @@ def test_a_refused_sender_then_a_closed_connection_is_the_refused_sender() -> No
     assert all(isinstance(a, SendError) and a.kind == "config" for a in answers)
     assert "refuses the sender" in str(answers[0])
     assert script.connections == 1  # held: the second send did not try again
+
+
+def test_a_421_to_the_first_pipelined_mail_of_a_second_session_shrinks_the_pool() -> None:
+    """A relay capping sessions per client may tell it at the first MAIL of the session
+    beyond its cap (421): one session too many, not a deferred message, pipelined or not."""
+    script = _Script()
+    opened: list[_Scripted] = []
+
+    def factory() -> _Scripted:
+        protocol = _Scripted(script)
+        number = len(opened) + 1
+        opened.append(protocol)
+
+        def reply(line: str) -> str | None:
+            if line.startswith("MAIL") and number == 2:
+                return "421 4.7.0 too many sessions from your host"
+            return None
+
+        protocol.script = dataclasses.replace(script, reply=reply)
+        protocol.script.reads = script.reads
+        protocol.script.messages = script.messages
+        return protocol
+
+    async def run() -> tuple[list[dict[str, SendError]], int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            config = SmtpConfig(host="127.0.0.1", port=port, security="none", sender=SENDER,
+                                timeout=5.0)
+            async with Mailer(config, connections=2, **QUICK) as mailer:
+                first = await mailer.send_bytes(_message("a@example.org"),
+                                                recipients=["a@example.org"])
+                rest = await asyncio.gather(*(
+                    mailer.send_bytes(_message(f"r{n}@example.org", n),
+                                      recipients=[f"r{n}@example.org"]) for n in range(1, 5)))
+                return [first, *rest], mailer.pool_size
+        finally:
+            server.close()
+
+    answers, pool = asyncio.run(run())
+    assert answers == [{}] * 5
+    assert pool == 1 and len(opened) == 2
+    assert len(script.messages) == 5
