@@ -49,19 +49,20 @@ import json
 import logging
 import marshal
 import math
+import numbers
 import threading
 import uuid
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import filterfalse, repeat
 
 import numpy as np
-from scipy import sparse
+from scipy import linalg, sparse
 from sklearn.decomposition import TruncatedSVD
-from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.feature_extraction.text import TfidfTransformer, TfidfVectorizer
 from sklearn.preprocessing import normalize
 from threadpoolctl import ThreadpoolController
 
@@ -83,6 +84,14 @@ SPECIFIC_IDF_POWER = 2.0  # rare terms decide on daily listings; idf^2 favours t
 PHRASE_MATCHES = 5  # an interest phrase shares its weight with its 5 best-matching corpus papers
 TOPIC_SCALES = (16, 32, 64, 128)  # LSA ranks compared at once: coarse topics and finer ones
 SVD_SEED = 0  # the topic space must be the same on every fit of the same corpus
+# Window papers up to which the topic space is the exact SVD (see _fit_svd), above which the
+# randomized one. CPU s on one BLAS thread, this 2-core machine under load, arxiv-authors' last
+# N papers (terms capped at 50,000): exact 0.4 / 2.1 / 5.7 / 12.5 at N = 1,000 / 2,000 / 3,000 /
+# 4,000 (the eigendecomposition grows as N^3), randomized 0.7 / 1.5 / 2.2 / -; at the bench's
+# 830 papers 0.4 vs 2.1. The bound keeps citeulike-public (1,906 papers) on the exact path, so
+# `digest bench quality` measures it: nDCG@10 0.5750 (randomized 0.5733).
+EXACT_TOPIC_PAPERS = 2000
+SINGULAR_FLOOR = 1e-6  # relative singular value below which a direction is rounding, not data
 
 # --- What a fitted index keeps between subscribers (issue 13), each with its reason ----
 # Today's candidates are shared by thousands of subscribers: each candidate's cosines to the
@@ -270,6 +279,24 @@ class _TermTable:
         order = np.argsort(codes, kind="stable")
         return cls(vocabulary, word_id, word_column, codes[order], columns[order])
 
+    @classmethod
+    def of_terms(cls, vocabulary: dict[str, int], names: Sequence[str], first: np.ndarray,
+                 second: np.ndarray) -> _TermTable:
+        """The table of a vocabulary given as word numbers: term ``c`` (its column) is the
+        word ``names[first[c]]``, or the pair of it and ``names[second[c]]`` when
+        ``second[c] >= 0`` (what :func:`_fit_vocabulary` counted); the same table as
+        :meth:`of` up to the numbering of the words."""
+        single = second < 0
+        used, number = np.unique(np.concatenate([first, second[~single]]), return_inverse=True)
+        first_id, second_id = number[: len(first)], number[len(first) :]
+        word_column = np.full(len(used) + 1, -1, dtype=np.int64)
+        columns = np.arange(len(first), dtype=np.int64)
+        word_column[first_id[single]] = columns[single]
+        codes = first_id[~single] * len(used) + second_id
+        order = np.argsort(codes, kind="stable")
+        word_id = dict(zip([names[w] for w in used.tolist()], range(len(used)), strict=True))
+        return cls(vocabulary, word_id, word_column, codes[order], columns[~single][order])
+
 
 _TERM_TABLES: weakref.WeakKeyDictionary[TfidfVectorizer, _TermTable] = \
     weakref.WeakKeyDictionary()
@@ -282,6 +309,116 @@ def _term_table(vectorizer: TfidfVectorizer) -> _TermTable:
         table = _TermTable.of(vectorizer.vocabulary_)
         _TERM_TABLES[vectorizer] = table
     return table
+
+
+def _fit_vocabulary(vectorizer: TfidfVectorizer, texts: Sequence[str]) -> sparse.csr_matrix:
+    """``vectorizer.fit_transform(texts)`` (float32 rows of tf * idf), computed faster.
+
+    scikit-learn builds every word and word pair of a text as a string, counts
+    them through a dictionary, then sorts every term seen by name and remaps the
+    counts twice (sorting, then the min_df/max_df/max_features cut). Here each
+    word is looked up once (its id, :func:`_weigh`'s tokens), words and pairs
+    are counted as integer codes (numpy), and the names are sorted once per
+    word: the separator " " sorts before every character of a word, so a term
+    "a b" sorts as the pair (a, b) and the word "a" as (a, nothing first). The
+    cut is scikit-learn's (the same document-frequency bounds and the same
+    argsort of the same float32 totals for the cap), and scikit-learn's own
+    TfidfTransformer weights the same counts, so the vocabulary, idf and rows
+    are equal (tests check it). Fits ``vectorizer`` in place (``vocabulary_``,
+    ``idf_``) and keeps its :class:`_TermTable`. Raises ValueError as
+    scikit-learn does when no term is left.
+    """
+    if (tuple(vectorizer.ngram_range) != (1, 2) or vectorizer.analyzer != "word"
+            or vectorizer.vocabulary is not None or vectorizer.binary
+            or not vectorizer.use_idf):
+        return sparse.csr_matrix(vectorizer.fit_transform(texts), dtype=np.float32)
+    preprocess = vectorizer.build_preprocessor()
+    tokenize = vectorizer.build_tokenizer()
+    stop = vectorizer.get_stop_words() or frozenset()
+    word_ids: defaultdict[str, int] = defaultdict()
+    word_ids.default_factory = word_ids.__len__  # a new word gets the next id
+    ids: list[int] = []
+    lengths: list[int] = []
+    for text in texts:
+        before = len(ids)
+        ids.extend(map(word_ids.__getitem__,
+                       filterfalse(stop.__contains__, tokenize(preprocess(text)))))
+        lengths.append(len(ids) - before)
+    names = list(word_ids)  # by id
+    if not names:
+        raise ValueError("empty vocabulary; perhaps the documents only contain stop words")
+    if min("".join(names)) <= " ":  # another token pattern: the name order below would not hold
+        return sparse.csr_matrix(vectorizer.fit_transform(texts), dtype=np.float32)
+    width = len(names) + 1  # a term's code: first word * width + (second word + 1, or 0)
+    words = np.fromiter(ids, dtype=np.int64, count=len(ids))
+    text_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    pair = text_of[:-1] == text_of[1:]
+    codes = np.concatenate([words * width, words[:-1][pair] * width + words[1:][pair] + 1])
+    docs = np.concatenate([text_of, text_of[:-1][pair]])
+    # scikit-learn's order of terms: a text's words, then its pairs, text after text
+    in_order = np.argsort(docs, kind="stable")
+    codes, docs = codes[in_order], docs[in_order]
+    term_codes, first_seen, term_of = np.unique(codes, return_index=True, return_inverse=True)
+    terms = len(term_codes)
+    seen = np.empty(terms, dtype=np.int64)  # its number in the order first seen
+    seen[np.argsort(first_seen)] = np.arange(terms)
+    doc_terms, counts = np.unique(docs * terms + seen[term_of], return_counts=True)
+    count_doc, count_seen = np.divmod(doc_terms, terms)
+    count_term = np.argsort(seen)[count_seen]
+    first, second = np.divmod(term_codes, width)
+    second -= 1  # -1: a single word
+    # Terms in name order (scikit-learn's columns).
+    word_rank = np.empty(len(names), dtype=np.int64)
+    word_rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
+    named = np.argsort(word_rank[first] * width
+                       + np.where(second >= 0, word_rank[np.maximum(second, 0)] + 1, 0))
+    df = np.bincount(count_term, minlength=terms)[named]
+    max_df, min_df = vectorizer.max_df, vectorizer.min_df
+    # a count of papers, or a share of them (scikit-learn's rule)
+    high = float(max_df) if isinstance(max_df, numbers.Integral) else max_df * len(texts)
+    low = float(min_df) if isinstance(min_df, numbers.Integral) else min_df * len(texts)
+    if high < low:
+        raise ValueError("max_df corresponds to < documents than min_df")
+    keep = (df <= high) & (df >= low)
+    limit = vectorizer.max_features
+    if limit is not None and keep.sum() > limit:
+        # scikit-learn's cut: its totals are float32 sums of the counts (exact integers here)
+        totals = np.bincount(count_term, weights=counts, minlength=terms)[named]
+        capped = np.zeros(len(keep), dtype=bool)
+        capped[np.flatnonzero(keep)[(-totals.astype(np.float32)[keep]).argsort()[:limit]]] = True
+        keep = capped
+    kept = named[keep]  # term numbers, by column
+    if not len(kept):
+        raise ValueError("After pruning, no terms remain. Try a lower min_df or a higher max_df.")
+    column = np.full(terms, -1, dtype=np.int64)
+    column[kept] = np.arange(len(kept))
+    cols = column[count_term]
+    found = cols >= 0
+    # Each text's terms stay in the order first seen (not by column), as scikit-learn leaves
+    # them: the sums over a row (its length, the SVD's products) then add in the same order.
+    rows, cols, counts = count_doc[found], cols[found], counts[found]
+    matrix = sparse.csr_matrix(
+        (counts.astype(np.float32), cols.astype(np.int32),
+         np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(texts)))])
+         .astype(np.int32)),
+        shape=(len(texts), len(kept)),
+    )
+    transformer = TfidfTransformer(norm=vectorizer.norm, use_idf=True,
+                                   smooth_idf=vectorizer.smooth_idf,
+                                   sublinear_tf=vectorizer.sublinear_tf)
+    weighted = sparse.csr_matrix(transformer.fit(matrix).transform(matrix, copy=False),
+                                 dtype=np.float32)
+    first, second = first[kept], second[kept]
+    vocabulary = dict(zip(
+        [names[a] if b < 0 else f"{names[a]} {names[b]}"
+         for a, b in zip(first.tolist(), second.tolist(), strict=True)],
+        range(len(kept)),
+        strict=True,
+    ))
+    vectorizer.vocabulary_ = vocabulary
+    vectorizer.idf_ = transformer.idf_
+    _TERM_TABLES[vectorizer] = _TermTable.of_terms(vocabulary, names, first, second)
+    return weighted
 
 
 def _weigh(vectorizer: TfidfVectorizer, texts: Sequence[str]) -> sparse.csr_matrix:
@@ -383,7 +520,7 @@ class CorpusIndex:
         vectorizer: TfidfVectorizer,
         specific: sparse.csr_matrix,
         topic: np.ndarray | None,
-        svd: TruncatedSVD | None,
+        svd: _TopicSpace | None,
         topic_mean: np.ndarray | None,
         scales: tuple[int, ...],
     ):
@@ -434,7 +571,7 @@ class CorpusIndex:
         window = [_paper_text(unique[i]) for i in chosen]
         vectorizer = _make_vectorizer(len(window), bounds.max_terms)
         try:
-            fitted = vectorizer.fit_transform(window or [""])
+            fitted = _fit_vocabulary(vectorizer, window or [""])
         except ValueError:  # no usable term at all (empty corpus, stop words only)
             vectorizer = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", norm=None, dtype=np.float32)
             fitted = vectorizer.fit_transform(window + ["empty"])
@@ -1063,23 +1200,73 @@ def _fit_rows(count: int, bounds: FitBounds) -> np.ndarray:
     return np.arange(count - bounds.window, count)
 
 
+@dataclass(frozen=True, eq=False)
+class _TopicSpace:
+    """The LSA space: ``components_`` (k x terms, float32) are the top k right singular
+    vectors of the window's unit tf*idf rows, largest singular value first, each signed so
+    that its largest-magnitude entry is positive (scikit-learn's rule for TruncatedSVD)."""
+
+    components_: np.ndarray
+
+    def transform(self, rows: sparse.spmatrix) -> np.ndarray:
+        """Rows (n x terms) in the space, n x k: ``rows @ components_.T``, as
+        ``TruncatedSVD.transform`` computes it."""
+        return np.asarray(sparse.csr_matrix(rows) @ self.components_.T)
+
+
 def _fit_svd(
     unit_window: sparse.csr_matrix, bounds: FitBounds
-) -> tuple[TruncatedSVD | None, tuple[int, ...]]:
-    """The LSA space of the window's unit tf*idf rows and its scales; none for a tiny corpus."""
+) -> tuple[_TopicSpace | None, tuple[int, ...]]:
+    """The LSA space of the window's unit tf*idf rows and its scales; none for a tiny corpus.
+
+    Up to EXACT_TOPIC_PAPERS rows it is the exact truncated SVD
+    (:func:`_exact_components`), above that scikit-learn's randomized SVD
+    (``bounds.svd_iterations`` power iterations, seed SVD_SEED). Both on one
+    BLAS thread, so the space is the same on any machine's core count.
+    """
     rank = min(max(TOPIC_SCALES), unit_window.shape[0] - 1, unit_window.shape[1] - 1)
     scales = tuple(k for k in TOPIC_SCALES if k <= rank) or ((rank,) if rank >= 2 else ())
     if not scales:
         return None, ()
-    svd = TruncatedSVD(
-        n_components=max(scales),
-        random_state=SVD_SEED,
-        algorithm="randomized",
-        n_iter=bounds.svd_iterations,
-    )
     with _one_blas_thread():
+        if unit_window.shape[0] <= EXACT_TOPIC_PAPERS:
+            return _TopicSpace(_exact_components(unit_window, max(scales))), scales
+        svd = TruncatedSVD(
+            n_components=max(scales),
+            random_state=SVD_SEED,
+            algorithm="randomized",
+            n_iter=bounds.svd_iterations,
+        )
         svd.fit(unit_window)
-    return svd, scales
+    return _TopicSpace(svd.components_), scales
+
+
+def _exact_components(rows: sparse.csr_matrix, k: int) -> np.ndarray:
+    """The top ``k`` right singular vectors of ``rows`` (papers x terms, fewer papers than
+    terms, k < papers), exactly: k x terms, float32, signed as :class:`_TopicSpace` says.
+
+    From the papers x papers Gram matrix ``G = rows @ rows.T`` (float64): its top
+    eigenpairs (LAPACK, no random start) are the left singular vectors ``u`` and the
+    squared singular values ``s**2``, and ``v = rows.T @ u / s``. A direction with a
+    singular value under SINGULAR_FLOOR of the largest carries no paper (duplicate
+    texts): it stays all zero rather than magnify rounding. The Gram matrix squares the
+    condition, so float64: the eigenvalues are exact to about 1e-16 of the largest, far
+    below the 128th singular value's square (~0.1 of the largest on the bench corpora).
+    """
+    rows64 = sparse.csr_matrix(rows, dtype=np.float64)
+    gram = (rows64 @ rows64.T).toarray()
+    n = gram.shape[0]
+    values, vectors = linalg.eigh(gram, subset_by_index=[n - k, n - 1], check_finite=False)
+    values, vectors = values[::-1], np.ascontiguousarray(vectors[:, ::-1])  # largest first
+    singular = np.sqrt(np.maximum(values, 0.0))
+    scale = np.divide(1.0, singular, out=np.zeros_like(singular),
+                      where=singular > SINGULAR_FLOOR * singular[0])
+    components = np.ascontiguousarray(np.asarray(rows64.T @ vectors).T)
+    components *= scale[:, None]
+    components = components.astype(np.float32)
+    biggest = np.argmax(np.abs(components), axis=1)
+    components *= np.sign(components[np.arange(k), biggest])[:, None]
+    return components
 
 
 def _weigh_corpus(
@@ -1087,7 +1274,7 @@ def _weigh_corpus(
     fit_rows: np.ndarray,
     fitted: sparse.csr_matrix,
     vectorizer: TfidfVectorizer,
-    svd: TruncatedSVD | None,
+    svd: _TopicSpace | None,
     scales: tuple[int, ...],
 ) -> tuple[sparse.csr_matrix, np.ndarray | None, np.ndarray]:
     """Every paper in the specific view, its topic-space projection, and the sum of its unit
@@ -1135,7 +1322,7 @@ def _weigh_corpus(
 
 
 def _centred_topics(
-    topic: np.ndarray | None, unit_mean: np.ndarray, svd: TruncatedSVD, scales: tuple[int, ...]
+    topic: np.ndarray | None, unit_mean: np.ndarray, svd: _TopicSpace, scales: tuple[int, ...]
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The multi-scale topic rows, centred on the corpus mean, and that mean (latent space).
 
