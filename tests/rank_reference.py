@@ -499,6 +499,32 @@ def _model_reason(
     return f'close to "{title}" {model.positive_labels[best]}'
 
 
+def reasons_within(index: CorpusIndex, profile: Profile, paper_id: str, *, considered: int,
+                   limit: int, settings: RankingConfig = DEFAULT_SETTINGS,
+                   tolerance: float = 1e-5) -> set[str]:
+    """Every reason :func:`rank` could give ``paper_id`` when positives tie: the reason of
+    each positive point whose similarity is within ``tolerance`` of the best one.
+
+    Two points can tie exactly (a liked paper that is also one of an interest's matches);
+    which of them argmax names then rests on the last bit of float32 sums that the
+    production code adds in another order. Any of them is a right reason.
+    """
+    model = _model_for(index, profile, settings)
+    reasons = {_item_reason(index, model, paper_id, considered, limit)}
+    if model is None or len(model.pos_rows) == 0:
+        return reasons
+    sims = _positive_similarities(index, model, int(index.rows([paper_id])[0]))
+    if sims.max() < REASON_MIN_SIMILARITY:
+        return reasons
+    for point in np.flatnonzero(sims >= sims.max() - tolerance):
+        if model.pos_phrase[point] >= 0:
+            reasons.add(f'matches your interest "{model.interest_phrases[model.pos_phrase[point]]}"')
+        else:
+            reasons.add(f'close to "{_short(model.positive_titles[point])}" '
+                        f'{model.positive_labels[point]}')
+    return reasons
+
+
 def _item_reason(
     index: CorpusIndex, model: SubscriberModel | None, paper_id: str, considered: int, limit: int
 ) -> str:
