@@ -611,6 +611,8 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
         finally:
             if workers is not None:
                 await workers.close()
+                log.info("dispatch: %d digest(s) prepared in the dispatching process while it "
+                         "would have waited for the prepare worker(s)", workers.helped)
             placed.extend(await deliveries.drain())
             outcomes.add_pairs(placed)
             _count_once(outcomes, pending)
