@@ -909,8 +909,8 @@ def summarise(state: BenchState, per_run: list[dict[str, Any]], *, days: int, hi
         "raw_8_messages_per_s": round(raw[8], 1),
         "ratio_to_raw_1": round(rate / raw[1], 3),
         "ratio_to_raw_8": round(rate / raw[8], 3),
-        # With workers, the dispatching process ranks only the digests it prepared while it
-        # would have waited (``caller_helps``): n over its ranking time is no rate.
+        # With workers, the dispatching process ranks only the digests it prepares itself (a
+        # dead worker's): n over its ranking time is no rate.
         "ranking_subscribers_per_s": (round(n / ranking_s, 1) if ranking_s and not worker_cpu
                                       else None),
         "ranking_subscribers_per_cpu_s": (round(n / ranking_cpu, 1)
@@ -984,7 +984,7 @@ def _table(r: dict[str, Any]) -> str:
     if r["worker_cpu_s"]:
         rows.append("ranking, rendering and candidates ran in the prepare worker(s): their CPU "
                     "is the worker row's; the stage rows hold only the digests the dispatch "
-                    "prepared itself while it would have waited for the workers")
+                    "prepared itself (a dead worker's)")
     if r["ranking_subscribers_per_s"] is None:  # ranked in the workers: not timed apart
         rows.append("ranking: in the prepare worker(s), not timed apart (--prepare-workers 0 "
                     "times it); every subscriber received exactly one message")

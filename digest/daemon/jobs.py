@@ -611,8 +611,6 @@ async def _dispatch(runtime: Runtime, subscribers: Sequence[Subscriber], now: da
         finally:
             if workers is not None:
                 await workers.close()
-                log.info("dispatch: %d digest(s) prepared in the dispatching process while it "
-                         "would have waited for the prepare worker(s)", workers.helped)
             placed.extend(await deliveries.drain())
             outcomes.add_pairs(placed)
             _count_once(outcomes, pending)
@@ -1489,8 +1487,12 @@ async def _start_workers(runtime: Runtime, now: datetime, to_look_at: int,
     if stopped():  # the fit takes seconds: a SIGTERM meanwhile forks nothing
         return None
     side = _WorkerSide(runtime, now)
+    # Not ``caller_helps``: the loop would prepare the last queued digests first, so a
+    # subscriber late in the config could be claimed before the first ones (a reload during
+    # the dispatch then finds later subscribers already sent), for a wall time not shown
+    # shorter yet (README "Scaling").
     workers: Workers = PrepareWorkers(side.build, side.setup, count=count, stopping=stopped,
-                                      affinity=memo_affinity, caller_helps=True)
+                                      affinity=memo_affinity)
     try:
         workers.start()
     except OSError as exc:
@@ -1507,9 +1509,7 @@ async def _from_worker(runtime: Runtime, workers: Workers,
     """The next answer of the workers, as the loop would have prepared it."""
     place, job, answer = await workers.next()
     email = job.subscriber.email
-    # Its worker died first, or the loop had nothing else to do (``caller_helps``):
-    # prepared here (the library was imported when the job was judged).
-    if answer is None:
+    if answer is None:  # its worker died first: prepared here (the library is imported)
         return place, await _unit(runtime, email, _prepare_here(runtime, job, now,
                                                                 library=False))
     return place, await _unit(runtime, email, _settled_async(runtime, job, answer))
