@@ -68,10 +68,11 @@ A = TypeVar("A")
 AHEAD = 64
 # Jobs per message to a worker: a pipe round trip per few digests, not per digest.
 CHUNK = 8
-# Jobs sent to a worker and not answered yet, at most: three chunks (~0.1 s of its work at
-# ~3.4 ms a digest) keep it busy while the loop claims a batch. The rest of the ``ahead``
-# wait in this process, where they can still go to whichever worker runs out first, or be
-# prepared by the caller itself when it would otherwise wait (``caller_helps``).
+# Jobs sent to a worker and not answered yet, at most, when there are other workers (or
+# ``caller_helps``): three chunks (~0.1 s of its work at ~3.4 ms a digest) keep it busy
+# while the loop claims a batch. The rest of the ``ahead`` wait in this process, where they
+# can still go to whichever worker runs out first, or be prepared by the caller itself when
+# it would otherwise wait. A lone worker gets all ``ahead``: nobody else could take them.
 IN_PIPE = 3 * CHUNK
 # Request pipe size asked of Linux: AHEAD jobs (about 1 KB each) always fit, so sending a
 # chunk never blocks the event loop on a busy worker.
@@ -121,8 +122,8 @@ class PrepareWorkers(Generic[J, A]):
                  stopping: Callable[[], bool] = lambda: False,
                  stall_seconds: float = STALL_SECONDS,
                  affinity: Callable[[J], int] | None = None, slack: int | None = None,
-                 in_pipe: int = IN_PIPE, caller_helps: bool = False) -> None:
-        if (count < 1 or ahead < 1 or chunk < 1 or in_pipe < 1
+                 in_pipe: int | None = None, caller_helps: bool = False) -> None:
+        if (count < 1 or ahead < 1 or chunk < 1 or (in_pipe is not None and in_pipe < 1)
                 or (slack is not None and slack < 0)):
             raise ValueError("count, ahead, chunk and in_pipe must be at least 1, slack at "
                              "least 0")
@@ -139,7 +140,9 @@ class PrepareWorkers(Generic[J, A]):
         # the job goes to the least busy one instead: two chunks, so that a worker never
         # waits for work while the other has a backlog of its own keys.
         self.slack = 2 * chunk if slack is None else slack
-        self.in_pipe = in_pipe  # see IN_PIPE
+        if in_pipe is None:  # see IN_PIPE
+            in_pipe = IN_PIPE if count > 1 or caller_helps else ahead
+        self.in_pipe = in_pipe
         self.caller_helps = caller_helps  # see the module's docstring
         self.helped = 0  # jobs ``next`` handed back for the caller to prepare
         self._workers: list[_Worker[J]] = []
