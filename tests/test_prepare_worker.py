@@ -245,6 +245,113 @@ def test_a_stalled_worker_is_killed_and_its_jobs_come_back(
     assert f"prepare worker {pids[0]} answered nothing for 1s" in caplog.text
 
 
+def test_jobs_of_one_affinity_go_to_one_worker_while_the_load_is_even() -> None:
+    """Equal affinities (memo keys shared) meet in one worker's memos; two affinities in
+    turn keep the loads even, so no job is sent elsewhere."""
+    async def run() -> dict[int, set[int]]:
+        workers: PrepareWorkers[int, int] = PrepareWorkers(
+            lambda job: os.getpid(), lambda: None, count=2, ahead=40, chunk=4, in_pipe=40,
+            affinity=lambda job: job % 2)
+        workers.start()
+        pids: dict[int, set[int]] = {0: set(), 1: set()}
+        try:
+            for job in range(40):
+                workers.submit(job, job)
+            while workers.outstanding:
+                _, job, pid = await workers.next()
+                assert pid is not None
+                pids[job % 2].add(pid)
+        finally:
+            await workers.close()
+        return pids
+
+    pids = asyncio.run(run())
+    assert len(pids[0]) == len(pids[1]) == 1
+    assert pids[0] != pids[1]
+
+
+def test_one_affinity_alone_still_keeps_every_worker_busy() -> None:
+    """Every job naming the same worker: past ``slack`` jobs more than the other (or the
+    other running low) they go to the other."""
+    async def run() -> Counter[int]:
+        workers: PrepareWorkers[int, int] = PrepareWorkers(
+            lambda job: os.getpid(), lambda: None, count=2, ahead=40, chunk=4, in_pipe=40,
+            affinity=lambda job: 0, slack=8)
+        workers.start()
+        got: Counter[int] = Counter()
+        try:
+            for job in range(40):
+                workers.submit(job, job)
+            while workers.outstanding:
+                _, _, pid = await workers.next()
+                assert pid is not None
+                got[pid] += 1
+        finally:
+            await workers.close()
+        return got
+
+    got = asyncio.run(run())
+    assert len(got) == 2
+    assert abs(got.most_common()[0][1] - got.most_common()[1][1]) <= 8
+
+
+def test_a_worker_out_of_jobs_takes_the_last_queued_ones_of_the_other(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A dispatch's last jobs are spread: the worker with nothing queued takes the queued
+    jobs of the busy one (here stopped: its two in the pipe come back after the stall)."""
+    async def run() -> tuple[list[tuple[int, int | None]], int]:
+        workers: PrepareWorkers[int, int] = PrepareWorkers(
+            lambda job: job * job, lambda: None, count=2, ahead=10, chunk=20, in_pipe=2,
+            affinity=lambda job: 0, slack=100, stall_seconds=1.0)
+        workers.start()
+        stopped = workers.pids[0]
+        os.kill(stopped, signal.SIGSTOP)
+        got: list[tuple[int, int | None]] = []
+        try:
+            for job in range(10):
+                workers.submit(job, job)
+            while workers.outstanding:
+                _, asked, answer = await workers.next()
+                got.append((asked, answer))
+        finally:
+            await workers.close()
+        return got, stopped
+
+    got, stopped = asyncio.run(run())
+    assert sorted(asked for asked, answer in got if answer is None) == [0, 1]
+    assert sorted(asked for asked, answer in got if answer is not None) == list(range(2, 10))
+    assert all(answer == asked * asked for asked, answer in got if answer is not None)
+    assert f"prepare worker {stopped} answered nothing for 1s" in caplog.text
+
+
+def test_the_caller_is_handed_queued_jobs_instead_of_waiting(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With ``caller_helps``, ``next`` with no answer ready hands back the last queued job
+    (answer None: the caller prepares it) rather than wait; the jobs in the worker's pipe
+    are its own (here it is stopped: they come back after the stall)."""
+    async def run() -> tuple[list[tuple[int, int | None]], int]:
+        workers: PrepareWorkers[int, int] = PrepareWorkers(
+            lambda job: job * job, lambda: None, count=1, ahead=8, chunk=2, in_pipe=3,
+            caller_helps=True, stall_seconds=1.0)
+        workers.start()
+        os.kill(workers.pids[0], signal.SIGSTOP)
+        got: list[tuple[int, int | None]] = []
+        try:
+            for job in range(8):
+                workers.submit(job, job)
+            while workers.outstanding:
+                _, asked, answer = await workers.next()
+                got.append((asked, answer))
+        finally:
+            await workers.close()
+        return got, workers.helped
+
+    got, helped = asyncio.run(run())
+    assert got[:5] == [(7, None), (6, None), (5, None), (4, None), (3, None)]
+    assert sorted(got[5:]) == [(0, None), (1, None), (2, None)]
+    assert helped == 5
+
+
 def _zombie_or_gone(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()

@@ -909,8 +909,12 @@ def summarise(state: BenchState, per_run: list[dict[str, Any]], *, days: int, hi
         "raw_8_messages_per_s": round(raw[8], 1),
         "ratio_to_raw_1": round(rate / raw[1], 3),
         "ratio_to_raw_8": round(rate / raw[8], 3),
-        "ranking_subscribers_per_s": round(n / ranking_s, 1) if ranking_s else None,
-        "ranking_subscribers_per_cpu_s": round(n / ranking_cpu, 1) if ranking_cpu else None,
+        # With workers, the dispatching process ranks only the digests it prepares itself (a
+        # dead worker's): n over its ranking time is no rate.
+        "ranking_subscribers_per_s": (round(n / ranking_s, 1) if ranking_s and not worker_cpu
+                                      else None),
+        "ranking_subscribers_per_cpu_s": (round(n / ranking_cpu, 1)
+                                          if ranking_cpu and not worker_cpu else None),
         "candidates_mean_history": round(statistics.fmean(old), 1) if old else None,
         "candidates_mean_new": round(statistics.fmean(new), 1) if new else None,
         "stages_s": stages,
@@ -979,7 +983,8 @@ def _table(r: dict[str, Any]) -> str:
                     f"{1000 * c[key] / r['subscribers']:>12.2f}")
     if r["worker_cpu_s"]:
         rows.append("ranking, rendering and candidates ran in the prepare worker(s): their CPU "
-                    "is the worker row's, not the stage rows'")
+                    "is the worker row's; the stage rows hold only the digests the dispatch "
+                    "prepared itself (a dead worker's)")
     if r["ranking_subscribers_per_s"] is None:  # ranked in the workers: not timed apart
         rows.append("ranking: in the prepare worker(s), not timed apart (--prepare-workers 0 "
                     "times it); every subscriber received exactly one message")

@@ -12,6 +12,19 @@ Bounded: at most ``ahead`` jobs are submitted and not yet taken back by the loop
 memory does not grow with the number of subscribers and the workers are never more than
 a few claim batches ahead of the deliveries.
 
+Affinity: each worker fills its own memos (a ranking shared by subscribers with the same
+interests, a phrase's block of similarities, a paper's rendered view), so a job whose memo
+another worker already filled costs that work again. Given ``affinity`` (an int per job
+that is equal for jobs sharing memo keys), a job goes to the worker it names, unless that
+worker has ``slack`` more jobs than the least busy one: the load stays balanced and
+both cores stay fed, and most jobs still find their memos warm.
+
+Helping: a worker holds at most ``in_pipe`` jobs; the others submitted wait here. When
+the caller would wait for an answer and jobs are waiting here, ``next`` (with
+``caller_helps``) hands one back unanswered for the caller to prepare itself: the
+dispatching process, idle while the workers are the slower side, takes a share of the
+preparing, and never while answers wait for it (then it is the slower side).
+
 A worker that dies (killed, out of memory) is noticed when its result pipe ends: the
 jobs it had not answered come back from ``next`` without an answer, for the caller to
 prepare itself, and no more jobs go to it. A worker ends when its request pipe ends (the
@@ -55,6 +68,12 @@ A = TypeVar("A")
 AHEAD = 64
 # Jobs per message to a worker: a pipe round trip per few digests, not per digest.
 CHUNK = 8
+# Jobs sent to a worker and not answered yet, at most, when there are other workers (or
+# ``caller_helps``): three chunks (~0.1 s of its work at ~3.4 ms a digest) keep it busy
+# while the loop claims a batch. The rest of the ``ahead`` wait in this process, where they
+# can still go to whichever worker runs out first, or be prepared by the caller itself when
+# it would otherwise wait. A lone worker gets all ``ahead``: nobody else could take them.
+IN_PIPE = 3 * CHUNK
 # Request pipe size asked of Linux: AHEAD jobs (about 1 KB each) always fit, so sending a
 # chunk never blocks the event loop on a busy worker.
 PIPE_BYTES = 1 << 20
@@ -78,6 +97,7 @@ class _Worker(Generic[J]):
     requests: Connection  # the parent's sending end
     results: Connection  # the parent's receiving end
     sent: dict[int, J] = field(default_factory=dict)  # key -> job, not answered yet
+    pending: list[tuple[int, J]] = field(default_factory=list)  # for it, not sent yet
     alive: bool = True
     reader: threading.Thread | None = None
 
@@ -87,7 +107,10 @@ class PrepareWorkers(Generic[J, A]):
 
     ``submit(key, job)`` never blocks (check ``full`` first); ``next()`` waits
     for an answer and returns ``(key, job, answer)``, the answer None when the
-    worker died before answering (the caller prepares that job itself).
+    worker died before answering, or (``caller_helps``) when the caller had
+    nothing else to do: the caller prepares that job itself. ``affinity``
+    (an int per job) sends jobs with equal values to the same worker while
+    the load allows (see the module's docstring).
     ``build`` must not raise: it returns the failure as an answer. Start and
     use it from the event loop's thread; ``close`` ends and reaps every worker.
     ``stopping()`` true means the caller is stopping (SIGTERM): a worker that
@@ -97,9 +120,13 @@ class PrepareWorkers(Generic[J, A]):
     def __init__(self, build: Callable[[J], A], setup: Callable[[], None], *, count: int,
                  ahead: int = AHEAD, chunk: int = CHUNK, name: str = "digest-prepare",
                  stopping: Callable[[], bool] = lambda: False,
-                 stall_seconds: float = STALL_SECONDS) -> None:
-        if count < 1 or ahead < 1 or chunk < 1:
-            raise ValueError("count, ahead and chunk must be at least 1")
+                 stall_seconds: float = STALL_SECONDS,
+                 affinity: Callable[[J], int] | None = None, slack: int | None = None,
+                 in_pipe: int | None = None, caller_helps: bool = False) -> None:
+        if (count < 1 or ahead < 1 or chunk < 1 or (in_pipe is not None and in_pipe < 1)
+                or (slack is not None and slack < 0)):
+            raise ValueError("count, ahead, chunk and in_pipe must be at least 1, slack at "
+                             "least 0")
         self.build = build
         self.setup = setup
         self.count = count
@@ -108,8 +135,17 @@ class PrepareWorkers(Generic[J, A]):
         self.name = name
         self.stopping = stopping  # the dispatch is stopping: a worker's end is expected
         self.stall_seconds = stall_seconds  # see STALL_SECONDS
+        self.affinity = affinity  # see the module's docstring
+        # How many more jobs than the least busy worker the job's own worker may hold before
+        # the job goes to the least busy one instead: two chunks, so that a worker never
+        # waits for work while the other has a backlog of its own keys.
+        self.slack = 2 * chunk if slack is None else slack
+        if in_pipe is None:  # see IN_PIPE
+            in_pipe = IN_PIPE if count > 1 or caller_helps else ahead
+        self.in_pipe = in_pipe
+        self.caller_helps = caller_helps  # see the module's docstring
+        self.helped = 0  # jobs ``next`` handed back for the caller to prepare
         self._workers: list[_Worker[J]] = []
-        self._pending: list[tuple[int, J]] = []  # submitted, not sent to a worker yet
         self._ready: deque[tuple[int, J, A | None]] = deque()  # answered, not taken yet
         self._arrival = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -172,8 +208,7 @@ class PrepareWorkers(Generic[J, A]):
     @property
     def outstanding(self) -> int:
         """Jobs submitted and not taken back yet."""
-        return (len(self._pending) + len(self._ready)
-                + sum(len(worker.sent) for worker in self._workers))
+        return len(self._ready) + sum(len(w.sent) + len(w.pending) for w in self._workers)
 
     @property
     def full(self) -> bool:
@@ -186,22 +221,57 @@ class PrepareWorkers(Generic[J, A]):
         return bool(self._ready)
 
     def submit(self, key: int, job: J) -> None:
-        """Queue ``job``; it goes to a worker with the next chunk (at once if one is idle)."""
-        self._pending.append((key, job))
-        if len(self._pending) >= self.chunk or self._hungry():
-            self.flush()
-
-    def flush(self) -> None:
-        """Send the queued jobs to the least busy live worker now."""
-        if not self._pending:
-            return
-        chunk, self._pending = self._pending, []
-        live = [worker for worker in self._workers if worker.alive]
-        if not live:  # every worker died: the caller prepares these itself
-            self._ready.extend((key, job, None) for key, job in chunk)
+        """Queue ``job`` for its worker; it goes with that worker's next chunk (at once if
+        the worker has less than a chunk to do)."""
+        worker = self._worker_for(job)
+        if worker is None:  # every worker died: the caller prepares it itself
+            self._ready.append((key, job, None))
             self._arrival.set()
             return
-        worker = min(live, key=lambda w: len(w.sent))
+        worker.pending.append((key, job))
+        self._top_up(worker)
+
+    def _worker_for(self, job: J) -> _Worker[J] | None:
+        """The live worker ``job`` goes to (None: all died): the least busy without an
+        affinity; else the affinity's, unless it has ``slack`` more jobs than the least
+        busy, or the least busy has less than a chunk to do while it has more."""
+        live = [worker for worker in self._workers if worker.alive]
+        if not live:
+            return None
+        least = min(live, key=_load)
+        if self.affinity is None:
+            return least
+        wanted = self.affinity(job)
+        own = self._workers[wanted % len(self._workers)]
+        if not own.alive:
+            own = live[wanted % len(live)]
+        own_load, least_load = _load(own), _load(least)
+        if own_load - least_load > self.slack or least_load < self.chunk <= own_load:
+            return least
+        return own
+
+    def flush(self) -> None:
+        """Send each worker what its pipe has room for now, even less than a chunk."""
+        for worker in self._workers:
+            self._top_up(worker, now=True)
+
+    def _top_up(self, worker: _Worker[J], *, now: bool = False) -> None:
+        """Send ``worker`` queued jobs, up to ``in_pipe`` unanswered: a whole chunk, or what
+        there is when it has less than a chunk to do (or ``now``). A worker with nothing
+        of its own queued takes the others' (the last ones queued, so that a dispatch's
+        last jobs are spread over every worker)."""
+        if not worker.alive:
+            return
+        room = self.in_pipe - len(worker.sent)
+        if room <= 0:
+            return
+        if not worker.pending and len(worker.sent) < self.chunk:
+            self._take_over(worker, room)
+        if not worker.pending:
+            return
+        if len(worker.pending) < self.chunk and len(worker.sent) >= self.chunk and not now:
+            return  # busy: the rest go with a whole chunk, or when it runs low
+        chunk, worker.pending = worker.pending[:room], worker.pending[room:]
         worker.sent.update(chunk)  # before sending: if the worker dies, its end returns them
         try:
             worker.requests.send(chunk)
@@ -210,21 +280,40 @@ class PrepareWorkers(Generic[J, A]):
             # everything in ``sent``, this chunk included.
             log.debug("dispatch: prepare worker %s did not take a chunk", worker.process.pid)
 
-    def _hungry(self) -> bool:
-        """A live worker has less than a chunk to do: do not let it wait for a full one."""
-        return any(worker.alive and len(worker.sent) < self.chunk for worker in self._workers)
+    def _take_over(self, worker: _Worker[J], room: int) -> None:
+        """Move up to ``room`` (and a chunk at most) of the busiest other worker's queued
+        jobs to ``worker``, from the end of its queue."""
+        others = [w for w in self._workers if w is not worker and w.alive and w.pending]
+        if not others:
+            return
+        busiest = max(others, key=_load)
+        count = min(room, self.chunk, len(busiest.pending))
+        worker.pending.extend(busiest.pending[-count:])
+        del busiest.pending[-count:]
+
+    def _for_caller(self) -> tuple[int, J] | None:
+        """A queued job taken back for the caller to prepare (the last queued of the
+        busiest worker), or None when none is queued."""
+        queued = [w for w in self._workers if w.pending]
+        if not queued:
+            return None
+        self.helped += 1
+        return max(queued, key=_load).pending.pop()
 
     async def next(self) -> tuple[int, J, A | None]:
-        """The next answer: (key, job, answer), the answer None when its worker died.
+        """The next answer: (key, job, answer), the answer None when its worker died, or
+        (``caller_helps``) when no answer is ready and the job was still queued here.
 
         Raises LookupError when nothing is outstanding.
         """
         while not self._ready:
             if not self.outstanding:
                 raise LookupError("no job is outstanding")
-            self.flush()  # about to wait: the workers get whatever is queued
+            self.flush()  # about to wait: the workers get whatever their pipes can take
             if self._ready:
                 break
+            if self.caller_helps and (helping := self._for_caller()) is not None:
+                return helping[0], helping[1], None
             self._arrival.clear()
             try:
                 await asyncio.wait_for(self._arrival.wait(), self.stall_seconds)
@@ -278,6 +367,7 @@ class PrepareWorkers(Generic[J, A]):
             for key, answer in answers:
                 job = worker.sent.pop(key)
                 self._ready.append((key, job, answer))
+            self._top_up(worker)
         self._arrival.set()
 
     def _ended(self, worker: _Worker[J]) -> None:
@@ -288,6 +378,9 @@ class PrepareWorkers(Generic[J, A]):
         orphans = list(worker.sent.items())
         worker.sent.clear()
         self._ready.extend((key, job, None) for key, job in orphans)
+        queued, worker.pending = worker.pending, []
+        for key, job in queued:  # never sent to it: to the others (or back, if none lives)
+            self.submit(key, job)
         if self._closing or self.stopping():  # SIGTERM reached the worker with the daemon
             return
         self.died += 1
@@ -341,6 +434,11 @@ class PrepareWorkers(Generic[J, A]):
     def pids(self) -> list[int]:
         """The workers' process ids (for tests and logs)."""
         return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+
+def _load(worker: _Worker[J]) -> int:
+    """A worker's jobs not answered yet: sent to it or queued for it."""
+    return len(worker.sent) + len(worker.pending)
 
 
 @functools.cache
