@@ -324,34 +324,6 @@ def test_a_worker_out_of_jobs_takes_the_last_queued_ones_of_the_other(
     assert f"prepare worker {stopped} answered nothing for 1s" in caplog.text
 
 
-def test_the_caller_is_handed_queued_jobs_instead_of_waiting(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """With ``caller_helps``, ``next`` with no answer ready hands back the last queued job
-    (answer None: the caller prepares it) rather than wait; the jobs in the worker's pipe
-    are its own (here it is stopped: they come back after the stall)."""
-    async def run() -> tuple[list[tuple[int, int | None]], int]:
-        workers: PrepareWorkers[int, int] = PrepareWorkers(
-            lambda job: job * job, lambda: None, count=1, ahead=8, chunk=2, in_pipe=3,
-            caller_helps=True, stall_seconds=1.0)
-        workers.start()
-        os.kill(workers.pids[0], signal.SIGSTOP)
-        got: list[tuple[int, int | None]] = []
-        try:
-            for job in range(8):
-                workers.submit(job, job)
-            while workers.outstanding:
-                _, asked, answer = await workers.next()
-                got.append((asked, answer))
-        finally:
-            await workers.close()
-        return got, workers.helped
-
-    got, helped = asyncio.run(run())
-    assert got[:5] == [(7, None), (6, None), (5, None), (4, None), (3, None)]
-    assert sorted(got[5:]) == [(0, None), (1, None), (2, None)]
-    assert helped == 5
-
-
 def _zombie_or_gone(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()

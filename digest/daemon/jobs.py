@@ -1487,10 +1487,9 @@ async def _start_workers(runtime: Runtime, now: datetime, to_look_at: int,
     if stopped():  # the fit takes seconds: a SIGTERM meanwhile forks nothing
         return None
     side = _WorkerSide(runtime, now)
-    # Not ``caller_helps``: the loop would prepare the last queued digests first, so a
-    # subscriber late in the config could be claimed before the first ones (a reload during
-    # the dispatch then finds later subscribers already sent), for a wall time not shown
-    # shorter yet (README "Scaling").
+    # The loop does not prepare queued digests itself while it waits (tried: it claimed
+    # subscribers late in the config before the first ones, and a reload during the
+    # dispatch then found them sent; README "Scaling").
     workers: Workers = PrepareWorkers(side.build, side.setup, count=count, stopping=stopped,
                                       affinity=memo_affinity)
     try:

@@ -19,11 +19,9 @@ that is equal for jobs sharing memo keys), a job goes to the worker it names, un
 worker has ``slack`` more jobs than the least busy one: the load stays balanced and
 both cores stay fed, and most jobs still find their memos warm.
 
-Helping: a worker holds at most ``in_pipe`` jobs; the others submitted wait here. When
-the caller would wait for an answer and jobs are waiting here, ``next`` (with
-``caller_helps``) hands one back unanswered for the caller to prepare itself: the
-dispatching process, idle while the workers are the slower side, takes a share of the
-preparing, and never while answers wait for it (then it is the slower side).
+With several workers, each holds at most ``in_pipe`` jobs; the others submitted wait
+here, and a worker that runs out takes the last ones queued for another: the end of a
+dispatch is spread over every worker.
 
 A worker that dies (killed, out of memory) is noticed when its result pipe ends: the
 jobs it had not answered come back from ``next`` without an answer, for the caller to
@@ -68,11 +66,10 @@ A = TypeVar("A")
 AHEAD = 64
 # Jobs per message to a worker: a pipe round trip per few digests, not per digest.
 CHUNK = 8
-# Jobs sent to a worker and not answered yet, at most, when there are other workers (or
-# ``caller_helps``): three chunks (~0.1 s of its work at ~3.4 ms a digest) keep it busy
+# Jobs sent to a worker and not answered yet, at most, when there are other workers: three
+# chunks (~0.1 s of its work at ~3.4 ms a digest) keep it busy
 # while the loop claims a batch. The rest of the ``ahead`` wait in this process, where they
-# can still go to whichever worker runs out first, or be prepared by the caller itself when
-# it would otherwise wait. A lone worker gets all ``ahead``: nobody else could take them.
+# can still go to whichever worker runs out first. A lone worker gets all ``ahead``: nobody else could take them.
 IN_PIPE = 3 * CHUNK
 # Request pipe size asked of Linux: AHEAD jobs (about 1 KB each) always fit, so sending a
 # chunk never blocks the event loop on a busy worker.
@@ -107,8 +104,7 @@ class PrepareWorkers(Generic[J, A]):
 
     ``submit(key, job)`` never blocks (check ``full`` first); ``next()`` waits
     for an answer and returns ``(key, job, answer)``, the answer None when the
-    worker died before answering, or (``caller_helps``) when the caller had
-    nothing else to do: the caller prepares that job itself. ``affinity``
+    worker died before answering: the caller prepares that job itself. ``affinity``
     (an int per job) sends jobs with equal values to the same worker while
     the load allows (see the module's docstring).
     ``build`` must not raise: it returns the failure as an answer. Start and
@@ -122,7 +118,7 @@ class PrepareWorkers(Generic[J, A]):
                  stopping: Callable[[], bool] = lambda: False,
                  stall_seconds: float = STALL_SECONDS,
                  affinity: Callable[[J], int] | None = None, slack: int | None = None,
-                 in_pipe: int | None = None, caller_helps: bool = False) -> None:
+                 in_pipe: int | None = None) -> None:
         if (count < 1 or ahead < 1 or chunk < 1 or (in_pipe is not None and in_pipe < 1)
                 or (slack is not None and slack < 0)):
             raise ValueError("count, ahead, chunk and in_pipe must be at least 1, slack at "
@@ -141,10 +137,8 @@ class PrepareWorkers(Generic[J, A]):
         # waits for work while the other has a backlog of its own keys.
         self.slack = 2 * chunk if slack is None else slack
         if in_pipe is None:  # see IN_PIPE
-            in_pipe = IN_PIPE if count > 1 or caller_helps else ahead
+            in_pipe = IN_PIPE if count > 1 else ahead
         self.in_pipe = in_pipe
-        self.caller_helps = caller_helps  # see the module's docstring
-        self.helped = 0  # jobs ``next`` handed back for the caller to prepare
         self._workers: list[_Worker[J]] = []
         self._ready: deque[tuple[int, J, A | None]] = deque()  # answered, not taken yet
         self._arrival = asyncio.Event()
@@ -291,18 +285,8 @@ class PrepareWorkers(Generic[J, A]):
         worker.pending.extend(busiest.pending[-count:])
         del busiest.pending[-count:]
 
-    def _for_caller(self) -> tuple[int, J] | None:
-        """A queued job taken back for the caller to prepare (the last queued of the
-        busiest worker), or None when none is queued."""
-        queued = [w for w in self._workers if w.pending]
-        if not queued:
-            return None
-        self.helped += 1
-        return max(queued, key=_load).pending.pop()
-
     async def next(self) -> tuple[int, J, A | None]:
-        """The next answer: (key, job, answer), the answer None when its worker died, or
-        (``caller_helps``) when no answer is ready and the job was still queued here.
+        """The next answer: (key, job, answer), the answer None when its worker died.
 
         Raises LookupError when nothing is outstanding.
         """
@@ -312,8 +296,6 @@ class PrepareWorkers(Generic[J, A]):
             self.flush()  # about to wait: the workers get whatever their pipes can take
             if self._ready:
                 break
-            if self.caller_helps and (helping := self._for_caller()) is not None:
-                return helping[0], helping[1], None
             self._arrival.clear()
             try:
                 await asyncio.wait_for(self._arrival.wait(), self.stall_seconds)
