@@ -2286,6 +2286,7 @@ def _rank_known(
     rows = index.rows(known)
     personal = model is not None and is_personalised(profile)
     pool = None
+    calib: list[str] = []
     if model is not None:
         # The papers the levels are calibrated on go with the candidates: their similarities
         # and row features are computed in one go (see _Pool.prefix), not in a second pass.
@@ -2300,7 +2301,8 @@ def _rank_known(
     explore = explore_slots(limit, settings.explore_fraction) if personal else 0
     explore = min(explore, max(len(order) - (limit - explore), 0))
     top = order[: min(limit, len(order)) - explore]
-    levels = _levels(index, pool, known, scores) if personal and pool is not None else None
+    levels = (_levels(index, pool, known, scores, calib=calib) if personal and pool is not None
+              else None)
     items = []
     for i in top:
         why = _item_reason(index, pool, known[i], i, len(known), limit)
@@ -2342,7 +2344,8 @@ def _calibration_papers(
     return list(dict.fromkeys(reversed(named)))[:CALIBRATION_PAPERS]
 
 
-def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.ndarray) -> Levels:
+def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.ndarray, *,
+            calib: list[str] | None = None) -> Levels:
     """Levels calibrated against the subscriber's own positives.
 
     With at least CALIBRATION_MIN positives that are corpus papers (likes,
@@ -2355,11 +2358,13 @@ def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.n
     from the evidence thresholds of the reasons (nearest positive at
     STRONG_SIMILARITY / REASON_MIN_SIMILARITY). Either way the counts are
     turned into score thresholds, so the level is monotone in the score.
-    ``pool`` holds ``candidates`` (their similarities are reused).
+    ``pool`` holds ``candidates`` (their similarities are reused); ``calib``:
+    ``_calibration_papers(index, pool.model, candidates)`` when the caller has it already.
     """
     model = pool.model
     order = np.sort(scores)[::-1]
-    calib = _calibration_papers(index, model, candidates)
+    if calib is None:
+        calib = _calibration_papers(index, model, candidates)
     if len(calib) >= CALIBRATION_MIN:
         pooled = _pool_scores(index, model, pool.extended(index.rows(calib)))
         own, theirs = pooled[: len(candidates)], pooled[len(candidates):]
