@@ -1398,18 +1398,20 @@ def _positive_points(
     phrase counts 1 in all, shared by the phrase itself (row -1) and its best
     matches in the corpus.
     """
-    rows = [index.rows(papers)]
-    tags = [np.full(len(papers), -1)]
-    weights = [recency.astype(np.float64)]
+    # Python lists, made into arrays once: a phrase adds a handful of points, and a numpy
+    # call per phrase and list costs more than the values (the same values either way).
+    rows: list[int] = index.rows(papers).tolist()
+    tags: list[int] = [-1] * len(papers)
+    weights: list[float] = recency.astype(np.float64).tolist()
     own_spec: list[sparse.csr_matrix] = []
     own_topic: list[np.ndarray] = []
     own_phrase: list[str | None] = []
     width = index.topic.shape[1] if index.topic is not None else 0
     for title, abstract in texts:
         specific, topic = index.text_vectors(" ".join([title] * TITLE_REPEATS + [abstract]))
-        rows.append(np.array([-1]))
-        tags.append(np.array([-1]))
-        weights.append(np.ones(1))
+        rows.append(-1)
+        tags.append(-1)
+        weights.append(1.0)
         own_spec.append(specific)
         own_topic.append(topic if topic is not None else np.zeros((1, width), dtype=np.float32))
         own_phrase.append(None)
@@ -1420,17 +1422,19 @@ def _positive_points(
             continue
         if len(match.rows) == 0:
             log.info("profile: interest %r matches no stored paper yet", phrase)
-        rows.append(np.concatenate([[-1], match.rows]))
+        points = 1 + len(match.rows)  # the phrase itself, then its matches
+        rows.append(-1)
+        rows.extend(match.rows.tolist())
         own_spec.append(match.specific)
         own_topic.append(match.topic if match.topic is not None
                          else np.zeros((1, width), dtype=np.float32))
         own_phrase.append(phrase)
-        tags.append(np.full(len(rows[-1]), j))
-        weights.append(np.full(len(rows[-1]), 1.0 / len(rows[-1])))
+        tags.extend([j] * points)
+        weights.extend([1.0 / points] * points)
     return _Points(
-        rows=np.concatenate(rows).astype(np.int64),
-        phrase=np.concatenate(tags).astype(np.int64),
-        weights=np.concatenate(weights).astype(np.float32),
+        rows=np.array(rows, dtype=np.int64),
+        phrase=np.array(tags, dtype=np.int64),
+        weights=np.array(weights, dtype=np.float64).astype(np.float32),
         own_specific=tuple(own_spec),
         own_topic=(np.vstack(own_topic).astype(np.float32) if own_topic
                    else np.zeros((0, width), dtype=np.float32)) if index.topic is not None
@@ -2216,9 +2220,11 @@ def _pick_explore(
         familiarity = _familiarity(pool, np.array(remaining, dtype=np.int64))
     # The least familiar half (at least `count`), then most popular, then least familiar.
     order = np.lexsort((np.arange(len(remaining)), familiarity))
-    pool_order = sorted(
-        order[: max(count, (len(remaining) + 1) // 2)], key=lambda j: (-pops[j], familiarity[j], j)
-    )
+    # As Python floats and ints (the same values, compared alike): the sort's key reads
+    # them once per candidate, and a numpy scalar costs a Python object per read.
+    pop_of, familiar_of = pops.tolist(), familiarity.tolist()
+    pool_order = sorted(order[: max(count, (len(remaining) + 1) // 2)].tolist(),
+                        key=lambda j: (-pop_of[j], familiar_of[j], j))
     picks = []
     for j in pool_order[:count]:
         paper = index.paper(candidates[remaining[j]])
