@@ -407,7 +407,7 @@ def _part_of_chunks(subtype: str, chunks: Sequence[_EncodedPiece | str | _Compil
     literal = bool(reply) and _QP_LITERAL.fullmatch(reply) is not None
     reply_bytes = reply.encode("ascii") if literal else b""
     for chunk in chunks:
-        if type(chunk) is _Compiled:  # a run encoded for addresses of this length
+        if isinstance(chunk, _Compiled):  # a run encoded for addresses of this length
             if not literal or chunk.length != len(reply_bytes):  # pragma: no cover - callers
                 raise ValueError("a compiled run for another reply address length")
             raws.append(reply_bytes.join(chunk.raw_parts))
