@@ -43,6 +43,7 @@ import logging
 import re
 import secrets
 import textwrap
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -1587,18 +1588,21 @@ def _view_of(item: DigestItem, local_date: date, *, label_all: bool) -> _ItemVie
            label_all)
     found = _VIEWS_BY_OBJECT.get(key)
     if found is not None and found[0] is paper:
-        return found[1]
+        kept = found[1]()
+        if kept is not None:
+            return kept
     view = _item_view(paper, item.position, item.reason, item.explore, item.relevance,
                       stale, label_all)
     if len(_VIEWS_BY_OBJECT) >= VIEW_MEMO:  # the oldest entry goes (insertion order)
         with contextlib.suppress(StopIteration, KeyError, RuntimeError):
             del _VIEWS_BY_OBJECT[next(iter(_VIEWS_BY_OBJECT))]
-    _VIEWS_BY_OBJECT[key] = (paper, view)
+    _VIEWS_BY_OBJECT[key] = (paper, weakref.ref(view))
     return view
 
 
-# (id(paper), position, reason, explore, relevance, stale, label_all) -> (paper, view).
-_VIEWS_BY_OBJECT: dict[tuple[Any, ...], tuple[Paper, _ItemView]] = {}
+# (id(paper), position, reason, explore, relevance, stale, label_all) -> (paper, view). The
+# view by a weak reference: _item_view's memo alone decides how many views are kept.
+_VIEWS_BY_OBJECT: dict[tuple[Any, ...], tuple[Paper, weakref.ref[_ItemView]]] = {}
 
 
 @lru_cache(maxsize=VIEW_MEMO)
