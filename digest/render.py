@@ -597,8 +597,9 @@ class _Compiled(NamedTuple):
     """A run of chunks (encoded lines and lines holding only reply-address stand-ins) made
     ready for reply addresses of ``length`` characters that quoted-printable writes as they
     are: its bytes are ``address.join(raw_parts)``, its quoted-printable
-    ``address.join(quoted_parts)`` or, when a soft line break cuts an address,
-    ``quoted_pieces`` joined with each (start, end) slice of the address put in."""
+    ``address.join(quoted_parts)`` or, when a soft line break cuts an address (then
+    ``quoted_parts`` is None), ``quoted_pieces`` joined with each (start, end) slice of the
+    address put in."""
 
     length: int
     raw_parts: tuple[bytes, ...]
@@ -642,7 +643,9 @@ def _compiled_chunks(chunks: Sequence[_EncodedPiece | str],
                 else:
                     between.append(b"")
             quoted_parts = tuple(between)
-        out.append(_Compiled(length, raw_parts, quoted_parts, tuple(merged), seven_bit))
+        # The pieces only when an address is cut (the joined parts hold the same bytes).
+        out.append(_Compiled(length, raw_parts, quoted_parts,
+                             () if quoted_parts is not None else tuple(merged), seven_bit))
         raws, tail, pieces, seven_bit, started = [], [], [], True, False
 
     for chunk in chunks:
