@@ -1585,18 +1585,20 @@ def _positive_points(
     phrase counts 1 in all, shared by the phrase itself (row -1) and its best
     matches in the corpus.
     """
-    rows = [index.rows(papers)]
-    tags = [np.full(len(papers), -1)]
-    weights = [recency.astype(np.float64)]
+    # Python lists, made into arrays once: a phrase adds a handful of points, and a numpy
+    # call per phrase and list costs more than the values (the same values either way).
+    rows: list[int] = index.rows(papers).tolist()
+    tags: list[int] = [-1] * len(papers)
+    weights: list[float] = recency.astype(np.float64).tolist()
     own_spec: list[sparse.csr_matrix] = []
     own_topic: list[np.ndarray] = []
     own_phrase: list[str | None] = []
     width = index.topic.shape[1] if index.topic is not None else 0
     for title, abstract in texts:
         specific, topic = index.text_vectors(" ".join([title] * TITLE_REPEATS + [abstract]))
-        rows.append(np.array([-1]))
-        tags.append(np.array([-1]))
-        weights.append(np.ones(1))
+        rows.append(-1)
+        tags.append(-1)
+        weights.append(1.0)
         own_spec.append(specific)
         own_topic.append(topic if topic is not None else np.zeros((1, width), dtype=np.float32))
         own_phrase.append(None)
@@ -1607,17 +1609,19 @@ def _positive_points(
             continue
         if len(match.rows) == 0:
             log.info("profile: interest %r matches no stored paper yet", phrase)
-        rows.append(np.concatenate([[-1], match.rows]))
+        points = 1 + len(match.rows)  # the phrase itself, then its matches
+        rows.append(-1)
+        rows.extend(match.rows.tolist())
         own_spec.append(match.specific)
         own_topic.append(match.topic if match.topic is not None
                          else np.zeros((1, width), dtype=np.float32))
         own_phrase.append(phrase)
-        tags.append(np.full(len(rows[-1]), j))
-        weights.append(np.full(len(rows[-1]), 1.0 / len(rows[-1])))
+        tags.extend([j] * points)
+        weights.extend([1.0 / points] * points)
     return _Points(
-        rows=np.concatenate(rows).astype(np.int64),
-        phrase=np.concatenate(tags).astype(np.int64),
-        weights=np.concatenate(weights).astype(np.float32),
+        rows=np.array(rows, dtype=np.int64),
+        phrase=np.array(tags, dtype=np.int64),
+        weights=np.array(weights, dtype=np.float64).astype(np.float32),
         own_specific=tuple(own_spec),
         own_topic=(np.vstack(own_topic).astype(np.float32) if own_topic
                    else np.zeros((0, width), dtype=np.float32)) if index.topic is not None
@@ -2403,9 +2407,11 @@ def _pick_explore(
         familiarity = _familiarity(pool, np.array(remaining, dtype=np.int64))
     # The least familiar half (at least `count`), then most popular, then least familiar.
     order = np.lexsort((np.arange(len(remaining)), familiarity))
-    pool_order = sorted(
-        order[: max(count, (len(remaining) + 1) // 2)], key=lambda j: (-pops[j], familiarity[j], j)
-    )
+    # As Python floats and ints (the same values, compared alike): the sort's key reads
+    # them once per candidate, and a numpy scalar costs a Python object per read.
+    pop_of, familiar_of = pops.tolist(), familiarity.tolist()
+    pool_order = sorted(order[: max(count, (len(remaining) + 1) // 2)].tolist(),
+                        key=lambda j: (-pop_of[j], familiar_of[j], j))
     picks = []
     for j in pool_order[:count]:
         paper = index.paper(candidates[remaining[j]])
@@ -2473,6 +2479,7 @@ def _rank_known(
     rows = index.rows(known)
     personal = model is not None and is_personalised(profile)
     pool = None
+    calib: list[str] = []
     if model is not None:
         # The papers the levels are calibrated on go with the candidates: their similarities
         # and row features are computed in one go (see _Pool.prefix), not in a second pass.
@@ -2487,7 +2494,8 @@ def _rank_known(
     explore = explore_slots(limit, settings.explore_fraction) if personal else 0
     explore = min(explore, max(len(order) - (limit - explore), 0))
     top = order[: min(limit, len(order)) - explore]
-    levels = _levels(index, pool, known, scores) if personal and pool is not None else None
+    levels = (_levels(index, pool, known, scores, calib=calib) if personal and pool is not None
+              else None)
     items = []
     for i in top:
         why = _item_reason(index, pool, known[i], i, len(known), limit)
@@ -2529,7 +2537,8 @@ def _calibration_papers(
     return list(dict.fromkeys(reversed(named)))[:CALIBRATION_PAPERS]
 
 
-def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.ndarray) -> Levels:
+def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.ndarray, *,
+            calib: list[str] | None = None) -> Levels:
     """Levels calibrated against the subscriber's own positives.
 
     With at least CALIBRATION_MIN positives that are corpus papers (likes,
@@ -2542,11 +2551,13 @@ def _levels(index: CorpusIndex, pool: _Pool, candidates: list[str], scores: np.n
     from the evidence thresholds of the reasons (nearest positive at
     STRONG_SIMILARITY / REASON_MIN_SIMILARITY). Either way the counts are
     turned into score thresholds, so the level is monotone in the score.
-    ``pool`` holds ``candidates`` (their similarities are reused).
+    ``pool`` holds ``candidates`` (their similarities are reused); ``calib``:
+    ``_calibration_papers(index, pool.model, candidates)`` when the caller has it already.
     """
     model = pool.model
     order = np.sort(scores)[::-1]
-    calib = _calibration_papers(index, model, candidates)
+    if calib is None:
+        calib = _calibration_papers(index, model, candidates)
     if len(calib) >= CALIBRATION_MIN:
         pooled = _pool_scores(index, model, pool.extended(index.rows(calib)))
         own, theirs = pooled[: len(candidates)], pooled[len(candidates):]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import email.policy
 import hashlib
 import importlib.resources
@@ -42,6 +43,7 @@ import logging
 import re
 import secrets
 import textwrap
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -393,10 +395,12 @@ def _part(subtype: str, pieces: Sequence[str], delimiter: bytes,
                                      for chunk in (piece.chunks or (piece,))], delimiter, fills)
 
 
-def _part_of_chunks(subtype: str, chunks: Sequence[_EncodedPiece | str], delimiter: bytes,
-                    fills: Sequence[tuple[str, str]]) -> bytes:
+def _part_of_chunks(subtype: str, chunks: Sequence[_EncodedPiece | str | _Compiled],
+                    delimiter: bytes, fills: Sequence[tuple[str, str]]) -> bytes:
     """:func:`_part` for a body of whole lines already encoded in chunks: each chunk is
-    encoded lines, or one line (a ``str``) with a stand-in, filled and encoded here."""
+    encoded lines, one line (a ``str``) with a stand-in, filled and encoded here, or a run
+    of both compiled for reply addresses of one length (:func:`_compiled_chunks`; only
+    when the reply address of ``fills`` is literal and that long)."""
     raws: list[bytes] = []
     quoted: list[bytes] = []
     seven_bit = True
@@ -404,6 +408,16 @@ def _part_of_chunks(subtype: str, chunks: Sequence[_EncodedPiece | str], delimit
     literal = bool(reply) and _QP_LITERAL.fullmatch(reply) is not None
     reply_bytes = reply.encode("ascii") if literal else b""
     for chunk in chunks:
+        if isinstance(chunk, _Compiled):  # a run encoded for addresses of this length
+            if not literal or chunk.length != len(reply_bytes):  # pragma: no cover - callers
+                raise ValueError("a compiled run for another reply address length")
+            raws.append(reply_bytes.join(chunk.raw_parts))
+            quoted.append(reply_bytes.join(chunk.quoted_parts) if chunk.quoted_parts is not None
+                          else b"".join([part if isinstance(part, bytes)
+                                         else reply_bytes[part[0]:part[1]]
+                                         for part in chunk.quoted_pieces]))
+            seven_bit = seven_bit and chunk.seven_bit
+            continue
         if isinstance(chunk, str):  # a line with a stand-in: filled for this message
             plan = _reply_line(chunk, len(reply_bytes)) if literal else None
             if plan is not None:
@@ -577,6 +591,84 @@ def _reply_line(line: str, length: int) -> _ReplyLine | None:
     parts.append(bytes(text))
     seven_bit = template.isascii() and len(template) <= SEVEN_BIT_LINE + 1
     return _ReplyLine(raw_parts, tuple(part for part in parts if part != b""), seven_bit)
+
+
+class _Compiled(NamedTuple):
+    """A run of chunks (encoded lines and lines holding only reply-address stand-ins) made
+    ready for reply addresses of ``length`` characters that quoted-printable writes as they
+    are: its bytes are ``address.join(raw_parts)``, its quoted-printable
+    ``address.join(quoted_parts)`` or, when a soft line break cuts an address (then
+    ``quoted_parts`` is None), ``quoted_pieces`` joined with each (start, end) slice of the
+    address put in."""
+
+    length: int
+    raw_parts: tuple[bytes, ...]
+    quoted_parts: tuple[bytes, ...] | None
+    quoted_pieces: tuple[bytes | tuple[int, int], ...]
+    seven_bit: bool
+
+
+def _compiled_chunks(chunks: Sequence[_EncodedPiece | str],
+                     length: int) -> tuple[_Compiled | str, ...]:
+    """``chunks`` with each run of encoded lines and reply-address lines compiled into one
+    :class:`_Compiled` for addresses of ``length`` characters; a line that cannot be
+    (one holding the name, or no plan: :func:`_reply_line`) stays a ``str``, filled and
+    encoded per message. Per message a paper's row is then two joins, not a join and a
+    look-up per line (a test checks the part is the same)."""
+    out: list[_Compiled | str] = []
+    raws: list[bytes] = []  # the raw parts so far, the last one still growing
+    tail: list[bytes] = []
+    pieces: list[bytes | tuple[int, int]] = []
+    seven_bit = True
+    started = False
+
+    def close() -> None:
+        nonlocal raws, tail, pieces, seven_bit, started
+        if not started:
+            return
+        raw_parts = (*raws, b"".join(tail))
+        merged: list[bytes | tuple[int, int]] = []
+        for piece in pieces:
+            if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
+                merged[-1] += piece
+            else:
+                merged.append(piece)
+        whole = all(isinstance(p, bytes) or p == (0, length) for p in merged)
+        quoted_parts: tuple[bytes, ...] | None = None
+        if whole:
+            between: list[bytes] = [b""]
+            for piece in merged:
+                if isinstance(piece, bytes):
+                    between[-1] += piece
+                else:
+                    between.append(b"")
+            quoted_parts = tuple(between)
+        # The pieces only when an address is cut (the joined parts hold the same bytes).
+        out.append(_Compiled(length, raw_parts, quoted_parts,
+                             () if quoted_parts is not None else tuple(merged), seven_bit))
+        raws, tail, pieces, seven_bit, started = [], [], [], True, False
+
+    for chunk in chunks:
+        if isinstance(chunk, str):
+            plan = _reply_line(chunk, length)
+            if plan is None:
+                close()
+                out.append(chunk)
+                continue
+            first, *rest = plan.raw_parts
+            tail.append(first)
+            for part in rest:
+                raws.append(b"".join(tail))
+                tail = [part]
+            pieces.extend(plan.quoted_parts)
+            seven_bit = seven_bit and plan.seven_bit
+        else:
+            tail.append(chunk.raw)
+            pieces.append(chunk.quoted)
+            seven_bit = seven_bit and chunk.seven_bit
+        started = True
+    close()
+    return tuple(out)
 
 
 def _merged_chunks(pieces: Sequence[str]) -> tuple[_EncodedPiece | str, ...] | None:
@@ -821,6 +913,15 @@ def _html_part(content: DigestContent, views_of: _Views, delimiter: bytes,
     are filled and encoded."""
     views = _html_views(views_of)
     page = _checked_html_page(content, views_of)
+    reply = dict(fills).get(_REPLY_SLOT, "")
+    if reply and _QP_LITERAL.fullmatch(reply) is not None:  # each run compiled once
+        length = len(reply)
+        compiled = [view.html_compiled(length) for view in views]
+        before, after = page.compiled(length)
+        if before is not None and after is not None and None not in compiled:
+            return _part_of_chunks("html", [*before, *[chunk for row in compiled
+                                                       for chunk in row or ()], *after],
+                                   delimiter, fills)
     rows = [view.html_chunks for view in views]
     if page.before_chunks is None or page.after_chunks is None or None in rows:
         return _part("html", _html_pieces(content, views_of), delimiter, fills)
@@ -886,6 +987,19 @@ class _PageHtml:
     def after_chunks(self) -> tuple[_EncodedPiece | str, ...] | None:
         """The footer encoded (:func:`_merged_chunks`)."""
         return _merged_chunks((self.footer,))
+
+    def compiled(self, length: int) -> tuple[tuple[_Compiled | str, ...] | None,
+                                             tuple[_Compiled | str, ...] | None]:
+        """:attr:`before_chunks` and :attr:`after_chunks` compiled for reply addresses of
+        ``length`` characters (:func:`_compiled_chunks`), kept for the last length asked."""
+        kept = self.__dict__.get("_compiled")
+        if kept is None or kept[0] != length:
+            before, after = self.before_chunks, self.after_chunks
+            kept = (length,
+                    _compiled_chunks(before, length) if before is not None else None,
+                    _compiled_chunks(after, length) if after is not None else None)
+            self.__dict__["_compiled"] = kept
+        return kept[1], kept[2]
 
 
 @lru_cache(maxsize=256)
@@ -1305,6 +1419,20 @@ class _ItemView:
         row = self.html_row
         return None if row is None else _merged_chunks(row)
 
+    def html_compiled(self, length: int) -> tuple[_Compiled | str, ...] | None:
+        """:attr:`html_chunks` compiled for reply addresses of ``length`` characters
+        (:func:`_compiled_chunks`; a row is mostly one run), kept for the last length asked
+        in place of the chunks (a view holds its row's bytes once)."""
+        kept = self.__dict__.get("_html_compiled")
+        if kept is None or kept[0] != length:
+            chunks = self.__dict__.get("html_chunks")
+            if chunks is None:
+                row = self.html_row
+                chunks = None if row is None else _merged_chunks(row)
+            kept = (length, None if chunks is None else _compiled_chunks(chunks, length))
+            self.__dict__["_html_compiled"] = kept
+        return kept[1]
+
     @cached_property
     def text_paper(self) -> str:
         """The paper in the text part (:func:`_text_paper`)."""
@@ -1449,12 +1577,35 @@ def _snippet(abstract: str) -> str:
 
 def _view_of(item: DigestItem, local_date: date, *, label_all: bool) -> _ItemView:
     """The view of one item of a digest for ``local_date`` (memoised by what it shows:
-    the score, never shown, is left out of the key)."""
+    the score, never shown, is left out of the key).
+
+    Looked up first by the paper object's identity (a dispatch shows the same ``Paper``
+    objects to every subscriber): hashing a paper hashes all its fields, in Python, on
+    every look-up of :func:`_item_view`. An entry holds its paper, so no other object can
+    take that identity while the entry is kept; an equal paper of another object is
+    found through :func:`_item_view` as before."""
     paper = item.paper
     # Ranking words its reasons for the day's listing; a paper listed days ago is not.
     stale = paper.listed_on is not None and paper.listed_on < local_date
-    return _item_view(paper, item.position, item.reason, item.explore, item.relevance,
+    key = (id(paper), item.position, item.reason, item.explore, item.relevance, stale,
+           label_all)
+    found = _VIEWS_BY_OBJECT.get(key)
+    if found is not None and found[0] is paper:
+        kept = found[1]()
+        if kept is not None:
+            return kept
+    view = _item_view(paper, item.position, item.reason, item.explore, item.relevance,
                       stale, label_all)
+    if len(_VIEWS_BY_OBJECT) >= VIEW_MEMO:  # the oldest entry goes (insertion order)
+        with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+            del _VIEWS_BY_OBJECT[next(iter(_VIEWS_BY_OBJECT))]
+    _VIEWS_BY_OBJECT[key] = (paper, weakref.ref(view))
+    return view
+
+
+# (id(paper), position, reason, explore, relevance, stale, label_all) -> (paper, view). The
+# view by a weak reference: _item_view's memo alone decides how many views are kept.
+_VIEWS_BY_OBJECT: dict[tuple[Any, ...], tuple[Paper, weakref.ref[_ItemView]]] = {}
 
 
 @lru_cache(maxsize=VIEW_MEMO)

@@ -1139,6 +1139,31 @@ class Store:
             (subscriber.lower(),),
         )
 
+    def shown_and_sent(self, subscriber: str) -> tuple[list[tuple[str, str]], set[str]]:
+        """``(shown_papers_at(s), ids)``: ``ids`` holds every paper of the subscriber's sent
+        or claimed digests, so ``p.id not in ids`` for the papers after any ``since`` is
+        ``p.id not in sent_paper_ids(s, since)`` (a paper has one seq).
+
+        What a digest's preparation reads of the subscriber's past digests, in two reads
+        where ``sent_paper_ids`` and ``shown_papers_at`` made two walks over every item
+        (one of them looking each item's paper up for its seq) and one time string per
+        item: each digest's time is read once, its items as (digest id, paper id) rows.
+        """
+        key = subscriber.lower()
+        digests = self._tuples(
+            "SELECT id, status = 'sent', COALESCE(sent_at, claimed_at) FROM digests"
+            " WHERE subscriber = ? AND status IN ('sent', 'claimed')", (key,))
+        if not digests:
+            return [], set()
+        items = self._tuples(
+            "SELECT i.digest_id, i.paper_id FROM digests d JOIN digest_items i"
+            " ON i.digest_id = d.id WHERE d.subscriber = ? AND d.status IN ('sent', 'claimed')"
+            " ORDER BY d.local_date, i.position", (key,))
+        sent_at = {digest_id: at for digest_id, sent, at in digests if sent}
+        shown = [(paper_id, sent_at[digest_id]) for digest_id, paper_id in items
+                 if digest_id in sent_at]
+        return shown, {paper_id for _, paper_id in items}
+
     # --- a subscriber's library (seed papers) --------------------------------
 
     def add_library_entries(

@@ -408,6 +408,28 @@ def test_a_part_from_merged_chunks_is_the_part_of_its_pieces(
 
 
 @settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.lists(st.sampled_from([render._NAME_SLOT, render._REPLY_SLOT])
+                                | _LINES_PIECE, max_size=4).map("".join), max_size=6),
+       name=_FIELD, reply=st.text(min_size=1, max_size=60))
+def test_a_part_from_compiled_runs_is_the_part_of_its_pieces(
+        pieces: list[str], name: str, reply: str) -> None:
+    """Merged chunks compiled for the reply address's length (runs of encoded lines and
+    address lines as two joins per message) give the part :func:`_part` gives the pieces,
+    for any pieces of whole lines and any address quoted-printable writes as it is."""
+    from urllib.parse import quote
+
+    address = quote(reply, safe="@+")
+    fills = ((render._NAME_SLOT, one_line(name)), (render._REPLY_SLOT, address))
+    delimiter = b"--=_abc"
+    chunks = render._merged_chunks(pieces)
+    if chunks is None:
+        return
+    compiled = render._compiled_chunks(chunks, len(address))
+    assert render._part_of_chunks("html", compiled, delimiter, fills) == render._part(
+        "html", pieces, delimiter, fills)
+
+
+@settings(max_examples=300, deadline=None)
 @given(st.text(max_size=120), st.sampled_from(["\n", "", "\r\n", "\n\n"]))
 def test_a_line_encoded_directly_is_the_line_encoded_as_a_piece(text: str, end: str) -> None:
     assert render._encode_line(text + end) == render._encode_piece(text + end)

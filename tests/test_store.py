@@ -104,6 +104,7 @@ def test_no_query_of_a_dispatch_reads_a_growing_table_whole(store: Store) -> Non
         "latest_feedback": lambda: store.latest_feedback(reader),
         "latest_signals": lambda: store.latest_signals(reader),
         "shown_papers_at": lambda: store.shown_papers_at(reader),
+        "shown_and_sent": lambda: store.shown_and_sent(reader),
         "library_entries": lambda: store.library_entries(reader),
         "library_file_hash": lambda: store.library_file_hash(reader, "lib.bib"),
         "digest_items": lambda: store.digest_items(sent.id),
@@ -199,6 +200,11 @@ def test_the_bulk_reads_answer_what_the_lookups_answer(store: Store) -> None:
             left_out = store.sent_paper_ids(reader, since)
             assert [p for seq, p in shared if seq > since and p.id not in left_out] == (
                 store.candidate_papers(reader, since)), (reader, since)
+            # What a digest's preparation reads instead: the same candidates, the same shown.
+            shown, sent = store.shown_and_sent(reader)
+            assert [p for seq, p in shared if seq > since and p.id not in sent] == (
+                store.candidate_papers(reader, since)), (reader, since)
+            assert shown == store.shown_papers_at(reader)
             assert [seq for seq, _ in store.papers_since(since)] == list(range(since + 1, 31))
     assert store.subscriber_state(READERS[0]) == store.all_subscriber_states().get(
         READERS[0], store.subscriber_state(READERS[0]))

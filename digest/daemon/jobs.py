@@ -361,14 +361,15 @@ def prepare(
     # As candidate_seq, the first digest's window read once per dispatch (the same "now").
     since = last_seq if last_seq is not None else runtime.first_seq_since(
         now - FIRST_DIGEST_WINDOW, corpus_seq)
-    sent = store.sent_paper_ids(sub.email, since)
+    # The past digests read once for both: what was sent (not a candidate again) and shown.
+    shown, sent = store.shown_and_sent(sub.email)
     candidates = [p for p in runtime.papers_after(since, corpus_seq) if p.id not in sent]
     if not candidates and not sub.send_empty:
         return None
     if library:
         refresh_library(store, sub)
-    # Never sent a digest: no paper was shown, so the profile needs no look for them.
-    profile = build_profile(store, sub, shown=None if last_seq is not None else ())
+    # Never sent a digest: no paper was shown (a digest claimed and not sent shows none).
+    profile = build_profile(store, sub, shown=shown if last_seq is not None else ())
     ranked: list[Ranked] = []
     if candidates:
         ranked = rank(runtime.corpus_index(corpus_seq), profile, [p.id for p in candidates],
