@@ -75,6 +75,7 @@ import aiosmtplib.email
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
+from aiosmtplib import SMTPStatus
 from aiosmtplib.protocol import (
     COMMAND_INJECTION_REGEX,
     MAX_RESPONSE_LENGTH,
@@ -163,6 +164,10 @@ class _Outgoing:
 AIOSMTPLIB_TESTED = ((5, 1), (5, 2))  # from 5.1 (inclusive) to 5.2 (exclusive)
 
 
+# aiosmtplib's code for a reply it could not parse (malformed, overlong): no server said it.
+NOT_SMTP = SMTPStatus.invalid_response.value
+
+
 class _PipelinedReplies(SMTPProtocol):
     """aiosmtplib's protocol, able to read the replies to commands written together.
 
@@ -245,7 +250,7 @@ class _PipelinedReplies(SMTPProtocol):
             self._owed -= 1
             self._replies.append(reply)
         if self._owed > 0 and len(self._buffer) > MAX_RESPONSE_LENGTH:
-            self._end(aiosmtplib.SMTPResponseException(500, "Response too long"))
+            self._end(aiosmtplib.SMTPResponseException(NOT_SMTP, "Response too long"))
             return
         self._wake()
 
@@ -335,13 +340,26 @@ class _Session(aiosmtplib.SMTP):
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         return await self._message(wire)
 
+    def out_of_step(self) -> bool:
+        """Bytes of a reply no command asked for wait in the reader: the server answered
+        more than it was asked (an extra or premature reply). Whatever the next command
+        reads would be paired with the wrong reply, so the session must not carry on."""
+        protocol = self.protocol
+        return protocol is not None and bool(protocol._buffer)
+
     async def _message(self, wire: bytes) -> aiosmtplib.SMTPResponse:
         """After DATA's 354: ``wire`` written, and the reply to its end read (``written``
         meanwhile). Raises ``SMTPDataError`` for a reply other than 250; a timeout or a lost
-        connection closes the session and raises."""
+        connection closes the session and raises, and so does a reply that came before
+        the message was written (``out_of_step``: it would be read as the message's)."""
         protocol = self.protocol
         if protocol is None:  # closed by a 421 answer to DATA
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        if self.out_of_step():
+            self.close()
+            raise aiosmtplib.SMTPServerDisconnected(
+                "the server sent a reply no command asked for, before the message; the "
+                "session was closed with the message unsent")
         # The reply to the message's end gets ``data_timeout`` (RFC 5321 4.5.3.2.6).
         timeout = self.data_timeout if self.data_timeout is not None else self.timeout
         try:
@@ -820,8 +838,8 @@ class Mailer:
                 if task is not None:
                     self._in_attempt.pop(task, None)
             self._release_slot()
-            if outcome.broken or not client.is_connected:
-                self._discard(client)
+            if outcome.broken or not client.is_connected or client.out_of_step():
+                self._discard(client)  # out of step: the next command would read a stale reply
             else:
                 self._idle.append(client)
             return outcome
@@ -897,6 +915,12 @@ class Mailer:
                 "[smtp] from must be an address this account may send as", kind="config")
             ) from exc
         except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == NOT_SMTP:
+                # A malformed or overlong reply (aiosmtplib's code, no server's): the server
+                # is broken or out of step, not this message. As a lost connection: closed,
+                # and the message tried again on another session.
+                client.close()
+                return self._lost(client, recipients, exc, fresh=fresh)
             if 400 <= exc.code < 500:
                 # 421: the server is closing this session; the retry takes another.
                 return _Attempt(retry=list(recipients), problem=_describe(exc),
@@ -907,12 +931,7 @@ class Mailer:
                 recipients, f"the server rejected the message ({_describe(exc)})",
                 kind="message", cause=exc))
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            if not fresh:  # an idle connection closed, a restart: once, at once, on a new one
-                return _Attempt(retry=list(recipients), problem=_describe(exc), at_once=True,
-                                broken=True)
-            if client.stage in ("RCPT", "DATA"):  # a new session got this far: the message
-                return self._dropped_twice(recipients, client.stage, exc)
-            raise self._session_failure(exc) from exc  # a new session lost too: the server
+            return self._lost(client, recipients, exc, fresh=fresh)
         except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
             raise self._session_failure(exc) from exc
         except (aiosmtplib.SMTPException, ValueError) as exc:  # no SMTPUTF8, a bad address
@@ -921,6 +940,16 @@ class Mailer:
         else:
             self._dropped_streak = 0  # the server took a message: it is not dropping them all
         return self._judge_refusals(recipients, errors, evidence=outgoing.evidence)
+
+    def _lost(self, client: _Session, recipients: list[str], exc: Exception, *,
+              fresh: bool) -> _Attempt:
+        """The session ended under a transaction (lost, or closed as out of step)."""
+        if not fresh:  # an idle connection closed, a restart: once, at once, on a new one
+            return _Attempt(retry=list(recipients), problem=_describe(exc), at_once=True,
+                            broken=True)
+        if client.stage in ("RCPT", "DATA"):  # a new session got this far: the message
+            return self._dropped_twice(recipients, client.stage, exc)
+        raise self._session_failure(exc) from exc  # a new session lost too: the server
 
     def _dropped_twice(self, recipients: list[str], stage: str,
                        exc: BaseException) -> _Attempt:
@@ -1497,9 +1526,12 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    """One line: a multi-line reply's lines joined, so a stored error or a log line is one."""
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return f"{exc.code} {exc.message}"
-    text = str(exc) or type(exc).__name__
+        if exc.code == NOT_SMTP:
+            return f"the server's reply is not SMTP ({' '.join(exc.message.split())[:200]})"
+        return " ".join(f"{exc.code} {exc.message}".split())
+    text = " ".join((str(exc) or type(exc).__name__).split())
     if isinstance(exc, (TimeoutError, aiosmtplib.SMTPTimeoutError)) and "time" not in text.lower():
         text = f"timed out ({text})"
     return text

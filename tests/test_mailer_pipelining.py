@@ -283,6 +283,8 @@ class _Script:
     drop_at: str | None = None  # a command (verb) at which the connection is closed
     message_pause: float = 0.0  # seconds before the reply to a message's end
     close_after: str | None = None  # a command (verb) after whose reply the server closes
+    message_reply: str = "250 2.0.0 queued"  # the reply (lines) to a message's end
+    pipelining: bool = True  # EHLO offers PIPELINING
     reads: list[bytes] = field(default_factory=list)  # each read of commands, as it came
     messages: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -320,7 +322,7 @@ class _Scripted(asyncio.Protocol):
                         self.script.message_pause, self.transport.write,
                         b"250 2.0.0 queued\r\n")
                 else:
-                    replies.append("250 2.0.0 queued")
+                    replies.append(self.script.message_reply)
                 continue
             if b"\r\n" not in self.buffer:
                 break
@@ -336,7 +338,9 @@ class _Scripted(asyncio.Protocol):
                 break
             answer = self.script.reply(line)
             if answer is None:
-                answer = {"EHLO": "250-scripted\r\n250-PIPELINING\r\n250 8BITMIME",
+                ehlo = "250-scripted\r\n250-PIPELINING\r\n250 8BITMIME" \
+                    if self.script.pipelining else "250-scripted\r\n250 8BITMIME"
+                answer = {"EHLO": ehlo,
                           "DATA": "354 go ahead", "QUIT": "221 bye"}.get(verb, "250 OK")
             if verb == "DATA" and answer.startswith("354"):
                 self.data = b""
@@ -561,3 +565,47 @@ def test_a_421_to_the_first_pipelined_mail_of_a_second_session_shrinks_the_pool(
     assert answers == [{}] * 5
     assert pool == 1 and len(opened) == 2
     assert len(script.messages) == 5
+
+
+# --- a server out of step: replies no command asked for, replies that are not SMTP ---------
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_premature_reply_before_the_message_is_never_taken_for_its_reply(
+        pipelining: bool) -> None:
+    """A reply sent with DATA's 354 (before the message) would be read as the message's
+    reply, and a 554 for the message as the next MAIL's: the session is closed instead,
+    with the message unsent, and no message counts as sent that the server refused."""
+    script = _Script(pipelining=pipelining, message_reply="554 5.6.0 rejected by filter",
+                     reply=lambda line: "354 go ahead\r\n250 premature" if line == "DATA"
+                     else None)
+    answers = asyncio.run(_scripted(script, _send_n(2)))
+    assert all(isinstance(a, SendError) for a in answers), answers
+    for answer in answers:
+        assert isinstance(answer, SendError)
+        assert "sender" not in str(answer) and "\n" not in str(answer)
+        assert answer.kind != "config"  # not blamed on [smtp] from
+    assert script.messages == []  # never written: the session was out of step first
+
+
+def test_an_extra_reply_after_a_message_closes_that_session_and_nothing_fails() -> None:
+    """The second reply to a message's end would answer the next MAIL, and every later
+    reply of the session would be one command late: the session is not reused."""
+    script = _Script(message_reply="250 2.0.0 queued\r\n250 2.1.5 unsolicited extra")
+    answers = asyncio.run(_scripted(script, _send_n(4)))
+    assert answers == [{}, {}, {}, {}]
+    assert len(script.messages) == 4 and script.connections == 4
+
+
+@pytest.mark.parametrize("reply", ["2x0 what", "250" + "x" * 9000])
+def test_a_reply_that_is_not_smtp_is_the_server_broken_not_the_message(reply: str) -> None:
+    """A malformed or overlong reply is no refusal of the message: it is deferred, as a
+    lost connection is, with a one-line reason that does not pass it off as the server's
+    own code."""
+    script = _Script(reply=lambda line: reply if line.startswith("RCPT") else None)
+    answers = asyncio.run(_scripted(script, _send_n(1)))
+    [answer] = answers
+    assert isinstance(answer, SendError)
+    assert answer.kind == "deferred", answer
+    assert "rejected the message" not in str(answer) and "\n" not in str(answer)
+    assert "not SMTP" in str(answer) and "-1" not in str(answer) and "500" not in str(answer)
