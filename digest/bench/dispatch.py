@@ -630,7 +630,7 @@ def copy_flushed(source: Path, target: Path) -> None:
     ``OSError`` as ``shutil.copyfile`` and ``os.fsync`` do.
     """
     shutil.copyfile(source, target)
-    with open(target, "rb+") as copy:
+    with open(target, "rb") as copy:  # fsync needs no write access on Linux
         os.fsync(copy.fileno())
 
 
